@@ -1,0 +1,5 @@
+"""``python -m qio``."""
+
+from qio.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,339 @@
+"""Opening an image into a node graph, and the ``BlockBackend`` that qemu-io's commands talk to.
+
+The open logic follows QEMU's ``bdrv_open``: options are one flat dict with dotted keys for
+children; a ``driver`` names the node's driver, a filename may carry a protocol prefix
+(``blkdebug:``) or be ``json:{...}``; without a driver the format is probed from the first sector.
+Unconsumed options are errors with QEMU's wording.  Permissions then flow from the backend down
+the graph and the protocol node locks the image.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import Any
+
+from qio.block import io, registry
+from qio.block.driver import (
+    PERM_ALL,
+    PERM_CONSISTENT_READ,
+    PERM_RESIZE,
+    PERM_WRITE,
+    REQ_FUA,
+    BlockDriver,
+    Child,
+    IOVec,
+    OpenFlags,
+)
+from qio.block.errors import BlockError, QemuError
+from qio.block.probe import probe_format
+from qio.qemuopts import Options, parse_json_filename, sub_options
+
+PROBE_BUF = 512
+_BOOL = {"on": True, "yes": True, "true": True, "y": True, "off": False, "no": False, "false": False,
+         "n": False}
+#: Options every node accepts (``bdrv_runtime_opts`` and friends).
+GENERIC_OPTS = frozenset({"node-name", "read-only", "auto-read-only", "cache.direct", "cache.no-flush",
+                          "discard", "detect-zeroes", "force-share", "driver", "filename"})
+
+Warn = Callable[[str], None]
+
+
+def _bool_opt(options: Options, key: str, default: bool) -> bool:
+    v = options.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool):
+        return v
+    b = _BOOL.get(str(v))
+    if b is None:
+        raise QemuError(f"Parameter '{key}' expects 'on' or 'off'")
+    return b
+
+
+def _node_flags(options: Options, flags: OpenFlags) -> OpenFlags:
+    """Generic per-node options override the inherited flags."""
+    f = OpenFlags(**vars(flags))
+    f.read_only = _bool_opt(options, "read-only", f.read_only)
+    f.nocache = _bool_opt(options, "cache.direct", f.nocache)
+    f.no_flush = _bool_opt(options, "cache.no-flush", f.no_flush)
+    f.force_share = _bool_opt(options, "force-share", f.force_share)
+    d = options.get("discard")
+    if d is not None:
+        if d in ("off", "ignore"):
+            f.unmap = False
+        elif d in ("on", "unmap"):
+            f.unmap = True
+        else:
+            raise QemuError("Invalid discard option")
+    return f
+
+
+def _protocol_of(filename: str) -> str | None:
+    """The ``proto:`` prefix of a filename, if it has one (a ':' before any '/')."""
+    for i, ch in enumerate(filename):
+        if ch == "/":
+            return None
+        if ch == ":":
+            return filename[:i]
+    return None
+
+
+def _check_leftovers(node: BlockDriver, options: Options) -> None:
+    for key in options:
+        if key in GENERIC_OPTS or key in node.runtime_opts:
+            continue
+        if node.is_format:
+            raise QemuError(f"Block format '{node.format_name}' does not support the option '{key}'")
+        raise QemuError(f"Block protocol '{node.format_name}' doesn't support the option '{key}'")
+
+
+def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool = False) -> BlockDriver:
+    """Open one node (and, recursively, its children) from flat options.
+
+    Without a ``driver`` a top-level node is a probed format over a protocol child; a child opened
+    for a format (``protocol=True``) is the protocol its filename's prefix names, else ``file``.
+    """
+    filename = options.get("filename")
+    if isinstance(filename, str) and filename.startswith("json:"):
+        parsed = parse_json_filename(filename)
+        del options["filename"]
+        for k, v in parsed.items():
+            options.setdefault(k, v)
+        filename = options.get("filename")
+    flags = _node_flags(options, flags)
+    drvname = options.get("driver")
+    cls: type[BlockDriver] | None = None
+    if drvname is not None:
+        cls = registry.find(str(drvname))
+        if cls is None:
+            raise QemuError(f"Unknown driver '{drvname}'")
+    elif protocol:
+        cls = _protocol_class(filename)
+    if cls is not None and not cls.is_format:
+        return _open_protocol(cls, options, flags, warn)
+    # A format node (given or to be probed) over a "file" child.
+    child_opts = sub_options(options, "file")
+    if filename is not None:
+        child_opts.setdefault("filename", filename)
+    for key in ("read-only", "cache.direct", "cache.no-flush", "force-share"):
+        if key in options:
+            child_opts.setdefault(key, options[key])
+    if not child_opts:
+        raise QemuError('A block device must be specified for "file"')
+    file = open_node(child_opts, flags, warn, protocol=True)
+    probed = False
+    try:
+        if cls is None:
+            cls = _probe(file)
+            probed = True
+        node = cls()
+        node.flags = flags
+        node.read_only = flags.read_only
+        node.filename = file.filename
+        node.probed = probed
+        node.children.append(Child("file", file))
+        node.open(options, flags)
+        _check_leftovers(node, options)
+    except BaseException:
+        _close_sync(file)
+        raise
+    if probed and node.format_name == "raw" and not flags.read_only:
+        warn(f"WARNING: Image format was not specified for '{file.filename}' and probing guessed raw.\n"
+             "         Automatically detecting the format is dangerous for raw images, write operations "
+             "on block 0 will be restricted.\n"
+             "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+    return node
+
+
+def _protocol_class(filename: Any) -> type[BlockDriver]:
+    """``bdrv_find_protocol``: the driver a ``proto:`` prefix names, else ``file``."""
+    name = "file"
+    if isinstance(filename, str):
+        proto = _protocol_of(filename)
+        if proto is not None:
+            if proto not in registry.PROTOCOL_PREFIXES:
+                raise QemuError(f"Unknown protocol '{proto}'")
+            name = registry.PROTOCOL_PREFIXES[proto]
+    cls = registry.find(name)
+    assert cls is not None
+    return cls
+
+
+def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, warn: Warn) -> BlockDriver:
+    node = cls()
+    node.flags = flags
+    node.read_only = flags.read_only
+    open_children = getattr(node, "open_children", None)
+    if open_children is not None:
+        open_children(options, flags, warn)
+    try:
+        node.open(options, flags)
+        _check_leftovers(node, options)
+    except BaseException:
+        _close_sync(node)
+        raise
+    return node
+
+
+def _probe(file: BlockDriver) -> type[BlockDriver]:
+    name = "raw"
+    if io.getlength(file) > 0:
+        buf = bytearray(PROBE_BUF)
+        try:
+            _run_sync(io.preadv(file, 0, PROBE_BUF, [memoryview(buf)]))
+        except BlockError as e:
+            raise QemuError(f"Could not read image for determining its format: {e}", e.errno) from None
+        name = probe_format(bytes(buf), file.filename)
+    cls = registry.find(name)
+    if cls is None:
+        raise QemuError(f"Unknown driver '{name}'")
+    return cls
+
+
+def _run_sync(coro: Any) -> Any:
+    """Drive a coroutine that must not suspend (open-time I/O runs before any request exists)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coro.close()
+    raise QemuError("open-time I/O was suspended")
+
+
+def _close_sync(node: BlockDriver) -> None:
+    for c in node.children:
+        _close_sync(c.node)
+    node.closed()
+
+
+def _apply_perms(node: BlockDriver, perm: int, shared: int) -> None:
+    if node.flags.force_share:
+        shared = PERM_ALL
+    node.perm, node.shared = perm, shared
+    for c in node.children:
+        c.perm, c.shared = node.child_perm(c, perm, shared)
+        _apply_perms(c.node, c.perm, c.shared)
+    node.set_perm(perm, shared)
+
+
+def iter_nodes(node: BlockDriver) -> list[BlockDriver]:
+    out = [node]
+    for c in node.children:
+        out.extend(iter_nodes(c.node))
+    return out
+
+
+class BlockBackend:
+    """The image as qemu-io sees it: byte-range checks, write-through FUA, permissions."""
+
+    def __init__(self, root: BlockDriver, flags: OpenFlags) -> None:
+        self.root = root
+        self.flags = flags
+        self.writethrough = flags.writethrough
+        self.perm = PERM_CONSISTENT_READ | (0 if flags.read_only else PERM_WRITE)
+        self.shared = PERM_ALL
+
+    @classmethod
+    def open(cls, filename: str | None, options: Options, flags: OpenFlags, warn: Warn) -> BlockBackend:
+        options = dict(options)
+        if filename is not None:
+            if filename.startswith("json:"):
+                parsed = parse_json_filename(filename)
+                for k, v in parsed.items():
+                    options.setdefault(k, v)
+            else:
+                options["filename"] = filename
+        flags = _node_flags(options, flags)
+        if flags.force_share and not flags.read_only:
+            raise QemuError("force-share=on can only be used with read-only images")
+        root = open_node(options, flags, warn)
+        blk = cls(root, flags)
+        try:
+            _apply_perms(root, blk.perm, blk.shared)
+        except BaseException:
+            _close_sync(root)
+            raise
+        return blk
+
+    def set_perm(self, perm: int) -> None:
+        """Take more permissions for a command (``write`` needs WRITE, ``truncate`` RESIZE too)."""
+        if perm & ~self.perm == 0:
+            return
+        if perm & (PERM_WRITE | PERM_RESIZE) and any(n.read_only for n in iter_nodes(self.root)
+                                                     if n is self.root or n.children):
+            raise QemuError("Block node is read-only", errno.EPERM)
+        old = self.perm
+        try:
+            _apply_perms(self.root, perm, self.shared)
+        except QemuError:
+            _apply_perms(self.root, old, self.shared)
+            raise
+        self.perm = perm
+
+    # -- requests --------------------------------------------------------------------------------
+    def getlength(self) -> int:
+        return io.getlength(self.root)
+
+    def _check(self, offset: int, nbytes: int) -> None:
+        if nbytes < 0 or offset < 0:
+            raise BlockError(errno.EIO)
+        total = io.getlength(self.root)
+        if offset > total or total - offset < nbytes:
+            raise BlockError(errno.EIO)
+
+    async def preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
+        self._check(offset, nbytes)
+        await io.preadv(self.root, offset, nbytes, qiov)
+
+    async def pwritev(self, offset: int, nbytes: int, qiov: IOVec | None, flags: int = 0) -> None:
+        self._check(offset, nbytes)
+        if self.writethrough:
+            flags |= REQ_FUA
+        await io.pwritev(self.root, offset, nbytes, qiov, flags)
+
+    async def pdiscard(self, offset: int, nbytes: int) -> None:
+        self._check(offset, nbytes)
+        await io.pdiscard(self.root, offset, nbytes)
+
+    async def flush(self) -> None:
+        await io.flush(self.root)
+
+    async def truncate(self, offset: int, prealloc: str) -> None:
+        await io.truncate(self.root, offset, False, prealloc)
+
+    async def is_allocated(self, offset: int, nbytes: int) -> tuple[bool, int]:
+        return await io.is_allocated(self.root, offset, nbytes)
+
+    async def load_vmstate(self, pos: int, nbytes: int, qiov: IOVec) -> None:
+        await self.root.co_load_vmstate(pos, nbytes, qiov)
+
+    async def save_vmstate(self, pos: int, nbytes: int, qiov: IOVec) -> None:
+        await self.root.co_save_vmstate(pos, nbytes, qiov)
+
+    def reopen(self, flags: OpenFlags, options: Options) -> None:
+        """``bdrv_reopen`` of the whole graph with new flags; unknown options cannot change."""
+        options = dict(options)
+        flags = _node_flags(options, flags)
+        for key in options:
+            if key not in GENERIC_OPTS:
+                raise QemuError(f"Cannot change the option '{key}'")
+        perm = self.perm if not flags.read_only else self.perm & ~(PERM_WRITE | PERM_RESIZE)
+        for node in iter_nodes(self.root):
+            node.reopen(flags, {})
+        _apply_perms(self.root, perm, self.shared)
+        self.perm = perm
+        self.flags = flags
+        self.writethrough = flags.writethrough
+
+    async def close(self, report: Callable[[str], None]) -> None:
+        """``bdrv_close``: flush, let drivers write back their caches, then release the files."""
+        try:
+            try:
+                await io.flush(self.root)
+            except BlockError:
+                pass
+            for node in iter_nodes(self.root):
+                await node.close()
+        finally:
+            _close_sync(self.root)

@@ -1,0 +1,241 @@
+"""The ``BlockDriver`` interface: one node of the block graph.
+
+As in QEMU, a node is a driver instance with children: a format node reads and writes through its
+``file`` child and may have a ``backing`` child; a filter (blkdebug) has exactly one child.  Drivers
+implement the ``co_*`` methods for their own node only; the generic request path in
+:mod:`qio.block.io` (alignment, EOF handling, FUA emulation, flush ordering, the generic blkdebug
+events) wraps every call, so drivers call ``io.preadv(self.file, ...)`` on their children rather
+than the child's methods directly.
+
+Everything is a coroutine because a blkdebug node below may suspend the request at any event.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from qio.block.errors import BlockError
+from qio.block.events import Event
+
+# Permissions (QEMU's BLK_PERM_*), shared by image locking.
+PERM_CONSISTENT_READ = 0x01
+PERM_WRITE = 0x02
+PERM_WRITE_UNCHANGED = 0x04
+PERM_RESIZE = 0x08
+PERM_ALL = 0x0F
+PERM_NAMES = {PERM_CONSISTENT_READ: "consistent read", PERM_WRITE: "write",
+              PERM_WRITE_UNCHANGED: "write unchanged", PERM_RESIZE: "resize"}
+
+# Request flags (BDRV_REQ_*).
+REQ_ZERO_WRITE = 0x02
+REQ_MAY_UNMAP = 0x04
+REQ_FUA = 0x10
+REQ_WRITE_COMPRESSED = 0x20
+REQ_NO_FALLBACK = 0x100
+
+# Block status bits (BDRV_BLOCK_*).
+BLOCK_DATA = 0x01
+BLOCK_ZERO = 0x02
+BLOCK_OFFSET_VALID = 0x04
+BLOCK_ALLOCATED = 0x10
+
+SECTOR = 512
+BDRV_REQUEST_MAX_BYTES = 0x7FFFFE00
+BDRV_MAX_LENGTH = 2**63 - 1 - (2**63 - 1) % 0x80000000  # QEMU: QEMU_ALIGN_DOWN(INT64_MAX, 2 GiB)
+
+IOVec = list[memoryview]
+
+
+@dataclass
+class OpenFlags:
+    """What ``bdrv_open`` was asked for (``BDRV_O_*`` and the cache mode)."""
+
+    read_only: bool = False
+    nocache: bool = False  # O_DIRECT
+    no_flush: bool = False  # cache=unsafe
+    writethrough: bool = True  # BlockBackend write cache disabled
+    unmap: bool = True  # discard=unmap
+    native_aio: bool = False
+    aio: str = "threads"
+    force_share: bool = False
+    snapshot: bool = False
+    copy_on_read: bool = False
+
+
+@dataclass
+class BlockInfo:
+    cluster_size: int = 0
+    vm_state_offset: int = 0
+
+
+@dataclass
+class Child:
+    """An edge of the graph with the permissions the parent holds on the child."""
+
+    name: str
+    node: BlockDriver
+    perm: int = 0
+    shared: int = PERM_ALL
+    role_primary: bool = True
+
+
+@dataclass
+class NodeState:
+    """Per-node bookkeeping that the generic layer (not the driver) owns."""
+
+    write_gen: int = 0
+    flushed_gen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BlockDriver:
+    """Base class of every driver; instances are nodes."""
+
+    format_name: ClassVar[str] = ""
+    protocol_name: ClassVar[str | None] = None
+    is_filter: ClassVar[bool] = False
+    is_format: ClassVar[bool] = False
+    #: Options this driver consumes (besides ``driver``/``node-name``); others are an error.
+    runtime_opts: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self) -> None:
+        self.filename = ""
+        self.children: list[Child] = []
+        self.flags = OpenFlags()
+        self.read_only = False
+        self.probed = False
+        self.request_alignment = 1
+        self.max_transfer = 0
+        self.pdiscard_alignment = 1
+        self.supported_write_flags = 0
+        self.supported_zero_flags = 0
+        self.gen = NodeState()
+        self.perm = 0
+        self.shared = PERM_ALL
+
+    # -- graph -------------------------------------------------------------------------------
+    def child(self, name: str) -> Child | None:
+        for c in self.children:
+            if c.name == name:
+                return c
+        return None
+
+    @property
+    def file(self) -> BlockDriver:
+        c = self.child("file") or self.child("image")
+        assert c is not None, f"{self.format_name} has no file child"
+        return c.node
+
+    def primary_child(self) -> BlockDriver | None:
+        for c in self.children:
+            if c.role_primary:
+                return c.node
+        return None
+
+    def child_perm(self, child: Child, perm: int, shared: int) -> tuple[int, int]:
+        """Permissions to take on ``child`` given the parent's; filters pass them through."""
+        return perm, shared
+
+    # -- life cycle --------------------------------------------------------------------------
+    def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
+        """Open the node from its (already flattened, child-free) option dict."""
+
+    def set_perm(self, perm: int, shared: int) -> None:
+        """Apply permissions (protocol nodes lock the image here); raise OpenError on conflict."""
+
+    async def close(self) -> None:
+        """Write back caches; called before children are closed."""
+
+    def closed(self) -> None:
+        """Release OS resources after the node and its children are done."""
+
+    # -- I/O (implemented by drivers) --------------------------------------------------------
+    def getlength(self) -> int:
+        """Length in bytes; the generic layer rounds it up to whole sectors."""
+        return self.file.getlength() if self.children else 0
+
+    def grow_to(self, end: int) -> None:
+        """A write reached ``end``; nodes whose length follows their writes extend here."""
+
+    async def co_preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
+        raise BlockError(errno.ENOTSUP)
+
+    async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
+        raise BlockError(errno.ENOTSUP)
+
+    async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
+        raise BlockError(errno.ENOTSUP)
+
+    async def co_pdiscard(self, offset: int, nbytes: int) -> None:
+        raise BlockError(errno.ENOTSUP)
+
+    async def co_flush_to_os(self) -> None:
+        return None
+
+    async def co_flush_to_disk(self) -> None:
+        return None
+
+    has_flush_to_disk: ClassVar[bool] = False
+
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+        raise BlockError(errno.ENOTSUP, "Image format driver does not support resize")
+
+    async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
+        """``(BLOCK_* flags, pnum)`` for the extent starting at ``offset``."""
+        return BLOCK_DATA | BLOCK_ALLOCATED, nbytes
+
+    def get_info(self) -> BlockInfo | None:
+        return None
+
+    def get_specific_info(self) -> list[tuple[str, Any]] | None:
+        return None
+
+    # -- blkdebug hooks (a blkdebug node overrides these) -------------------------------------
+    async def debug_event(self, event: Event) -> None:
+        """Raise ``event`` on this node; awaitable because blkdebug may suspend the caller."""
+        return None
+
+    def debug_breakpoint(self, event: str, tag: str) -> int:
+        return -errno.ENOTSUP
+
+    def debug_remove_breakpoint(self, tag: str) -> int:
+        return -errno.ENOTSUP
+
+    def debug_resume(self, tag: str) -> int:
+        return -errno.ENOTSUP
+
+    def debug_is_suspended(self, tag: str) -> bool:
+        return False
+
+    def debug_can_suspend(self, tag: str, inflight: bool) -> bool:
+        """Could a request still be suspended under ``tag`` (armed breakpoint or parked request)?"""
+        return False
+
+    def debug_all_parked(self) -> bool:
+        """True if some request is suspended here (so waiting for it without ``resume`` never ends)."""
+        return False
+
+    def debug_suspended_tags(self) -> list[str]:
+        return []
+
+    # -- VM state (qcow2 stores it after the guest data; others forward to their primary child) --
+    async def co_load_vmstate(self, pos: int, nbytes: int, qiov: IOVec) -> None:
+        child = self.primary_child()
+        if child is None:
+            raise BlockError(errno.ENOTSUP)
+        await child.co_load_vmstate(pos, nbytes, qiov)
+
+    async def co_save_vmstate(self, pos: int, nbytes: int, qiov: IOVec) -> None:
+        child = self.primary_child()
+        if child is None:
+            raise BlockError(errno.ENOTSUP)
+        await child.co_save_vmstate(pos, nbytes, qiov)
+
+    def reopen(self, flags: OpenFlags, options: dict[str, Any]) -> None:
+        """Apply new flags (read-only, cache) in place; consume the options this node understands."""
+        self.flags = flags
+        self.read_only = flags.read_only
+
+    has_debug_hooks: ClassVar[bool] = False

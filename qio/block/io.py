@@ -1,0 +1,341 @@
+"""The generic request path every request takes on its way into a node (QEMU's ``block/io.c``).
+
+Drivers call these functions on their children.  They enforce what QEMU's generic layer enforces
+(request alignment with read-modify-write, zero-filled reads past the end, FUA emulation by a flush,
+write-generation tracking for flush, zero-write fallback, discard policy) and raise the generic
+blkdebug events (``pwritev``, ``pwritev_zero``, ``pwritev_done``, ``pwritev_rmw_*``,
+``flush_to_os``, ``flush_to_disk``) at the points where QEMU raises them.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from qio.block.driver import (
+    BDRV_MAX_LENGTH,
+    BLOCK_ALLOCATED,
+    PERM_WRITE,
+    PERM_WRITE_UNCHANGED,
+    REQ_FUA,
+    REQ_NO_FALLBACK,
+    REQ_WRITE_COMPRESSED,
+    REQ_ZERO_WRITE,
+    SECTOR,
+    BlockDriver,
+    IOVec,
+)
+from qio.block.errors import BlockError, QemuError
+from qio.block.events import Event
+
+MAX_BOUNCE = 1 << 20
+
+
+class AioStats:
+    """Counts the points where QEMU's coroutine would have yielded to the event loop.
+
+    qio's file driver does small I/O inline, so a request may finish without ever suspending.  QEMU's
+    synchronous commands poll the event loop (printing pending AIO completions) only if their request
+    yielded; the counter lets the shell reproduce that exactly.
+    """
+
+    yields = 0
+    #: Requests currently running in the thread pool (they will complete without help).
+    busy = 0
+
+
+AIO = AioStats()
+
+
+def getlength(node: BlockDriver) -> int:
+    """``bdrv_getlength``: the node's length rounded up to whole sectors."""
+    n = node.getlength()
+    return (n + SECTOR - 1) // SECTOR * SECTOR
+
+
+# -- iovec helpers -------------------------------------------------------------------------------
+def iov_slice(qiov: IOVec, start: int, length: int) -> IOVec:
+    out: IOVec = []
+    for buf in qiov:
+        n = len(buf)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        out.append(buf[start : start + take])
+        length -= take
+        start = 0
+        if length <= 0:
+            break
+    return out
+
+
+def iov_memset(qiov: IOVec, start: int, length: int, value: int = 0) -> None:
+    for buf in iov_slice(qiov, start, length):
+        buf[:] = bytes([value]) * len(buf)
+
+
+def iov_to_bytes(qiov: IOVec) -> bytes:
+    return b"".join(qiov)
+
+
+def iov_from_bytes(qiov: IOVec, start: int, data: bytes | memoryview) -> None:
+    pos = 0
+    for buf in iov_slice(qiov, start, len(data)):
+        buf[:] = data[pos : pos + len(buf)]
+        pos += len(buf)
+
+
+def _check_request(offset: int, nbytes: int) -> None:
+    if offset < 0 or nbytes < 0 or offset > BDRV_MAX_LENGTH or nbytes > BDRV_MAX_LENGTH - offset:
+        raise BlockError(errno.EIO)
+
+
+# -- read ----------------------------------------------------------------------------------------
+async def preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec) -> None:
+    """``bdrv_co_preadv``: read ``nbytes`` at ``offset`` of ``node`` into ``qiov``."""
+    _check_request(offset, nbytes)
+    align = node.request_alignment
+    head = offset % align
+    tail = (offset + nbytes) % align
+    if (head == 0 and tail == 0) or (nbytes == 0):
+        if nbytes == 0 and head:
+            return
+        await _aligned_preadv(node, offset, nbytes, qiov, align)
+        return
+    start = offset - head
+    total = head + nbytes + ((align - tail) % align)
+    bounce = memoryview(bytearray(total))
+    await _aligned_preadv(node, start, total, [bounce], align)
+    iov_from_bytes(qiov, 0, bounce[head : head + nbytes])
+
+
+async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, align: int) -> None:
+    total = getlength(node)
+    max_bytes = -(-max(0, total - offset) // align) * align
+    if nbytes <= max_bytes:
+        await node.co_preadv(offset, nbytes, qiov)
+        return
+    if max_bytes > 0:
+        await node.co_preadv(offset, max_bytes, iov_slice(qiov, 0, max_bytes))
+    iov_memset(qiov, max(max_bytes, 0), nbytes - max(max_bytes, 0))
+
+
+# -- write ---------------------------------------------------------------------------------------
+async def pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | None, flags: int = 0) -> None:
+    """``bdrv_co_pwritev``; ``qiov`` is None for zero writes (``REQ_ZERO_WRITE``)."""
+    _check_request(offset, nbytes)
+    if node.read_only:
+        raise BlockError(errno.EPERM)
+    align = node.request_alignment
+    head = offset % align
+    tail = (offset + nbytes) % align
+    if head == 0 and tail == 0:
+        await _aligned_pwritev(node, offset, nbytes, qiov, flags)
+        return
+    if nbytes == 0:
+        return
+    # Read-modify-write of the partial head and tail blocks.
+    zero = bool(flags & REQ_ZERO_WRITE)
+    pad_tail = (align - tail) % align
+    start = offset - head
+    total = head + nbytes + pad_tail
+    buf_len = 2 * align if (total > align and head and pad_tail) else align
+    merge = total == buf_len
+    bounce_head = memoryview(bytearray(buf_len if merge else align)) if (head or merge) else None
+    bounce_tail = None
+    if bounce_head is not None:
+        if not zero:
+            await node.debug_event(Event.PWRITEV_RMW_HEAD)
+        await _aligned_preadv(node, start, len(bounce_head), [bounce_head], align)
+        if not zero:
+            await node.debug_event(Event.PWRITEV_RMW_AFTER_HEAD)
+    if pad_tail and not merge:
+        bounce_tail = memoryview(bytearray(align))
+        if not zero:
+            await node.debug_event(Event.PWRITEV_RMW_TAIL)
+        await _aligned_preadv(node, start + total - align, align, [bounce_tail], align)
+        if not zero:
+            await node.debug_event(Event.PWRITEV_RMW_AFTER_TAIL)
+    if zero:
+        # Zero the unaligned edges through the bounce blocks, the aligned middle as a zero write.
+        await _zero_rmw(node, offset, nbytes, start, total, align, bounce_head, bounce_tail, merge, flags)
+        return
+    assert qiov is not None
+    data = bytearray(total)
+    if merge:
+        assert bounce_head is not None
+        data[:] = bounce_head
+    else:
+        if bounce_head is not None:
+            data[:align] = bounce_head
+        if bounce_tail is not None:
+            data[total - align :] = bounce_tail
+    data[head : head + nbytes] = iov_to_bytes(qiov)
+    await _aligned_pwritev(node, start, total, [memoryview(data)], flags)
+
+
+async def _zero_rmw(node: BlockDriver, offset: int, nbytes: int, start: int, total: int, align: int,
+                    bounce_head: memoryview | None, bounce_tail: memoryview | None, merge: bool,
+                    flags: int) -> None:
+    end = offset + nbytes
+    wflags = flags & ~(REQ_ZERO_WRITE | REQ_NO_FALLBACK)
+    if merge:
+        assert bounce_head is not None
+        blk = bytearray(bounce_head)
+        blk[offset - start : end - start] = bytes(nbytes)
+        await _aligned_pwritev(node, start, len(blk), [memoryview(blk)], wflags)
+        return
+    mid_start, mid_end = start, start + total
+    if bounce_head is not None:
+        blk = bytearray(bounce_head)
+        blk[offset - start :] = bytes(align - (offset - start))
+        await _aligned_pwritev(node, start, align, [memoryview(blk)], wflags)
+        mid_start = start + align
+    if bounce_tail is not None:
+        mid_end = start + total - align
+    if mid_end > mid_start:
+        await _aligned_pwritev(node, mid_start, mid_end - mid_start, None, flags)
+    if bounce_tail is not None:
+        blk = bytearray(bounce_tail)
+        blk[: end - mid_end] = bytes(end - mid_end)
+        await _aligned_pwritev(node, mid_end, align, [memoryview(blk)], wflags)
+
+
+async def _aligned_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | None,
+                           flags: int) -> None:
+    err: BlockError | None = None
+    if flags & REQ_ZERO_WRITE:
+        await node.debug_event(Event.PWRITEV_ZERO)
+        try:
+            await _do_pwrite_zeroes(node, offset, nbytes, flags)
+        except BlockError as e:
+            err = e
+    elif flags & REQ_WRITE_COMPRESSED:
+        try:
+            assert qiov is not None
+            await node.co_pwritev(offset, nbytes, qiov, flags)
+        except BlockError as e:
+            err = e
+    else:
+        await node.debug_event(Event.PWRITEV)
+        try:
+            assert qiov is not None
+            await _driver_pwritev_split(node, offset, nbytes, qiov, flags)
+        except BlockError as e:
+            err = e
+    await node.debug_event(Event.PWRITEV_DONE)
+    node.gen.write_gen += 1
+    if err is not None:
+        raise err
+    node.grow_to(offset + nbytes)
+
+
+async def _driver_pwritev_split(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec,
+                                flags: int) -> None:
+    mt = node.max_transfer
+    if not mt or nbytes <= mt:
+        await _driver_pwritev(node, offset, nbytes, qiov, flags)
+        return
+    done = 0
+    while done < nbytes:
+        n = min(mt, nbytes - done)
+        f = flags if done + n == nbytes else flags & ~REQ_FUA
+        await _driver_pwritev(node, offset + done, n, iov_slice(qiov, done, n), f)
+        done += n
+
+
+async def _driver_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
+    emulate_fua = bool(flags & REQ_FUA) and not (node.supported_write_flags & REQ_FUA)
+    await node.co_pwritev(offset, nbytes, qiov, flags & node.supported_write_flags)
+    if emulate_fua:
+        await flush(node)
+
+
+async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: int) -> None:
+    need_flush = bool(flags & REQ_FUA) and not (node.supported_zero_flags & REQ_FUA)
+    try:
+        await node.co_pwrite_zeroes(offset, nbytes, flags & node.supported_zero_flags)
+    except BlockError as e:
+        if e.errno != errno.ENOTSUP or flags & REQ_NO_FALLBACK:
+            raise
+        zeros = memoryview(bytes(min(nbytes, MAX_BOUNCE)))
+        done = 0
+        while done < nbytes:
+            n = min(len(zeros), nbytes - done)
+            await node.co_pwritev(offset + done, n, [zeros[:n]], 0)
+            done += n
+    if need_flush:
+        await flush(node)
+
+
+async def pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: int = 0) -> None:
+    await pwritev(node, offset, nbytes, None, flags | REQ_ZERO_WRITE)
+
+
+# -- discard, flush, truncate, status -----------------------------------------------------------
+async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
+    """``bdrv_co_pdiscard``: advisory; silently a no-op where unsupported or with discard=ignore."""
+    _check_request(offset, nbytes)
+    if node.read_only:
+        raise BlockError(errno.EPERM)
+    if not node.flags.unmap:
+        return
+    align = max(node.request_alignment, node.pdiscard_alignment)
+    start = -(-offset // align) * align
+    end = (offset + nbytes) // align * align
+    try:
+        if end > start:
+            await node.co_pdiscard(start, end - start)
+    except BlockError as e:
+        if e.errno != errno.ENOTSUP:
+            raise
+    finally:
+        node.gen.write_gen += 1
+
+
+async def flush(node: BlockDriver) -> None:
+    """``bdrv_co_flush``: write back to the OS, then to the disk if written since, then children."""
+    if node.read_only:
+        return
+    current = node.gen.write_gen
+    primary = node.primary_child()
+    if primary is not None:
+        await primary.debug_event(Event.FLUSH_TO_OS)
+    await node.co_flush_to_os()
+    if not node.flags.no_flush and node.gen.flushed_gen != current:
+        if primary is not None:
+            await primary.debug_event(Event.FLUSH_TO_DISK)
+        await node.co_flush_to_disk()
+    node.gen.flushed_gen = current
+    first: BlockError | None = None
+    for c in node.children:
+        if c.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED):
+            try:
+                await flush(c.node)
+            except BlockError as e:
+                first = first or e
+    if first is not None:
+        raise first
+
+
+async def truncate(node: BlockDriver, offset: int, exact: bool, prealloc: str) -> None:
+    """``bdrv_co_truncate``; failures are QemuError with QEMU's message."""
+    if offset < 0:
+        raise QemuError("Image size cannot be negative", errno.EINVAL)
+    if offset > BDRV_MAX_LENGTH:
+        raise QemuError(f"Required too big image size, it must be not greater than {BDRV_MAX_LENGTH}",
+                        errno.EFBIG)
+    if node.read_only:
+        raise QemuError("Image is read-only", errno.EACCES)
+    await node.co_truncate(offset, exact, prealloc)
+    node.gen.write_gen += 1
+
+
+async def is_allocated(node: BlockDriver, offset: int, nbytes: int) -> tuple[bool, int]:
+    """``bdrv_is_allocated`` of the top layer: ``(allocated, pnum)``; pnum 0 at or past the end."""
+    total = getlength(node)
+    if offset >= total:
+        return False, 0
+    nbytes = min(nbytes, total - offset)
+    status, pnum = await node.co_block_status(offset, nbytes)
+    return bool(status & BLOCK_ALLOCATED), min(pnum, nbytes)

@@ -1,0 +1,121 @@
+"""The ``raw`` format driver: the guest sees the protocol node's bytes, optionally a window of them.
+
+Raises ``read_aio``/``write_aio`` on its file child as QEMU's raw format does.  When the format was
+probed rather than given, writes that would make sector 0 look like another format fail with EPERM,
+so a guest cannot turn a raw image into, say, a qcow2 header pointing at host files.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, ClassVar
+
+from qio.block import io
+from qio.block.driver import (
+    BLOCK_ALLOCATED,
+    BLOCK_DATA,
+    BLOCK_OFFSET_VALID,
+    REQ_FUA,
+    REQ_MAY_UNMAP,
+    REQ_NO_FALLBACK,
+    BlockDriver,
+    BlockInfo,
+    Child,
+    IOVec,
+    OpenFlags,
+)
+from qio.block.errors import BlockError, QemuError
+from qio.block.events import Event
+from qio.block.probe import probe_format
+from qio.numbers import qemu_strtosz
+
+PROBE_BUF = 512
+
+
+class RawDriver(BlockDriver):
+    format_name = "raw"
+    is_format = True
+    runtime_opts: ClassVar[frozenset[str]] = frozenset({"offset", "size"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = 0
+        self.size: int | None = None
+
+    @staticmethod
+    def probe(buf: bytes, filename: str) -> int:
+        return 1
+
+    def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
+        self.flags = flags
+        self.read_only = flags.read_only
+        file = self.file
+        real = io.getlength(file)
+        self.offset = _size_opt(options, "offset", 0)
+        size = options.get("size")
+        self.size = None if size is None else _size_opt(options, "size", 0)
+        if self.offset > real:
+            raise QemuError(f"Offset ({self.offset}) cannot be greater than size of the "
+                            f"containing file ({real})")
+        if self.size is not None:
+            if real - self.offset < self.size:
+                raise QemuError(f"The sum of offset ({self.offset}) and size ({self.size}) has to be "
+                                f"smaller or equal to the  actual size of the containing file ({real})")
+            if self.size % 512:
+                raise QemuError("Specified size is not multiple of 512")
+        self.supported_write_flags = (REQ_FUA | REQ_MAY_UNMAP | REQ_NO_FALLBACK) & file.supported_write_flags
+        self.supported_zero_flags = (REQ_FUA | REQ_MAY_UNMAP | REQ_NO_FALLBACK) & file.supported_zero_flags
+        self.request_alignment = 512 if self.probed else file.request_alignment
+
+    def getlength(self) -> int:
+        if self.size is not None:
+            return self.size
+        return max(0, io.getlength(self.file) - self.offset)
+
+    def child_perm(self, child: Child, perm: int, shared: int) -> tuple[int, int]:
+        return perm, shared
+
+    async def co_preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
+        file = self.file
+        await file.debug_event(Event.READ_AIO)
+        await io.preadv(file, offset + self.offset, nbytes, qiov)
+
+    async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
+        if self.probed and offset < PROBE_BUF and nbytes:
+            head = bytes(io.iov_to_bytes(io.iov_slice(qiov, 0, PROBE_BUF)))
+            if probe_format(head, self.filename) != "raw":
+                raise BlockError(errno.EPERM)
+        file = self.file
+        await file.debug_event(Event.WRITE_AIO)
+        await io.pwritev(file, offset + self.offset, nbytes, qiov, flags)
+
+    async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
+        await io.pwrite_zeroes(self.file, offset + self.offset, nbytes, flags)
+
+    async def co_pdiscard(self, offset: int, nbytes: int) -> None:
+        await io.pdiscard(self.file, offset + self.offset, nbytes)
+
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+        if self.offset or self.size is not None:
+            raise QemuError("Cannot resize fixed-size raw disks", errno.ENOTSUP)
+        await io.truncate(self.file, offset, exact, prealloc)
+
+    async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
+        return BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID, nbytes
+
+    def get_info(self) -> BlockInfo | None:
+        return BlockInfo()
+
+
+def _size_opt(options: dict[str, Any], key: str, default: int) -> int:
+    v = options.get(key)
+    if v is None:
+        return default
+    if isinstance(v, int):
+        return v
+    err, val, _ = qemu_strtosz(str(v))
+    if err:
+        raise QemuError(f"Parameter '{key}' expects a non-negative number below 2^64\n"
+                        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                        "and exabytes, respectively.")
+    return val

@@ -1,0 +1,37 @@
+"""The driver registry: format and protocol names to driver classes, imported on first use.
+
+Lazy imports keep ``qio -c`` start-up short: a raw image never loads the qcow2 or blkdebug code.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from qio.block.driver import BlockDriver
+
+_MODULES = {
+    "file": ("qio.block.file", "FileDriver"),
+    "raw": ("qio.block.raw", "RawDriver"),
+}
+#: Filename prefixes (``blkdebug:cfg:img``) that select a protocol driver.
+PROTOCOL_PREFIXES = {"file": "file"}
+FORMATS = ("raw",)
+
+
+def register(name: str, module: str, cls: str, *, protocol_prefix: bool = False,
+             is_format: bool = False) -> None:
+    """Add a driver; later drivers (blkdebug, qcow2) plug in here."""
+    _MODULES[name] = (module, cls)
+    if protocol_prefix:
+        PROTOCOL_PREFIXES[name] = name
+    if is_format:
+        global FORMATS
+        FORMATS = (*FORMATS, name)
+
+
+def find(name: str) -> type[BlockDriver] | None:
+    entry = _MODULES.get(name)
+    if entry is None:
+        return None
+    cls: type[BlockDriver] = getattr(importlib.import_module(entry[0]), entry[1])
+    return cls

@@ -1,0 +1,81 @@
+"""Argument helpers shared by the commands: numbers, patterns, buffers, I/O vectors."""
+
+from __future__ import annotations
+
+import errno
+
+from qio.block.driver import BDRV_REQUEST_MAX_BYTES
+from qio.commands.spec import STDERR, Invocation
+from qio.numbers import cvtnum, parse_pattern
+
+PATTERN_CHUNK = 1 << 20
+
+
+def num(inv: Invocation, arg: str, prgname: str) -> int:
+    """``cvtnum`` with qemu-io's ``Parsing error`` messages (and the hex-suffix warning)."""
+    err, val, warn = cvtnum(arg)
+    if warn:
+        inv.messages.append((STDERR, f"{prgname}: warning: Using a multiplier suffix on hex numbers "
+                                     f"is deprecated: {arg}\n"))
+    if err == -errno.EINVAL:
+        raise inv.fail(err, f"Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {arg}\n")
+    if err == -errno.ERANGE:
+        raise inv.fail(err, f"Parsing error: argument too large -- {arg}\n")
+    return val
+
+
+def pattern(inv: Invocation, arg: str) -> int:
+    p = parse_pattern(arg)
+    if p is None:
+        raise inv.fail(-errno.EINVAL, f"{arg} is not a valid pattern byte\n")
+    return p
+
+
+def iovec_sizes(inv: Invocation, args: list[str], prgname: str) -> list[int]:
+    """``create_iovec``'s length checks."""
+    sizes = []
+    count = 0
+    for arg in args:
+        n = num(inv, arg, prgname)
+        if n > BDRV_REQUEST_MAX_BYTES:
+            raise inv.fail(-errno.EINVAL, f"Argument '{arg}' exceeds maximum size {BDRV_REQUEST_MAX_BYTES}\n")
+        if count > BDRV_REQUEST_MAX_BYTES - n:
+            raise inv.fail(-errno.EINVAL,
+                           f"The total number of bytes exceed the maximum size {BDRV_REQUEST_MAX_BYTES}\n")
+        sizes.append(n)
+        count += n
+    return sizes
+
+
+def pattern_iov(value: int, count: int) -> list[memoryview]:
+    """A write buffer of ``count`` pattern bytes; large ones reuse one 1 MiB block many times."""
+    if count <= PATTERN_CHUNK:
+        return [memoryview(bytes([value]) * count)]
+    block = memoryview(bytes([value]) * PATTERN_CHUNK)
+    full, rest = divmod(count, PATTERN_CHUNK)
+    out = [block] * full
+    if rest:
+        out.append(block[:rest])
+    return out
+
+
+def split_iov(buf: memoryview, sizes: list[int]) -> list[memoryview]:
+    out = []
+    pos = 0
+    for n in sizes:
+        out.append(buf[pos : pos + n])
+        pos += n
+    return out
+
+
+def verify(buf: memoryview, value: int) -> bool:
+    """True if every byte of ``buf`` equals ``value`` (compared in 1 MiB blocks)."""
+    n = len(buf)
+    if n <= PATTERN_CHUNK:
+        return buf == bytes([value]) * n
+    block = bytes([value]) * PATTERN_CHUNK
+    for i in range(0, n, PATTERN_CHUNK):
+        part = buf[i : i + PATTERN_CHUNK]
+        if part != block[: len(part)]:
+            return False
+    return True

@@ -1,0 +1,111 @@
+"""The blkdebug breakpoint commands: break, remove_break, resume, wait_break.
+
+They talk to the first node down the primary-child chain that implements the debug hooks (a
+blkdebug node).  Unlike qemu-io, ``wait_break`` never hangs: it fails at once when no request could
+ever be suspended under the tag, and accepts ``-t SECONDS`` as a timeout.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qio.block.driver import BlockDriver
+from qio.commands.spec import STDERR, Invocation, ParseFailure
+from qio.numbers import strtol0
+
+if TYPE_CHECKING:
+    from qio.shell import Shell
+
+
+def debug_node(root: BlockDriver) -> BlockDriver | None:
+    """``bdrv_find_debug_node``: follow primary children to the first node with debug hooks."""
+    node: BlockDriver | None = root
+    while node is not None and not node.has_debug_hooks:
+        node = node.primary_child()
+    return node
+
+
+@dataclass(frozen=True)
+class Break:
+    event: str
+    tag: str
+
+
+def parse_break(inv: Invocation) -> Break:
+    return Break(inv.argv[1], inv.argv[2])
+
+
+async def run_break(sh: Shell, cmd: Break) -> int:
+    node = debug_node(sh.require_blk().root)
+    ret = node.debug_breakpoint(cmd.event, cmd.tag) if node else -errno.ENOTSUP
+    if ret < 0:
+        sh.out.out(f"Could not set breakpoint: {os.strerror(-ret)}\n")
+    return ret
+
+
+def parse_tag(inv: Invocation) -> str:
+    return inv.argv[1]
+
+
+async def run_remove_break(sh: Shell, tag: str) -> int:
+    node = debug_node(sh.require_blk().root)
+    ret = node.debug_remove_breakpoint(tag) if node else -errno.ENOTSUP
+    sh.aio.poll_resumed()
+    if ret < 0:
+        sh.out.out(f"Could not remove breakpoint {tag}: {os.strerror(-ret)}\n")
+    return ret
+
+
+async def run_resume(sh: Shell, tag: str) -> int:
+    node = debug_node(sh.require_blk().root)
+    ret = node.debug_resume(tag) if node else -errno.ENOTSUP
+    if ret < 0:
+        sh.out.out(f"Could not resume request: {os.strerror(-ret)}\n")
+        return ret
+    await sh.settle()
+    return 0
+
+
+@dataclass(frozen=True)
+class WaitBreak:
+    tag: str
+    timeout: float | None = None
+
+
+def parse_wait_break(inv: Invocation) -> WaitBreak:
+    timeout: float | None = None
+    g = inv.getopt()
+    for c, arg in g:
+        if c == "t":
+            v = strtol0(arg or "")
+            if v is None or v < 0:
+                raise inv.fail(-errno.EINVAL, f"{arg} is not a valid number\n")
+            timeout = float(v)
+        else:
+            raise inv.usage(-errno.EINVAL)
+    if len(g.args) != 1 or (timeout is None and len(inv.argv) > 2):
+        # Without -t, keep qemu-io's argument-count message for its "wait_break tag" syntax.
+        inv.messages.append((STDERR, f"bad argument count {len(inv.argv) - 1} to {inv.argv[0]}, "
+                                     "expected 1 arguments\n"))
+        raise ParseFailure(-errno.EINVAL, inv.messages)
+    return WaitBreak(g.args[0], timeout)
+
+
+async def run_wait_break(sh: Shell, cmd: WaitBreak) -> int:
+    node = debug_node(sh.require_blk().root)
+    if node is None:
+        sh.out.out(f"wait_break: no blkdebug node below the image, request '{cmd.tag}' can never be "
+                   "suspended\n")
+        return -errno.ENOTSUP
+    ok = await sh.wait_for(lambda: node.debug_is_suspended(cmd.tag), cmd.timeout,
+                           can_happen=lambda: node.debug_can_suspend(cmd.tag, bool(sh.aio.inflight)))
+    if ok:
+        return 0
+    if cmd.timeout is not None and node.debug_can_suspend(cmd.tag, bool(sh.aio.inflight)):
+        sh.out.out(f"wait_break: timed out after {cmd.timeout:g} s waiting for request '{cmd.tag}'\n")
+        return -errno.ETIMEDOUT
+    sh.out.out(f"wait_break: no request can reach a breakpoint tagged '{cmd.tag}'\n")
+    return -errno.ENOENT

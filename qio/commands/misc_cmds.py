@@ -1,0 +1,232 @@
+"""Commands that manage the image and the session: open, close, reopen, help, quit, sleep, sigraise,
+abort."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qio.block.driver import OpenFlags
+from qio.block.errors import QemuError
+from qio.commands.common import num
+from qio.commands.spec import STDERR, Invocation, ParseFailure
+from qio.numbers import strtol0
+from qio.qemuopts import parse_qemuopts
+
+if TYPE_CHECKING:
+    from qio.shell import Shell
+
+EINVAL = -errno.EINVAL
+NSIG = 65
+
+
+def parse_cache_mode(mode: str, flags: OpenFlags) -> bool:
+    """``bdrv_parse_cache_mode``: set nocache/no_flush/writethrough; False if unknown."""
+    table = {"off": (True, False, False), "none": (True, False, False), "directsync": (True, False, True),
+             "writeback": (False, False, False), "unsafe": (False, True, False),
+             "writethrough": (False, False, True)}
+    if mode not in table:
+        return False
+    flags.nocache, flags.no_flush, flags.writethrough = table[mode]
+    return True
+
+
+def parse_discard_mode(mode: str, flags: OpenFlags) -> bool:
+    if mode in ("off", "ignore"):
+        flags.unmap = False
+    elif mode in ("on", "unmap"):
+        flags.unmap = True
+    else:
+        return False
+    return True
+
+
+def parse_aio_mode(mode: str, flags: OpenFlags) -> bool:
+    if mode not in ("threads", "native", "io_uring"):
+        return False
+    flags.aio = mode
+    if mode == "native":
+        flags.native_aio = True
+    return True
+
+
+# -- open / close / reopen -----------------------------------------------------------------------
+@dataclass
+class Open:
+    path: str | None
+    flags: OpenFlags
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _stderr(inv: Invocation, prg: str, msg: str) -> ParseFailure:
+    inv.messages.append((STDERR, f"{prg}: {msg}\n"))
+    return ParseFailure(EINVAL, inv.messages)
+
+
+def _qemuopts(inv: Invocation, prg: str, text: str, into: dict[str, Any]) -> None:
+    try:
+        into.update(parse_qemuopts(text, lambda m: inv.messages.append((STDERR, f"{prg}: warning: {m}\n"))))
+    except QemuError as e:
+        raise _stderr(inv, prg, str(e)) from None
+
+
+def parse_open(inv: Invocation, prg: str, image_opts: bool) -> Open:
+    flags = OpenFlags()
+    options: dict[str, Any] = {}
+    g = inv.getopt()
+    for c, arg in g:
+        a = arg or ""
+        if c == "s":
+            flags.snapshot = True
+        elif c == "n":
+            flags.nocache, flags.writethrough = True, False
+        elif c == "C":
+            flags.copy_on_read = True
+        elif c == "r":
+            flags.read_only = True
+        elif c == "k":
+            flags.native_aio = True
+        elif c == "t":
+            if not parse_cache_mode(a, flags):
+                raise _stderr(inv, prg, f"Invalid cache option: {a}")
+        elif c == "d":
+            if not parse_discard_mode(a, flags):
+                raise _stderr(inv, prg, f"Invalid discard option: {a}")
+        elif c == "i":
+            if not parse_aio_mode(a, flags):
+                raise _stderr(inv, prg, f"Invalid aio option: {a}")
+        elif c == "o":
+            if image_opts:
+                raise inv.fail(EINVAL, "--image-opts and 'open -o' are mutually exclusive\n")
+            _qemuopts(inv, prg, a, options)
+        elif c == "U":
+            flags.force_share = True
+        else:
+            raise inv.usage(EINVAL)
+    args = g.args
+    if image_opts and len(args) == 1:
+        _qemuopts(inv, prg, args[0], options)
+        args = []
+    if len(args) > 1:
+        raise inv.usage(EINVAL)
+    return Open(args[0] if args else None, flags, options)
+
+
+async def run_open(sh: Shell, cmd: Open) -> int:
+    return EINVAL if sh.open_image(cmd.path, cmd.flags, cmd.options) else 0
+
+
+async def run_close(sh: Shell, cmd: object) -> int:
+    await sh.close_image()
+    return 0
+
+
+@dataclass(frozen=True)
+class Reopen:
+    read_only: bool | None
+    cache: str | None
+    options: dict[str, Any]
+
+
+def parse_reopen(inv: Invocation, prg: str) -> Reopen:
+    ro: bool | None = None
+    cache: str | None = None
+    options: dict[str, Any] = {}
+    g = inv.getopt()
+    for c, arg in g:
+        a = arg or ""
+        if c == "c":
+            if not parse_cache_mode(a, OpenFlags()):
+                raise _stderr(inv, prg, f"Invalid cache option: {a}")
+            cache = a
+        elif c == "o":
+            _qemuopts(inv, prg, a, options)
+        elif c in "rw":
+            if ro is not None:
+                raise _stderr(inv, prg, "Only one -r/-w option may be given")
+            ro = c == "r"
+        else:
+            raise inv.usage(EINVAL)
+    if g.args:
+        raise inv.usage(EINVAL)
+    return Reopen(ro, cache, options)
+
+
+async def run_reopen(sh: Shell, cmd: Reopen) -> int:
+    try:
+        await sh.reopen(cmd.read_only, cmd.cache, dict(cmd.options))
+    except QemuError as e:
+        sh.out.error_report(str(e))
+        return EINVAL
+    return 0
+
+
+# -- help / quit ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Help:
+    word: str | None
+
+
+def parse_help(inv: Invocation, prg: str) -> Help:
+    return Help(inv.argv[1] if len(inv.argv) > 1 else None)
+
+
+async def run_help(sh: Shell, cmd: Help) -> int:
+    if cmd.word is None:
+        sh.out.out(sh.table.help_all())
+        return 0
+    spec = sh.table.find(cmd.word)
+    if spec is None:
+        sh.out.out(f"command {cmd.word} not found\n")
+        return EINVAL
+    sh.out.out(spec.usage_line(cmd.word) + (spec.help or ""))
+    return 0
+
+
+async def run_quit(sh: Shell, cmd: object) -> int:
+    sh.quit = True
+    return 0
+
+
+# -- sleep / sigraise / abort ----------------------------------------------------------------------
+def parse_sleep(inv: Invocation, prg: str) -> int:
+    ms = strtol0(inv.argv[1]) if inv.argv[1] else None
+    if ms is None or ms < 0:
+        raise inv.fail(EINVAL, f"{inv.argv[1]} is not a valid number\n")
+    return ms
+
+
+async def run_sleep(sh: Shell, ms: int) -> int:
+    await sh.sleep(ms / 1000)
+    return 0
+
+
+def parse_sigraise(inv: Invocation, prg: str) -> int:
+    sig = num(inv, inv.argv[1], prg)
+    if sig > NSIG:
+        raise inv.fail(EINVAL, f"signal argument '{inv.argv[1]}' is too large to be a valid signal\n")
+    return sig
+
+
+async def run_sigraise(sh: Shell, sig: int) -> int:
+    sh.out.flush()
+    if sig == 0 or sig == signal.SIGPIPE or not 0 < sig < signal.NSIG:
+        return 0
+    try:
+        signal.signal(sig, signal.SIG_DFL)
+    except (OSError, ValueError):
+        pass
+    try:
+        signal.raise_signal(sig)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+async def run_abort(sh: Shell, cmd: object) -> int:
+    sh.out.discard()
+    signal.signal(signal.SIGABRT, signal.SIG_DFL)
+    os.abort()

@@ -1,0 +1,107 @@
+"""The command table: every command is declared once, here, as data.
+
+Dispatch (name/alias lookup, the "no file open" and argument-count checks, permission requests),
+``help``, usage lines and interactive completion are all derived from these declarations.  Each
+command has a parser that turns its words into a typed command object (or a :class:`ParseFailure`
+carrying qemu-io's messages) and an executor; rendering of results lives in :mod:`qio.render`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qio.getopt import GetOpt
+
+if TYPE_CHECKING:
+    from qio.shell import Shell
+
+GLOBAL = 1  # works without an image, before any check (help, quit)
+NOFILE_OK = 2  # works without an image (open, sleep, sigraise, abort)
+
+STDOUT, STDERR = 1, 2
+Message = tuple[int, str]
+
+
+class ParseFailure(Exception):
+    """A command line that qemu-io rejects: the messages to print and the (negative) return value."""
+
+    def __init__(self, ret: int, messages: list[Message]) -> None:
+        super().__init__(ret)
+        self.ret = ret
+        self.messages = messages
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str
+    oneline: str
+    run: Callable[[Shell, Any], Awaitable[int]]
+    parse: Callable[[Invocation], Any]
+    altname: str | None = None
+    args: str | None = None
+    help: str | None = None
+    argmin: int = 0
+    argmax: int = 0
+    optstring: str = ""
+    flags: int = 0
+    perm: int = 0
+
+    def usage_line(self, word: str | None = None) -> str:
+        """``help_oneline``: ``name args -- oneline`` (``map`` has empty args, hence two spaces)."""
+        args = f"{self.args} " if self.args is not None else ""
+        return f"{word or self.name} {args}-- {self.oneline}\n"
+
+    def options(self) -> list[str]:
+        """Option letters for completion, e.g. ``['-C', '-P', ...]``."""
+        return [f"-{c}" for c in self.optstring if c != ":"]
+
+
+class Invocation:
+    """The words of one command line, with getopt and qemu-io's error conventions."""
+
+    def __init__(self, spec: CommandSpec, argv: list[str]) -> None:
+        self.spec = spec
+        self.argv = argv
+        self.messages: list[Message] = []
+
+    def getopt(self) -> GetOpt:
+        return GetOpt(self.argv, self.spec.optstring, lambda text: self.messages.append((STDERR, text)))
+
+    def fail(self, ret: int, text: str | None = None) -> ParseFailure:
+        """A failure with an optional stdout message, after any getopt messages so far."""
+        if text is not None:
+            self.messages.append((STDOUT, text))
+        return ParseFailure(ret, self.messages)
+
+    def usage(self, ret: int) -> ParseFailure:
+        self.messages.append((STDOUT, self.spec.usage_line()))
+        return ParseFailure(ret, self.messages)
+
+
+class CommandTable:
+    """Commands by name and alias; iteration is in ``help`` order (sorted by name)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, CommandSpec] = {}
+        self._lookup: dict[str, CommandSpec] = {}
+
+    def add(self, spec: CommandSpec) -> None:
+        self._by_name[spec.name] = spec
+        self._lookup[spec.name] = spec
+        if spec.altname:
+            self._lookup[spec.altname] = spec
+
+    def find(self, word: str) -> CommandSpec | None:
+        return self._lookup.get(word)
+
+    def __iter__(self) -> Any:
+        return iter(sorted(self._by_name.values(), key=lambda s: s.name.encode()))
+
+    def words(self) -> list[str]:
+        """Every name and alias, for completion."""
+        return sorted(self._lookup)
+
+    def help_all(self) -> str:
+        return "".join(s.usage_line() for s in self) + "\nUse 'help commandname' for extended help.\n"

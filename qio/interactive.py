@@ -1,0 +1,113 @@
+"""The interactive prompt (only when stdin is a terminal): prompt_toolkit with history and completion.
+
+Completions of asynchronous requests print above the prompt while it waits for input, as qemu-io's
+own readline does.  History lives in ``$XDG_STATE_HOME/qio/history``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.patch_stdout import patch_stdout
+
+if TYPE_CHECKING:
+    from qio.commands.spec import CommandTable
+    from qio.shell import Shell
+
+
+def history_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "qio" / "history"
+
+
+class CommandCompleter(Completer):
+    """Completes command names and aliases, then the options of the command from the table."""
+
+    def __init__(self, table: CommandTable) -> None:
+        self.table = table
+        self.paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document: Document, event: CompleteEvent) -> Iterable[Completion]:
+        text = document.text_before_cursor
+        words = text.split(" ")
+        if len(words) == 1:
+            for w in self.table.words():
+                if w.startswith(words[0]):
+                    yield Completion(w, -len(words[0]))
+            return
+        spec = self.table.find(words[0])
+        if spec is None:
+            return
+        cur = words[-1]
+        if cur.startswith("-"):
+            for opt in spec.options():
+                if opt.startswith(cur):
+                    yield Completion(opt, -len(cur))
+        elif spec.name == "open":
+            yield from self.paths.get_completions(Document(cur), event)
+        elif spec.name == "help":
+            for w in self.table.words():
+                if w.startswith(cur):
+                    yield Completion(w, -len(cur))
+
+
+def make_session(sh: Shell, history: History | None = None, **kw: object) -> PromptSession[str]:
+    if history is None:
+        path = history_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(path))
+        except OSError:
+            history = InMemoryHistory()
+    return PromptSession(completer=CommandCompleter(sh.table), history=history,
+                         complete_while_typing=False, **kw)  # type: ignore[arg-type]
+
+
+async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None) -> None:
+    """Read commands at a ``prgname>`` prompt until EOF (Ctrl-D) or ``quit``."""
+    session = session or make_session(sh)
+    prompt = f"{sh.prgname}> "
+
+    async def background() -> None:
+        while True:
+            await sh.aio.wait()
+            sh.aio.poll()
+            sh.out.flush()
+
+    with patch_stdout(raw=True):
+        sh.out.redirect(_writer(sys.stdout), _writer(sys.stderr))
+        poller = asyncio.ensure_future(background())
+        try:
+            while not sh.quit:
+                sh.aio.poll()
+                sh.out.flush()
+                try:
+                    line = await session.prompt_async(prompt)
+                except KeyboardInterrupt:
+                    continue
+                except EOFError:
+                    sh.out.out("\n")
+                    break
+                await sh.execute(line)
+                sh.out.flush()
+        finally:
+            poller.cancel()
+            sh.out.flush()
+
+
+def _writer(stream: object) -> object:
+    def write(data: bytes) -> None:
+        s = data.decode("utf-8", "surrogateescape")
+        stream.write(s)  # type: ignore[attr-defined]
+        stream.flush()  # type: ignore[attr-defined]
+
+    return write

@@ -1,0 +1,105 @@
+"""Piped input: qemu-io's ``fgets`` line reading, with the prompt printed (not echoed) per line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from qio.block.io import AIO
+
+if TYPE_CHECKING:
+    from qio.shell import Shell
+
+MAXLINE = 1024  # fgets(line, 1024, stdin): at most 1023 bytes a call
+
+
+class LineReader:
+    """``fgets`` semantics over a file descriptor: lines longer than 1023 bytes come in pieces."""
+
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+        self.eof = False
+        try:
+            self.pollable = not stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            self.pollable = False
+
+    def _take(self) -> bytes | None:
+        nl = self.buf.find(b"\n", 0, MAXLINE - 1)
+        if nl >= 0:
+            line = bytes(self.buf[: nl + 1])
+            del self.buf[: nl + 1]
+            return line
+        if len(self.buf) >= MAXLINE - 1:
+            line = bytes(self.buf[: MAXLINE - 1])
+            del self.buf[: MAXLINE - 1]
+            return line
+        if self.eof and self.buf:
+            line = bytes(self.buf)
+            self.buf.clear()
+            return line
+        return None
+
+    def buffered_line(self) -> bool:
+        return self._take_peek()
+
+    def _take_peek(self) -> bool:
+        return b"\n" in self.buf[: MAXLINE - 1] or len(self.buf) >= MAXLINE - 1 or self.eof
+
+    async def readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(self.fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            loop.remove_reader(self.fd)
+
+    def fill(self) -> None:
+        data = os.read(self.fd, 65536)
+        if data:
+            self.buf += data
+        else:
+            self.eof = True
+
+    async def fetchline(self, sh: Shell) -> str | None:
+        """Next line without its newline (cut at a NUL, as C strings are), or None at EOF."""
+        while True:
+            line = self._take()
+            if line is not None:
+                if line.endswith(b"\n"):
+                    line = line[:-1]
+                nul = line.find(b"\0")
+                if nul >= 0:
+                    line = line[:nul]
+                return line.decode("utf-8", "surrogateescape")
+            if self.eof:
+                return None
+            # While requests are still running, keep the event loop (and their completions) going.
+            while self.pollable and (sh.aio.inflight or AIO.busy):
+                waiter = asyncio.ensure_future(self.readable())
+                while not waiter.done():
+                    sh.aio.poll()
+                    done, _ = await asyncio.wait({waiter}, timeout=0.05)
+                    if done:
+                        break
+                sh.aio.poll()
+                break
+            self.fill()
+
+
+async def pipe_loop(sh: Shell) -> None:
+    """qemu-io's command loop on a non-terminal stdin: prompt, poll, read, execute."""
+    reader = LineReader(0)
+    prompt = f"{sh.prgname}> "
+    while not sh.quit:
+        sh.out.out(prompt)
+        sh.out.flush()
+        sh.aio.poll()
+        line = await reader.fetchline(sh)
+        if line is None:
+            break
+        await sh.execute(line)

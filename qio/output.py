@@ -1,0 +1,92 @@
+"""stdout/stderr exactly as qemu-io's C stdio produces them.
+
+qemu-io's stdout is a glibc stream: line-buffered on a terminal, otherwise fully buffered in
+4096-byte blocks and flushed only at prompts, ``sigraise`` and exit; stderr is unbuffered.  When both
+go to one pipe, stderr text therefore overtakes earlier stdout text.  Test suites compare that merged
+stream, so qio reproduces glibc's buffer algorithm (``_IO_new_file_xsputn``) instead of using Python's
+own buffering.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+BLOCK = 4096
+
+
+def _writer(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BrokenPipeError:
+                return
+            except InterruptedError:
+                continue
+            view = view[n:]
+
+    return write
+
+
+class Output:
+    """The two output streams of the process, plus QEMU's ``error_report`` prefixing."""
+
+    def __init__(self, prgname: str, out_fd: int = 1, err_fd: int = 2) -> None:
+        self.prgname = prgname
+        try:
+            self.line_buffered = os.isatty(out_fd)
+        except OSError:
+            self.line_buffered = False
+        self._w_out = _writer(out_fd)
+        self._w_err = _writer(err_fd)
+        self._buf = bytearray()
+
+    def redirect(self, out: Callable[[bytes], None], err: Callable[[bytes], None]) -> None:
+        """Send both streams elsewhere (the interactive prompt prints above its input line)."""
+        self.flush()
+        self._w_out, self._w_err, self.line_buffered = out, err, True
+
+    def out(self, text: str) -> None:
+        """One ``printf`` to stdout."""
+        data = text.encode("utf-8", "surrogateescape")
+        buf = self._buf
+        if self.line_buffered:
+            buf += data
+            if b"\n" in data:
+                self.flush()
+            return
+        space = BLOCK - len(buf)
+        if len(data) <= space:  # fits; a buffer that becomes exactly full is not flushed yet
+            buf += data
+            return
+        buf += data[:space]
+        self._w_out(bytes(buf))
+        buf.clear()
+        rest = data[space:]
+        whole = len(rest) - len(rest) % BLOCK
+        if whole:
+            self._w_out(rest[:whole])
+        buf += rest[whole:]
+
+    def err(self, text: str) -> None:
+        """One unbuffered write to stderr."""
+        self._w_err(text.encode("utf-8", "surrogateescape"))
+
+    def flush(self) -> None:
+        if self._buf:
+            data = bytes(self._buf)
+            self._buf.clear()
+            self._w_out(data)
+
+    def discard(self) -> None:
+        """Forget unflushed stdout, as a process killed by a signal does."""
+        self._buf.clear()
+
+    def error_report(self, msg: str) -> None:
+        """QEMU's ``error_report()``: ``prgname: msg`` on stderr."""
+        self.err(f"{self.prgname}: {msg}\n")
+
+    def warn_report(self, msg: str) -> None:
+        self.err(f"{self.prgname}: warning: {msg}\n")

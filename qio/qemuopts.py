@@ -1,0 +1,92 @@
+"""QEMU's option syntaxes: ``key=value,...`` strings (QemuOpts) and ``json:{...}`` filenames.
+
+Both produce one flat dict whose dotted keys address child nodes (``file.filename``), the form the
+open code consumes.  The QemuOpts grammar is small but has QEMU's quirks: ``,,`` escapes a comma and
+a bare ``key`` means ``key=on`` (deprecated, with QEMU's warning).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from qio.block.errors import QemuError
+
+Options = dict[str, Any]
+
+
+def _grammar() -> Any:
+    import pyparsing as pp
+
+    value = pp.Regex(r"(?:[^,]|,,)*").set_parse_action(lambda t: t[0].replace(",,", ","))
+    key = pp.Regex(r"[^=,]+")
+    pair = pp.Group(key + pp.Opt(pp.Suppress("=") + value, default=None))
+    return pp.Opt(pp.DelimitedList(pair, delim=",", allow_trailing_delim=True))
+
+
+_GRAMMAR: Any = None
+
+
+def parse_qemuopts(text: str, warn: Callable[[str], None], implied: str | None = None) -> Options:
+    """Parse ``driver=raw,file.filename=x``; ``implied`` names a leading bare value (``file``)."""
+    global _GRAMMAR
+    if _GRAMMAR is None:
+        _GRAMMAR = _grammar()
+    import pyparsing as pp
+
+    try:
+        items = _GRAMMAR.parse_string(text, parse_all=True)
+    except pp.ParseException:
+        raise QemuError(f"Invalid parameter '{text}'") from None
+    out: Options = {}
+    for i, (k, v) in enumerate(items):
+        if v is None:
+            if i == 0 and implied:
+                k, v = implied, k
+            elif k.startswith("no"):
+                warn(f"short-form boolean option '{k}' deprecated\nPlease use {k[2:]}=off instead")
+                k, v = k[2:], "off"
+            else:
+                warn(f"short-form boolean option '{k}' deprecated\nPlease use {k}=on instead")
+                v = "on"
+        out[k] = v
+    return out
+
+
+def flatten(obj: Any, prefix: str = "") -> Options:
+    """Nested JSON objects and arrays to dotted keys (``qdict_flatten``)."""
+    out: Options = {}
+    if isinstance(obj, dict):
+        items = list(obj.items())
+    elif isinstance(obj, list):
+        items = [(str(i), v) for i, v in enumerate(obj)]
+    else:
+        return {prefix[:-1]: obj}
+    for k, v in items:
+        if isinstance(v, (dict, list)) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def parse_json_filename(filename: str) -> Options:
+    """``json:{"driver": "raw", "file": {...}}`` to flat options."""
+    try:
+        obj = json.loads(filename[5:])
+    except ValueError as e:
+        raise QemuError(f"Could not parse the JSON options: {e}") from None
+    if not isinstance(obj, dict):
+        raise QemuError("Invalid JSON object given")
+    return flatten(obj)
+
+
+def sub_options(options: Options, prefix: str) -> Options:
+    """Extract and remove ``prefix.*`` keys (``qdict_extract_subqdict``)."""
+    dot = prefix + "."
+    sub = {k[len(dot):]: v for k, v in options.items() if k.startswith(dot)}
+    for k in list(options):
+        if k.startswith(dot):
+            del options[k]
+    return sub

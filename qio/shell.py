@@ -1,0 +1,235 @@
+"""The shell: one execution path for every line source, and the event-loop rules qemu-io follows.
+
+``execute`` performs qemu-io's generic checks (unknown command, no image, argument count, extra
+permissions), parses the words into a typed command and runs it.  The ``sync``/``drain``/``sleep``/
+``wait_for`` helpers decide *when* completions of asynchronous requests are printed, which is part of
+qemu-io's observable output (see :mod:`qio.aio`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from qio.aio import AioContext, _tail
+from qio.block.backend import BlockBackend
+from qio.block.driver import BlockDriver, OpenFlags
+from qio.block.errors import QemuError
+from qio.block.io import AIO
+from qio.commands.misc_cmds import parse_cache_mode
+from qio.commands.spec import GLOBAL, NOFILE_OK, STDERR, Invocation, ParseFailure
+from qio.commands.table import build_table
+from qio.output import Output
+
+
+class Shell:
+    def __init__(self, out: Output, prgname: str, image_opts: bool = False) -> None:
+        self.out = out
+        self.prgname = prgname
+        self.image_opts = image_opts
+        self.table = build_table(prgname, image_opts)
+        self.blk: BlockBackend | None = None
+        self.quit = False
+        self.last_error = 0
+        self.aio = AioContext()
+
+    # -- dispatch ----------------------------------------------------------------------------------
+    async def execute(self, line: str) -> int:
+        """Run one command line; remember failures for the exit status."""
+        words = [w for w in line.split(" ") if w]
+        if not words:
+            return 0
+        ret = await self._dispatch(words)
+        if ret < 0:
+            self.last_error = ret
+        return ret
+
+    async def _dispatch(self, words: list[str]) -> int:
+        out = self.out
+        spec = self.table.find(words[0])
+        if spec is None:
+            out.err(f'command "{words[0]}" not found\n')
+            return -errno.EINVAL
+        if not spec.flags & (GLOBAL | NOFILE_OK) and self.blk is None:
+            out.err("no file open, try 'help open'\n")
+            return -errno.EINVAL
+        argc = len(words) - 1
+        if argc < spec.argmin or (spec.argmax != -1 and argc > spec.argmax):
+            if spec.argmax == -1:
+                out.err(f"bad argument count {argc} to {words[0]}, expected at least {spec.argmin} arguments\n")
+            elif spec.argmin == spec.argmax:
+                out.err(f"bad argument count {argc} to {words[0]}, expected {spec.argmin} arguments\n")
+            else:
+                out.err(f"bad argument count {argc} to {words[0]}, expected between {spec.argmin} and "
+                        f"{spec.argmax} arguments\n")
+            return -errno.EINVAL
+        if spec.perm and self.blk is not None and spec.perm & ~self.blk.perm:
+            try:
+                self.blk.set_perm(self.blk.perm | spec.perm)
+            except QemuError as e:
+                out.error_report(str(e))
+                return -e.errno
+        inv = Invocation(spec, words)
+        try:
+            cmd = spec.parse(inv)
+        except ParseFailure as f:
+            self._messages(f.messages)
+            return f.ret
+        if inv.messages:
+            self._messages(inv.messages)
+        return await spec.run(self, cmd)
+
+    def _messages(self, messages: list[tuple[int, str]]) -> None:
+        for stream, text in messages:
+            (self.out.err if stream == STDERR else self.out.out)(text)
+
+    def require_blk(self) -> BlockBackend:
+        assert self.blk is not None
+        return self.blk
+
+    # -- waiting, with qemu-io's polling rules -----------------------------------------------------
+    async def sync(self, coro: Coroutine[Any, Any, Any], always_poll: bool = False) -> Any:
+        """Run a request of a synchronous command.
+
+        Pending completions print only if QEMU would have polled its event loop: when the request had
+        to wait for I/O (or always, for commands built on the AIO interface such as ``readv``).
+        """
+        before = AIO.yields
+        try:
+            first = coro.send(None)
+        except StopIteration as stop:
+            if always_poll or AIO.yields != before:
+                self.aio.poll()
+            return stop.value
+        except BaseException:
+            if always_poll or AIO.yields != before:
+                self.aio.poll()
+            raise
+        task = asyncio.get_running_loop().create_task(_tail(coro, first))
+        task.add_done_callback(lambda _: self.aio.notify())
+        self.aio.sync_task = task
+        try:
+            while True:
+                self.aio.poll()
+                if task.done():
+                    break
+                if self.stuck(include_sync=True):
+                    self.report_stuck("the command")
+                await self.aio.wait()
+        finally:
+            self.aio.sync_task = None
+        self.aio.poll()
+        return task.result()
+
+    def debug_node(self) -> BlockDriver | None:
+        from qio.commands.debug_cmds import debug_node
+
+        return debug_node(self.blk.root) if self.blk is not None else None
+
+    def stuck(self, include_sync: bool = False) -> bool:
+        """True if requests are in flight but none can make progress (all parked at breakpoints)."""
+        if not self.aio.inflight and not (include_sync and self.aio.sync_task):
+            return False
+        if AIO.busy or self.aio.has_pending():
+            return False
+        node = self.debug_node()
+        return node is not None and node.debug_all_parked()
+
+    def report_stuck(self, what: str) -> None:
+        """Resume every parked request rather than hang as qemu-io does (documented in docs/)."""
+        node = self.debug_node()
+        if node is None:
+            return
+        tags = node.debug_suspended_tags()
+        self.out.flush()
+        self.out.error_report(f"{what} would wait forever: request(s) {', '.join(repr(t) for t in tags)} "
+                              "suspended at blkdebug breakpoints; resuming them")
+        for tag in tags:
+            node.debug_resume(tag)
+
+    async def drain(self) -> None:
+        """``bdrv_drain_all``: run until nothing is in flight, printing completions as they come."""
+        while True:
+            self.aio.poll()
+            if not self.aio.inflight:
+                break
+            if self.stuck():
+                self.report_stuck("draining")
+            await self.aio.wait()
+        self.aio.poll()
+
+    async def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            self.aio.poll()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            await self.aio.wait(left)
+        self.aio.poll()
+
+    async def settle(self) -> None:
+        """Let resumed requests run as far as they can (QEMU re-enters them inside ``resume``)."""
+        for _ in range(64):
+            marker = (AIO.yields, self.aio.has_pending(), len(self.aio.inflight))
+            await asyncio.sleep(0)
+            if (AIO.yields, self.aio.has_pending(), len(self.aio.inflight)) == marker and not AIO.busy:
+                break
+        self.aio.poll()
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float | None,
+                       can_happen: Callable[[], bool]) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.aio.poll()
+            if pred():
+                return True
+            if not can_happen():
+                return False
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            if not self.aio.inflight and not AIO.busy and not self.aio.has_pending():
+                return False
+            await self.aio.wait(left)
+
+    # -- image management --------------------------------------------------------------------------
+    def open_image(self, path: str | None, flags: OpenFlags, options: dict[str, Any]) -> bool:
+        """``openfile``; True on failure (the message is already printed)."""
+        if self.blk is not None:
+            self.out.error_report("file open already, try 'help close'")
+            return True
+        try:
+            if flags.snapshot:
+                raise QemuError("snapshot mode (-s) is not supported by qio yet")
+            self.blk = BlockBackend.open(path, options, flags, self.out.err)
+        except QemuError as e:
+            name = f" device {path}" if path is not None else ""
+            self.out.error_report(f"can't open{name}: {e}")
+            return True
+        return False
+
+    async def close_image(self) -> None:
+        if self.blk is None:
+            return
+        await self.drain()
+        blk, self.blk = self.blk, None
+        await blk.close(self.out.error_report)
+
+    async def reopen(self, read_only: bool | None, cache: str | None, options: dict[str, Any]) -> None:
+        blk = self.require_blk()
+        await self.drain()
+        flags = OpenFlags(**vars(blk.flags))
+        if cache is not None:
+            parse_cache_mode(cache, flags)
+        if "read-only" in options:
+            if read_only is not None:
+                raise QemuError("Cannot set both -r/-w and 'read-only'")
+        elif read_only is not None:
+            flags.read_only = read_only
+        if ("cache.direct" in options or "cache.no-flush" in options) and cache is not None:
+            raise QemuError("Cannot set both -c and the cache options")
+        blk.reopen(flags, options)
