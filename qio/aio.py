@@ -16,6 +16,22 @@ from typing import Any
 Completion = Callable[[], None]
 
 
+class AioStats:
+    """Counts the points where QEMU's coroutine would have yielded to the event loop.
+
+    qio's file driver does small I/O inline, so a request may finish without ever suspending.  QEMU's
+    synchronous commands poll the event loop (printing pending AIO completions) only if their request
+    yielded; the counter lets the shell reproduce that exactly.
+    """
+
+    yields = 0
+    #: Requests currently running in the thread pool (they will complete without help).
+    busy = 0
+
+
+AIO = AioStats()
+
+
 class _Continue:
     """Awaitable that resumes an already-started coroutine inside a Task."""
 
@@ -78,10 +94,12 @@ class AioContext:
         try:
             first = coro.send(None)
         except StopIteration as stop:
-            self.schedule(lambda: done(None, stop.value))
+            value = stop.value
+            self.schedule(lambda: done(None, value))
             return None
         except Exception as exc:
-            self.schedule(lambda: done(exc, None))
+            error = exc
+            self.schedule(lambda: done(error, None))
             return None
         task = asyncio.get_running_loop().create_task(_tail(coro, first))
         self.inflight.add(task)

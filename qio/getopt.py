@@ -8,12 +8,12 @@ Options are produced one at a time because commands act on each as it comes
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from collections.abc import Callable
-from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
-class LongOpt:
+class LongOpt(NamedTuple):
     name: str
     has_arg: bool
     val: str

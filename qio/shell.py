@@ -12,17 +12,17 @@ import asyncio
 import errno
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qio.aio import AioContext, _tail
-from qio.block.backend import BlockBackend
-from qio.block.driver import BlockDriver, OpenFlags
+from qio.aio import AIO, AioContext, _tail
 from qio.block.errors import QemuError
-from qio.block.io import AIO
-from qio.commands.misc_cmds import parse_cache_mode
 from qio.commands.spec import GLOBAL, NOFILE_OK, STDERR, Invocation, ParseFailure
 from qio.commands.table import build_table
 from qio.output import Output
+
+if TYPE_CHECKING:
+    from qio.block.backend import BlockBackend
+    from qio.block.driver import BlockDriver, OpenFlags
 
 
 class Shell:
@@ -30,7 +30,7 @@ class Shell:
         self.out = out
         self.prgname = prgname
         self.image_opts = image_opts
-        self.table = build_table(prgname, image_opts)
+        self.table = build_table()
         self.blk: BlockBackend | None = None
         self.quit = False
         self.last_error = 0
@@ -72,15 +72,18 @@ class Shell:
             except QemuError as e:
                 out.error_report(str(e))
                 return -e.errno
-        inv = Invocation(spec, words)
-        try:
-            cmd = spec.parse(inv)
-        except ParseFailure as f:
-            self._messages(f.messages)
-            return f.ret
-        if inv.messages:
-            self._messages(inv.messages)
-        return await spec.run(self, cmd)
+        parse, run = spec.handlers()
+        cmd: Any = None
+        if parse is not None:
+            inv = Invocation(spec, words, self.prgname, self.image_opts)
+            try:
+                cmd = parse(inv)
+            except ParseFailure as f:
+                self._messages(f.messages)
+                return f.ret
+            if inv.messages:
+                self._messages(inv.messages)
+        return await run(self, cmd)
 
     def _messages(self, messages: list[tuple[int, str]]) -> None:
         for stream, text in messages:
@@ -202,6 +205,8 @@ class Shell:
         if self.blk is not None:
             self.out.error_report("file open already, try 'help close'")
             return True
+        from qio.block.backend import BlockBackend
+
         try:
             if flags.snapshot:
                 raise QemuError("snapshot mode (-s) is not supported by qio yet")
@@ -220,9 +225,11 @@ class Shell:
         await blk.close(self.out.error_report)
 
     async def reopen(self, read_only: bool | None, cache: str | None, options: dict[str, Any]) -> None:
+        from qio.commands.misc_cmds import parse_cache_mode
+
         blk = self.require_blk()
         await self.drain()
-        flags = OpenFlags(**vars(blk.flags))
+        flags = blk.flags.copy()
         if cache is not None:
             parse_cache_mode(cache, flags)
         if "read-only" in options:

@@ -53,7 +53,7 @@ def _bool_opt(options: Options, key: str, default: bool) -> bool:
 
 def _node_flags(options: Options, flags: OpenFlags) -> OpenFlags:
     """Generic per-node options override the inherited flags."""
-    f = OpenFlags(**vars(flags))
+    f = flags.copy()
     f.read_only = _bool_opt(options, "read-only", f.read_only)
     f.nocache = _bool_opt(options, "cache.direct", f.nocache)
     f.no_flush = _bool_opt(options, "cache.no-flush", f.no_flush)
@@ -120,6 +120,8 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         if key in options:
             child_opts.setdefault(key, options[key])
     if not child_opts:
+        if cls is None:
+            raise QemuError("Must specify either driver or file")
         raise QemuError('A block device must be specified for "file"')
     file = open_node(child_opts, flags, warn, protocol=True)
     probed = False
@@ -316,7 +318,7 @@ class BlockBackend:
         options = dict(options)
         flags = _node_flags(options, flags)
         for key in options:
-            if key not in GENERIC_OPTS:
+            if key not in GENERIC_OPTS or key in ("driver", "filename", "node-name"):
                 raise QemuError(f"Cannot change the option '{key}'")
         perm = self.perm if not flags.read_only else self.perm & ~(PERM_WRITE | PERM_RESIZE)
         for node in iter_nodes(self.root):

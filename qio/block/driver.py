@@ -13,20 +13,20 @@ Everything is a coroutine because a blkdebug node below may suspend the request 
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from qio.block.errors import BlockError
 from qio.block.events import Event
 
-# Permissions (QEMU's BLK_PERM_*), shared by image locking.
-PERM_CONSISTENT_READ = 0x01
-PERM_WRITE = 0x02
-PERM_WRITE_UNCHANGED = 0x04
-PERM_RESIZE = 0x08
-PERM_ALL = 0x0F
-PERM_NAMES = {PERM_CONSISTENT_READ: "consistent read", PERM_WRITE: "write",
-              PERM_WRITE_UNCHANGED: "write unchanged", PERM_RESIZE: "resize"}
+from qio.block.modes import OpenFlags  # noqa: F401  (re-exported)
+from qio.block.perms import (  # noqa: F401  (re-exported for drivers)
+    PERM_ALL,
+    PERM_CONSISTENT_READ,
+    PERM_NAMES,
+    PERM_RESIZE,
+    PERM_WRITE,
+    PERM_WRITE_UNCHANGED,
+)
 
 # Request flags (BDRV_REQ_*).
 REQ_ZERO_WRITE = 0x02
@@ -48,46 +48,32 @@ BDRV_MAX_LENGTH = 2**63 - 1 - (2**63 - 1) % 0x80000000  # QEMU: QEMU_ALIGN_DOWN(
 IOVec = list[memoryview]
 
 
-@dataclass
-class OpenFlags:
-    """What ``bdrv_open`` was asked for (``BDRV_O_*`` and the cache mode)."""
-
-    read_only: bool = False
-    nocache: bool = False  # O_DIRECT
-    no_flush: bool = False  # cache=unsafe
-    writethrough: bool = True  # BlockBackend write cache disabled
-    unmap: bool = True  # discard=unmap
-    native_aio: bool = False
-    aio: str = "threads"
-    force_share: bool = False
-    snapshot: bool = False
-    copy_on_read: bool = False
-
-
-@dataclass
-class BlockInfo:
+class BlockInfo(NamedTuple):
     cluster_size: int = 0
     vm_state_offset: int = 0
 
 
-@dataclass
 class Child:
     """An edge of the graph with the permissions the parent holds on the child."""
 
-    name: str
-    node: BlockDriver
-    perm: int = 0
-    shared: int = PERM_ALL
-    role_primary: bool = True
+    __slots__ = ("name", "node", "perm", "role_primary", "shared")
+
+    def __init__(self, name: str, node: BlockDriver, role_primary: bool = True) -> None:
+        self.name = name
+        self.node = node
+        self.perm = 0
+        self.shared = PERM_ALL
+        self.role_primary = role_primary
 
 
-@dataclass
 class NodeState:
     """Per-node bookkeeping that the generic layer (not the driver) owns."""
 
-    write_gen: int = 0
-    flushed_gen: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("flushed_gen", "write_gen")
+
+    def __init__(self) -> None:
+        self.write_gen = 0
+        self.flushed_gen = 0
 
 
 class BlockDriver:
@@ -99,6 +85,8 @@ class BlockDriver:
     is_format: ClassVar[bool] = False
     #: Options this driver consumes (besides ``driver``/``node-name``); others are an error.
     runtime_opts: ClassVar[frozenset[str]] = frozenset()
+    #: Whether ``co_pwritev`` accepts REQ_WRITE_COMPRESSED (qcow2 does).
+    can_compress: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.filename = ""

@@ -25,11 +25,12 @@ from qio.block.driver import (
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
     BlockDriver,
+    BlockInfo,
     IOVec,
     OpenFlags,
 )
 from qio.block.errors import BlockError, QemuError
-from qio.block.io import AIO
+from qio.aio import AIO
 
 INLINE_MAX = 8 << 20
 IOV_MAX = 1024
@@ -133,7 +134,7 @@ class FileDriver(BlockDriver):
         if locking not in ("auto", "on", "off"):
             raise QemuError(f"Parameter 'locking' does not accept value '{locking}'")
         self.use_lock = locking != "off"
-        aio = options.get("aio", flags.aio)
+        aio = options.get("aio", "native" if flags.native_aio else flags.aio)
         if aio not in ("threads", "native", "io_uring"):
             raise QemuError(f"Parameter 'aio' does not accept value '{aio}'")
         if aio == "native" and not flags.nocache:
@@ -319,23 +320,44 @@ class FileDriver(BlockDriver):
             raise BlockError(e.errno or errno.EIO) from None
 
     async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+        """``handle_aiocb_truncate`` for a regular file, with file-posix's messages."""
         AIO.yields += 1
-        try:
-            if prealloc != "off" and self.size > offset:
-                raise QemuError("Cannot use preallocation for shrinking files", errno.ENOTSUP)
-            if prealloc == "off":
+
+        def fail(what: str, e: OSError) -> QemuError:
+            err = e.errno or errno.EIO
+            return QemuError(f"{what}: {os.strerror(err)}", err)
+
+        current = os.fstat(self.fd).st_size
+        if current > offset and prealloc != "off":
+            raise QemuError("Cannot use preallocation for shrinking files", errno.ENOTSUP)
+        if prealloc == "off":
+            try:
                 os.ftruncate(self.fd, offset)
-            elif prealloc == "falloc":
-                if offset > self.size:
-                    os.posix_fallocate(self.fd, self.size, offset - self.size)
-            elif prealloc == "full":
-                zeros = bytes(min(1 << 20, max(offset - self.size, 0)))
-                pos = self.size
+            except OSError as e:
+                raise fail("Could not resize file", e) from None
+        elif prealloc == "falloc":
+            if offset != current:
+                try:
+                    os.posix_fallocate(self.fd, current, offset - current)
+                except OSError as e:
+                    raise fail("Could not preallocate new data", e) from None
+        elif prealloc == "full":
+            try:
+                os.ftruncate(self.fd, offset)
+            except OSError as e:
+                raise fail("Could not resize file", e) from None
+            zeros = bytes(65536)
+            pos = current
+            try:
                 while pos < offset:
-                    pos += os.pwrite(self.fd, zeros[: offset - pos], pos)
-            else:
-                raise QemuError(f"Preallocation mode '{prealloc}' unsupported for this storage",
-                                errno.ENOTSUP)
-        except OSError as e:
-            raise QemuError(f"Failed to resize file: {os.strerror(e.errno or 0)}", e.errno or 0) from None
+                    pos += os.pwrite(self.fd, zeros[: min(65536, offset - pos)], pos)
+                os.fsync(self.fd)
+            except OSError as e:
+                os.ftruncate(self.fd, current)
+                raise fail("Could not write zeros for preallocation", e) from None
+        else:
+            raise QemuError(f"Unsupported preallocation mode: {prealloc}", errno.ENOTSUP)
         self.size = offset
+
+    def get_info(self) -> BlockInfo | None:
+        return BlockInfo()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 
+from qio.aio import AIO
 from qio.block.driver import (
     BDRV_MAX_LENGTH,
     BLOCK_ALLOCATED,
@@ -30,20 +31,6 @@ from qio.block.events import Event
 MAX_BOUNCE = 1 << 20
 
 
-class AioStats:
-    """Counts the points where QEMU's coroutine would have yielded to the event loop.
-
-    qio's file driver does small I/O inline, so a request may finish without ever suspending.  QEMU's
-    synchronous commands poll the event loop (printing pending AIO completions) only if their request
-    yielded; the counter lets the shell reproduce that exactly.
-    """
-
-    yields = 0
-    #: Requests currently running in the thread pool (they will complete without help).
-    busy = 0
-
-
-AIO = AioStats()
 
 
 def getlength(node: BlockDriver) -> int:
@@ -126,6 +113,8 @@ async def pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | Non
     _check_request(offset, nbytes)
     if node.read_only:
         raise BlockError(errno.EPERM)
+    if flags & REQ_WRITE_COMPRESSED and not node.can_compress:
+        raise BlockError(errno.ENOTSUP)
     align = node.request_alignment
     head = offset % align
     tail = (offset + nbytes) % align

@@ -72,10 +72,10 @@ def verify(buf: memoryview, value: int) -> bool:
     """True if every byte of ``buf`` equals ``value`` (compared in 1 MiB blocks)."""
     n = len(buf)
     if n <= PATTERN_CHUNK:
-        return buf == bytes([value]) * n
+        return buf.tobytes() == bytes([value]) * n  # bytes == bytes is a memcmp; memoryview == is not
     block = bytes([value]) * PATTERN_CHUNK
     for i in range(0, n, PATTERN_CHUNK):
-        part = buf[i : i + PATTERN_CHUNK]
-        if part != block[: len(part)]:
+        part = buf[i : i + PATTERN_CHUNK].tobytes()
+        if part != (block if len(part) == PATTERN_CHUNK else block[: len(part)]):
             return False
     return True

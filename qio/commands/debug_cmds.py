@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import NamedTuple, TYPE_CHECKING
 
 from qio.block.driver import BlockDriver
 from qio.commands.spec import STDERR, Invocation, ParseFailure
@@ -28,8 +27,7 @@ def debug_node(root: BlockDriver) -> BlockDriver | None:
     return node
 
 
-@dataclass(frozen=True)
-class Break:
+class Break(NamedTuple):
     event: str
     tag: str
 
@@ -50,10 +48,13 @@ def parse_tag(inv: Invocation) -> str:
     return inv.argv[1]
 
 
+parse_remove_break = parse_resume = parse_tag
+
+
 async def run_remove_break(sh: Shell, tag: str) -> int:
     node = debug_node(sh.require_blk().root)
     ret = node.debug_remove_breakpoint(tag) if node else -errno.ENOTSUP
-    sh.aio.poll_resumed()
+    await sh.settle()
     if ret < 0:
         sh.out.out(f"Could not remove breakpoint {tag}: {os.strerror(-ret)}\n")
     return ret
@@ -69,8 +70,7 @@ async def run_resume(sh: Shell, tag: str) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class WaitBreak:
+class WaitBreak(NamedTuple):
     tag: str
     timeout: float | None = None
 

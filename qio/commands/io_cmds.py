@@ -6,8 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import NamedTuple, TYPE_CHECKING
 
 from qio import render
 from qio.block.driver import (
@@ -37,8 +36,7 @@ def _aligned(inv: Invocation, offset: int, count: int) -> None:
 
 
 # -- read ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Read:
+class Read(NamedTuple):
     offset: int
     count: int
     csv: bool = False
@@ -50,7 +48,7 @@ class Read:
     plen: int = 0
 
 
-def parse_read(inv: Invocation, prg: str) -> Read:
+def parse_read(inv: Invocation) -> Read:
     csv = quiet = verbose = vmstate = False
     pat: int | None = None
     poff = plen = 0
@@ -63,22 +61,22 @@ def parse_read(inv: Invocation, prg: str) -> Read:
             csv = True
         elif c == "l":
             lflag = True
-            plen = num(inv, arg or "", prg)
+            plen = num(inv, arg or "", inv.prg)
         elif c == "P":
             pat = pattern(inv, arg or "")
         elif c == "q":
             quiet = True
         elif c == "s":
             sflag = True
-            poff = num(inv, arg or "", prg)
+            poff = num(inv, arg or "", inv.prg)
         elif c == "v":
             verbose = True
         elif c != "p":
             raise inv.usage(EINVAL)
     if len(g.args) != 2:
         raise inv.usage(EINVAL)
-    offset = num(inv, g.args[0], prg)
-    count = num(inv, g.args[1], prg)
+    offset = num(inv, g.args[0], inv.prg)
+    count = num(inv, g.args[1], inv.prg)
     if count > BDRV_REQUEST_MAX_BYTES:
         raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {g.args[1]}\n")
     if pat is None and (lflag or sflag):
@@ -117,8 +115,7 @@ async def run_read(sh: Shell, cmd: Read) -> int:
 
 
 # -- readv / writev --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Vector:
+class Vector(NamedTuple):
     offset: int
     sizes: tuple[int, ...]
     csv: bool = False
@@ -128,7 +125,7 @@ class Vector:
     fua: bool = False
 
 
-def parse_readv(inv: Invocation, prg: str) -> Vector:
+def parse_readv(inv: Invocation) -> Vector:
     csv = quiet = verbose = False
     pat: int | None = None
     g = inv.getopt()
@@ -145,8 +142,8 @@ def parse_readv(inv: Invocation, prg: str) -> Vector:
             raise inv.usage(EINVAL)
     if len(g.args) < 2:
         raise inv.usage(EINVAL)
-    offset = num(inv, g.args[0], prg)
-    sizes = iovec_sizes(inv, g.args[1:], prg)
+    offset = num(inv, g.args[0], inv.prg)
+    sizes = iovec_sizes(inv, g.args[1:], inv.prg)
     return Vector(offset, tuple(sizes), csv, quiet, verbose, pat)
 
 
@@ -172,7 +169,7 @@ async def run_readv(sh: Shell, cmd: Vector) -> int:
     return ret
 
 
-def parse_writev(inv: Invocation, prg: str) -> Vector:
+def parse_writev(inv: Invocation) -> Vector:
     csv = quiet = fua = False
     pat = 0xCD
     g = inv.getopt()
@@ -189,8 +186,8 @@ def parse_writev(inv: Invocation, prg: str) -> Vector:
             raise inv.usage(EINVAL)
     if len(g.args) < 2:
         raise inv.usage(EINVAL)
-    offset = num(inv, g.args[0], prg)
-    sizes = iovec_sizes(inv, g.args[1:], prg)
+    offset = num(inv, g.args[0], inv.prg)
+    sizes = iovec_sizes(inv, g.args[1:], inv.prg)
     return Vector(offset, tuple(sizes), csv, quiet, False, pat, fua)
 
 
@@ -212,8 +209,7 @@ async def run_writev(sh: Shell, cmd: Vector) -> int:
 
 
 # -- write ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Write:
+class Write(NamedTuple):
     offset: int
     count: int
     flags: int = 0
@@ -226,7 +222,7 @@ class Write:
     source: str | None = None
 
 
-def parse_write(inv: Invocation, prg: str) -> Write:
+def parse_write(inv: Invocation) -> Write:
     vmstate = compressed = csv = quiet = zero = pflag = False
     flags = 0
     pat = 0xCD
@@ -268,8 +264,8 @@ def parse_write(inv: Invocation, prg: str) -> Write:
         raise inv.fail(EINVAL, "-u requires -z to be specified\n")
     if zero + pflag + (source is not None) > 1:
         raise inv.fail(EINVAL, "Only one of -z, -P, and -s can be specified at the same time\n")
-    offset = num(inv, g.args[0], prg)
-    count = num(inv, g.args[1], prg)
+    offset = num(inv, g.args[0], inv.prg)
+    count = num(inv, g.args[1], inv.prg)
     if count > BDRV_REQUEST_MAX_BYTES and not flags & REQ_NO_FALLBACK:
         raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES} without -n, given {g.args[1]}\n")
     if vmstate or compressed:
@@ -326,14 +322,13 @@ async def run_write(sh: Shell, cmd: Write) -> int:
 
 
 # -- aio_read / aio_write / aio_flush --------------------------------------------------------------
-@dataclass(frozen=True)
-class AioInvalid:
+class AioInvalid(NamedTuple):
     """``-i``: count an invalid request, submit nothing."""
 
     what: str
 
 
-def parse_aio_read(inv: Invocation, prg: str) -> Vector | AioInvalid:
+def parse_aio_read(inv: Invocation) -> Vector | AioInvalid:
     csv = quiet = verbose = False
     pat: int | None = None
     g = inv.getopt()
@@ -352,8 +347,8 @@ def parse_aio_read(inv: Invocation, prg: str) -> Vector | AioInvalid:
             raise inv.usage(EINVAL)
     if len(g.args) < 2:
         raise inv.usage(EINVAL)
-    offset = num(inv, g.args[0], prg)
-    sizes = iovec_sizes(inv, g.args[1:], prg)
+    offset = num(inv, g.args[0], inv.prg)
+    sizes = iovec_sizes(inv, g.args[1:], inv.prg)
     return Vector(offset, tuple(sizes), csv, quiet, verbose, pat)
 
 
@@ -383,8 +378,7 @@ async def run_aio_read(sh: Shell, cmd: Vector | AioInvalid) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class AioWrite:
+class AioWrite(NamedTuple):
     offset: int
     sizes: tuple[int, ...]
     flags: int = 0
@@ -394,7 +388,7 @@ class AioWrite:
     pattern: int = 0xCD
 
 
-def parse_aio_write(inv: Invocation, prg: str) -> AioWrite | AioInvalid:
+def parse_aio_write(inv: Invocation) -> AioWrite | AioInvalid:
     csv = quiet = zero = False
     flags = 0
     pat = 0xCD
@@ -422,10 +416,10 @@ def parse_aio_write(inv: Invocation, prg: str) -> AioWrite | AioInvalid:
         raise inv.fail(EINVAL, "-z supports only a single length parameter\n")
     if flags & REQ_MAY_UNMAP and not zero:
         raise inv.fail(EINVAL, "-u requires -z to be specified\n")
-    offset = num(inv, g.args[0], prg)
+    offset = num(inv, g.args[0], inv.prg)
     if zero:
-        return AioWrite(offset, (num(inv, g.args[1], prg),), flags, csv, quiet, True, pat)
-    sizes = iovec_sizes(inv, g.args[1:], prg)
+        return AioWrite(offset, (num(inv, g.args[1], inv.prg),), flags, csv, quiet, True, pat)
+    sizes = iovec_sizes(inv, g.args[1:], inv.prg)
     return AioWrite(offset, tuple(sizes), flags, csv, quiet, False, pat)
 
 
@@ -476,15 +470,14 @@ async def run_flush(sh: Shell, cmd: object) -> int:
 
 
 # -- discard -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Discard:
+class Discard(NamedTuple):
     offset: int
     count: int
     csv: bool = False
     quiet: bool = False
 
 
-def parse_discard(inv: Invocation, prg: str) -> Discard:
+def parse_discard(inv: Invocation) -> Discard:
     csv = quiet = False
     g = inv.getopt()
     for c, _ in g:
@@ -496,8 +489,8 @@ def parse_discard(inv: Invocation, prg: str) -> Discard:
             raise inv.usage(EINVAL)
     if len(g.args) != 2:
         raise inv.usage(EINVAL)
-    offset = num(inv, g.args[0], prg)
-    count = num(inv, g.args[1], prg)
+    offset = num(inv, g.args[0], inv.prg)
+    count = num(inv, g.args[1], inv.prg)
     if count > BDRV_REQUEST_MAX_BYTES:
         raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {g.args[1]}\n")
     return Discard(offset, count, csv, quiet)
@@ -521,19 +514,18 @@ async def run_discard(sh: Shell, cmd: Discard) -> int:
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
 
-@dataclass(frozen=True)
-class Truncate:
+class Truncate(NamedTuple):
     offset: int
     prealloc: str = "off"
 
 
-def parse_truncate(inv: Invocation, prg: str) -> Truncate:
+def parse_truncate(inv: Invocation) -> Truncate:
     prealloc = "off"
     g = inv.getopt()
     for c, arg in g:
         if c == "m":
             if arg not in PREALLOC_MODES:
-                inv.messages.append((STDERR, f"{prg}: Invalid preallocation mode '{arg}'\n"))
+                inv.messages.append((STDERR, f"{inv.prg}: Invalid preallocation mode '{arg}'\n"))
                 raise ParseFailure(EINVAL, inv.messages)
             prealloc = arg
         else:
@@ -543,7 +535,7 @@ def parse_truncate(inv: Invocation, prg: str) -> Truncate:
         raise inv.usage(EINVAL)
     err_word = inv.argv[1]  # qemu-io blames argv[1], even when that is "-m"
     try:
-        offset = num(inv, g.args[0], prg)
+        offset = num(inv, g.args[0], inv.prg)
     except ParseFailure as f:
         f.messages[-1] = (STDOUT, f.messages[-1][1].rsplit(" -- ", 1)[0] + f" -- {err_word}\n")
         raise
@@ -589,15 +581,14 @@ async def run_info(sh: Shell, cmd: object) -> int:
 
 
 # -- alloc, map ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Alloc:
+class Alloc(NamedTuple):
     offset: int
     count: int
 
 
-def parse_alloc(inv: Invocation, prg: str) -> Alloc:
-    offset = num(inv, inv.argv[1], prg)
-    count = num(inv, inv.argv[2], prg) if len(inv.argv) == 3 else SECTOR
+def parse_alloc(inv: Invocation) -> Alloc:
+    offset = num(inv, inv.argv[1], inv.prg)
+    count = num(inv, inv.argv[2], inv.prg) if len(inv.argv) == 3 else SECTOR
     return Alloc(offset, count)
 
 

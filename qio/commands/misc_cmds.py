@@ -6,10 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple, TYPE_CHECKING
 
-from qio.block.driver import OpenFlags
+from qio.block.modes import OpenFlags, parse_aio_mode, parse_cache_mode, parse_discard_mode
 from qio.block.errors import QemuError
 from qio.commands.common import num
 from qio.commands.spec import STDERR, Invocation, ParseFailure
@@ -23,57 +22,26 @@ EINVAL = -errno.EINVAL
 NSIG = 65
 
 
-def parse_cache_mode(mode: str, flags: OpenFlags) -> bool:
-    """``bdrv_parse_cache_mode``: set nocache/no_flush/writethrough; False if unknown."""
-    table = {"off": (True, False, False), "none": (True, False, False), "directsync": (True, False, True),
-             "writeback": (False, False, False), "unsafe": (False, True, False),
-             "writethrough": (False, False, True)}
-    if mode not in table:
-        return False
-    flags.nocache, flags.no_flush, flags.writethrough = table[mode]
-    return True
-
-
-def parse_discard_mode(mode: str, flags: OpenFlags) -> bool:
-    if mode in ("off", "ignore"):
-        flags.unmap = False
-    elif mode in ("on", "unmap"):
-        flags.unmap = True
-    else:
-        return False
-    return True
-
-
-def parse_aio_mode(mode: str, flags: OpenFlags) -> bool:
-    if mode not in ("threads", "native", "io_uring"):
-        return False
-    flags.aio = mode
-    if mode == "native":
-        flags.native_aio = True
-    return True
-
-
 # -- open / close / reopen -----------------------------------------------------------------------
-@dataclass
-class Open:
+class Open(NamedTuple):
     path: str | None
     flags: OpenFlags
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any]
 
 
-def _stderr(inv: Invocation, prg: str, msg: str) -> ParseFailure:
-    inv.messages.append((STDERR, f"{prg}: {msg}\n"))
+def _stderr(inv: Invocation, msg: str) -> ParseFailure:
+    inv.messages.append((STDERR, f"{inv.prg}: {msg}\n"))
     return ParseFailure(EINVAL, inv.messages)
 
 
-def _qemuopts(inv: Invocation, prg: str, text: str, into: dict[str, Any]) -> None:
+def _qemuopts(inv: Invocation, text: str, into: dict[str, Any]) -> None:
     try:
-        into.update(parse_qemuopts(text, lambda m: inv.messages.append((STDERR, f"{prg}: warning: {m}\n"))))
+        into.update(parse_qemuopts(text, lambda m: inv.messages.append((STDERR, f"{inv.prg}: warning: {m}\n"))))
     except QemuError as e:
-        raise _stderr(inv, prg, str(e)) from None
+        raise _stderr(inv, str(e)) from None
 
 
-def parse_open(inv: Invocation, prg: str, image_opts: bool) -> Open:
+def parse_open(inv: Invocation) -> Open:
     flags = OpenFlags()
     options: dict[str, Any] = {}
     g = inv.getopt()
@@ -91,24 +59,24 @@ def parse_open(inv: Invocation, prg: str, image_opts: bool) -> Open:
             flags.native_aio = True
         elif c == "t":
             if not parse_cache_mode(a, flags):
-                raise _stderr(inv, prg, f"Invalid cache option: {a}")
+                raise _stderr(inv, f"Invalid cache option: {a}")
         elif c == "d":
             if not parse_discard_mode(a, flags):
-                raise _stderr(inv, prg, f"Invalid discard option: {a}")
+                raise _stderr(inv, f"Invalid discard option: {a}")
         elif c == "i":
             if not parse_aio_mode(a, flags):
-                raise _stderr(inv, prg, f"Invalid aio option: {a}")
+                raise _stderr(inv, f"Invalid aio option: {a}")
         elif c == "o":
-            if image_opts:
+            if inv.image_opts:
                 raise inv.fail(EINVAL, "--image-opts and 'open -o' are mutually exclusive\n")
-            _qemuopts(inv, prg, a, options)
+            _qemuopts(inv, a, options)
         elif c == "U":
             flags.force_share = True
         else:
             raise inv.usage(EINVAL)
     args = g.args
-    if image_opts and len(args) == 1:
-        _qemuopts(inv, prg, args[0], options)
+    if inv.image_opts and len(args) == 1:
+        _qemuopts(inv, args[0], options)
         args = []
     if len(args) > 1:
         raise inv.usage(EINVAL)
@@ -124,14 +92,13 @@ async def run_close(sh: Shell, cmd: object) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class Reopen:
+class Reopen(NamedTuple):
     read_only: bool | None
     cache: str | None
     options: dict[str, Any]
 
 
-def parse_reopen(inv: Invocation, prg: str) -> Reopen:
+def parse_reopen(inv: Invocation) -> Reopen:
     ro: bool | None = None
     cache: str | None = None
     options: dict[str, Any] = {}
@@ -140,13 +107,13 @@ def parse_reopen(inv: Invocation, prg: str) -> Reopen:
         a = arg or ""
         if c == "c":
             if not parse_cache_mode(a, OpenFlags()):
-                raise _stderr(inv, prg, f"Invalid cache option: {a}")
+                raise _stderr(inv, f"Invalid cache option: {a}")
             cache = a
         elif c == "o":
-            _qemuopts(inv, prg, a, options)
+            _qemuopts(inv, a, options)
         elif c in "rw":
             if ro is not None:
-                raise _stderr(inv, prg, "Only one -r/-w option may be given")
+                raise _stderr(inv, "Only one -r/-w option may be given")
             ro = c == "r"
         else:
             raise inv.usage(EINVAL)
@@ -165,12 +132,11 @@ async def run_reopen(sh: Shell, cmd: Reopen) -> int:
 
 
 # -- help / quit ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Help:
+class Help(NamedTuple):
     word: str | None
 
 
-def parse_help(inv: Invocation, prg: str) -> Help:
+def parse_help(inv: Invocation) -> Help:
     return Help(inv.argv[1] if len(inv.argv) > 1 else None)
 
 
@@ -192,7 +158,7 @@ async def run_quit(sh: Shell, cmd: object) -> int:
 
 
 # -- sleep / sigraise / abort ----------------------------------------------------------------------
-def parse_sleep(inv: Invocation, prg: str) -> int:
+def parse_sleep(inv: Invocation) -> int:
     ms = strtol0(inv.argv[1]) if inv.argv[1] else None
     if ms is None or ms < 0:
         raise inv.fail(EINVAL, f"{inv.argv[1]} is not a valid number\n")
@@ -204,8 +170,8 @@ async def run_sleep(sh: Shell, ms: int) -> int:
     return 0
 
 
-def parse_sigraise(inv: Invocation, prg: str) -> int:
-    sig = num(inv, inv.argv[1], prg)
+def parse_sigraise(inv: Invocation) -> int:
+    sig = num(inv, inv.argv[1], inv.prg)
     if sig > NSIG:
         raise inv.fail(EINVAL, f"signal argument '{inv.argv[1]}' is too large to be a valid signal\n")
     return sig

@@ -9,8 +9,8 @@ carrying qemu-io's messages) and an executor; rendering of results lives in :mod
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import importlib
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qio.getopt import GetOpt
 
@@ -33,12 +33,14 @@ class ParseFailure(Exception):
         self.messages = messages
 
 
-@dataclass(frozen=True)
-class CommandSpec:
+class CommandSpec(NamedTuple):
+    """One command.  ``impl`` names ``module.function-stem``: ``io_cmds.read`` means
+    ``qio.commands.io_cmds.run_read`` (and ``parse_read`` if it exists), imported on first use so that
+    start-up does not pay for commands a session never runs."""
+
     name: str
     oneline: str
-    run: Callable[[Shell, Any], Awaitable[int]]
-    parse: Callable[[Invocation], Any]
+    impl: str
     altname: str | None = None
     args: str | None = None
     help: str | None = None
@@ -57,13 +59,28 @@ class CommandSpec:
         """Option letters for completion, e.g. ``['-C', '-P', ...]``."""
         return [f"-{c}" for c in self.optstring if c != ":"]
 
+    def handlers(self) -> tuple[Callable[[Invocation], Any] | None, Callable[[Shell, Any], Awaitable[int]]]:
+        """``(parse, run)``; parse is None for commands that take their words as they are."""
+        found = _HANDLERS.get(self.impl)
+        if found is None:
+            module, stem = self.impl.split(".")
+            mod = importlib.import_module(f"qio.commands.{module}")
+            found = (getattr(mod, f"parse_{stem}", None), getattr(mod, f"run_{stem}"))
+            _HANDLERS[self.impl] = found
+        return found
+
+
+_HANDLERS: dict[str, tuple[Any, Any]] = {}
+
 
 class Invocation:
     """The words of one command line, with getopt and qemu-io's error conventions."""
 
-    def __init__(self, spec: CommandSpec, argv: list[str]) -> None:
+    def __init__(self, spec: CommandSpec, argv: list[str], prg: str, image_opts: bool = False) -> None:
         self.spec = spec
         self.argv = argv
+        self.prg = prg
+        self.image_opts = image_opts
         self.messages: list[Message] = []
 
     def getopt(self) -> GetOpt:
