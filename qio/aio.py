@@ -135,5 +135,5 @@ class AioContext:
         ev.clear()
         try:
             await asyncio.wait_for(ev.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass

@@ -13,8 +13,7 @@ import sys
 from typing import Any
 
 from qio import __version__
-from qio.block.driver import OpenFlags
-from qio.block.modes import parse_aio_mode, parse_cache_mode, parse_discard_mode
+from qio.block.modes import OpenFlags, parse_aio_mode, parse_cache_mode, parse_discard_mode
 from qio.getopt import GetOpt, LongOpt
 from qio.output import Output
 

@@ -8,9 +8,8 @@ Options are produced one at a time because commands act on each as it comes
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from collections.abc import Callable
+from typing import NamedTuple
 
 
 class LongOpt(NamedTuple):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
@@ -104,10 +104,9 @@ async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None)
             sh.out.flush()
 
 
-def _writer(stream: object) -> object:
+def _writer(stream: TextIO) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
-        s = data.decode("utf-8", "surrogateescape")
-        stream.write(s)  # type: ignore[attr-defined]
-        stream.flush()  # type: ignore[attr-defined]
+        stream.write(data.decode("utf-8", "surrogateescape"))
+        stream.flush()
 
     return write

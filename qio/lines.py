@@ -7,7 +7,7 @@ import os
 import stat
 from typing import TYPE_CHECKING
 
-from qio.block.io import AIO
+from qio.aio import AIO
 
 if TYPE_CHECKING:
     from qio.shell import Shell
@@ -52,7 +52,11 @@ class LineReader:
     async def readable(self) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(self.fd, lambda: fut.done() or fut.set_result(None))
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(self.fd, ready)
         try:
             await fut
         finally:

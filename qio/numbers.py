@@ -12,6 +12,7 @@ _HEX = re.compile(r"[ \t\n\v\f\r]*\+?0[xX]([0-9a-fA-F]+)")
 _ZERO_X = re.compile(r"[ \t\n\v\f\r]*[+-]?0(?=[xX])")
 _FRAC = re.compile(r"\.([0-9]+)([eE][+-]?[0-9]+)?")
 _SUFFIX = "BKMGTPE"
+_FAST_SUFFIX = {c: 1024**i for i, c in enumerate(_SUFFIX)} | {c.lower(): 1024**i for i, c in enumerate(_SUFFIX)}
 
 
 def qemu_strtosz(s: str) -> tuple[int, int, bool]:
@@ -68,8 +69,10 @@ def qemu_strtosz(s: str) -> tuple[int, int, bool]:
 
 def cvtnum(s: str) -> tuple[int, int, bool]:
     """qemu-io's ``cvtnum``: a size no larger than INT64_MAX.  Returns ``(err, value, warn)``."""
-    if s.isdigit() and len(s) < 18:  # fast path for the common plain decimal
+    if s.isdigit() and len(s) < 18:  # fast paths for plain decimals and "64k"-style sizes
         return 0, int(s), False
+    if len(s) < 16 and s[:-1].isdigit() and s[-1] in _FAST_SUFFIX:
+        return 0, int(s[:-1]) * _FAST_SUFFIX[s[-1]], False
     err, val, warn = qemu_strtosz(s)
     if err:
         return err, 0, warn

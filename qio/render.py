@@ -15,12 +15,11 @@ _UNITS = ((1 << 60, " EiB"), (1 << 50, " PiB"), (1 << 40, " TiB"), (1 << 30, " G
 
 def cvtstr(v: float) -> str:
     """Human-readable size: ``512 bytes``, ``1.500 KiB``, ``64 KiB`` (the first ``.000`` is cut)."""
-    for size, suffix in _UNITS:
+    suffix, s = " bytes", "%f" % v
+    for size, unit in _UNITS:
         if v >= size:
-            s = "%.3f" % (v / size)
+            suffix, s = unit, "%.3f" % (v / size)
             break
-    else:
-        suffix, s = " bytes", "%f" % v
     i = s.find(".000")
     return (s[:i] if i >= 0 else s) + suffix
 

@@ -22,7 +22,8 @@ from qio.output import Output
 
 if TYPE_CHECKING:
     from qio.block.backend import BlockBackend
-    from qio.block.driver import BlockDriver, OpenFlags
+    from qio.block.driver import BlockDriver
+    from qio.block.modes import OpenFlags
 
 
 class Shell:
@@ -225,7 +226,7 @@ class Shell:
         await blk.close(self.out.error_report)
 
     async def reopen(self, read_only: bool | None, cache: str | None, options: dict[str, Any]) -> None:
-        from qio.commands.misc_cmds import parse_cache_mode
+        from qio.block.modes import parse_cache_mode
 
         blk = self.require_blk()
         await self.drain()

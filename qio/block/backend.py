@@ -15,17 +15,14 @@ from typing import Any
 
 from qio.block import io, registry
 from qio.block.driver import (
-    PERM_ALL,
-    PERM_CONSISTENT_READ,
-    PERM_RESIZE,
-    PERM_WRITE,
     REQ_FUA,
     BlockDriver,
     Child,
     IOVec,
-    OpenFlags,
 )
 from qio.block.errors import BlockError, QemuError
+from qio.block.modes import OpenFlags
+from qio.block.perms import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
 from qio.block.probe import probe_format
 from qio.qemuopts import Options, parse_json_filename, sub_options
 
@@ -185,7 +182,7 @@ def _probe(file: BlockDriver) -> type[BlockDriver]:
         try:
             _run_sync(io.preadv(file, 0, PROBE_BUF, [memoryview(buf)]))
         except BlockError as e:
-            raise QemuError(f"Could not read image for determining its format: {e}", e.errno) from None
+            raise QemuError(f"Could not read image for determining its format: {e}", e.code) from None
         name = probe_format(bytes(buf), file.filename)
     cls = registry.find(name)
     if cls is None:

@@ -17,8 +17,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from qio.block.errors import BlockError
 from qio.block.events import Event
-
-from qio.block.modes import OpenFlags  # noqa: F401  (re-exported)
+from qio.block.modes import OpenFlags
 from qio.block.perms import (  # noqa: F401  (re-exported for drivers)
     PERM_ALL,
     PERM_CONSISTENT_READ,

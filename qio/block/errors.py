@@ -11,6 +11,7 @@ class BlockError(OSError):
 
     def __init__(self, err: int, msg: str | None = None) -> None:
         super().__init__(err, msg if msg is not None else os.strerror(err))
+        self.code = err  # the errno as a plain int (OSError.errno is Optional)
 
     def __str__(self) -> str:
         return str(self.strerror)

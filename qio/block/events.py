@@ -6,10 +6,10 @@ Format drivers raise these on their ``file`` child; the generic request path rai
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Event(str, Enum):
+class Event(StrEnum):
     L1_UPDATE = "l1_update"
     L1_GROW_ALLOC_TABLE = "l1_grow_alloc_table"
     L1_GROW_WRITE_TABLE = "l1_grow_write_table"

@@ -19,18 +19,17 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
+from qio.aio import AIO
 from qio.block.driver import (
-    PERM_ALL,
-    PERM_NAMES,
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
     BlockDriver,
     BlockInfo,
     IOVec,
-    OpenFlags,
 )
 from qio.block.errors import BlockError, QemuError
-from qio.aio import AIO
+from qio.block.modes import OpenFlags
+from qio.block.perms import PERM_ALL, PERM_NAMES
 
 INLINE_MAX = 8 << 20
 IOV_MAX = 1024

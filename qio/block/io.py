@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import errno
 
-from qio.aio import AIO
 from qio.block.driver import (
     BDRV_MAX_LENGTH,
     BLOCK_ALLOCATED,
-    PERM_WRITE,
-    PERM_WRITE_UNCHANGED,
     REQ_FUA,
     REQ_NO_FALLBACK,
     REQ_WRITE_COMPRESSED,
@@ -27,6 +24,7 @@ from qio.block.driver import (
 )
 from qio.block.errors import BlockError, QemuError
 from qio.block.events import Event
+from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
 
 MAX_BOUNCE = 1 << 20
 
@@ -133,17 +131,17 @@ async def pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | Non
     bounce_head = memoryview(bytearray(buf_len if merge else align)) if (head or merge) else None
     bounce_tail = None
     if bounce_head is not None:
-        if not zero:
+        if not zero and node.has_debug_hooks:
             await node.debug_event(Event.PWRITEV_RMW_HEAD)
         await _aligned_preadv(node, start, len(bounce_head), [bounce_head], align)
-        if not zero:
+        if not zero and node.has_debug_hooks:
             await node.debug_event(Event.PWRITEV_RMW_AFTER_HEAD)
     if pad_tail and not merge:
         bounce_tail = memoryview(bytearray(align))
-        if not zero:
+        if not zero and node.has_debug_hooks:
             await node.debug_event(Event.PWRITEV_RMW_TAIL)
         await _aligned_preadv(node, start + total - align, align, [bounce_tail], align)
-        if not zero:
+        if not zero and node.has_debug_hooks:
             await node.debug_event(Event.PWRITEV_RMW_AFTER_TAIL)
     if zero:
         # Zero the unaligned edges through the bounce blocks, the aligned middle as a zero write.
@@ -194,7 +192,8 @@ async def _aligned_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IO
                            flags: int) -> None:
     err: BlockError | None = None
     if flags & REQ_ZERO_WRITE:
-        await node.debug_event(Event.PWRITEV_ZERO)
+        if node.has_debug_hooks:
+            await node.debug_event(Event.PWRITEV_ZERO)
         try:
             await _do_pwrite_zeroes(node, offset, nbytes, flags)
         except BlockError as e:
@@ -206,13 +205,15 @@ async def _aligned_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IO
         except BlockError as e:
             err = e
     else:
-        await node.debug_event(Event.PWRITEV)
+        if node.has_debug_hooks:
+            await node.debug_event(Event.PWRITEV)
         try:
             assert qiov is not None
             await _driver_pwritev_split(node, offset, nbytes, qiov, flags)
         except BlockError as e:
             err = e
-    await node.debug_event(Event.PWRITEV_DONE)
+    if node.has_debug_hooks:
+        await node.debug_event(Event.PWRITEV_DONE)
     node.gen.write_gen += 1
     if err is not None:
         raise err
@@ -288,11 +289,11 @@ async def flush(node: BlockDriver) -> None:
         return
     current = node.gen.write_gen
     primary = node.primary_child()
-    if primary is not None:
+    if primary is not None and primary.has_debug_hooks:
         await primary.debug_event(Event.FLUSH_TO_OS)
     await node.co_flush_to_os()
     if not node.flags.no_flush and node.gen.flushed_gen != current:
-        if primary is not None:
+        if primary is not None and primary.has_debug_hooks:
             await primary.debug_event(Event.FLUSH_TO_DISK)
         await node.co_flush_to_disk()
     node.gen.flushed_gen = current

@@ -22,10 +22,10 @@ from qio.block.driver import (
     BlockInfo,
     Child,
     IOVec,
-    OpenFlags,
 )
 from qio.block.errors import BlockError, QemuError
 from qio.block.events import Event
+from qio.block.modes import OpenFlags
 from qio.block.probe import probe_format
 from qio.numbers import qemu_strtosz
 
@@ -77,7 +77,8 @@ class RawDriver(BlockDriver):
 
     async def co_preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
         file = self.file
-        await file.debug_event(Event.READ_AIO)
+        if file.has_debug_hooks:
+            await file.debug_event(Event.READ_AIO)
         await io.preadv(file, offset + self.offset, nbytes, qiov)
 
     async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
@@ -86,7 +87,8 @@ class RawDriver(BlockDriver):
             if probe_format(head, self.filename) != "raw":
                 raise BlockError(errno.EPERM)
         file = self.file
-        await file.debug_event(Event.WRITE_AIO)
+        if file.has_debug_hooks:
+            await file.debug_event(Event.WRITE_AIO)
         await io.pwritev(file, offset + self.offset, nbytes, qiov, flags)
 
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:

@@ -15,7 +15,7 @@ _MODULES = {
 }
 #: Filename prefixes (``blkdebug:cfg:img``) that select a protocol driver.
 PROTOCOL_PREFIXES = {"file": "file"}
-FORMATS = ("raw",)
+FORMATS: tuple[str, ...] = ("raw",)
 
 
 def register(name: str, module: str, cls: str, *, protocol_prefix: bool = False,

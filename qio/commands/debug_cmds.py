@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import NamedTuple, TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from qio.block.driver import BlockDriver
 from qio.commands.spec import STDERR, Invocation, ParseFailure

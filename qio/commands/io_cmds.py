@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from typing import NamedTuple, TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from qio import render
 from qio.block.driver import (
@@ -38,7 +38,7 @@ def _aligned(inv: Invocation, offset: int, count: int) -> None:
 # -- read ----------------------------------------------------------------------------------------
 class Read(NamedTuple):
     offset: int
-    count: int
+    nbytes: int
     csv: bool = False
     quiet: bool = False
     verbose: bool = False
@@ -92,16 +92,16 @@ def parse_read(inv: Invocation) -> Read:
 
 async def run_read(sh: Shell, cmd: Read) -> int:
     blk = sh.require_blk()
-    buf = memoryview(bytearray(cmd.count))
+    buf = memoryview(bytearray(cmd.nbytes))
     t1 = time.monotonic_ns()
     try:
         if cmd.vmstate:
-            await sh.sync(blk.load_vmstate(cmd.offset, cmd.count, [buf]))
+            await sh.sync(blk.load_vmstate(cmd.offset, cmd.nbytes, [buf]))
         else:
-            await sh.sync(blk.preadv(cmd.offset, cmd.count, [buf]))
+            await sh.sync(blk.preadv(cmd.offset, cmd.nbytes, [buf]))
     except BlockError as e:
         sh.out.out(f"read failed: {e}\n")
-        return -e.errno
+        return -e.code
     t2 = time.monotonic_ns()
     ret = 0
     if cmd.pattern is not None and not verify(buf[cmd.poff : cmd.poff + cmd.plen], cmd.pattern):
@@ -110,7 +110,7 @@ async def run_read(sh: Shell, cmd: Read) -> int:
     if not cmd.quiet:
         if cmd.verbose:
             sh.out.out(render.dump_buffer(buf, cmd.offset))
-        render.report(sh.out, "read", t2 - t1, cmd.offset, cmd.count, cmd.count, cmd.csv)
+        render.report(sh.out, "read", t2 - t1, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
     return ret
 
 
@@ -156,7 +156,7 @@ async def run_readv(sh: Shell, cmd: Vector) -> int:
         await sh.sync(blk.preadv(cmd.offset, total, split_iov(buf, list(cmd.sizes))), always_poll=True)
     except BlockError as e:
         sh.out.out(f"readv failed: {e}\n")
-        return -e.errno
+        return -e.code
     t2 = time.monotonic_ns()
     ret = 0
     if cmd.pattern is not None and not verify(buf, cmd.pattern):
@@ -201,7 +201,7 @@ async def run_writev(sh: Shell, cmd: Vector) -> int:
                                   REQ_FUA if cmd.fua else 0), always_poll=True)
     except BlockError as e:
         sh.out.out(f"writev failed: {e}\n")
-        return -e.errno
+        return -e.code
     t2 = time.monotonic_ns()
     if not cmd.quiet:
         render.report(sh.out, "wrote", t2 - t1, cmd.offset, total, total, cmd.csv)
@@ -211,7 +211,7 @@ async def run_writev(sh: Shell, cmd: Vector) -> int:
 # -- write ---------------------------------------------------------------------------------------
 class Write(NamedTuple):
     offset: int
-    count: int
+    nbytes: int
     flags: int = 0
     csv: bool = False
     quiet: bool = False
@@ -296,28 +296,28 @@ async def run_write(sh: Shell, cmd: Write) -> int:
     iov = None
     if not cmd.zero:
         if cmd.source is not None:
-            iov = _source_iov(sh, cmd.source, cmd.count)
+            iov = _source_iov(sh, cmd.source, cmd.nbytes)
             if iov is None:
                 return EINVAL
         else:
-            iov = pattern_iov(cmd.pattern, cmd.count)
+            iov = pattern_iov(cmd.pattern, cmd.nbytes)
     t1 = time.monotonic_ns()
     try:
         if cmd.vmstate:
             assert iov is not None
-            await sh.sync(blk.save_vmstate(cmd.offset, cmd.count, iov))
+            await sh.sync(blk.save_vmstate(cmd.offset, cmd.nbytes, iov))
         elif cmd.zero:
-            await sh.sync(blk.pwritev(cmd.offset, cmd.count, None, cmd.flags | REQ_ZERO_WRITE))
+            await sh.sync(blk.pwritev(cmd.offset, cmd.nbytes, None, cmd.flags | REQ_ZERO_WRITE))
         elif cmd.compressed:
-            await sh.sync(blk.pwritev(cmd.offset, cmd.count, iov, REQ_WRITE_COMPRESSED))
+            await sh.sync(blk.pwritev(cmd.offset, cmd.nbytes, iov, REQ_WRITE_COMPRESSED))
         else:
-            await sh.sync(blk.pwritev(cmd.offset, cmd.count, iov, cmd.flags))
+            await sh.sync(blk.pwritev(cmd.offset, cmd.nbytes, iov, cmd.flags))
     except BlockError as e:
         sh.out.out(f"write failed: {e}\n")
-        return -e.errno
+        return -e.code
     t2 = time.monotonic_ns()
     if not cmd.quiet:
-        render.report(sh.out, "wrote", t2 - t1, cmd.offset, cmd.count, cmd.count, cmd.csv)
+        render.report(sh.out, "wrote", t2 - t1, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
     return 0
 
 
@@ -465,14 +465,14 @@ async def run_flush(sh: Shell, cmd: object) -> int:
     try:
         await sh.sync(blk.flush())
     except BlockError as e:
-        return -e.errno
+        return -e.code
     return 0
 
 
 # -- discard -------------------------------------------------------------------------------------
 class Discard(NamedTuple):
     offset: int
-    count: int
+    nbytes: int
     csv: bool = False
     quiet: bool = False
 
@@ -500,13 +500,13 @@ async def run_discard(sh: Shell, cmd: Discard) -> int:
     blk = sh.require_blk()
     t1 = time.monotonic_ns()
     try:
-        await sh.sync(blk.pdiscard(cmd.offset, cmd.count))
+        await sh.sync(blk.pdiscard(cmd.offset, cmd.nbytes))
     except BlockError as e:
         sh.out.out(f"discard failed: {e}\n")
-        return -e.errno
+        return -e.code
     t2 = time.monotonic_ns()
     if not cmd.quiet:
-        render.report(sh.out, "discard", t2 - t1, cmd.offset, cmd.count, cmd.count, cmd.csv)
+        render.report(sh.out, "discard", t2 - t1, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
     return 0
 
 
@@ -551,7 +551,7 @@ async def run_truncate(sh: Shell, cmd: Truncate) -> int:
         return -e.errno
     except BlockError as e:
         sh.out.error_report(str(e))
-        return -e.errno
+        return -e.code
     return 0
 
 
@@ -583,7 +583,7 @@ async def run_info(sh: Shell, cmd: object) -> int:
 # -- alloc, map ----------------------------------------------------------------------------------
 class Alloc(NamedTuple):
     offset: int
-    count: int
+    nbytes: int
 
 
 def parse_alloc(inv: Invocation) -> Alloc:
@@ -594,13 +594,13 @@ def parse_alloc(inv: Invocation) -> Alloc:
 
 async def run_alloc(sh: Shell, cmd: Alloc) -> int:
     blk = sh.require_blk()
-    offset, count, remaining, total = cmd.offset, cmd.count, cmd.count, 0
+    offset, count, remaining, total = cmd.offset, cmd.nbytes, cmd.nbytes, 0
     while remaining:
         try:
             allocated, n = await sh.sync(blk.is_allocated(offset, remaining))
         except BlockError as e:
             sh.out.out(f"is_allocated failed: {e}\n")
-            return -e.errno
+            return -e.code
         offset += n
         remaining -= n
         if allocated:
@@ -626,7 +626,7 @@ async def run_map(sh: Shell, cmd: object) -> int:
                 pnum += n
         except BlockError as e:
             sh.out.error_report(f"Failed to get allocation status: {e}")
-            return -e.errno
+            return -e.code
         if not pnum:
             sh.out.error_report("Unexpected end of image")
             return -errno.EIO

@@ -6,10 +6,10 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from typing import Any, NamedTuple, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from qio.block.modes import OpenFlags, parse_aio_mode, parse_cache_mode, parse_discard_mode
 from qio.block.errors import QemuError
+from qio.block.modes import OpenFlags, parse_aio_mode, parse_cache_mode, parse_discard_mode
 from qio.commands.common import num
 from qio.commands.spec import STDERR, Invocation, ParseFailure
 from qio.numbers import strtol0

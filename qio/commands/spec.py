@@ -8,8 +8,8 @@ carrying qemu-io's messages) and an executor; rendering of results lives in :mod
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 import importlib
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qio.getopt import GetOpt
