@@ -72,7 +72,9 @@ def cvtnum(s: str) -> tuple[int, int, bool]:
     if s.isdigit() and len(s) < 18:  # fast paths for plain decimals and "64k"-style sizes
         return 0, int(s), False
     if len(s) < 16 and s[:-1].isdigit() and s[-1] in _FAST_SUFFIX:
-        return 0, int(s[:-1]) * _FAST_SUFFIX[s[-1]], False
+        v = int(s[:-1]) * _FAST_SUFFIX[s[-1]]
+        if v <= INT64_MAX:
+            return 0, v, False
     err, val, warn = qemu_strtosz(s)
     if err:
         return err, 0, warn
