@@ -1,10 +1,20 @@
 """Requests in flight and their completions, modelled on QEMU's AIO context.
 
-A request coroutine starts *eagerly* (QEMU enters a coroutine at submission, so a request hitting a
-blkdebug breakpoint prints ``Suspended request`` inside the ``aio_*`` command).  Its completion
-callback is queued like a QEMU bottom half and runs only when the shell polls, newest first (QEMU's
-bottom-half list is LIFO): inside synchronous I/O commands that had to wait, ``aio_flush``,
-``sleep``, while waiting for input, and at exit.
+QEMU's observable rules, and how qio reproduces them:
+
+* A request coroutine is entered *at submission*: it runs until it first waits.  qio starts request
+  coroutines eagerly (:meth:`AioContext.submit`), so e.g. ``blkdebug: Suspended request`` can print
+  inside the ``aio_write`` command, as in QEMU.
+* A request that completes before the submitting call returns reports its completion through a bottom
+  half; bottom halves run LIFO when the event loop runs.  qio queues such completions
+  (:meth:`schedule`) and runs them newest-first in :meth:`poll`.
+* A request that completes later calls its completion callback directly, wherever it is running: that
+  is how a completion line appears *inside* ``resume``.
+* Host I/O goes through a thread pool in QEMU, so a coroutine always waits there and continues in a
+  later event-loop iteration.  qio does small I/O inline (far cheaper); when a blkdebug node is in the
+  graph the file driver then calls :meth:`io_yield`, which parks the request until the next
+  :meth:`poll` -- exactly where QEMU's thread-pool completion would resume it.  Without blkdebug
+  nothing can observe the difference, so the request simply runs on.
 """
 
 from __future__ import annotations
@@ -17,16 +27,17 @@ Completion = Callable[[], None]
 
 
 class AioStats:
-    """Counts the points where QEMU's coroutine would have yielded to the event loop.
+    """Process-wide counters of the request path.
 
-    qio's file driver does small I/O inline, so a request may finish without ever suspending.  QEMU's
-    synchronous commands poll the event loop (printing pending AIO completions) only if their request
-    yielded; the counter lets the shell reproduce that exactly.
+    ``yields`` counts the points where QEMU's coroutine would have waited for the event loop: QEMU's
+    synchronous commands poll (printing pending completions) only if their request waited.
+    ``busy`` counts requests running in the thread pool (they complete without help).
+    ``yield_on_io`` is set while a blkdebug node is in the graph (see the module docstring).
     """
 
     yields = 0
-    #: Requests currently running in the thread pool (they will complete without help).
     busy = 0
+    yield_on_io = False
 
 
 AIO = AioStats()
@@ -64,20 +75,34 @@ async def _tail(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
     return await _Continue(coro, first)
 
 
+def start(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any, asyncio.Task[Any] | None]:
+    """Enter ``coro`` now.  ``(True, result, None)`` if it finished (exceptions propagate), else
+    ``(False, None, task)`` with a Task that continues it on the event loop."""
+    try:
+        first = coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value, None
+    return False, None, asyncio.get_running_loop().create_task(_tail(coro, first))
+
+
 class AioContext:
-    """In-flight requests, the bottom-half queue, and a wake-up for pollers."""
+    """In-flight requests, the bottom-half queue, parked I/O continuations and a wake-up for pollers."""
+
+    _current: AioContext | None = None
 
     def __init__(self) -> None:
         self.inflight: set[asyncio.Task[Any]] = set()
         #: The request of the running synchronous command, once it had to wait.
         self.sync_task: asyncio.Task[Any] | None = None
         self._bh: list[Completion] = []
+        self._io: list[asyncio.Future[None]] = []
         self._wake: asyncio.Event | None = None
+        AioContext._current = self
 
-    def _event(self) -> asyncio.Event:
-        if self._wake is None:
-            self._wake = asyncio.Event()
-        return self._wake
+    @classmethod
+    def current(cls) -> AioContext:
+        assert cls._current is not None
+        return cls._current
 
     def notify(self) -> None:
         """Something happened that a poller may be waiting for."""
@@ -85,41 +110,57 @@ class AioContext:
             self._wake.set()
 
     def schedule(self, cb: Completion) -> None:
+        """Queue a bottom half."""
         self._bh.append(cb)
         self.notify()
 
-    def submit(self, coro: Coroutine[Any, Any, Any], done: Callable[[BaseException | None, Any], None]) \
-            -> asyncio.Task[Any] | None:
-        """Start ``coro`` now; queue ``done(exc, result)`` as a bottom half when it finishes."""
-        try:
-            first = coro.send(None)
-        except StopIteration as stop:
-            value = stop.value
-            self.schedule(lambda: done(None, value))
-            return None
-        except Exception as exc:
-            error = exc
-            self.schedule(lambda: done(error, None))
-            return None
-        task = asyncio.get_running_loop().create_task(_tail(coro, first))
-        self.inflight.add(task)
+    async def io_yield(self) -> None:
+        """Wait, like a thread-pool request, until the event loop next polls."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._io.append(fut)
+        self.notify()
+        await fut
 
-        def finished(t: asyncio.Task[Any]) -> None:
-            self.inflight.discard(t)
-            if t.cancelled():
-                return
-            exc = t.exception()
-            self.schedule(lambda: done(exc, None if exc else t.result()))
+    def submit(self, coro: Coroutine[Any, Any, Any], done: Callable[[BaseException | None, Any], None]) -> None:
+        """Start a request now; report ``done(exc, result)`` as QEMU's blk_aio_* would."""
+        early = True
 
-        task.add_done_callback(finished)
-        return task
+        async def request() -> None:
+            exc: BaseException | None = None
+            result: Any = None
+            try:
+                result = await coro
+            except Exception as e:
+                exc = e
+            if early:
+                self.schedule(lambda: done(exc, result))
+            else:
+                done(exc, result)
+
+        finished, _, task = start(request())
+        early = False
+        if not finished:
+            assert task is not None
+            self.inflight.add(task)
+            task.add_done_callback(self._retire)
+
+    def _retire(self, task: asyncio.Task[Any]) -> None:
+        self.inflight.discard(task)
+        self.notify()
 
     def has_pending(self) -> bool:
-        return bool(self._bh)
+        """Bottom halves or parked I/O continuations that the next poll will run."""
+        return bool(self._bh) or bool(self._io)
 
     def poll(self) -> bool:
-        """Run queued completions, newest first; True if any ran."""
+        """One event-loop pass: release parked I/O, run bottom halves newest first."""
         ran = False
+        if self._io:
+            io, self._io = self._io, []
+            for fut in io:
+                if not fut.done():
+                    fut.set_result(None)
+            ran = True
         while self._bh:
             batch, self._bh = self._bh, []
             for cb in reversed(batch):
@@ -128,12 +169,19 @@ class AioContext:
         return ran
 
     async def wait(self, timeout: float | None = None) -> None:
-        """Let the event loop run until something is queued or ``timeout`` passes."""
-        ev = self._event()
-        if self._bh:
+        """Let the event loop run until something happens or ``timeout`` passes."""
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._bh or self._io:
+            await asyncio.sleep(0)
             return
-        ev.clear()
+        self._wake.clear()
         try:
-            await asyncio.wait_for(ev.wait(), timeout)
+            await asyncio.wait_for(self._wake.wait(), timeout)
         except TimeoutError:
             pass
+
+    async def step(self) -> None:
+        """Let coroutines that were just made runnable (a resumed request) run until they next wait."""
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)

@@ -73,7 +73,6 @@ class Args:
         self.fmt: str | None = None
         self.image_opts = False
         self.image: str | None = None
-        self.trace: list[str] = []
 
 
 def parse_args(argv: list[str], out: Output) -> Args | int:
@@ -112,7 +111,11 @@ def parse_args(argv: list[str], out: Output) -> Args | int:
                 out.error_report(f"Invalid cache option: {v}")
                 return 1
         elif c == "T":
-            a.trace.append(v)
+            from qio import trace
+
+            stop = trace.parse_option(v, out.warn_report, out.out, out.error_report)
+            if stop is not None:
+                return stop
         elif c == "V":
             out.out(f"{prg} version {__version__} (qio, a re-creation of qemu-io 7.2)\n"
                     "Copyright (c) 2026 the qio developers\n")
@@ -144,6 +147,11 @@ async def _amain(args: Args, out: Output) -> int:
     from qio.shell import Shell
 
     sh = Shell(out, out.prgname, args.image_opts)
+    if "qio.trace" in sys.modules:
+        from qio import trace
+
+        if not trace._sink:
+            trace.set_sink(out.err)
     if args.image is not None:
         options: dict[str, Any] = {}
         path: str | None = args.image
@@ -180,7 +188,7 @@ async def _amain(args: Args, out: Output) -> int:
         from qio.lines import pipe_loop
 
         await pipe_loop(sh)
-    await sh.drain()
+    await sh.drain("exiting")
     await sh.close_image()
     return 1 if sh.last_error < 0 else 0
 

@@ -82,16 +82,18 @@ class LineReader:
                 return line.decode("utf-8", "surrogateescape")
             if self.eof:
                 return None
-            # While requests are still running, keep the event loop (and their completions) going.
-            while self.pollable and (sh.aio.inflight or AIO.busy):
+            # While requests can still progress, keep the event loop (and their completions) going.
+            if self.pollable and (AIO.busy or (sh.aio.inflight and not sh.stuck())):
                 waiter = asyncio.ensure_future(self.readable())
                 while not waiter.done():
                     sh.aio.poll()
-                    done, _ = await asyncio.wait({waiter}, timeout=0.05)
-                    if done:
+                    if not AIO.busy and (not sh.aio.inflight or sh.stuck()) and not sh.aio.has_pending():
+                        await waiter
                         break
+                    other = asyncio.ensure_future(sh.aio.wait())
+                    await asyncio.wait({waiter, other}, return_when=asyncio.FIRST_COMPLETED)
+                    other.cancel()
                 sh.aio.poll()
-                break
             self.fill()
 
 

@@ -8,13 +8,12 @@ qemu-io's observable output (see :mod:`qio.aio`).
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from qio.aio import AIO, AioContext, _tail
+from qio.aio import AIO, AioContext, start
 from qio.block.errors import QemuError
 from qio.commands.spec import GLOBAL, NOFILE_OK, STDERR, Invocation, ParseFailure
 from qio.commands.table import build_table
@@ -103,16 +102,16 @@ class Shell:
         """
         before = AIO.yields
         try:
-            first = coro.send(None)
-        except StopIteration as stop:
-            if always_poll or AIO.yields != before:
-                self.aio.poll()
-            return stop.value
+            finished, result, task = start(coro)
         except BaseException:
             if always_poll or AIO.yields != before:
                 self.aio.poll()
             raise
-        task = asyncio.get_running_loop().create_task(_tail(coro, first))
+        if finished:
+            if always_poll or AIO.yields != before:
+                self.aio.poll()
+            return result
+        assert task is not None
         task.add_done_callback(lambda _: self.aio.notify())
         self.aio.sync_task = task
         try:
@@ -122,6 +121,8 @@ class Shell:
                     break
                 if self.stuck(include_sync=True):
                     self.report_stuck("the command")
+                    await self.aio.step()
+                    continue
                 await self.aio.wait()
         finally:
             self.aio.sync_task = None
@@ -140,7 +141,7 @@ class Shell:
         if AIO.busy or self.aio.has_pending():
             return False
         node = self.debug_node()
-        return node is not None and node.debug_all_parked()
+        return node is not None and bool(node.debug_suspended_tags())
 
     def report_stuck(self, what: str) -> None:
         """Resume every parked request rather than hang as qemu-io does (documented in docs/)."""
@@ -148,20 +149,21 @@ class Shell:
         if node is None:
             return
         tags = node.debug_suspended_tags()
-        self.out.flush()
         self.out.error_report(f"{what} would wait forever: request(s) {', '.join(repr(t) for t in tags)} "
                               "suspended at blkdebug breakpoints; resuming them")
         for tag in tags:
             node.debug_resume(tag)
 
-    async def drain(self) -> None:
+    async def drain(self, what: str = "draining") -> None:
         """``bdrv_drain_all``: run until nothing is in flight, printing completions as they come."""
         while True:
             self.aio.poll()
             if not self.aio.inflight:
                 break
             if self.stuck():
-                self.report_stuck("draining")
+                self.report_stuck(what)
+                await self.aio.step()
+                continue
             await self.aio.wait()
         self.aio.poll()
 
@@ -176,16 +178,12 @@ class Shell:
         self.aio.poll()
 
     async def settle(self) -> None:
-        """Let resumed requests run as far as they can (QEMU re-enters them inside ``resume``)."""
-        for _ in range(64):
-            marker = (AIO.yields, self.aio.has_pending(), len(self.aio.inflight))
-            await asyncio.sleep(0)
-            if (AIO.yields, self.aio.has_pending(), len(self.aio.inflight)) == marker and not AIO.busy:
-                break
-        self.aio.poll()
+        """Run resumed requests until they next wait (QEMU re-enters them inside ``resume``)."""
+        await self.aio.step()
 
     async def wait_for(self, pred: Callable[[], bool], timeout: float | None,
                        can_happen: Callable[[], bool]) -> bool:
+        """Poll until ``pred()``; False at the timeout, or at once when nothing could make it true."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self.aio.poll()
@@ -196,7 +194,7 @@ class Shell:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
-            if not self.aio.inflight and not AIO.busy and not self.aio.has_pending():
+            if not self.aio.has_pending() and not AIO.busy and (not self.aio.inflight or self.stuck()):
                 return False
             await self.aio.wait(left)
 
@@ -221,7 +219,7 @@ class Shell:
     async def close_image(self) -> None:
         if self.blk is None:
             return
-        await self.drain()
+        await self.drain("closing the image")
         blk, self.blk = self.blk, None
         await blk.close(self.out.error_report)
 

@@ -43,6 +43,9 @@ what the script checks).  ``#! KEYWORD ARGS`` lines are directives:
     filter does not touch them.
 ``#! timeout SECONDS``
     Per-process timeout (default 60).
+``#! xfail REASON``
+    qio is known not to match yet (a missing feature, e.g. one needing the qcow2 driver); pytest
+    runs it as a strict xfail, so the marker must go when the feature lands.
 
 Substitutions in ``args`` tokens and body lines: ``$IMG`` (absolute image path), ``$DIR``
 (absolute run directory, also the cwd of the process), ``$TAB`` (a tab character) and
@@ -148,6 +151,7 @@ class Case:
     keep_prompts: bool = False
     mask_csv: bool = False
     timeout: float = DEFAULT_TIMEOUT
+    xfail: str | None = None
     body: list[str] = field(default_factory=list)
 
     @property
@@ -267,6 +271,8 @@ def parse_case(path: str | os.PathLike[str]) -> Case:
             case.mask_csv = True
         elif key == "timeout":
             case.timeout = float(rest)
+        elif key == "xfail":
+            case.xfail = rest or "known difference"
         else:
             raise CaseError(f"{p}: unknown directive {key!r}")
     case.body = lines[i:]

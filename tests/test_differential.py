@@ -24,9 +24,15 @@ CORPUS = difftest.corpus_files()
 QEMU_IO = difftest.qemu_io_path()
 
 
+def _param(path: Path) -> object:
+    case = difftest.parse_case(path)
+    marks = [pytest.mark.xfail(reason=case.xfail, strict=True)] if case.xfail else []
+    return pytest.param(path, id=str(path.relative_to(difftest.CORPUS_DIR)), marks=marks)
+
+
 @pytest.mark.oracle
 @pytest.mark.skipif(QEMU_IO is None, reason="qemu-io not installed (apt-get install qemu-utils)")
-@pytest.mark.parametrize("path", CORPUS, ids=[str(p.relative_to(difftest.CORPUS_DIR)) for p in CORPUS])
+@pytest.mark.parametrize("path", [_param(p) for p in CORPUS])
 def test_differential(path: Path) -> None:
     result = difftest.run_case(path)
     if not result.ok:

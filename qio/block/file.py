@@ -19,7 +19,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from qio.aio import AIO
+from qio.aio import AIO, AioContext
 from qio.block.driver import (
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
@@ -241,17 +241,22 @@ class FileDriver(BlockDriver):
             self.size = end
 
     async def _run(self, nbytes: int, fn: Any, *args: Any) -> Any:
+        """Do one host I/O: inline when small, in the thread pool when large (see module docstring)."""
         AIO.yields += 1
         try:
             if nbytes <= INLINE_MAX:
-                return fn(*args)
-            AIO.busy += 1
-            try:
-                return await asyncio.get_running_loop().run_in_executor(_executor(), fn, *args)
-            finally:
-                AIO.busy -= 1
+                result = fn(*args)
+            else:
+                AIO.busy += 1
+                try:
+                    return await asyncio.get_running_loop().run_in_executor(_executor(), fn, *args)
+                finally:
+                    AIO.busy -= 1
         except OSError as e:
             raise BlockError(e.errno or errno.EIO) from None
+        if AIO.yield_on_io:
+            await AioContext.current().io_yield()
+        return result
 
     def _direct_io(self, write: bool, qiov: IOVec, offset: int) -> None:
         """O_DIRECT needs page-aligned buffers: go through an anonymous mmap bounce buffer."""
@@ -288,35 +293,32 @@ class FileDriver(BlockDriver):
             await self._run(nbytes, _pwrite_all, self.fd, qiov, offset)
         self.grow_to(offset + nbytes)
 
-    async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
-        AIO.yields += 1
-        if flags & REQ_MAY_UNMAP and offset + nbytes <= self.size:
-            err = _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
-            if err == 0:
-                return
+    def _zero(self, offset: int, nbytes: int, flags: int) -> None:
+        unmap = flags & REQ_MAY_UNMAP and offset + nbytes <= self.size
+        if unmap and _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes) == 0:
+            return
         err = _fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, nbytes)
         if err in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
             raise BlockError(errno.ENOTSUP)
         if err:
             raise BlockError(err)
+
+    async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
+        await self._run(0, self._zero, offset, nbytes, flags)
         self.grow_to(offset + nbytes)
 
-    async def co_pdiscard(self, offset: int, nbytes: int) -> None:
-        AIO.yields += 1
+    def _punch(self, offset: int, nbytes: int) -> None:
         err = _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes)
         if err in (errno.ENOTSUP, errno.EOPNOTSUPP):
             raise BlockError(errno.ENOTSUP)
         if err:
             raise BlockError(err)
 
-    has_flush_to_disk = True
+    async def co_pdiscard(self, offset: int, nbytes: int) -> None:
+        await self._run(0, self._punch, offset, nbytes)
 
     async def co_flush_to_disk(self) -> None:
-        AIO.yields += 1
-        try:
-            os.fdatasync(self.fd)
-        except OSError as e:
-            raise BlockError(e.errno or errno.EIO) from None
+        await self._run(0, os.fdatasync, self.fd)
 
     async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
         """``handle_aiocb_truncate`` for a regular file, with file-posix's messages."""

@@ -456,7 +456,7 @@ def _errstr(exc: BaseException) -> str:
 
 
 async def run_aio_flush(sh: Shell, cmd: object) -> int:
-    await sh.drain()
+    await sh.drain("aio_flush")
     return 0
 
 
