@@ -20,8 +20,15 @@ QEMU's observable rules, and how qio reproduces them:
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import os
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
+
+#: True inside a request submitted by ``aio_read``/``aio_write`` (not a synchronous command's).
+in_aio_request: contextvars.ContextVar[bool] = contextvars.ContextVar("in_aio_request", default=False)
+#: File descriptors an AIO request still needs ``fdatasync``-ed before it may report completion.
+pending_sync: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("pending_sync", default=())
 
 Completion = Callable[[], None]
 
@@ -38,6 +45,10 @@ class AioStats:
     yields = 0
     busy = 0
     yield_on_io = False
+
+    @staticmethod
+    def printf(text: str) -> None:
+        """Where drivers print to qemu-io's stdout (``blkdebug: Suspended request``); set by the shell."""
 
 
 AIO = AioStats()
@@ -77,12 +88,13 @@ async def _tail(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
 
 def start(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any, asyncio.Task[Any] | None]:
     """Enter ``coro`` now.  ``(True, result, None)`` if it finished (exceptions propagate), else
-    ``(False, None, task)`` with a Task that continues it on the event loop."""
+    ``(False, None, task)`` with a Task that continues it on the event loop (in the current context)."""
     try:
         first = coro.send(None)
     except StopIteration as stop:
         return True, stop.value, None
-    return False, None, asyncio.get_running_loop().create_task(_tail(coro, first))
+    ctx = contextvars.copy_context()
+    return False, None, asyncio.get_running_loop().create_task(_tail(coro, first), context=ctx)
 
 
 class AioContext:
@@ -96,7 +108,10 @@ class AioContext:
         self.sync_task: asyncio.Task[Any] | None = None
         self._bh: list[Completion] = []
         self._io: list[asyncio.Future[None]] = []
+        self._after_sync: list[tuple[tuple[int, ...], Callable[[BaseException | None], None]]] = []
         self._wake: asyncio.Event | None = None
+        #: Bumped whenever a request makes visible progress; pollers compare it to detect a standstill.
+        self.progress = 0
         AioContext._current = self
 
     @classmethod
@@ -106,6 +121,7 @@ class AioContext:
 
     def notify(self) -> None:
         """Something happened that a poller may be waiting for."""
+        self.progress += 1
         if self._wake is not None:
             self._wake.set()
 
@@ -121,23 +137,38 @@ class AioContext:
         self.notify()
         await fut
 
+    def defer_fdatasync(self, fd: int) -> None:
+        """Write-through group commit for an AIO request: its ``fdatasync`` joins the next batch.
+
+        QEMU's concurrent write-through requests share flushes (a flush waits for the one in progress,
+        then finds nothing left to do).  qio's AIO requests run one after another, so instead the
+        request finishes at once and its completion is held back until one ``fdatasync`` per file
+        covers every request of the batch; a failing sync fails all of them.
+        """
+        pending_sync.set((*pending_sync.get(), fd))
+
     def submit(self, coro: Coroutine[Any, Any, Any], done: Callable[[BaseException | None, Any], None]) -> None:
         """Start a request now; report ``done(exc, result)`` as QEMU's blk_aio_* would."""
         early = True
 
         async def request() -> None:
+            in_aio_request.set(True)
             exc: BaseException | None = None
             result: Any = None
             try:
                 result = await coro
             except Exception as e:
                 exc = e
-            if early:
+            fds = pending_sync.get()
+            if fds:
+                self._after_sync.append((fds, lambda err: done(err or exc, result)))
+            elif early:
                 self.schedule(lambda: done(exc, result))
             else:
                 done(exc, result)
 
-        finished, _, task = start(request())
+        ctx = contextvars.copy_context()
+        finished, _, task = ctx.run(start, request())
         early = False
         if not finished:
             assert task is not None
@@ -151,6 +182,25 @@ class AioContext:
     def has_pending(self) -> bool:
         """Bottom halves or parked I/O continuations that the next poll will run."""
         return bool(self._bh) or bool(self._io)
+
+    def flush_pending(self) -> bool:
+        return bool(self._after_sync)
+
+    def run_flushes(self) -> None:
+        """Perform the batched ``fdatasync`` calls and queue the held-back completions."""
+        batch, self._after_sync = self._after_sync, []
+        results: dict[int, OSError | None] = {}
+        for fds, _ in batch:
+            for fd in fds:
+                if fd not in results:
+                    try:
+                        os.fdatasync(fd)
+                        results[fd] = None
+                    except OSError as e:
+                        results[fd] = e
+        for fds, complete in batch:
+            err = next((results[fd] for fd in fds if results[fd] is not None), None)
+            self.schedule(lambda c=complete, e=err: c(e))  # type: ignore[misc]
 
     def poll(self) -> bool:
         """One event-loop pass: release parked I/O, run bottom halves newest first."""

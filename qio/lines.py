@@ -83,13 +83,10 @@ class LineReader:
             if self.eof:
                 return None
             # While requests can still progress, keep the event loop (and their completions) going.
-            if self.pollable and (AIO.busy or (sh.aio.inflight and not sh.stuck())):
+            if self.pollable and (AIO.busy or sh.aio.inflight or sh.aio.has_pending()):
                 waiter = asyncio.ensure_future(self.readable())
                 while not waiter.done():
                     sh.aio.poll()
-                    if not AIO.busy and (not sh.aio.inflight or sh.stuck()) and not sh.aio.has_pending():
-                        await waiter
-                        break
                     other = asyncio.ensure_future(sh.aio.wait())
                     await asyncio.wait({waiter, other}, return_when=asyncio.FIRST_COMPLETED)
                     other.cancel()

@@ -35,6 +35,7 @@ class Shell:
         self.quit = False
         self.last_error = 0
         self.aio = AioContext()
+        AIO.printf = out.out  # type: ignore[method-assign]
 
     # -- dispatch ----------------------------------------------------------------------------------
     async def execute(self, line: str) -> int:
@@ -115,33 +116,56 @@ class Shell:
         task.add_done_callback(lambda _: self.aio.notify())
         self.aio.sync_task = task
         try:
-            while True:
-                self.aio.poll()
-                if task.done():
-                    break
-                if self.stuck(include_sync=True):
-                    self.report_stuck("the command")
-                    await self.aio.step()
-                    continue
-                await self.aio.wait()
+            await self.run_until(task.done, "the command")
         finally:
             self.aio.sync_task = None
         self.aio.poll()
         return task.result()
 
+    async def run_until(self, done: Callable[[], bool], what: str, deadline: float | None = None,
+                        on_standstill: Callable[[], bool] | None = None) -> bool:
+        """Run the event loop, printing completions, until ``done()``; False at ``deadline``.
+
+        When nothing can progress any more (every request left is parked at a blkdebug breakpoint),
+        qemu-io would hang.  qio asks ``on_standstill`` (True: give up) or, by default, reports the
+        parked requests and resumes them.
+        """
+        while True:
+            self.aio.poll()
+            if done():
+                return True
+            if self.aio.flush_pending():
+                self.aio.run_flushes()
+                continue
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            if self.aio.has_pending() or AIO.busy:
+                await self.aio.wait(left)
+                continue
+            marker = self.aio.progress
+            await self.aio.step()
+            if self.aio.progress != marker or self.aio.has_pending() or done():
+                continue
+            node = self.debug_node()
+            parked = node.debug_suspended_tags() if node is not None else []
+            if not parked:
+                if not self.aio.inflight and self.aio.sync_task is None:
+                    if on_standstill is not None and on_standstill():
+                        return False
+                    if deadline is None:
+                        return done()
+                await self.aio.wait(left)
+                continue
+            if on_standstill is not None and on_standstill():
+                return False
+            self.report_stuck(what)
+            await self.aio.step()
+
     def debug_node(self) -> BlockDriver | None:
         from qio.commands.debug_cmds import debug_node
 
         return debug_node(self.blk.root) if self.blk is not None else None
-
-    def stuck(self, include_sync: bool = False) -> bool:
-        """True if requests are in flight but none can make progress (all parked at breakpoints)."""
-        if not self.aio.inflight and not (include_sync and self.aio.sync_task):
-            return False
-        if AIO.busy or self.aio.has_pending():
-            return False
-        node = self.debug_node()
-        return node is not None and bool(node.debug_suspended_tags())
 
     def report_stuck(self, what: str) -> None:
         """Resume every parked request rather than hang as qemu-io does (documented in docs/)."""
@@ -156,47 +180,19 @@ class Shell:
 
     async def drain(self, what: str = "draining") -> None:
         """``bdrv_drain_all``: run until nothing is in flight, printing completions as they come."""
-        while True:
-            self.aio.poll()
-            if not self.aio.inflight:
-                break
-            if self.stuck():
-                self.report_stuck(what)
-                await self.aio.step()
-                continue
-            await self.aio.wait()
-        self.aio.poll()
+        await self.run_until(lambda: not self.aio.inflight and not self.aio.flush_pending(), what)
 
     async def sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while True:
-            self.aio.poll()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            await self.aio.wait(left)
-        self.aio.poll()
+        await self.run_until(lambda: False, "sleep", time.monotonic() + seconds, on_standstill=lambda: False)
 
     async def settle(self) -> None:
         """Run resumed requests until they next wait (QEMU re-enters them inside ``resume``)."""
         await self.aio.step()
 
-    async def wait_for(self, pred: Callable[[], bool], timeout: float | None,
-                       can_happen: Callable[[], bool]) -> bool:
-        """Poll until ``pred()``; False at the timeout, or at once when nothing could make it true."""
+    async def wait_for(self, pred: Callable[[], bool], timeout: float | None) -> bool:
+        """``wait_break``: poll until ``pred()``; False at the timeout or at a standstill."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self.aio.poll()
-            if pred():
-                return True
-            if not can_happen():
-                return False
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            if not self.aio.has_pending() and not AIO.busy and (not self.aio.inflight or self.stuck()):
-                return False
-            await self.aio.wait(left)
+        return await self.run_until(pred, "wait_break", deadline, on_standstill=lambda: True)
 
     # -- image management --------------------------------------------------------------------------
     def open_image(self, path: str | None, flags: OpenFlags, options: dict[str, Any]) -> bool:
@@ -221,7 +217,7 @@ class Shell:
             return
         await self.drain("closing the image")
         blk, self.blk = self.blk, None
-        await blk.close(self.out.error_report)
+        await self.sync(blk.close(self.out.error_report))
 
     async def reopen(self, read_only: bool | None, cache: str | None, options: dict[str, Any]) -> None:
         from qio.block.modes import parse_cache_mode

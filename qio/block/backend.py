@@ -13,6 +13,7 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
+from qio.aio import AIO
 from qio.block import io, registry
 from qio.block.driver import (
     REQ_FUA,
@@ -132,6 +133,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         node.filename = file.filename
         node.probed = probed
         node.children.append(Child("file", file))
+        node.refresh_limits()
         node.open(options, flags)
         _check_leftovers(node, options)
     except BaseException:
@@ -163,10 +165,9 @@ def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, w
     node = cls()
     node.flags = flags
     node.read_only = flags.read_only
-    open_children = getattr(node, "open_children", None)
-    if open_children is not None:
-        open_children(options, flags, warn)
     try:
+        node.open_children(options, flags, warn)
+        node.refresh_limits()
         node.open(options, flags)
         _check_leftovers(node, options)
     except BaseException:
@@ -192,10 +193,13 @@ def _probe(file: BlockDriver) -> type[BlockDriver]:
 
 def _run_sync(coro: Any) -> Any:
     """Drive a coroutine that must not suspend (open-time I/O runs before any request exists)."""
+    saved, AIO.yield_on_io = AIO.yield_on_io, False
     try:
         coro.send(None)
     except StopIteration as stop:
         return stop.value
+    finally:
+        AIO.yield_on_io = saved
     coro.close()
     raise QemuError("open-time I/O was suspended")
 

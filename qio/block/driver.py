@@ -96,6 +96,9 @@ class BlockDriver:
         self.request_alignment = 1
         self.max_transfer = 0
         self.pdiscard_alignment = 1
+        self.max_pdiscard = 0
+        self.pwrite_zeroes_alignment = 0
+        self.max_pwrite_zeroes = 0
         self.supported_write_flags = 0
         self.supported_zero_flags = 0
         self.gen = NodeState()
@@ -121,11 +124,23 @@ class BlockDriver:
                 return c.node
         return None
 
+    def refresh_limits(self) -> None:
+        """``bdrv_refresh_limits``: inherit transfer limits from data children (then drivers override)."""
+        for c in self.children:
+            if c.role_primary:
+                n = c.node
+                self.pdiscard_alignment = max(self.pdiscard_alignment, n.pdiscard_alignment)
+                if n.max_transfer and (not self.max_transfer or n.max_transfer < self.max_transfer):
+                    self.max_transfer = n.max_transfer
+
     def child_perm(self, child: Child, perm: int, shared: int) -> tuple[int, int]:
         """Permissions to take on ``child`` given the parent's; filters pass them through."""
         return perm, shared
 
     # -- life cycle --------------------------------------------------------------------------
+    def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
+        """Protocol-level filters (blkdebug) open their own child here, before ``open``."""
+
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         """Open the node from its (already flattened, child-free) option dict."""
 
@@ -161,10 +176,15 @@ class BlockDriver:
     async def co_flush_to_os(self) -> None:
         return None
 
-    async def co_flush_to_disk(self) -> None:
-        return None
+    async def co_flush_to_disk(self) -> bool:
+        """Write back to stable storage; True if the sync was deferred to a group commit."""
+        return False
 
-    has_flush_to_disk: ClassVar[bool] = False
+    #: A driver with its own whole-node flush (blkdebug) replaces the generic flush steps.
+    has_co_flush: ClassVar[bool] = False
+
+    async def co_flush(self) -> None:
+        return None
 
     async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
         raise BlockError(errno.ENOTSUP, "Image format driver does not support resize")

@@ -19,7 +19,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from qio.aio import AIO, AioContext
+from qio.aio import AIO, AioContext, in_aio_request
 from qio.block.driver import (
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
@@ -317,8 +317,12 @@ class FileDriver(BlockDriver):
     async def co_pdiscard(self, offset: int, nbytes: int) -> None:
         await self._run(0, self._punch, offset, nbytes)
 
-    async def co_flush_to_disk(self) -> None:
+    async def co_flush_to_disk(self) -> bool:
+        if in_aio_request.get() and not AIO.yield_on_io:
+            AioContext.current().defer_fdatasync(self.fd)
+            return True  # deferred: the node is not clean yet
         await self._run(0, os.fdatasync, self.fd)
+        return False
 
     async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
         """``handle_aiocb_truncate`` for a regular file, with file-posix's messages."""

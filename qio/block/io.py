@@ -242,18 +242,35 @@ async def _driver_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
 
 
 async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: int) -> None:
+    """``bdrv_co_do_pwrite_zeroes``: aligned chunks to the driver, falling back to writing zeroes."""
+    alignment = max(node.pwrite_zeroes_alignment, node.request_alignment)
+    max_zero = node.max_pwrite_zeroes or (2**31 - 1) // alignment * alignment
+    max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE) // alignment * alignment or alignment
     need_flush = bool(flags & REQ_FUA) and not (node.supported_zero_flags & REQ_FUA)
-    try:
-        await node.co_pwrite_zeroes(offset, nbytes, flags & node.supported_zero_flags)
-    except BlockError as e:
-        if e.errno != errno.ENOTSUP or flags & REQ_NO_FALLBACK:
-            raise
-        zeros = memoryview(bytes(min(nbytes, MAX_BOUNCE)))
-        done = 0
-        while done < nbytes:
-            n = min(len(zeros), nbytes - done)
-            await node.co_pwritev(offset + done, n, [zeros[:n]], 0)
-            done += n
+    if need_flush:
+        flags &= ~REQ_FUA
+    head = offset % alignment
+    tail = (offset + nbytes) % alignment
+    zeros: memoryview | None = None
+    while nbytes > 0:
+        num = nbytes
+        if head:
+            num = min(nbytes, max_transfer, alignment - head)
+            head = (head + num) % alignment
+        elif tail and num > alignment:
+            num -= tail
+        num = min(num, max_zero)
+        try:
+            await node.co_pwrite_zeroes(offset, num, flags & node.supported_zero_flags)
+        except BlockError as e:
+            if e.code != errno.ENOTSUP or flags & REQ_NO_FALLBACK:
+                raise
+            num = min(num, max_transfer)
+            if zeros is None or len(zeros) < num:
+                zeros = memoryview(bytes(num))
+            await _driver_pwritev(node, offset, num, [zeros[:num]], flags & ~(REQ_ZERO_WRITE | REQ_NO_FALLBACK))
+        offset += num
+        nbytes -= num
     if need_flush:
         await flush(node)
 
@@ -273,12 +290,16 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
     align = max(node.request_alignment, node.pdiscard_alignment)
     start = -(-offset // align) * align
     end = (offset + nbytes) // align * align
+    step = node.max_pdiscard or end - start
     try:
-        if end > start:
-            await node.co_pdiscard(start, end - start)
-    except BlockError as e:
-        if e.errno != errno.ENOTSUP:
-            raise
+        while end > start:
+            n = min(step, end - start)
+            try:
+                await node.co_pdiscard(start, n)
+            except BlockError as e:
+                if e.code != errno.ENOTSUP:
+                    raise
+            start += n
     finally:
         node.gen.write_gen += 1
 
@@ -286,6 +307,9 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
 async def flush(node: BlockDriver) -> None:
     """``bdrv_co_flush``: write back to the OS, then to the disk if written since, then children."""
     if node.read_only:
+        return
+    if node.has_co_flush:
+        await node.co_flush()
         return
     current = node.gen.write_gen
     primary = node.primary_child()
@@ -295,7 +319,8 @@ async def flush(node: BlockDriver) -> None:
     if not node.flags.no_flush and node.gen.flushed_gen != current:
         if primary is not None and primary.has_debug_hooks:
             await primary.debug_event(Event.FLUSH_TO_DISK)
-        await node.co_flush_to_disk()
+        if await node.co_flush_to_disk():
+            current = node.gen.flushed_gen  # deferred: a later flush must still sync
     node.gen.flushed_gen = current
     first: BlockError | None = None
     for c in node.children:

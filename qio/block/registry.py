@@ -12,9 +12,10 @@ from qio.block.driver import BlockDriver
 _MODULES = {
     "file": ("qio.block.file", "FileDriver"),
     "raw": ("qio.block.raw", "RawDriver"),
+    "blkdebug": ("qio.block.blkdebug", "BlkdebugDriver"),
 }
 #: Filename prefixes (``blkdebug:cfg:img``) that select a protocol driver.
-PROTOCOL_PREFIXES = {"file": "file"}
+PROTOCOL_PREFIXES = {"file": "file", "blkdebug": "blkdebug"}
 FORMATS: tuple[str, ...] = ("raw",)
 
 

@@ -100,9 +100,7 @@ async def run_wait_break(sh: Shell, cmd: WaitBreak) -> int:
         sh.out.out(f"wait_break: no blkdebug node below the image, request '{cmd.tag}' can never be "
                    "suspended\n")
         return -errno.ENOTSUP
-    ok = await sh.wait_for(lambda: node.debug_is_suspended(cmd.tag), cmd.timeout,
-                           can_happen=lambda: node.debug_can_suspend(cmd.tag, bool(sh.aio.inflight)))
-    if ok:
+    if await sh.wait_for(lambda: node.debug_is_suspended(cmd.tag), cmd.timeout):
         return 0
     if cmd.timeout is not None and node.debug_can_suspend(cmd.tag, bool(sh.aio.inflight)):
         sh.out.out(f"wait_break: timed out after {cmd.timeout:g} s waiting for request '{cmd.tag}'\n")

@@ -1,0 +1,237 @@
+"""blkdebug's configuration: QEMU's INI dialect (``qemu_config_parse``) and the rule options.
+
+Rules come from a config file (repeated ``[inject-error]`` / ``[set-state]`` sections, which
+configparser cannot represent) and from inline options (``inject-error.0.event=...`` or JSON
+arrays).  The file is read line by line exactly as QEMU's ``sscanf`` patterns read it, including
+their quirks: ``key="v"`` without spaces is one (invalid) key, an unquoted value is the empty string,
+``#`` starts a comment only in column 0.  Every message is QEMU's.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, NamedTuple
+
+import pyparsing as pp
+
+from qio.block.errors import QemuError
+from qio.block.events import EVENT_NAMES
+
+IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
+DEFAULT_IOTYPES = frozenset(("read", "write", "write-zeroes", "discard", "flush"))
+_TYPES = {
+    "inject-error": {"event": "string", "state": "number", "iotype": "string", "errno": "number",
+                     "sector": "number", "once": "bool", "immediately": "bool"},
+    "set-state": {"event": "string", "state": "number", "new_state": "number"},
+}
+_TRUE = ("on", "yes", "true", "y")
+_FALSE = ("off", "no", "false", "n")
+
+
+# -- the line grammar ----------------------------------------------------------------------------
+def _grammar() -> tuple[pp.ParserElement, pp.ParserElement, pp.ParserElement]:
+    """Section headers and ``name = "value"`` lines, mirroring QEMU's sscanf formats.
+
+    ``[%63s "%63[^"]"]`` / ``[%63[^]]]`` for headers and `` %63s = "%1023[^"]"`` for assignments: a
+    space in a scanf format matches any run of white space, ``%s`` stops at white space, and the
+    assignment counts as matched once the name was read (an unquoted value reads as empty).
+    """
+    ws = pp.Regex(r"[ \t\n\v\f\r]*").suppress()
+    token = pp.Regex(r"[^ \t\n\v\f\r]{1,63}")
+    group_id = (pp.Literal("[").suppress() + token("group") + ws + pp.Literal('"').suppress()
+                + pp.Regex(r'[^"]{1,63}')("id") + pp.Literal('"').suppress())
+    group = pp.Literal("[").suppress() + pp.Regex(r"[^\]]{1,63}")("group") + pp.Literal("]").suppress()
+    quoted = pp.Literal('"').suppress() + pp.Regex(r'[^"]{0,1023}')("value")
+    assignment = ws + token("name") + pp.Opt(ws + pp.Literal("=").suppress() + ws + pp.Opt(quoted))
+    for g in (group_id, group, assignment):
+        g.leave_whitespace()
+        for e in g.exprs if isinstance(g, pp.ParseExpression) else []:
+            e.leave_whitespace()
+    return group_id, group, assignment
+
+
+_GRAMMAR: tuple[pp.ParserElement, pp.ParserElement, pp.ParserElement] | None = None
+
+
+class Section(NamedTuple):
+    group: str
+    values: dict[str, str]
+    id: str | None
+
+
+def parse_config_text(text: str) -> list[Section]:
+    """``qemu_config_foreach``: the sections of a config file, validated as they complete."""
+    global _GRAMMAR
+    if _GRAMMAR is None:
+        _GRAMMAR = _grammar()
+    group_id, group, assignment = _GRAMMAR
+    sections: list[Section] = []
+    current: Section | None = None
+    for raw in _fgets_lines(text):
+        if raw.startswith("\n") or raw.startswith("#"):
+            continue
+        if raw.startswith("["):
+            header: pp.ParseResults | None = None
+            for g in (group_id, group):
+                try:
+                    header = g.parse_string(raw)
+                    break
+                except pp.ParseException:
+                    continue
+            if header is not None:
+                if current is not None:
+                    sections.append(_validate(current))
+                current = Section(header["group"], {}, header.get("id"))
+                continue
+        try:
+            m = assignment.parse_string(raw)
+        except pp.ParseException:
+            raise QemuError("parse error") from None
+        if current is None:
+            raise QemuError("no group defined")
+        current.values[m["name"]] = m.get("value", "") or ""
+    if current is not None:
+        sections.append(_validate(current))
+    return sections
+
+
+def _fgets_lines(text: str) -> list[str]:
+    """Lines as ``fgets(line, 1024, f)`` returns them: with their newline, long ones in pieces."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        while len(line) > 1023:
+            out.append(line[:1023])
+            line = line[1023:]
+        out.append(line)
+    return out
+
+
+def _validate(section: Section) -> Section:
+    """``qemu_opts_from_qdict``: the group must exist and every value must have its type."""
+    types = _TYPES.get(section.group)
+    if types is None:
+        raise QemuError(f"There is no option group '{section.group}'")
+    for key, value in section.values.items():
+        kind = types.get(key)
+        if kind is None:
+            raise QemuError(f"Invalid parameter '{key}'")
+        check_value(key, value, kind)
+    return section
+
+
+# -- option values ---------------------------------------------------------------------------------
+def strtou64(value: str) -> int | None:
+    """``qemu_strtou64(value, NULL, 0)``: base 0, leading space, a '-' wraps; None if invalid."""
+    s = value.lstrip(" \t\n\v\f\r")
+    neg = s.startswith("-")
+    if s[:1] in "+-" and s:
+        s = s[1:]
+    if not s:
+        return None
+    try:
+        if s[:2].lower() == "0x":
+            v = int(s[2:], 16) if s[2:] and not s[2:].startswith(("+", "-", "_")) else None
+        elif s.startswith("0") and len(s) > 1:
+            v = int(s[1:], 8) if not s[1:].startswith(("+", "-", "_")) else None
+        else:
+            v = int(s, 10) if s.isdigit() else None
+    except ValueError:
+        return None
+    if v is None:
+        return None
+    if v >= 2**64:
+        return -1  # ERANGE marker
+    return (-v) % 2**64 if neg else v
+
+
+def check_value(key: str, value: Any, kind: str) -> Any:
+    """Convert one option value as QemuOpts would, with its error messages."""
+    if kind == "string":
+        return str(value)
+    if kind == "number":
+        if isinstance(value, bool):
+            raise QemuError(f"Parameter '{key}' expects a number")
+        if isinstance(value, int):
+            return value % 2**64
+        v = strtou64(str(value))
+        if v == -1:
+            raise QemuError(f"Value '{value}' is too large for parameter '{key}'")
+        if v is None:
+            raise QemuError(f"Parameter '{key}' expects a number")
+        return v
+    if isinstance(value, bool):
+        return value
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise QemuError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+def as_int(v: int) -> int:
+    """A uint64 option stored into a C ``int``."""
+    v &= 0xFFFFFFFF
+    return v - 2**32 if v >= 2**31 else v
+
+
+def as_int64(v: int) -> int:
+    return v - 2**64 if v >= 2**63 else v
+
+
+class RuleSpec(NamedTuple):
+    action: str  # "inject-error" | "set-state"
+    event: str
+    state: int
+    errno: int = errno.EIO
+    once: bool = False
+    immediately: bool = False
+    offset: int = -1
+    iotypes: frozenset[str] = DEFAULT_IOTYPES
+    new_state: int = 0
+
+
+def make_rule(action: str, values: dict[str, Any]) -> RuleSpec:
+    """``add_rule``: validate the event and iotype names and apply the defaults."""
+    types = _TYPES[action]
+    conv = {k: check_value(k, v, types[k]) for k, v in values.items() if k in types}
+    event = conv.get("event")
+    if event is None:
+        raise QemuError("Missing event name for rule")
+    if event not in EVENT_NAMES:
+        raise QemuError(f"invalid parameter value: {event}")
+    state = as_int(conv.get("state", 0))
+    if action == "set-state":
+        return RuleSpec(action, event, state, new_state=as_int(conv.get("new_state", 0)))
+    iotypes = DEFAULT_IOTYPES
+    if "iotype" in conv:
+        if conv["iotype"] not in IOTYPES:
+            raise QemuError(f"invalid parameter value: {conv['iotype']}")
+        iotypes = frozenset((conv["iotype"],))
+    sector = as_int64(conv.get("sector", 2**64 - 1))
+    return RuleSpec(action, event, state, as_int(conv.get("errno", errno.EIO)), conv.get("once", False),
+                    conv.get("immediately", False), -1 if sector == -1 else sector * 512, iotypes)
+
+
+def inline_sections(options: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``qemu_config_parse_qdict``: ``inject-error.N.key`` options (consumed from ``options``)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for group in ("inject-error", "set-state"):
+        prefix = group + "."
+        keys = [k for k in options if k.startswith(prefix)]
+        if not keys:
+            continue
+        entries: dict[int, dict[str, Any]] = {}
+        for k in keys:
+            rest = k[len(prefix):]
+            idx, dot, key = rest.partition(".")
+            if not dot or not idx.isdigit():
+                raise QemuError(f"Unused option '{rest}' for [{group}]" if dot else f"Invalid parameter '{rest}'")
+            entries.setdefault(int(idx), {})[key] = options.pop(k)
+        for i in range(len(entries)):
+            if i not in entries:
+                raise QemuError(f"Unused option '{min(entries)}' for [{group}]")
+            for key in entries[i]:
+                if key not in _TYPES[group]:
+                    raise QemuError(f"Invalid parameter '{key}'")
+            out.append((group, entries[i]))
+    return out
