@@ -160,7 +160,7 @@ async def _amain(args: Args, out: Output) -> int:
             from qio.qemuopts import parse_qemuopts
 
             try:
-                options = parse_qemuopts(args.image, lambda m: out.warn_report(m), implied="file")
+                options = parse_qemuopts(args.image, lambda m: out.warn_report(m))
             except QemuError as e:
                 out.error_report(str(e))
                 return 1

@@ -43,12 +43,6 @@ class LineReader:
             return line
         return None
 
-    def buffered_line(self) -> bool:
-        return self._take_peek()
-
-    def _take_peek(self) -> bool:
-        return b"\n" in self.buf[: MAXLINE - 1] or len(self.buf) >= MAXLINE - 1 or self.eof
-
     async def readable(self) -> None:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()

@@ -8,6 +8,7 @@ a bare ``key`` means ``key=on`` (deprecated, with QEMU's warning).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -73,13 +74,25 @@ def flatten(obj: Any, prefix: str = "") -> Options:
 
 def parse_json_filename(filename: str) -> Options:
     """``json:{"driver": "raw", "file": {...}}`` to flat options."""
+    text = filename[5:]
     try:
-        obj = json.loads(filename[5:])
-    except ValueError as e:
-        raise QemuError(f"Could not parse the JSON options: {e}") from None
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise QemuError(f"Could not parse the JSON options: JSON parse error, {_json_error(text, e)}") from None
     if not isinstance(obj, dict):
         raise QemuError("Invalid JSON object given")
     return flatten(obj)
+
+
+def _json_error(text: str, e: json.JSONDecodeError) -> str:
+    """QEMU's JSON parser's wording for the common mistakes."""
+    rest = text[e.pos:].lstrip()
+    if not rest:
+        return "premature EOI"
+    word = re.match(r"[A-Za-z_][A-Za-z0-9_]*", rest)
+    if word:
+        return f"invalid keyword '{word.group(0)}'"
+    return e.msg[0].lower() + e.msg[1:]
 
 
 def sub_options(options: Options, prefix: str) -> Options:

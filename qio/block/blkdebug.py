@@ -155,7 +155,8 @@ class BlkdebugDriver(BlockDriver):
                 options["x-image"] = image
             else:
                 options["x-image"] = filename
-        self.config = options.get("config")
+        config = options.get("config")
+        self.config = None if config is None else str(config)
         self._read_config(options)
         self.state = 1
         child_opts = sub_options(options, "image")
@@ -199,7 +200,7 @@ class BlkdebugDriver(BlockDriver):
             raise QemuError(f"Cannot meet constraints with align {align}")
         base = max(align, child.request_alignment)
         self.request_alignment = align or 1
-        limits = {}
+        limits: dict[str, int] = {}
         for key, multiple_of in (("max-transfer", base), ("opt-write-zero", base), ("max-write-zero", None),
                                  ("opt-discard", base), ("max-discard", None)):
             v = self._size(options, key)

@@ -81,7 +81,7 @@ def parse_config_text(text: str) -> list[Section]:
             if header is not None:
                 if current is not None:
                     sections.append(_validate(current))
-                current = Section(header["group"], {}, header.get("id"))
+                current = Section(header["group"], {}, header["id"] if "id" in header else None)
                 continue
         try:
             m = assignment.parse_string(raw)
@@ -89,7 +89,7 @@ def parse_config_text(text: str) -> list[Section]:
             raise QemuError("parse error") from None
         if current is None:
             raise QemuError("no group defined")
-        current.values[m["name"]] = m.get("value", "") or ""
+        current.values[m["name"]] = m["value"] if "value" in m else ""
     if current is not None:
         sections.append(_validate(current))
     return sections

@@ -42,10 +42,6 @@ class RawDriver(BlockDriver):
         self.offset = 0
         self.size: int | None = None
 
-    @staticmethod
-    def probe(buf: bytes, filename: str) -> int:
-        return 1
-
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         self.flags = flags
         self.read_only = flags.read_only

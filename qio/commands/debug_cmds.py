@@ -76,22 +76,17 @@ class WaitBreak(NamedTuple):
 
 
 def parse_wait_break(inv: Invocation) -> WaitBreak:
-    timeout: float | None = None
-    g = inv.getopt()
-    for c, arg in g:
-        if c == "t":
-            v = strtol0(arg or "")
-            if v is None or v < 0:
-                raise inv.fail(-errno.EINVAL, f"{arg} is not a valid number\n")
-            timeout = float(v)
-        else:
-            raise inv.usage(-errno.EINVAL)
-    if len(g.args) != 1 or (timeout is None and len(inv.argv) > 2):
-        # Without -t, keep qemu-io's argument-count message for its "wait_break tag" syntax.
-        inv.messages.append((STDERR, f"bad argument count {len(inv.argv) - 1} to {inv.argv[0]}, "
-                                     "expected 1 arguments\n"))
-        raise ParseFailure(-errno.EINVAL, inv.messages)
-    return WaitBreak(g.args[0], timeout)
+    """``wait_break TAG`` as in qemu-io (any word is a tag), or qio's ``wait_break -t SECONDS TAG``."""
+    args = inv.argv[1:]
+    if len(args) == 1:
+        return WaitBreak(args[0])
+    if len(args) == 3 and args[0] == "-t":
+        v = strtol0(args[1])
+        if v is None or v < 0:
+            raise inv.fail(-errno.EINVAL, f"{args[1]} is not a valid number\n")
+        return WaitBreak(args[2], float(v))
+    inv.messages.append((STDERR, f"bad argument count {len(args)} to {inv.argv[0]}, expected 1 arguments\n"))
+    raise ParseFailure(-errno.EINVAL, inv.messages)
 
 
 async def run_wait_break(sh: Shell, cmd: WaitBreak) -> int:

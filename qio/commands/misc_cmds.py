@@ -177,9 +177,14 @@ def parse_sigraise(inv: Invocation) -> int:
     return sig
 
 
+#: Signals qemu-io ignores (SIGPIPE) or blocks in its main loop (SIG_IPI=SIGUSR1, SIGIO, SIGALRM,
+#: SIGBUS): raising them leaves it running.
+_HARMLESS = {signal.SIGPIPE, signal.SIGUSR1, signal.SIGIO, signal.SIGALRM, signal.SIGBUS}
+
+
 async def run_sigraise(sh: Shell, sig: int) -> int:
     sh.out.flush()
-    if sig == 0 or sig == signal.SIGPIPE or not 0 < sig < signal.NSIG:
+    if sig == 0 or sig in _HARMLESS or not 0 < sig < signal.NSIG:
         return 0
     try:
         signal.signal(sig, signal.SIG_DFL)

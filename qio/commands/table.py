@@ -47,7 +47,7 @@ COMMANDS = (
     C("resume", "resumes the request tagged as tag", "debug_cmds.resume", args="tag", argmin=1, argmax=1),
     # qemu-io: exactly 1 argument.  qio adds "-t SECONDS", so its parser checks the count instead.
     C("wait_break", "waits for the suspension of a request", "debug_cmds.wait_break", args="tag", argmin=0,
-      argmax=-1, optstring="t:"),
+      argmax=-1),
     C("abort", "simulate a program crash using abort(3)", "misc_cmds.abort", flags=NOFILE_OK),
     C("sleep", "waits for the given value in milliseconds", "misc_cmds.sleep", argmin=1, argmax=1,
       flags=NOFILE_OK),
