@@ -147,22 +147,22 @@ class BlkdebugDriver(BlockDriver):
             filename = str(filename)
             if filename.startswith("blkdebug:"):
                 rest = filename[len("blkdebug:"):]
-                config, colon, image = rest.partition(":")
+                cfg, colon, img = rest.partition(":")
                 if not colon:
                     raise QemuError("blkdebug requires both config file and image path")
-                if config:
-                    options["config"] = config
-                options["x-image"] = image
+                if cfg:
+                    options["config"] = cfg
+                options["x-image"] = img
             else:
                 options["x-image"] = filename
-        config = options.get("config")
-        self.config = None if config is None else str(config)
+        cfg_opt = options.get("config")
+        self.config = None if cfg_opt is None else str(cfg_opt)
         self._read_config(options)
         self.state = 1
         child_opts = sub_options(options, "image")
-        image = options.get("x-image")
-        if image is not None:
-            child_opts.setdefault("filename", image)
+        x_image = options.get("x-image")
+        if x_image is not None:
+            child_opts.setdefault("filename", x_image)
         if "image" in options and isinstance(options["image"], str):
             raise QemuError("Node references are not supported by qio; give the image's options instead")
         if not child_opts:
