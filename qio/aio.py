@@ -27,6 +27,9 @@ from typing import Any
 
 #: True inside a request submitted by ``aio_read``/``aio_write`` (not a synchronous command's).
 in_aio_request: contextvars.ContextVar[bool] = contextvars.ContextVar("in_aio_request", default=False)
+#: The request being processed, for traces: (operation, offset, bytes).
+current_request: contextvars.ContextVar[tuple[str, int, int] | None] = contextvars.ContextVar(
+    "current_request", default=None)
 #: File descriptors an AIO request still needs ``fdatasync``-ed before it may report completion.
 pending_sync: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("pending_sync", default=())
 

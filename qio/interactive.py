@@ -75,6 +75,7 @@ def make_session(sh: Shell, history: History | None = None, **kw: object) -> Pro
 async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None) -> None:
     """Read commands at a ``prgname>`` prompt until EOF (Ctrl-D) or ``quit``."""
     session = session or make_session(sh)
+    sh.interactive = True
     prompt = f"{sh.prgname}> "
 
     async def background() -> None:

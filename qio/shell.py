@@ -8,6 +8,7 @@ qemu-io's observable output (see :mod:`qio.aio`).
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import time
 from collections.abc import Callable, Coroutine
@@ -33,6 +34,8 @@ class Shell:
         self.table = build_table()
         self.blk: BlockBackend | None = None
         self.quit = False
+        #: Reading commands from a terminal (``help`` then also lists qio's own commands).
+        self.interactive = False
         self.last_error = 0
         self.aio = AioContext()
         AIO.printf = out.out  # type: ignore[method-assign]
@@ -103,7 +106,7 @@ class Shell:
         """
         before = AIO.yields
         try:
-            finished, result, task = start(coro)
+            finished, result, task = contextvars.copy_context().run(start, coro)
         except BaseException:
             if always_poll or AIO.yields != before:
                 self.aio.poll()

@@ -13,7 +13,7 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
-from qio.aio import AIO
+from qio.aio import AIO, current_request
 from qio.block import io, registry
 from qio.block.driver import (
     REQ_FUA,
@@ -286,20 +286,24 @@ class BlockBackend:
             raise BlockError(errno.EIO)
 
     async def preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
+        current_request.set(("read", offset, nbytes))
         self._check(offset, nbytes)
         await io.preadv(self.root, offset, nbytes, qiov)
 
     async def pwritev(self, offset: int, nbytes: int, qiov: IOVec | None, flags: int = 0) -> None:
+        current_request.set(("write-zeroes" if qiov is None else "write", offset, nbytes))
         self._check(offset, nbytes)
         if self.writethrough:
             flags |= REQ_FUA
         await io.pwritev(self.root, offset, nbytes, qiov, flags)
 
     async def pdiscard(self, offset: int, nbytes: int) -> None:
+        current_request.set(("discard", offset, nbytes))
         self._check(offset, nbytes)
         await io.pdiscard(self.root, offset, nbytes)
 
     async def flush(self) -> None:
+        current_request.set(("flush", 0, 0))
         await io.flush(self.root)
 
     async def truncate(self, offset: int, prealloc: str) -> None:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from contextvars import ContextVar
 from typing import Any, ClassVar
 
 from qio import trace
-from qio.aio import AIO, AioContext
+from qio.aio import AIO, AioContext, current_request
 from qio.block import io
 from qio.block.blkdebug_config import RuleSpec, inline_sections, make_rule, parse_config_text
 from qio.block.driver import (
@@ -44,9 +43,6 @@ from qio.numbers import qemu_strtosz
 INT_MAX = 2**31 - 1
 INJECT, SET_STATE, SUSPEND = 0, 1, 2
 _ACTIONS = {"inject-error": INJECT, "set-state": SET_STATE}
-
-#: The request being processed, for traces: (operation, offset, bytes).
-current_request: ContextVar[tuple[str, int, int] | None] = ContextVar("current_request", default=None)
 
 
 class Rule:

@@ -102,3 +102,37 @@ async def run_wait_break(sh: Shell, cmd: WaitBreak) -> int:
         return -errno.ETIMEDOUT
     sh.out.out(f"wait_break: no request can reach a breakpoint tagged '{cmd.tag}'\n")
     return -errno.ENOENT
+
+
+async def run_debug_state(sh: Shell, cmd: object) -> int:
+    """qio extension: what the debugger knows (qemu-io cannot show any of it)."""
+    node = debug_node(sh.require_blk().root)
+    if node is None:
+        sh.out.out("no blkdebug node below the image\n")
+        return -errno.ENOTSUP
+    state = getattr(node, "debug_state", None)
+    lines = state() if state is not None else []
+    sh.out.out("".join(f"{line}\n" for line in lines))
+    return 0
+
+
+def parse_trace(inv: Invocation) -> str | None:
+    return inv.argv[1] if len(inv.argv) > 1 else None
+
+
+async def run_trace(sh: Shell, pattern: str | None) -> int:
+    """qio extension: enable/disable trace events at run time, or list them."""
+    from qio import trace
+
+    if not trace._sink:
+        trace.set_sink(sh.out.err)
+    if pattern is None:
+        for name, what in trace.EVENTS.items():
+            mark = "on " if name in trace.enabled else "off"
+            sh.out.out(f"{mark} {name}: {what}\n")
+        return 0
+    warned: list[str] = []
+    trace.enable(pattern, warned.append)
+    for w in warned:
+        sh.out.error_report(f"warning: {w}")
+    return -errno.ENOENT if warned else 0

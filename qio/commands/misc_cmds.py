@@ -142,7 +142,7 @@ def parse_help(inv: Invocation) -> Help:
 
 async def run_help(sh: Shell, cmd: Help) -> int:
     if cmd.word is None:
-        sh.out.out(sh.table.help_all())
+        sh.out.out(sh.table.help_all(extensions=sh.interactive))
         return 0
     spec = sh.table.find(cmd.word)
     if spec is None:

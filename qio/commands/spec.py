@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 GLOBAL = 1  # works without an image, before any check (help, quit)
 NOFILE_OK = 2  # works without an image (open, sleep, sigraise, abort)
+EXTENSION = 4  # qio's own command: listed by ``help`` only at a terminal, so piped output stays qemu-io's
 
 STDOUT, STDERR = 1, 2
 Message = tuple[int, str]
@@ -120,5 +121,8 @@ class CommandTable:
         """Every name and alias, for completion."""
         return sorted(self._lookup)
 
-    def help_all(self) -> str:
-        return "".join(s.usage_line() for s in self) + "\nUse 'help commandname' for extended help.\n"
+    def help_all(self, extensions: bool = False) -> str:
+        text = "".join(s.usage_line() for s in self if not s.flags & EXTENSION)
+        if extensions:
+            text += "\nqio extensions:\n" + "".join(s.usage_line() for s in self if s.flags & EXTENSION)
+        return text + "\nUse 'help commandname' for extended help.\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qio.block.perms import PERM_RESIZE, PERM_WRITE
 from qio.commands import help_texts as H
-from qio.commands.spec import GLOBAL, NOFILE_OK, CommandSpec, CommandTable
+from qio.commands.spec import EXTENSION, GLOBAL, NOFILE_OK, CommandSpec, CommandTable
 
 C = CommandSpec
 COMMANDS = (
@@ -48,6 +48,10 @@ COMMANDS = (
     # qemu-io: exactly 1 argument.  qio adds "-t SECONDS", so its parser checks the count instead.
     C("wait_break", "waits for the suspension of a request", "debug_cmds.wait_break", args="tag", argmin=0,
       argmax=-1),
+    C("debug_state", "shows blkdebug breakpoints, suspended requests, state and rules", "debug_cmds.debug_state",
+      flags=EXTENSION),
+    C("trace", "prints blkdebug events as they fire (PATTERN enables, -PATTERN disables)", "debug_cmds.trace",
+      args="[[-]pattern]", argmin=0, argmax=1, flags=NOFILE_OK | EXTENSION),
     C("abort", "simulate a program crash using abort(3)", "misc_cmds.abort", flags=NOFILE_OK),
     C("sleep", "waits for the given value in milliseconds", "misc_cmds.sleep", argmin=1, argmax=1,
       flags=NOFILE_OK),
