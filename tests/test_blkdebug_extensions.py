@@ -114,7 +114,7 @@ def test_debug_state_shows_everything(img: Path, tmp_path: Path) -> None:
     first = out[out.index("blkdebug state: "): out.index("blkdebug: Resuming")]
     assert first.splitlines() == [
         "blkdebug state: 2", "breakpoints:", "    pwritev B", "suspended requests:", "    A", "rules:",
-        "    set-state event=write_aio state=1 new_state=2", "    inject-error event=read_aio errno=28 once=on",
+        "    inject-error event=read_aio errno=28 once=on", "    set-state event=write_aio state=1 new_state=2",
         "active inject-error rules: none"]
     second = out[out.index("blkdebug: Resuming"):]
     assert "suspended requests:\n    B\n" in second and "breakpoints: none" in second
