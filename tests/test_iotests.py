@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = ROOT.parent / "shared" / "tools" / "run-qemu-iotests.sh"
-RAW_TESTS = ["001", "002", "003", "004", "005", "008"]
+RAW_TESTS = ["001", "002", "003", "004", "005", "008", "077"]
 
 
 def _qio() -> str:
