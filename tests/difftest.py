@@ -22,6 +22,14 @@ what the script checks).  ``#! KEYWORD ARGS`` lines are directives:
 ``#! file NAME BYTE|seq|hex:HEX COUNT``
     Create the helper file ``$DIR/NAME`` with COUNT bytes filled like ``fill``
     (``#! file empty.bin 0 0`` makes an empty file).  Any number of these.
+``#! text NAME [no-final-newline]``
+    Create the text file ``$DIR/NAME`` (e.g. a blkdebug config file).  Its content is given by
+    the ``#| LINE`` header lines that follow the directive: each line with its ``#| `` prefix
+    (``#|`` plus one space) stripped and a ``\\n`` appended (a bare ``#|`` is an empty line; any
+    further leading blanks are kept, so indented and blank-only lines can be written).  ``$TAB``,
+    ``$DIR`` and ``$IMG`` are substituted in the lines.  With ``no-final-newline`` the last line
+    gets no ``\\n``.  No ``#|`` lines: an empty file.  Any number of these; ``#|`` lines
+    anywhere else are an error.
 ``#! args ARG...``
     qemu-io options, split with ``shlex``.  The command line is
     ``qemu-io ARGS [-c LINE]... [$IMG]``; ``$IMG`` is appended unless an argument already
@@ -136,6 +144,13 @@ class HelperFile:
 
 
 @dataclass
+class TextFile:
+    name: str
+    lines: list[str] = field(default_factory=list)
+    final_newline: bool = True
+
+
+@dataclass
 class Case:
     path: Path
     comments: list[str] = field(default_factory=list)
@@ -144,6 +159,7 @@ class Case:
     create_image: bool = True
     append_image: bool = True
     files: list[HelperFile] = field(default_factory=list)
+    texts: list[TextFile] = field(default_factory=list)
     args: list[str] = field(default_factory=list)
     mode: str = "c"
     final_newline: bool = True
@@ -227,9 +243,18 @@ def parse_case(path: str | os.PathLike[str]) -> Case:
         lines.pop()
     case = Case(path=p)
     i = 0
+    last_key: str | None = None
     while i < len(lines) and lines[i].startswith("#"):
         line = lines[i]
         i += 1
+        if line.startswith("#|"):
+            if line != "#|" and not line.startswith("#| "):
+                raise CaseError(f"{p}: text lines must start with '#| ' (or be a bare '#|')")
+            if last_key != "text":
+                raise CaseError(f"{p}: '#|' line outside a '#! text' block")
+            case.texts[-1].lines.append(line[3:])
+            continue
+        last_key = None
         if not line.startswith("#!"):
             case.comments.append(line[1:].strip())
             continue
@@ -238,6 +263,7 @@ def parse_case(path: str | os.PathLike[str]) -> Case:
             raise CaseError(f"{p}: empty directive")
         key, rest = words[0], (words[1] if len(words) > 1 else "")
         parts = rest.split()
+        last_key = key
         if key == "image":
             if len(parts) != 1:
                 raise CaseError(f"{p}: usage: #! image SIZE")
@@ -255,6 +281,15 @@ def parse_case(path: str | os.PathLike[str]) -> Case:
             if len(parts) != 3 or "/" in parts[0] or parts[0] in (".", ".."):
                 raise CaseError(f"{p}: usage: #! file NAME BYTE|seq|hex:HEX COUNT")
             case.files.append(HelperFile(parts[0], _parse_fill(parts[1], p), _parse_size(parts[2], p)))
+        elif key == "text":
+            if (
+                not 1 <= len(parts) <= 2
+                or "/" in parts[0]
+                or parts[0] in (".", "..", IMAGE_NAME)
+                or parts[1:] not in ([], ["no-final-newline"])
+            ):
+                raise CaseError(f"{p}: usage: #! text NAME [no-final-newline]")
+            case.texts.append(TextFile(parts[0], final_newline=len(parts) == 1))
         elif key == "args":
             case.args = shlex.split(rest)
         elif key == "mode":
@@ -341,6 +376,11 @@ def _populate(case: Case, run_dir: Path) -> None:
                 f.write(_fill_bytes(case.image_fill, case.image_size))
     for hf in case.files:
         (run_dir / hf.name).write_bytes(_fill_bytes(hf.fill, hf.count))
+    for tf in case.texts:
+        text = "\n".join(substitute(line, str(run_dir)) for line in tf.lines)
+        if tf.lines and tf.final_newline:
+            text += "\n"
+        (run_dir / tf.name).write_bytes(text.encode("utf-8", "surrogateescape"))
 
 
 SNAPSHOT_INLINE_LIMIT = 16 << 20
