@@ -128,6 +128,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
             cls = _probe(file)
             probed = True
         node = cls()
+        node.warn = warn
         node.flags = flags
         node.read_only = flags.read_only
         node.filename = file.filename
@@ -341,6 +342,7 @@ class BlockBackend:
             except BlockError:
                 pass
             for node in iter_nodes(self.root):
+                node.report = report
                 await node.close()
         finally:
             _close_sync(self.root)

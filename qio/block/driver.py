@@ -13,6 +13,7 @@ Everything is a coroutine because a blkdebug node below may suspend the request 
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 from qio.block.errors import BlockError
@@ -86,6 +87,10 @@ class BlockDriver:
     runtime_opts: ClassVar[frozenset[str]] = frozenset()
     #: Whether ``co_pwritev`` accepts REQ_WRITE_COMPRESSED (qcow2 does).
     can_compress: ClassVar[bool] = False
+    #: Set by the open code: raw text to stderr (warnings, qcow2 corruption messages).
+    warn: Callable[[str], None] | None = None
+    #: Set by ``BlockBackend.close``: QEMU's ``error_report`` for errors while closing.
+    report: Callable[[str], None] | None = None
 
     def __init__(self) -> None:
         self.filename = ""
