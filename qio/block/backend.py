@@ -318,6 +318,8 @@ class BlockBackend:
 
     async def save_vmstate(self, pos: int, nbytes: int, qiov: IOVec) -> None:
         await self.root.co_save_vmstate(pos, nbytes, qiov)
+        if self.writethrough:  # blk_save_vmstate flushes when the write cache is off
+            await io.flush(self.root)
 
     def reopen(self, flags: OpenFlags, options: Options) -> None:
         """``bdrv_reopen`` of the whole graph with new flags; unknown options cannot change."""

@@ -309,7 +309,12 @@ async def flush(node: BlockDriver) -> None:
     if node.read_only:
         return
     if node.has_co_flush:
-        await node.co_flush()
+        # blkdebug's flush is QEMU's bdrv_co_flush_to_disk: only called when the node was written
+        # since its last successful flush, and never with cache.no-flush.
+        current = node.gen.write_gen
+        if not node.flags.no_flush and node.gen.flushed_gen != current:
+            await node.co_flush()
+            node.gen.flushed_gen = current
         return
     current = node.gen.write_gen
     primary = node.primary_child()
