@@ -193,6 +193,7 @@ class Qcow2Driver(BlockDriver):
          "refcount-cache-size", "cache-clean-interval"} | {f"overlap-check.{k}" for k in OL_OPTIONS})
 
     OL_ACTIVE_L2 = OL_ACTIVE_L2
+    NO_KEY = "Parameter 'encrypt.key-secret' is required for cipher"
     OL_REFCOUNT_BLOCK = OL_REFCOUNT_BLOCK
     cx = staticmethod(cx)
 
@@ -518,11 +519,9 @@ class Qcow2Driver(BlockDriver):
         self.refcount_max = (1 << self.refcount_bits) - 1
         self.get_rc, self.set_rc = L.refcount_accessors(h.refcount_order)
         self.crypt_method_header = h.crypt_method
-        if h.crypt_method:
-            if h.crypt_method not in (L.CRYPT_AES, L.CRYPT_LUKS):
-                raise QemuError(f"Unsupported encryption method {h.crypt_method}", errno.EINVAL)
-            # QEMU needs the key as an object (--object secret,...) which qio cannot take.
-            raise QemuError("Parameter 'encrypt.key-secret' is required for cipher", errno.EINVAL)
+        if h.crypt_method and h.crypt_method not in (L.CRYPT_AES, L.CRYPT_LUKS):
+            # AES and LUKS are refused below, where QEMU fails without a key (qio takes no --object)
+            raise QemuError(f"Unsupported encryption method {h.crypt_method}", errno.EINVAL)
         self.l2_bits = cb - 3
         self.l2_size = 1 << self.l2_bits
         self.refcount_block_bits = cb - (h.refcount_order - 3)
@@ -557,6 +556,10 @@ class Qcow2Driver(BlockDriver):
         self._update_options(options, flags, initial=True)
         await self._refcount_init()
         await self._read_extensions(h.header_length, ext_end, want_feature_table=False)
+        if self.crypt_method_header == L.CRYPT_AES:
+            raise QemuError(self.NO_KEY, errno.EINVAL)
+        if self.crypt_method_header == L.CRYPT_LUKS:
+            raise QemuError("Missing CRYPTO header for crypt method 2", errno.EINVAL)
         if self.incompatible_features & L.INCOMPAT_DATA_FILE:
             raise QemuError("qio does not support qcow2 images with an external data file "
                             "(incompatible feature bit 2)", errno.ENOTSUP)
@@ -658,6 +661,15 @@ class Qcow2Driver(BlockDriver):
                 if self.crypt_method_header != L.CRYPT_LUKS:
                     raise QemuError("CRYPTO header extension only expected with LUKS encryption method",
                                     errno.EINVAL)
+                if length != L.CRYPTO_EXT.size:
+                    raise QemuError(f"CRYPTO header extension size {length}, but expected size "
+                                    f"{L.CRYPTO_EXT.size}", errno.EINVAL)
+                crypto_offset = L.CRYPTO_EXT.unpack(data)[0]
+                if crypto_offset % self.cluster_size:
+                    raise QemuError(f"Encryption header offset '{crypto_offset}' is not a multiple of cluster "
+                                    f"size '{self.cluster_size}'", errno.EINVAL)
+                # QEMU opens the LUKS header here and fails without the key (qio cannot take one).
+                raise QemuError(self.NO_KEY, errno.EINVAL)
             elif magic == L.EXT_BITMAPS:
                 self._read_bitmaps_ext(data, length)
             elif magic == L.EXT_DATA_FILE:
@@ -1124,6 +1136,13 @@ class Qcow2Driver(BlockDriver):
                 else:
                     if refcount + addend > self.refcount_max:
                         raise BlockError(errno.EINVAL)
+                    if refcount == 0 and self.free_byte_offset and \
+                            cluster_offset == self.free_byte_offset & ~(cs - 1):
+                        # Deviation from QEMU 7.2, which keeps packing compressed data into the
+                        # cluster of free_byte_offset even after that cluster was freed and
+                        # reallocated (for data or metadata) and so overwrites it.  qcow2_alloc_bytes
+                        # sets free_byte_offset again after its own update.
+                        self.free_byte_offset = 0
                     refcount += addend
                 if refcount == 0 and cluster_index < self.free_cluster_index:
                     self.free_cluster_index = cluster_index
