@@ -67,6 +67,8 @@ class _Continue:
 
     def __await__(self) -> Generator[Any, Any, Any]:
         coro, value = self.coro, self.first
+        if isinstance(value, asyncio.Future):
+            value._asyncio_future_blocking = True  # hand the eagerly-awaited future to the Task
         while True:
             try:
                 sent = yield value
@@ -96,6 +98,10 @@ def start(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any, asyncio.Task[Any] 
         first = coro.send(None)
     except StopIteration as stop:
         return True, stop.value, None
+    if isinstance(first, asyncio.Future):
+        # Until the Task takes it over (see _Continue), nobody is blocked on it: other requests must be
+        # able to await the same future meanwhile (C futures refuse a second blocking await).
+        first._asyncio_future_blocking = False
     ctx = contextvars.copy_context()
     return False, None, asyncio.get_running_loop().create_task(_tail(coro, first), context=ctx)
 
@@ -109,7 +115,8 @@ class AioContext:
         self.inflight: set[asyncio.Task[Any]] = set()
         #: The request of the running synchronous command, once it had to wait.
         self.sync_task: asyncio.Task[Any] | None = None
-        self._bh: list[Completion] = []
+        self._bh: list[tuple[Callable[[], Any], bool]] = []
+        self._scheduled: list[asyncio.Future[None]] = []
         self._io: list[asyncio.Future[None]] = []
         self._after_sync: list[tuple[tuple[int, ...], Callable[[BaseException | None], None]]] = []
         self._wake: asyncio.Event | None = None
@@ -128,10 +135,26 @@ class AioContext:
         if self._wake is not None:
             self._wake.set()
 
-    def schedule(self, cb: Completion) -> None:
-        """Queue a bottom half."""
-        self._bh.append(cb)
+    def schedule(self, cb: Callable[[], Any], is_async: bool = False) -> None:
+        """Queue a bottom half (``is_async``: a coroutine function, awaited when it runs)."""
+        self._bh.append((cb, is_async))
         self.notify()
+
+    async def co_schedule(self) -> None:
+        """``aio_co_schedule(self)`` + yield: continue from the context's one co-schedule bottom half,
+        which enters the scheduled coroutines in the order they were scheduled."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._scheduled:
+            self.schedule(self._enter_scheduled, is_async=True)
+        self._scheduled.append(fut)
+        await fut
+
+    async def _enter_scheduled(self) -> None:
+        scheduled, self._scheduled = self._scheduled, []
+        for fut in scheduled:
+            if not fut.done():
+                fut.set_result(None)
+                await self.step()  # QEMU enters each coroutine right here, in turn
 
     async def io_yield(self) -> None:
         """Wait, like a thread-pool request, until the event loop next polls."""
@@ -205,7 +228,7 @@ class AioContext:
             err = next((results[fd] for fd in fds if results[fd] is not None), None)
             self.schedule(lambda c=complete, e=err: c(e))  # type: ignore[misc]
 
-    def poll(self) -> bool:
+    async def poll(self) -> bool:
         """One event-loop pass: release parked I/O, run bottom halves newest first."""
         ran = False
         if self._io:
@@ -216,8 +239,11 @@ class AioContext:
             ran = True
         while self._bh:
             batch, self._bh = self._bh, []
-            for cb in reversed(batch):
-                cb()
+            for cb, is_async in reversed(batch):
+                if is_async:
+                    await cb()
+                else:
+                    cb()
             ran = True
         return ran
 
@@ -235,6 +261,11 @@ class AioContext:
             pass
 
     async def step(self) -> None:
-        """Let coroutines that were just made runnable (a resumed request) run until they next wait."""
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        """Let coroutines that were just made runnable (a resumed request) run until they next wait.
+
+        A woken Task needs up to three loop iterations (its first step if it was created since the loop
+        last ran, the wake-up callback, the step itself); requests only ever park on futures that qio
+        resolves explicitly, so extra iterations cannot run them further than QEMU would.
+        """
+        for _ in range(3):
+            await asyncio.sleep(0)

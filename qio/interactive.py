@@ -81,7 +81,7 @@ async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None)
     async def background() -> None:
         while True:
             await sh.aio.wait()
-            sh.aio.poll()
+            await sh.aio.poll()
             sh.out.flush()
 
     with patch_stdout(raw=True):
@@ -89,7 +89,7 @@ async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None)
         poller = asyncio.ensure_future(background())
         try:
             while not sh.quit:
-                sh.aio.poll()
+                await sh.aio.poll()
                 sh.out.flush()
                 try:
                     line = await session.prompt_async(prompt)

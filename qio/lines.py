@@ -80,11 +80,11 @@ class LineReader:
             if self.pollable and (AIO.busy or sh.aio.inflight or sh.aio.has_pending()):
                 waiter = asyncio.ensure_future(self.readable())
                 while not waiter.done():
-                    sh.aio.poll()
+                    await sh.aio.poll()
                     other = asyncio.ensure_future(sh.aio.wait())
                     await asyncio.wait({waiter, other}, return_when=asyncio.FIRST_COMPLETED)
                     other.cancel()
-                sh.aio.poll()
+                await sh.aio.poll()
             self.fill()
 
 
@@ -95,7 +95,7 @@ async def pipe_loop(sh: Shell) -> None:
     while not sh.quit:
         sh.out.out(prompt)
         sh.out.flush()
-        sh.aio.poll()
+        await sh.aio.poll()
         line = await reader.fetchline(sh)
         if line is None:
             break

@@ -109,11 +109,11 @@ class Shell:
             finished, result, task = contextvars.copy_context().run(start, coro)
         except BaseException:
             if always_poll or AIO.yields != before:
-                self.aio.poll()
+                await self.aio.poll()
             raise
         if finished:
             if always_poll or AIO.yields != before:
-                self.aio.poll()
+                await self.aio.poll()
             return result
         assert task is not None
         task.add_done_callback(lambda _: self.aio.notify())
@@ -122,7 +122,7 @@ class Shell:
             await self.run_until(task.done, "the command")
         finally:
             self.aio.sync_task = None
-        self.aio.poll()
+        await self.aio.poll()
         return task.result()
 
     async def run_until(self, done: Callable[[], bool], what: str, deadline: float | None = None,
@@ -134,7 +134,7 @@ class Shell:
         parked requests and resumes them.
         """
         while True:
-            self.aio.poll()
+            await self.aio.poll()
             if done():
                 return True
             if self.aio.flush_pending():
@@ -162,6 +162,9 @@ class Shell:
                 continue
             if on_standstill is not None and on_standstill():
                 return False
+            if deadline is not None and on_standstill is not None:
+                await self.aio.wait(left)  # sleep: the parked requests simply stay parked
+                continue
             self.report_stuck(what)
             await self.aio.step()
 
@@ -219,8 +222,10 @@ class Shell:
         if self.blk is None:
             return
         await self.drain("closing the image")
-        blk, self.blk = self.blk, None
-        await self.sync(blk.close(self.out.error_report))
+        try:
+            await self.sync(self.blk.close(self.out.error_report))
+        finally:
+            self.blk = None
 
     async def reopen(self, read_only: bool | None, cache: str | None, options: dict[str, Any]) -> None:
         from qio.block.modes import parse_cache_mode

@@ -136,3 +136,12 @@ def test_help_lists_extensions_only_on_a_terminal(img: Path) -> None:
     res = qio(img, "help")
     assert "debug_state" not in res.stdout and "trace" not in res.stdout
     assert qio(img, "help debug_state").stdout.startswith("debug_state -- shows blkdebug breakpoints")
+
+
+def test_unaligned_discard_with_align_does_not_crash(img: Path) -> None:
+    """qemu-io 7.2 dies of SIGFPE here (blkdebug divides by a zero discard alignment); qio discards."""
+    res = qio(img, "write -P 0x11 0 8k", "discard 100 100", "read -P 0x11 0 8k",
+              image=f"driver=raw,file.driver=blkdebug,file.align=4096,file.image.filename={img}",
+              args=("--image-opts",))
+    assert res.returncode == 0, res.stderr
+    assert "discard 100/100 bytes at offset 100" in res.stdout

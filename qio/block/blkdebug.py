@@ -38,6 +38,7 @@ from qio.block.driver import (
 from qio.block.errors import BlockError, QemuError
 from qio.block.events import EVENT_NAMES, Event
 from qio.block.modes import OpenFlags
+from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
 from qio.numbers import qemu_strtosz
 
 INT_MAX = 2**31 - 1
@@ -155,6 +156,8 @@ class BlkdebugDriver(BlockDriver):
         self.config = None if cfg_opt is None else str(cfg_opt)
         self._read_config(options)
         self.state = 1
+        self.take_perms = _perm_list(options, "take-child-perms")
+        self.unshare_perms = _perm_list(options, "unshare-child-perms")
         child_opts = sub_options(options, "image")
         x_image = options.get("x-image")
         if x_image is not None:
@@ -167,10 +170,13 @@ class BlkdebugDriver(BlockDriver):
 
     def _read_config(self, options: dict[str, Any]) -> None:
         sections: list[tuple[str, dict[str, Any]]] = []
-        if self.config:
+        if self.config is not None:
             try:
                 with open(self.config, encoding="utf-8", errors="surrogateescape") as f:
                     text = f.read()
+            except IsADirectoryError:
+                # fopen() succeeds on a directory; the first fgets() fails
+                raise QemuError("Cannot read config file: Is a directory", errno.EISDIR) from None
             except OSError as e:
                 err = e.errno or errno.EIO
                 raise QemuError(f"Could not read blkdebug config file: {os.strerror(err)}", err) from None
@@ -267,18 +273,22 @@ class BlkdebugDriver(BlockDriver):
             assert parker is not None
             await parker.park()
 
-    async def _check(self, offset: int, nbytes: int, iotype: str) -> None:
-        """``rule_check``: fail the request if an active inject-error rule matches it."""
+    async def _check(self, offset: int, nbytes: int, iotype: str) -> bool:
+        """``rule_check``: fail the request if an active inject-error rule matches it.
+
+        Returns True if the request must be skipped: a negative ``errno`` makes QEMU's handler return a
+        positive value, i.e. "success" without doing the I/O.
+        """
         if not self.active:
-            return
+            return False
         for rule in self.active:
             off = rule.offset
             if (off == -1 or (nbytes and offset <= off < offset + nbytes)) and iotype in rule.iotypes:
                 break
         else:
-            return
+            return False
         if not rule.errno:
-            return
+            return False
         err = rule.errno
         if rule.once:
             self.active.remove(rule)
@@ -287,9 +297,9 @@ class BlkdebugDriver(BlockDriver):
                 lst.remove(rule)
         if not rule.immediately:
             AIO.yields += 1
-            await AioContext.current().io_yield()
+            await AioContext.current().co_schedule()
         if err < 0:
-            return  # QEMU returns -errno: a negative errno becomes a positive value, i.e. success
+            return True
         raise BlockError(err)
 
     # -- breakpoints ----------------------------------------------------------------------------
@@ -357,35 +367,38 @@ class BlkdebugDriver(BlockDriver):
 
     # -- I/O: check the active rules, then pass through -----------------------------------------
     async def co_preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
-        await self._check(offset, nbytes, "read")
-        await io.preadv(self.file, offset, nbytes, qiov)
+        if not await self._check(offset, nbytes, "read"):
+            await io.preadv(self.file, offset, nbytes, qiov)
 
     async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
-        await self._check(offset, nbytes, "write")
-        await io.pwritev(self.file, offset, nbytes, qiov, flags)
+        if not await self._check(offset, nbytes, "write"):
+            await io.pwritev(self.file, offset, nbytes, qiov, flags)
 
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
         align = max(self.request_alignment, self.pwrite_zeroes_alignment)
         if nbytes < align:
             raise BlockError(errno.ENOTSUP)  # exercise the generic layer's fallback to writes
-        await self._check(offset, nbytes, "write-zeroes")
-        await io.pwrite_zeroes(self.file, offset, nbytes, flags)
+        if not await self._check(offset, nbytes, "write-zeroes"):
+            await io.pwrite_zeroes(self.file, offset, nbytes, flags)
 
     async def co_pdiscard(self, offset: int, nbytes: int) -> None:
         if nbytes < self.request_alignment:
             raise BlockError(errno.ENOTSUP)
-        await self._check(offset, nbytes, "discard")
-        await io.pdiscard(self.file, offset, nbytes)
+        if not await self._check(offset, nbytes, "discard"):
+            await io.pdiscard(self.file, offset, nbytes)
 
     has_co_flush = True
 
     async def co_flush(self) -> None:
-        await self._check(0, 0, "flush")
-        await io.flush(self.file)
+        if not await self._check(0, 0, "flush"):
+            await io.flush(self.file)
 
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
         await self._check(offset, nbytes, "block-status")
         return BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID, nbytes
+
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+        await io.truncate(self.file, offset, exact, prealloc)  # filters pass resizes through
 
     def child_perm(self, child: Child, perm: int, shared: int) -> tuple[int, int]:
         return perm | self.take_perms, shared & ~self.unshare_perms
@@ -397,6 +410,20 @@ class BlkdebugDriver(BlockDriver):
 
 
 _open_nodes: set[BlkdebugDriver] = set()
+_PERMS = {"consistent-read": PERM_CONSISTENT_READ, "write": PERM_WRITE, "write-unchanged": PERM_WRITE_UNCHANGED,
+          "resize": PERM_RESIZE}
+
+
+def _perm_list(options: dict[str, Any], name: str) -> int:
+    """``take-child-perms.N`` / ``unshare-child-perms.N``: a list of permission names (consumed)."""
+    prefix = name + "."
+    mask = 0
+    for key in sorted((k for k in options if k.startswith(prefix)), key=lambda k: k[len(prefix):]):
+        value = options.pop(key)
+        if str(value) not in _PERMS:
+            raise QemuError(f"Parameter 'null' does not accept value '{value}'")
+        mask |= _PERMS[str(value)]
+    return mask
 
 
 def _run_none_event(node: BlkdebugDriver) -> None:

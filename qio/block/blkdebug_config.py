@@ -10,6 +10,7 @@ their quirks: ``key="v"`` without spaces is one (invalid) key, an unquoted value
 from __future__ import annotations
 
 import errno
+import re
 from typing import Any, NamedTuple
 
 import pyparsing as pp
@@ -39,8 +40,8 @@ def _grammar() -> tuple[pp.ParserElement, pp.ParserElement, pp.ParserElement]:
     ws = pp.Regex(r"[ \t\n\v\f\r]*").suppress()
     token = pp.Regex(r"[^ \t\n\v\f\r]{1,63}")
     group_id = (pp.Literal("[").suppress() + token("group") + ws + pp.Literal('"').suppress()
-                + pp.Regex(r'[^"]{1,63}')("id") + pp.Literal('"').suppress())
-    group = pp.Literal("[").suppress() + pp.Regex(r"[^\]]{1,63}")("group") + pp.Literal("]").suppress()
+                + pp.Regex(r'[^"]{1,63}')("id"))
+    group = pp.Literal("[").suppress() + pp.Regex(r"[^\]]{1,63}")("group")
     quoted = pp.Literal('"').suppress() + pp.Regex(r'[^"]{0,1023}')("value")
     assignment = ws + token("name") + pp.Opt(ws + pp.Literal("=").suppress() + ws + pp.Opt(quoted))
     for g in (group_id, group, assignment):
@@ -67,6 +68,7 @@ def parse_config_text(text: str) -> list[Section]:
     group_id, group, assignment = _GRAMMAR
     sections: list[Section] = []
     current: Section | None = None
+    ids: set[tuple[str, str]] = set()
     for raw in _fgets_lines(text):
         if raw.startswith("\n") or raw.startswith("#"):
             continue
@@ -80,8 +82,8 @@ def parse_config_text(text: str) -> list[Section]:
                     continue
             if header is not None:
                 if current is not None:
-                    sections.append(_validate(current))
-                current = Section(header["group"], {}, header["id"] if "id" in header else None)
+                    sections.append(_validate(current, ids))
+                current = Section(header["group"], {}, header["id"] if "id" in header else None)  # noqa: SIM401
                 continue
         try:
             m = assignment.parse_string(raw)
@@ -89,9 +91,9 @@ def parse_config_text(text: str) -> list[Section]:
             raise QemuError("parse error") from None
         if current is None:
             raise QemuError("no group defined")
-        current.values[m["name"]] = m["value"] if "value" in m else ""
+        current.values[m["name"]] = m["value"] if "value" in m else ""  # noqa: SIM401
     if current is not None:
-        sections.append(_validate(current))
+        sections.append(_validate(current, ids))
     return sections
 
 
@@ -106,11 +108,21 @@ def _fgets_lines(text: str) -> list[str]:
     return out
 
 
-def _validate(section: Section) -> Section:
-    """``qemu_opts_from_qdict``: the group must exist and every value must have its type."""
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+
+
+def _validate(section: Section, ids: set[tuple[str, str]]) -> Section:
+    """``qemu_opts_from_qdict``: the group must exist, ids be well formed and unique, values typed."""
     types = _TYPES.get(section.group)
     if types is None:
         raise QemuError(f"There is no option group '{section.group}'")
+    if section.id is not None:
+        if not _ID.match(section.id):
+            raise QemuError("Parameter 'id' expects an identifier\n"
+                            "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.")
+        if (section.group, section.id) in ids:
+            raise QemuError(f"Duplicate ID '{section.id}' for {section.group}")
+        ids.add((section.group, section.id))
     for key, value in section.values.items():
         kind = types.get(key)
         if kind is None:

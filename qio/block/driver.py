@@ -101,6 +101,7 @@ class BlockDriver:
         self.request_alignment = 1
         self.max_transfer = 0
         self.pdiscard_alignment = 1
+        self.tracked: list[Any] = []  # in-flight requests (qio.block.io.Tracked)
         self.max_pdiscard = 0
         self.pwrite_zeroes_alignment = 0
         self.max_pwrite_zeroes = 0

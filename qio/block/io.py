@@ -9,8 +9,10 @@ blkdebug events (``pwritev``, ``pwritev_zero``, ``pwritev_done``, ``pwritev_rmw_
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
+from qio.aio import AIO
 from qio.block.driver import (
     BDRV_MAX_LENGTH,
     BLOCK_ALLOCATED,
@@ -75,10 +77,81 @@ def _check_request(offset: int, nbytes: int) -> None:
         raise BlockError(errno.EIO)
 
 
+# -- tracked requests (serialisation of overlapping read-modify-write) ------------------------------
+class Tracked:
+    """An in-flight request on a node.  A read-modify-write request is *serialising*: requests that
+    overlap it (its range widened to the alignment) wait for it, and it waits for them, as in QEMU."""
+
+    __slots__ = ("done", "end", "node", "offset", "serialising", "waiting_for")
+
+    def __init__(self, node: BlockDriver, offset: int, nbytes: int) -> None:
+        self.node, self.offset, self.end = node, offset, offset + nbytes
+        self.serialising = False
+        self.done: asyncio.Future[None] | None = None
+        self.waiting_for: Tracked | None = None
+
+
+def _tracking(node: BlockDriver) -> bool:
+    """Only nodes where requests can overlap in time and need padding pay for the bookkeeping."""
+    return AIO.yield_on_io and node.request_alignment > 1
+
+
+def _begin(node: BlockDriver, offset: int, nbytes: int) -> Tracked:
+    req = Tracked(node, offset, nbytes)
+    node.tracked.append(req)
+    return req
+
+
+def _end(req: Tracked) -> None:
+    req.node.tracked.remove(req)
+    if req.done is not None and not req.done.done():
+        req.done.set_result(None)
+
+
+async def _wait_serialising(req: Tracked) -> None:
+    """``bdrv_wait_serialising_requests``: wait while an overlapping request conflicts with ``req``."""
+    while True:
+        # Newest first; a request that is itself waiting is skipped: it is (or will be) waiting for us,
+        # or for one that is, so waiting for it could only deadlock (bdrv_find_conflicting_request).
+        for other in reversed(req.node.tracked):
+            if other is req or not (other.serialising or req.serialising):
+                continue
+            if other.offset < req.end and req.offset < other.end and other.waiting_for is None:
+                break
+        else:
+            return
+        if other.done is None:
+            other.done = asyncio.get_running_loop().create_future()
+        req.waiting_for = other
+        try:
+            await other.done
+        finally:
+            req.waiting_for = None
+
+
+async def _make_serialising(req: Tracked, align: int) -> None:
+    req.serialising = True
+    req.offset -= req.offset % align
+    req.end += -req.end % align
+    await _wait_serialising(req)
+
+
 # -- read ----------------------------------------------------------------------------------------
 async def preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec) -> None:
     """``bdrv_co_preadv``: read ``nbytes`` at ``offset`` of ``node`` into ``qiov``."""
     _check_request(offset, nbytes)
+    if not _tracking(node):
+        await _preadv(node, offset, nbytes, qiov)
+        return
+    req = _begin(node, offset, nbytes)
+    try:
+        await _wait_serialising(req)
+        await _preadv(node, offset, nbytes, qiov)
+    finally:
+        _end(req)
+
+
+async def _preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec) -> None:
     align = node.request_alignment
     head = offset % align
     tail = (offset + nbytes) % align
@@ -113,79 +186,92 @@ async def pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | Non
         raise BlockError(errno.EPERM)
     if flags & REQ_WRITE_COMPRESSED and not node.can_compress:
         raise BlockError(errno.ENOTSUP)
+    if not _tracking(node):
+        await _pwritev(node, offset, nbytes, qiov, flags, None)
+        return
+    req = _begin(node, offset, nbytes)
+    try:
+        await _pwritev(node, offset, nbytes, qiov, flags, req)
+    finally:
+        _end(req)
+
+
+async def _pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | None, flags: int,
+                   req: Tracked | None) -> None:
     align = node.request_alignment
     head = offset % align
-    tail = (offset + nbytes) % align
+    tail = -(offset + nbytes) % align
     if head == 0 and tail == 0:
+        if req is not None:
+            await _wait_serialising(req)
         await _aligned_pwritev(node, offset, nbytes, qiov, flags)
         return
     if nbytes == 0:
         return
-    # Read-modify-write of the partial head and tail blocks.
+    if req is not None:
+        await _make_serialising(req, align)
+    # Read-modify-write of the partial head and tail blocks (bdrv_init_padding/bdrv_padding_rmw_read).
     zero = bool(flags & REQ_ZERO_WRITE)
-    pad_tail = (align - tail) % align
     start = offset - head
-    total = head + nbytes + pad_tail
-    buf_len = 2 * align if (total > align and head and pad_tail) else align
+    total = head + nbytes + tail
+    buf_len = 2 * align if (total > align and head and tail) else align
     merge = total == buf_len
-    bounce_head = memoryview(bytearray(buf_len if merge else align)) if (head or merge) else None
-    bounce_tail = None
-    if bounce_head is not None:
-        if not zero and node.has_debug_hooks:
-            await node.debug_event(Event.PWRITEV_RMW_HEAD)
-        await _aligned_preadv(node, start, len(bounce_head), [bounce_head], align)
-        if not zero and node.has_debug_hooks:
-            await node.debug_event(Event.PWRITEV_RMW_AFTER_HEAD)
-    if pad_tail and not merge:
-        bounce_tail = memoryview(bytearray(align))
-        if not zero and node.has_debug_hooks:
-            await node.debug_event(Event.PWRITEV_RMW_TAIL)
-        await _aligned_preadv(node, start + total - align, align, [bounce_tail], align)
-        if not zero and node.has_debug_hooks:
-            await node.debug_event(Event.PWRITEV_RMW_AFTER_TAIL)
-    if zero:
-        # Zero the unaligned edges through the bounce blocks, the aligned middle as a zero write.
-        await _zero_rmw(node, offset, nbytes, start, total, align, bounce_head, bounce_tail, merge, flags)
+    buf = memoryview(bytearray(buf_len))
+    try:
+        await _padding_rmw_read(node, start, total, buf, head, tail, merge)
+    except BlockError:
+        if not zero:
+            raise  # QEMU ignores a failed padding read for zero writes (and writes what it has)
+    if not zero:
+        assert qiov is not None
+        parts: IOVec = [buf[:head]] if head else []
+        parts += qiov
+        if tail:
+            parts.append(buf[buf_len - tail :])
+        await _aligned_pwritev(node, start, total, [p for p in parts if len(p)], flags)
         return
-    assert qiov is not None
-    data = bytearray(total)
-    if merge:
-        assert bounce_head is not None
-        data[:] = bounce_head
-    else:
-        if bounce_head is not None:
-            data[:align] = bounce_head
-        if bounce_tail is not None:
-            data[total - align :] = bounce_tail
-    data[head : head + nbytes] = iov_to_bytes(qiov)
-    await _aligned_pwritev(node, start, total, [memoryview(data)], flags)
-
-
-async def _zero_rmw(node: BlockDriver, offset: int, nbytes: int, start: int, total: int, align: int,
-                    bounce_head: memoryview | None, bounce_tail: memoryview | None, merge: bool,
-                    flags: int) -> None:
+    # Zero writes: head block (as data), the aligned middle (as zeroes), tail block (as data).
+    wflags = flags & ~REQ_ZERO_WRITE
     end = offset + nbytes
-    wflags = flags & ~(REQ_ZERO_WRITE | REQ_NO_FALLBACK)
-    if merge:
-        assert bounce_head is not None
-        blk = bytearray(bounce_head)
-        blk[offset - start : end - start] = bytes(nbytes)
-        await _aligned_pwritev(node, start, len(blk), [memoryview(blk)], wflags)
-        return
-    mid_start, mid_end = start, start + total
-    if bounce_head is not None:
-        blk = bytearray(bounce_head)
-        blk[offset - start :] = bytes(align - (offset - start))
-        await _aligned_pwritev(node, start, align, [memoryview(blk)], wflags)
-        mid_start = start + align
-    if bounce_tail is not None:
-        mid_end = start + total - align
-    if mid_end > mid_start:
-        await _aligned_pwritev(node, mid_start, mid_end - mid_start, None, flags)
-    if bounce_tail is not None:
-        blk = bytearray(bounce_tail)
-        blk[: end - mid_end] = bytes(end - mid_end)
-        await _aligned_pwritev(node, mid_end, align, [memoryview(blk)], wflags)
+    if head or merge:
+        n = buf_len if merge else align
+        buf[head : min(n, head + nbytes)] = bytes(min(n, head + nbytes) - head)
+        await _aligned_pwritev(node, start, n, [buf[:n]], wflags)
+        if merge:
+            return
+        offset = start + n
+    middle_end = end - (end % align if tail else 0)
+    if middle_end > offset:
+        await _aligned_pwritev(node, offset, middle_end - offset, None, flags)
+    if tail:
+        tail_buf = buf[buf_len - align :]
+        tail_buf[: end - middle_end] = bytes(end - middle_end)
+        await _aligned_pwritev(node, middle_end, align, [tail_buf], wflags)
+
+
+async def _padding_rmw_read(node: BlockDriver, start: int, total: int, buf: memoryview, head: int, tail: int,
+                            merge: bool) -> None:
+    align = node.request_alignment
+    hooks = node.has_debug_hooks
+    if head or merge:
+        n = len(buf) if merge else align
+        if hooks and head:
+            await node.debug_event(Event.PWRITEV_RMW_HEAD)
+        if hooks and merge and tail:
+            await node.debug_event(Event.PWRITEV_RMW_TAIL)
+        await _aligned_preadv(node, start, n, [buf[:n]], align)
+        if hooks and head:
+            await node.debug_event(Event.PWRITEV_RMW_AFTER_HEAD)
+        if hooks and merge and tail:
+            await node.debug_event(Event.PWRITEV_RMW_AFTER_TAIL)
+        if merge:
+            return
+    if tail:
+        if hooks:
+            await node.debug_event(Event.PWRITEV_RMW_TAIL)
+        await _aligned_preadv(node, start + total - align, align, [buf[len(buf) - align :]], align)
+        if hooks:
+            await node.debug_event(Event.PWRITEV_RMW_AFTER_TAIL)
 
 
 async def _aligned_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | None,
@@ -349,6 +435,15 @@ async def truncate(node: BlockDriver, offset: int, exact: bool, prealloc: str) -
         raise QemuError("Image is read-only", errno.EACCES)
     await node.co_truncate(offset, exact, prealloc)
     node.gen.write_gen += 1
+
+
+async def block_status(node: BlockDriver, offset: int, nbytes: int) -> tuple[int, int]:
+    """``bdrv_co_block_status`` of one node, clamped to its length: ``(BLOCK_* flags, pnum)``."""
+    total = getlength(node)
+    if offset >= total:
+        return 0, 0
+    status, pnum = await node.co_block_status(offset, min(nbytes, total - offset))
+    return status, min(pnum, nbytes, total - offset)
 
 
 async def is_allocated(node: BlockDriver, offset: int, nbytes: int) -> tuple[bool, int]:

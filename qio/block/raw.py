@@ -61,7 +61,7 @@ class RawDriver(BlockDriver):
                 raise QemuError("Specified size is not multiple of 512")
         self.supported_write_flags = (REQ_FUA | REQ_MAY_UNMAP | REQ_NO_FALLBACK) & file.supported_write_flags
         self.supported_zero_flags = (REQ_FUA | REQ_MAY_UNMAP | REQ_NO_FALLBACK) & file.supported_zero_flags
-        self.request_alignment = 512 if self.probed else file.request_alignment
+        self.request_alignment = 512 if self.probed else 1
 
     def getlength(self) -> int:
         if self.size is not None:
@@ -99,7 +99,9 @@ class RawDriver(BlockDriver):
         await io.truncate(self.file, offset, exact, prealloc)
 
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
-        return BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID, nbytes
+        # BDRV_BLOCK_RAW: the answer is the protocol's (a raw image is allocated wherever it has bytes).
+        _, pnum = await io.block_status(self.file, offset + self.offset, nbytes)
+        return BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID, pnum
 
     def get_info(self) -> BlockInfo | None:
         return BlockInfo()

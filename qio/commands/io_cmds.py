@@ -92,7 +92,7 @@ def parse_read(inv: Invocation) -> Read:
 
 async def run_read(sh: Shell, cmd: Read) -> int:
     blk = sh.require_blk()
-    buf = memoryview(bytearray(cmd.nbytes))
+    buf = memoryview(bytearray(b"\xab") * cmd.nbytes)  # qemu-io pre-fills read buffers with 0xab
     t1 = time.monotonic_ns()
     try:
         if cmd.vmstate:
@@ -150,7 +150,7 @@ def parse_readv(inv: Invocation) -> Vector:
 async def run_readv(sh: Shell, cmd: Vector) -> int:
     blk = sh.require_blk()
     total = sum(cmd.sizes)
-    buf = memoryview(bytearray(total))
+    buf = memoryview(bytearray(b"\xab") * total)
     t1 = time.monotonic_ns()
     try:
         await sh.sync(blk.preadv(cmd.offset, total, split_iov(buf, list(cmd.sizes))), always_poll=True)
@@ -358,7 +358,7 @@ async def run_aio_read(sh: Shell, cmd: Vector | AioInvalid) -> int:
         return 0
     blk = sh.require_blk()
     total = sum(cmd.sizes)
-    buf = memoryview(bytearray(total))
+    buf = memoryview(bytearray(b"\xab") * total)
     t1 = time.monotonic_ns()
 
     def done(exc: BaseException | None, _: object) -> None:
@@ -452,6 +452,8 @@ def _errstr(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
+    # A bug in qio, not an I/O error: say so (on stderr) rather than hide it behind EIO.
+    os.write(2, f"qio: internal error: {type(exc).__name__}: {exc}\n".encode())
     return os.strerror(errno.EIO)
 
 
