@@ -84,11 +84,11 @@ class GetOpt:
         exact = [o for o in self._long if o.name == name]
         matches = exact or [o for o in self._long if o.name.startswith(name)]
         if not matches:
-            self._err(f"{self.prog}: unrecognized option '--{name}'\n")
+            self._err(f"{self.prog}: unrecognized option '--{text}'\n")
             return "?", None
         if len(matches) > 1 and len({(o.has_arg, o.val) for o in matches}) > 1:
             poss = "".join(f" '--{o.name}'" for o in matches)
-            self._err(f"{self.prog}: option '--{name}' is ambiguous; possibilities:{poss}\n")
+            self._err(f"{self.prog}: option '--{text}' is ambiguous; possibilities:{poss}\n")
             return "?", None
         opt = matches[0]
         if eq:

@@ -102,7 +102,7 @@ async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None)
                 sh.out.flush()
         finally:
             poller.cancel()
-            sh.out.flush()
+            sh.out.restore()
 
 
 def _writer(stream: TextIO) -> Callable[[bytes], None]:

@@ -42,11 +42,20 @@ class Output:
         self._w_out = _writer(out_fd)
         self._w_err = _writer(err_fd)
         self._buf = bytearray()
+        self._saved: tuple[Callable[[bytes], None], Callable[[bytes], None], bool] | None = None
 
     def redirect(self, out: Callable[[bytes], None], err: Callable[[bytes], None]) -> None:
         """Send both streams elsewhere (the interactive prompt prints above its input line)."""
         self.flush()
+        self._saved = (self._w_out, self._w_err, self.line_buffered)
         self._w_out, self._w_err, self.line_buffered = out, err, True
+
+    def restore(self) -> None:
+        """Undo :meth:`redirect` (output after the prompt has gone goes to the real streams again)."""
+        self.flush()
+        if self._saved is not None:
+            self._w_out, self._w_err, self.line_buffered = self._saved
+            self._saved = None
 
     def out(self, text: str) -> None:
         """One ``printf`` to stdout."""

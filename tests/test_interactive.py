@@ -183,8 +183,6 @@ def test_completer_is_wired_to_the_table(s: Session) -> None:
     assert [c.text for c in session.completer.get_completions(Document("discard -"), CompleteEvent())] == ["-C", "-q"]
 
 
-@pytest.mark.xfail(strict=True, reason="qio bug: after interactive_loop leaves patch_stdout, Output still writes to "
-                                       "the closed StdoutProxy, so completions printed by the drain at exit are lost")
 def test_completion_drained_after_eof_is_not_lost(tmp_path: Path) -> None:
     """An aio_write still in flight at EOF completes in the drain at exit; qemu-io prints it then."""
     from qio.block import file as file_driver
