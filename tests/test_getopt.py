@@ -6,8 +6,6 @@ Expected messages were taken from glibc 2.36 as used by the real qemu-io 7.2 (``
 
 from __future__ import annotations
 
-import pytest
-
 from qio.cli import LONG, SHORT
 from qio.getopt import GetOpt, LongOpt
 
