@@ -12,6 +12,14 @@ what the script checks).  ``#! KEYWORD ARGS`` lines are directives:
 ``#! image SIZE``
     Create the image ``$IMG`` (= ``$DIR/test.img``) with SIZE bytes (plain integer or a
     binary ``K``/``M``/``G`` suffix).  Default: ``1M``.
+``#! qcow2 SIZE [OPTIONS]``
+    Create ``$IMG`` as a qcow2 image with the real ``qemu-img create -f qcow2 [-o OPTIONS] $IMG SIZE``
+    (SIZE as for ``image``; OPTIONS a comma-separated ``-o`` list, e.g. ``cluster_size=512,compat=0.10``;
+    ``$DIR`` is substituted).  Replaces ``image``/``fill``.
+``#! prep COMMAND``
+    A shell command run in ``$DIR`` after the files are created (``$IMG``, ``$DIR`` substituted), e.g.
+    ``qemu-io -c 'write -P 1 0 64k' $IMG`` or ``qemu-img snapshot -c s1 $IMG``.  Any number, in order.
+    The directory is prepared once and copied for each program, so both start from identical bytes.
 ``#! fill BYTE|seq|hex:HEX``
     Initial image content: every byte = BYTE (e.g. ``0x5a``), ``seq`` (byte i = i & 0xff) or
     the bytes HEX (e.g. ``hex:514649fb``) repeated cyclically.  Default: zeroes (sparse).
@@ -156,6 +164,8 @@ class Case:
     comments: list[str] = field(default_factory=list)
     image_size: int = 1 << 20
     image_fill: str | None = None
+    qcow2: tuple[int, str] | None = None
+    prep: list[str] = field(default_factory=list)
     create_image: bool = True
     append_image: bool = True
     files: list[HelperFile] = field(default_factory=list)
@@ -268,6 +278,14 @@ def parse_case(path: str | os.PathLike[str]) -> Case:
             if len(parts) != 1:
                 raise CaseError(f"{p}: usage: #! image SIZE")
             case.image_size = _parse_size(parts[0], p)
+        elif key == "qcow2":
+            if not 1 <= len(parts) <= 2:
+                raise CaseError(f"{p}: usage: #! qcow2 SIZE [OPTIONS]")
+            case.qcow2 = (_parse_size(parts[0], p), parts[1] if len(parts) > 1 else "")
+        elif key == "prep":
+            if not rest:
+                raise CaseError(f"{p}: usage: #! prep COMMAND")
+            case.prep.append(rest)
         elif key == "fill":
             if len(parts) != 1:
                 raise CaseError(f"{p}: usage: #! fill BYTE|seq|hex:HEX")
@@ -367,7 +385,14 @@ def _fill_bytes(fill: str, count: int) -> bytes:
 
 def _populate(case: Case, run_dir: Path) -> None:
     run_dir.mkdir()
-    if case.create_image:
+    if case.create_image and case.qcow2 is not None:
+        size, opts = case.qcow2
+        cmd = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if opts:
+            cmd += ["-o", substitute(opts, str(run_dir))]
+        subprocess.run([*cmd, str(run_dir / IMAGE_NAME), str(size)], cwd=run_dir, env=_child_env(), check=True,
+                       stdout=subprocess.DEVNULL)
+    elif case.create_image:
         img = run_dir / IMAGE_NAME
         with open(img, "wb") as f:
             if case.image_fill is None:
@@ -381,6 +406,9 @@ def _populate(case: Case, run_dir: Path) -> None:
         if tf.lines and tf.final_newline:
             text += "\n"
         (run_dir / tf.name).write_bytes(text.encode("utf-8", "surrogateescape"))
+    for cmd in case.prep:
+        subprocess.run(substitute(cmd, str(run_dir)), shell=True, cwd=run_dir, env=_child_env(), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=case.timeout)
 
 
 SNAPSHOT_INLINE_LIMIT = 16 << 20
@@ -455,7 +483,16 @@ def run_program(target: str | list[str], case: Case, base: Path) -> RunResult:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     bin_dir.mkdir(exist_ok=True)
-    _populate(case, run_dir)
+    if case.qcow2 is None and not case.prep:
+        _populate(case, run_dir)
+    else:
+        # qemu-img/qemu-io output carries timestamps (snapshots): prepare once, copy for each program
+        template = base / "template"
+        if not template.exists():
+            _populate(case, run_dir)
+            shutil.copytree(run_dir, template, symlinks=True)
+        else:
+            shutil.copytree(template, run_dir, symlinks=True)
     link = bin_dir / PROGRAM_NAME
     if link.is_symlink() or link.exists():
         link.unlink()

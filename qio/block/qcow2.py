@@ -2335,7 +2335,7 @@ class Qcow2Driver(BlockDriver):
             except BlockError as e:
                 raise QemuError(f"Failed to grow the L1 table: {e}", e.code) from None
             if prealloc == "metadata":
-                await self._preallocate(old_length, offset)
+                await self._preallocate(old_length, offset, prealloc)
             elif prealloc != "off":
                 raise QemuError(f"qio does not support preallocation mode '{prealloc}' for qcow2 images",
                                 errno.ENOTSUP)
@@ -2368,20 +2368,31 @@ class Qcow2Driver(BlockDriver):
             raise QemuError(f"Failed to flush the refcount block cache: {e}", e.code) from None
         self._update_options({}, self.flags, initial=False)
 
-    async def _preallocate(self, offset: int, new_length: int) -> None:
-        """``preallocate_co`` for metadata preallocation: allocate and link clusters, no data."""
+    async def _preallocate(self, offset: int, new_length: int, mode: str) -> None:
+        """``preallocate_co``: allocate and link clusters (no data), then extend the file to cover them."""
+        cs = self.cluster_size
+        host = 0
+        cur = 0
         while offset < new_length:
-            nbytes = min(new_length - offset, INT_MAX)
+            nbytes = min(new_length - offset, INT_MAX // cs * cs)
             metas: list[L2Meta] = []
             try:
-                cur, _host = await self.alloc_host_offset(offset, nbytes, metas)
+                try:
+                    cur, host = await self.alloc_host_offset(offset, nbytes, metas)
+                except BlockError as e:
+                    raise QemuError(f"Allocating clusters failed: {e}", e.code) from None
                 for m in metas:
                     m.prealloc = True
-                await self.handle_l2meta(metas, True)
-            except BlockError as e:
+                try:
+                    await self.handle_l2meta(metas, True)
+                except BlockError as e:
+                    raise QemuError(f"Mapping clusters failed: {e}", e.code) from None
+            finally:
                 await self.handle_l2meta(metas, False)
-                raise QemuError(f"Allocating clusters failed: {e}", e.code) from None
             offset += cur
+        file_length = io.getlength(self.file)
+        if host + cur > file_length:
+            await io.truncate(self.file, host + cur, False, "off" if mode == "metadata" else mode)
 
     # ============================================================================ vm state
     def _vmstate_offset(self, pos: int, nbytes: int) -> int:
