@@ -1,17 +1,558 @@
-"""Consistency check and repair of qcow2 refcounts (QEMU's ``qcow2_check_refcounts``), used when a
-dirty image (lazy refcounts, not closed cleanly) is opened read-write."""
+"""Refcount consistency check and repair of qcow2 images (QEMU 7.2's ``qcow2_check_refcounts``).
+
+QEMU runs this with ``FIX_ERRORS | FIX_LEAKS`` when a dirty image (lazy refcounts, not closed
+cleanly) is opened read-write: the refcounts are recomputed from the L1/L2 tables into an in-memory
+refcount table, compared with the image's, and either fixed in place or -- when a referenced cluster
+has refcount 0 -- a whole new refcount structure is written after the image ("Rebuilding refcount
+structure").  The messages go to stderr exactly as QEMU prints them, and the rebuilt structure is
+placed where QEMU places it.
+"""
 
 from __future__ import annotations
 
 import errno
+import os
 from typing import TYPE_CHECKING
 
-from qio.block.errors import QemuError
+from qio.block import io
+from qio.block import qcow2_layout as L
+from qio.block.errors import BlockError, QemuError
 
 if TYPE_CHECKING:
     from qio.block.qcow2 import Qcow2Driver
 
+FIX_LEAKS = 1
+FIX_ERRORS = 2
+CHECK_FRAG_INFO = 0x2
+_ENTRY = L.ENTRY
+
+
+class CheckResult:
+    __slots__ = ("check_errors", "corruptions", "corruptions_fixed", "leaks", "leaks_fixed")
+
+    def __init__(self) -> None:
+        self.corruptions = 0
+        self.leaks = 0
+        self.check_errors = 0
+        self.corruptions_fixed = 0
+        self.leaks_fixed = 0
+
+    def copy(self) -> CheckResult:
+        r = CheckResult()
+        for k in self.__slots__:
+            setattr(r, k, getattr(self, k))
+        return r
+
+
+class Imrt:
+    """The in-memory refcount table: one big refcount block for the whole image, in the image's
+    refcount entry format, its byte size a whole number of clusters."""
+
+    def __init__(self, drv: Qcow2Driver) -> None:
+        self.drv = drv
+        self.buf = bytearray()
+        self.size = 0  # entries
+
+    def _bytes(self, entries: int) -> int:
+        drv = self.drv
+        n = -(-(entries << drv.refcount_order) // 8)
+        return drv.size_to_clusters(n) * drv.cluster_size
+
+    def realloc(self, new_size: int) -> None:
+        old_b, new_b = self._bytes(self.size), self._bytes(new_size)
+        if new_b > old_b:
+            self.buf += bytes(new_b - old_b)
+        elif new_b < old_b:
+            del self.buf[new_b:]
+        self.size = new_size
+
+    def get(self, i: int) -> int:
+        return self.drv.get_rc(self.buf, i)
+
+    def set(self, i: int, v: int) -> None:
+        self.drv.set_rc(self.buf, i, v)
+
+
+class Checker:
+    def __init__(self, drv: Qcow2Driver) -> None:
+        self.drv = drv
+        self.say = drv._stderr
+
+    async def inc_refcounts(self, res: CheckResult, imrt: Imrt, offset: int, size: int) -> None:
+        """``qcow2_inc_refcounts_imrt``."""
+        drv = self.drv
+        if size <= 0:
+            return
+        file_len = io.getlength(drv.file)
+        if offset + size - file_len >= drv.cluster_size:
+            self.say(f"ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
+                     f"offset 0x{offset:x} size 0x{size:x}\n")
+            res.corruptions += 1
+            return
+        cs, cb = drv.cluster_size, drv.cluster_bits
+        start = offset & ~(cs - 1)
+        last = (offset + size - 1) & ~(cs - 1)
+        for cluster_offset in range(start, last + 1, cs):
+            k = cluster_offset >> cb
+            if k >= imrt.size:
+                imrt.realloc(k + 1)
+            refcount = imrt.get(k)
+            if refcount == drv.refcount_max:
+                self.say(f"ERROR: overflow cluster offset=0x{cluster_offset:x}\n")
+                self.say("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a "
+                         "clean copy if the image cannot be opened for writing\n")
+                res.corruptions += 1
+                continue
+            imrt.set(k, refcount + 1)
+
+    async def fix_l2_entry_by_zero(self, res: CheckResult, l2_offset: int, table: bytearray, index: int,
+                                   active: bool) -> tuple[bool, bool]:
+        """(fixed, metadata overlap)."""
+        drv = self.drv
+        _ENTRY.pack_into(table, index * 8, L.OFLAG_ZERO)
+        entry_offset = l2_offset + index * 8
+        from qio.block.qcow2 import OL_ACTIVE_L2, OL_INACTIVE_L2
+
+        try:
+            await drv.pre_write_overlap_check(OL_ACTIVE_L2 if active else OL_INACTIVE_L2, entry_offset, 8, False)
+        except BlockError:
+            self.say("ERROR: Overlap check failed\n")
+            res.check_errors += 1
+            return False, True
+        try:
+            await drv.pwrite_sync(entry_offset, bytes(table[index * 8: index * 8 + 8]))
+        except BlockError as e:
+            self.say(f"ERROR: Failed to overwrite L2 table entry: {os.strerror(e.code)}\n")
+            res.check_errors += 1
+            return False, False
+        res.corruptions -= 1
+        res.corruptions_fixed += 1
+        return True, False
+
+    async def check_l2(self, res: CheckResult, imrt: Imrt, l2_offset: int, flags: int, fix: int,
+                       active: bool) -> None:
+        drv = self.drv
+        cs = drv.cluster_size
+        try:
+            table = await drv._pread(l2_offset, drv.l2_size * 8)
+        except BlockError:
+            self.say("ERROR: I/O error in check_refcounts_l2\n")
+            res.check_errors += 1
+            raise
+        for i in range(drv.l2_size):
+            entry = _ENTRY.unpack_from(table, i * 8)[0]
+            if not entry:
+                continue
+            ctype = L.cluster_type(entry)
+            if ctype != L.CLUSTER_COMPRESSED and entry & L.L2E_STD_RESERVED_MASK:
+                self.say(f"ERROR found l2 entry with reserved bits set: {entry:x}\n")
+                res.corruptions += 1
+            if ctype == L.CLUSTER_COMPRESSED:
+                if entry & L.OFLAG_COPIED:
+                    self.say(f"ERROR: coffset=0x{entry & drv.csize.offset_mask:x}: copied flag must never be set "
+                             "for compressed clusters\n")
+                    entry &= ~L.OFLAG_COPIED
+                    res.corruptions += 1
+                coffset, csize = L.parse_compressed(entry, drv.csize)
+                await self.inc_refcounts(res, imrt, coffset, csize)
+            elif ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
+                offset = entry & L.L2E_OFFSET_MASK
+                if offset & (cs - 1):
+                    res.corruptions += 1
+                    if entry & L.OFLAG_ZERO:
+                        tag = "Repairing" if fix & FIX_ERRORS else "ERROR"
+                        self.say(f"{tag} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry "
+                                 "corrupted.\n")
+                        if fix & FIX_ERRORS:
+                            fixed, overlap = await self.fix_l2_entry_by_zero(res, l2_offset, table, i, active)
+                            if overlap:
+                                raise BlockError(errno.EIO)
+                            if fixed:
+                                continue
+                    else:
+                        self.say(f"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry "
+                                 "corrupted.\n")
+                await self.inc_refcounts(res, imrt, offset, cs)
+
+    async def check_l1(self, res: CheckResult, imrt: Imrt, l1_offset: int, l1_size: int, flags: int, fix: int,
+                       active: bool) -> None:
+        drv = self.drv
+        if not l1_size:
+            return
+        await self.inc_refcounts(res, imrt, l1_offset, l1_size * 8)
+        try:
+            raw = await drv._pread(l1_offset, l1_size * 8)
+        except BlockError:
+            self.say("ERROR: I/O error in check_refcounts_l1\n")
+            res.check_errors += 1
+            raise
+        for i in range(l1_size):
+            e = _ENTRY.unpack_from(raw, i * 8)[0]
+            if not e:
+                continue
+            if e & L.L1E_RESERVED_MASK:
+                self.say(f"ERROR found L1 entry with reserved bits set: {e:x}\n")
+                res.corruptions += 1
+            l2_offset = e & L.L1E_OFFSET_MASK
+            await self.inc_refcounts(res, imrt, l2_offset, drv.cluster_size)
+            if l2_offset & (drv.cluster_size - 1):
+                self.say(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted\n")
+                res.corruptions += 1
+            await self.check_l2(res, imrt, l2_offset, flags, fix, active)
+
+    async def check_oflag_copied(self, res: CheckResult, fix: int) -> None:
+        drv = self.drv
+        if fix & FIX_ERRORS:
+            repair = True
+        elif fix & FIX_LEAKS:
+            repair = not res.check_errors and not res.corruptions and not res.leaks
+        else:
+            repair = False
+        cb = drv.cluster_bits
+        for i in range(drv.l1_size):
+            l1_entry = drv.l1_table[i]
+            l2_offset = l1_entry & L.L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            try:
+                refcount = await drv.get_refcount(l2_offset >> cb)
+            except BlockError:
+                continue
+            if (refcount == 1) != bool(l1_entry & L.OFLAG_COPIED):
+                res.corruptions += 1
+                self.say(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED L2 cluster: l1_index={i} "
+                         f"l1_entry={l1_entry:x} refcount={refcount}\n")
+                if repair:
+                    drv.l1_table[i] = l1_entry | L.OFLAG_COPIED if refcount == 1 else l1_entry & ~L.OFLAG_COPIED
+                    drv._l1_changed()
+                    try:
+                        await drv.write_l1_entry(i)
+                    except BlockError:
+                        res.check_errors += 1
+                        raise
+                    res.corruptions -= 1
+                    res.corruptions_fixed += 1
+            try:
+                table = await drv._pread(l2_offset, drv.l2_size * 8)
+            except BlockError as e:
+                self.say(f"ERROR: Could not read L2 table: {os.strerror(e.code)}\n")
+                res.check_errors += 1
+                raise
+            dirty = 0
+            for j in range(drv.l2_size):
+                entry = _ENTRY.unpack_from(table, j * 8)[0]
+                if L.cluster_type(entry) not in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
+                    continue
+                try:
+                    refcount = await drv.get_refcount((entry & L.L2E_OFFSET_MASK) >> cb)
+                except BlockError:
+                    continue
+                if (refcount == 1) != bool(entry & L.OFLAG_COPIED):
+                    res.corruptions += 1
+                    self.say(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED data cluster: l2_entry={entry:x} "
+                             f"refcount={refcount}\n")
+                    if repair:
+                        _ENTRY.pack_into(table, j * 8, entry | L.OFLAG_COPIED if refcount == 1
+                                         else entry & ~L.OFLAG_COPIED)
+                        dirty += 1
+            if dirty:
+                from qio.block.qcow2 import OL_ACTIVE_L2
+
+                try:
+                    await drv.pre_write_overlap_check(OL_ACTIVE_L2, l2_offset, drv.cluster_size, False)
+                except BlockError as e:
+                    self.say(f"ERROR: Could not write L2 table; metadata overlap check failed: "
+                             f"{os.strerror(e.code)}\n")
+                    res.check_errors += 1
+                    raise
+                try:
+                    await io.pwritev(drv.file, l2_offset, drv.cluster_size, [memoryview(table)])
+                except BlockError as e:
+                    self.say(f"ERROR: Could not write L2 table: {os.strerror(e.code)}\n")
+                    res.check_errors += 1
+                    raise
+                res.corruptions -= dirty
+                res.corruptions_fixed += dirty
+
+    async def check_refblocks(self, res: CheckResult, fix: int, imrt: Imrt, nb: list[int]) -> bool:
+        """``check_refblocks``; returns whether a rebuild is needed.  ``nb`` holds the cluster count."""
+        drv = self.drv
+        rebuild = False
+        cs, cb = drv.cluster_size, drv.cluster_bits
+        for i in range(drv.refcount_table_size):
+            entry = drv.refcount_table[i]
+            offset = entry & L.REFT_OFFSET_MASK
+            cluster = offset >> cb
+            if entry & L.REFT_RESERVED_MASK:
+                self.say(f"ERROR refcount table entry {i} has reserved bits set\n")
+                res.corruptions += 1
+                rebuild = True
+                continue
+            if offset & (cs - 1):
+                self.say(f"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted\n")
+                res.corruptions += 1
+                rebuild = True
+                continue
+            if cluster >= nb[0]:
+                res.corruptions += 1
+                self.say(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} refcount block {i} is outside image\n")
+                if fix & FIX_ERRORS:
+                    try:
+                        await io.truncate(drv.file, offset + cs, False, "off")
+                        size = io.getlength(drv.file)
+                        new_nb = drv.size_to_clusters(size)
+                        imrt.realloc(new_nb)
+                        nb[0] = new_nb
+                        if cluster >= nb[0]:
+                            raise BlockError(errno.EINVAL)
+                    except (BlockError, QemuError) as e:
+                        rebuild = True
+                        code = e.code if isinstance(e, BlockError) else e.errno
+                        self.say(f"ERROR could not resize image: {os.strerror(code)}\n")
+                        continue
+                    res.corruptions -= 1
+                    res.corruptions_fixed += 1
+                    await self.inc_refcounts(res, imrt, offset, cs)
+                continue
+            if offset:
+                await self.inc_refcounts(res, imrt, offset, cs)
+                if imrt.get(cluster) != 1:
+                    self.say(f"ERROR refcount block {i} refcount={imrt.get(cluster)}\n")
+                    res.corruptions += 1
+                    rebuild = True
+        return rebuild
+
+    async def calculate(self, res: CheckResult, fix: int, imrt: Imrt, nb: list[int]) -> bool:
+        drv = self.drv
+        if imrt.size == 0 and not imrt.buf:
+            imrt.realloc(nb[0])
+        await self.inc_refcounts(res, imrt, 0, drv.cluster_size)
+        await self.check_l1(res, imrt, drv.l1_table_offset, drv.l1_size, CHECK_FRAG_INFO, fix, True)
+        for sn in drv.snapshots:
+            if sn.l1_table_offset & (drv.cluster_size - 1):
+                self.say(f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: L1 table is not "
+                         "cluster aligned; snapshot table entry corrupted\n")
+                res.corruptions += 1
+                continue
+            if sn.l1_size > L.MAX_L1_SIZE // 8:
+                self.say(f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: L1 table is too large; "
+                         "snapshot table entry corrupted\n")
+                res.corruptions += 1
+                continue
+            await self.check_l1(res, imrt, sn.l1_table_offset, sn.l1_size, 0, fix, False)
+        await self.inc_refcounts(res, imrt, drv.snapshots_offset, drv.snapshots_size)
+        await self.inc_refcounts(res, imrt, drv.refcount_table_offset, drv.refcount_table_size * 8)
+        return await self.check_refblocks(res, fix, imrt, nb)
+
+    async def compare(self, res: CheckResult, fix: int, imrt: Imrt, nb: int) -> tuple[bool, int]:
+        """``compare_refcounts``: (rebuild needed, highest cluster in use)."""
+        drv = self.drv
+        rebuild = False
+        highest = 0
+        cb = drv.cluster_bits
+        for i in range(nb):
+            try:
+                r1 = await drv.get_refcount(i)
+            except BlockError as e:
+                self.say(f"Can't get refcount for cluster {i}: {os.strerror(e.code)}\n")
+                res.check_errors += 1
+                continue
+            r2 = imrt.get(i)
+            if r1 > 0 or r2 > 0:
+                highest = i
+            if r1 == r2:
+                continue
+            num_fixed = None
+            if r1 == 0:
+                rebuild = True
+            elif r1 > r2 and fix & FIX_LEAKS:
+                num_fixed = "leaks_fixed"
+            elif r1 < r2 and fix & FIX_ERRORS:
+                num_fixed = "corruptions_fixed"
+            tag = "Repairing" if num_fixed else ("ERROR" if r1 < r2 else "Leaked")
+            self.say(f"{tag} cluster {i} refcount={r1} reference={r2}\n")
+            if num_fixed:
+                from qio.block.qcow2 import DISCARD_ALWAYS
+
+                try:
+                    await drv.update_refcount(i << cb, 1, abs(r1 - r2), r1 > r2, DISCARD_ALWAYS)
+                    setattr(res, num_fixed, getattr(res, num_fixed) + 1)
+                    continue
+                except BlockError:
+                    pass
+            if r1 < r2:
+                res.corruptions += 1
+            else:
+                res.leaks += 1
+        return rebuild, highest
+
+    # -- rebuild -------------------------------------------------------------------------------------
+    def alloc_imrt(self, count: int, imrt: Imrt, first_free: list[int]) -> int:
+        """``alloc_clusters_imrt``: ``first_free[0]`` is updated as QEMU updates it."""
+        cluster = first_free[0]
+        first_gap = True
+        contiguous = 0
+        while cluster < imrt.size and contiguous < count:
+            if not imrt.get(cluster):
+                contiguous += 1
+                if first_gap:
+                    first_free[0] = cluster
+                    first_gap = False
+            elif contiguous:
+                contiguous = 0
+            cluster += 1
+        if contiguous < count:
+            imrt.realloc(cluster + count - contiguous)
+        cluster -= contiguous
+        for i in range(count):
+            imrt.set(cluster + i, 1)
+        return cluster << self.drv.cluster_bits
+
+    async def write_refblocks(self, imrt: Imrt, first: int, end: int, reftable: list[int]) -> bool:
+        """``rebuild_refcounts_write_refblocks``: returns whether the reftable grew."""
+        drv = self.drv
+        cs = drv.cluster_size
+        rbb, rbs = drv.refcount_block_bits, drv.refcount_block_size
+        first_free = [0]
+        grown = False
+        cluster = first
+        while cluster < end:
+            if not imrt.get(cluster):
+                cluster += 1
+                continue
+            index = cluster >> rbb
+            start = index << rbb
+            if len(reftable) > index and reftable[index]:
+                offset = reftable[index]
+            else:
+                if first_free[0] < start:
+                    first_free[0] = start
+                offset = self.alloc_imrt(1, imrt, first_free)
+                if offset // cs >= end:
+                    end = offset // cs + 1
+                if len(reftable) <= index:
+                    entries = -(-((index + 1) * 8) // cs) * cs // 8
+                    reftable.extend([0] * (entries - len(reftable)))
+                    grown = True
+                reftable[index] = offset
+            try:
+                await drv.pre_write_overlap_check(0, offset, cs, False)
+                await io.pwritev(drv.file, offset, cs, [memoryview(bytes(imrt.buf[index * cs: (index + 1) * cs]))])
+            except BlockError as e:
+                raise QemuError(f"ERROR writing refblock: {os.strerror(e.code)}", e.code) from None
+            cluster = start + rbs
+        return grown
+
+    async def rebuild(self, res: CheckResult, imrt: Imrt) -> None:
+        """``rebuild_refcount_structure``: a new refcount structure from the in-memory table."""
+        drv = self.drv
+        await drv.rbc.empty()
+        reftable: list[int] = []
+        try:
+            changed = await self.write_refblocks(imrt, 0, imrt.size, reftable)
+            assert changed
+            while True:
+                length = len(reftable) * 8
+                clusters = drv.size_to_clusters(length)
+                offset = self.alloc_imrt(clusters, imrt, [0])
+                start = offset // drv.cluster_size
+                changed = await self.write_refblocks(imrt, start, start + clusters, reftable)
+                if not changed:
+                    break
+            raw = bytearray(length)
+            for i, e in enumerate(reftable):
+                _ENTRY.pack_into(raw, i * 8, e)
+            try:
+                await drv.pre_write_overlap_check(0, offset, length, False)
+                await io.pwritev(drv.file, offset, length, [memoryview(raw)])
+            except BlockError as e:
+                raise QemuError(f"ERROR writing reftable: {os.strerror(e.code)}", e.code) from None
+            try:
+                await drv.pwrite_sync(L.OFF_REFCOUNT_TABLE_OFFSET,
+                                      L.REFTABLE_OFFSET_AND_CLUSTERS.pack(offset, clusters))
+            except BlockError as e:
+                raise QemuError(f"ERROR setting reftable: {os.strerror(e.code)}", e.code) from None
+        except QemuError:
+            res.check_errors += 1
+            raise
+        import array
+
+        drv.refcount_table = array.array("Q", reftable)
+        drv.refcount_table_offset = offset
+        drv.refcount_table_size = len(reftable)
+        drv._update_max_refcount_table_index()
+
+    async def check_refcounts(self, res: CheckResult, fix: int) -> int:
+        """``qcow2_check_refcounts``; returns the image end offset."""
+        drv = self.drv
+        size = io.getlength(drv.file)
+        nb = [drv.size_to_clusters(size)]
+        if nb[0] > 2**31 - 1:
+            res.check_errors += 1
+            raise BlockError(errno.EFBIG)
+        imrt = Imrt(drv)
+        rebuild = await self.calculate(res, fix, imrt, nb)
+        pre_compare = res.copy()
+        rb, highest = await self.compare(res, 0, imrt, nb[0])
+        rebuild = rebuild or rb
+        if rebuild and fix & FIX_ERRORS:
+            old = res.copy()
+            fresh_leaks = 0
+            self.say("Rebuilding refcount structure\n")
+            try:
+                await self.rebuild(res, imrt)
+            except QemuError as e:
+                self.say(f"qemu-io: {e}\n")
+                raise BlockError(e.errno) from None
+            nb[0] = imrt.size
+            res.corruptions = 0
+            res.leaks = 0
+            imrt.buf[:] = bytes(len(imrt.buf))
+            await self.calculate(res, 0, imrt, nb)
+            if fix & FIX_LEAKS:
+                saved = res
+                tmp = CheckResult()
+                rb, highest = await self.compare(tmp, FIX_LEAKS, imrt, nb[0])
+                if rb:
+                    self.say("ERROR rebuilt refcount structure is still broken\n")
+                fresh_leaks = tmp.leaks
+                res = saved
+            if res.corruptions < old.corruptions:
+                res.corruptions_fixed += old.corruptions - res.corruptions
+            if res.leaks < old.leaks:
+                res.leaks_fixed += old.leaks - res.leaks
+            res.leaks += fresh_leaks
+        elif fix:
+            if rebuild:
+                self.say("ERROR need to rebuild refcount structures\n")
+                res.check_errors += 1
+                raise BlockError(errno.EIO)
+            if res.leaks or res.corruptions:
+                for k in CheckResult.__slots__:
+                    setattr(res, k, getattr(pre_compare, k))
+                rb, highest = await self.compare(res, fix, imrt, nb[0])
+        await self.check_oflag_copied(res, fix)
+        return (highest + 1) * drv.cluster_size
+
+
+async def check(drv: Qcow2Driver, fix: int) -> CheckResult:
+    """``qcow2_co_check_locked`` (the snapshot table was already read at open)."""
+    res = CheckResult()
+    await Checker(drv).check_refcounts(res, fix)
+    if fix and res.check_errors == 0 and res.corruptions == 0:
+        await drv.mark_clean()
+        if drv.incompatible_features & L.INCOMPAT_CORRUPT:
+            await drv.flush_caches()
+            drv.incompatible_features &= ~L.INCOMPAT_CORRUPT
+            await drv.update_header()
+    return res
+
 
 async def repair_dirty(drv: Qcow2Driver) -> None:
-    raise QemuError("qio cannot repair a dirty qcow2 image yet; run 'qemu-img check -r all' on it",
-                    errno.ENOTSUP)
+    """The automatic repair of ``qcow2_do_open`` for a dirty image opened read-write."""
+    try:
+        res = await check(drv, FIX_ERRORS | FIX_LEAKS)
+    except BlockError as e:
+        raise QemuError(f"Could not repair dirty image: {os.strerror(e.code)}", e.code) from None
+    if res.check_errors:
+        raise QemuError(f"Could not repair dirty image: {os.strerror(errno.EIO)}", errno.EIO)
