@@ -11,11 +11,11 @@ from qio.numbers import cvtnum, parse_pattern
 PATTERN_CHUNK = 1 << 20
 
 
-def num(inv: Invocation, arg: str, prgname: str) -> int:
+def num(inv: Invocation, arg: str) -> int:
     """``cvtnum`` with qemu-io's ``Parsing error`` messages (and the hex-suffix warning)."""
     err, val, warn = cvtnum(arg)
     if warn:
-        inv.messages.append((STDERR, f"{prgname}: warning: Using a multiplier suffix on hex numbers "
+        inv.messages.append((STDERR, f"{inv.prg}: warning: Using a multiplier suffix on hex numbers "
                                      f"is deprecated: {arg}\n"))
     if err == -errno.EINVAL:
         raise inv.fail(err, f"Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {arg}\n")
@@ -31,12 +31,12 @@ def pattern(inv: Invocation, arg: str) -> int:
     return p
 
 
-def iovec_sizes(inv: Invocation, args: list[str], prgname: str) -> list[int]:
+def iovec_sizes(inv: Invocation, args: list[str]) -> list[int]:
     """``create_iovec``'s length checks."""
     sizes = []
     count = 0
     for arg in args:
-        n = num(inv, arg, prgname)
+        n = num(inv, arg)
         if n > BDRV_REQUEST_MAX_BYTES:
             raise inv.fail(-errno.EINVAL, f"Argument '{arg}' exceeds maximum size {BDRV_REQUEST_MAX_BYTES}\n")
         if count > BDRV_REQUEST_MAX_BYTES - n:

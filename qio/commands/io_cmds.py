@@ -6,7 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qio import render
 from qio.block.driver import (
@@ -49,46 +50,24 @@ class Read(NamedTuple):
 
 
 def parse_read(inv: Invocation) -> Read:
-    csv = quiet = verbose = vmstate = False
-    pat: int | None = None
-    poff = plen = 0
-    sflag = lflag = False
-    g = inv.getopt()
-    for c, arg in g:
-        if c == "b":
-            vmstate = True
-        elif c == "C":
-            csv = True
-        elif c == "l":
-            lflag = True
-            plen = num(inv, arg or "", inv.prg)
-        elif c == "P":
-            pat = pattern(inv, arg or "")
-        elif c == "q":
-            quiet = True
-        elif c == "s":
-            sflag = True
-            poff = num(inv, arg or "", inv.prg)
-        elif c == "v":
-            verbose = True
-        elif c != "p":
-            raise inv.usage(EINVAL)
-    if len(g.args) != 2:
+    n = partial(num, inv)
+    o, args = inv.options({"b": None, "C": None, "l": n, "p": None, "P": partial(pattern, inv), "q": None,
+                           "s": n, "v": None})
+    if len(args) != 2:
         raise inv.usage(EINVAL)
-    offset = num(inv, g.args[0], inv.prg)
-    count = num(inv, g.args[1], inv.prg)
+    offset, count = n(args[0]), n(args[1])
     if count > BDRV_REQUEST_MAX_BYTES:
-        raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {g.args[1]}\n")
-    if pat is None and (lflag or sflag):
+        raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {args[1]}\n")
+    pat = o.get("P")
+    if pat is None and ("l" in o or "s" in o):
         raise inv.usage(EINVAL)
-    if not lflag:
-        plen = count - poff
+    poff = o.get("s", 0)
+    plen = o.get("l", count - poff)
     if plen < 0 or plen + poff > count:
         raise inv.fail(EINVAL, "pattern verification range exceeds end of read data\n")
-    if vmstate:
+    if "b" in o:
         _aligned(inv, offset, count)
-    return Read(offset, count, csv, quiet, verbose, vmstate, pat, poff, plen)
-
+    return Read(offset, count, "C" in o, "q" in o, "v" in o, "b" in o, pat, poff, plen)
 
 async def run_read(sh: Shell, cmd: Read) -> int:
     blk = sh.require_blk()
@@ -126,26 +105,17 @@ class Vector(NamedTuple):
 
 
 def parse_readv(inv: Invocation) -> Vector:
-    csv = quiet = verbose = False
-    pat: int | None = None
-    g = inv.getopt()
-    for c, arg in g:
-        if c == "C":
-            csv = True
-        elif c == "P":
-            pat = pattern(inv, arg or "")
-        elif c == "q":
-            quiet = True
-        elif c == "v":
-            verbose = True
-        else:
-            raise inv.usage(EINVAL)
-    if len(g.args) < 2:
-        raise inv.usage(EINVAL)
-    offset = num(inv, g.args[0], inv.prg)
-    sizes = iovec_sizes(inv, g.args[1:], inv.prg)
-    return Vector(offset, tuple(sizes), csv, quiet, verbose, pat)
+    o, args = inv.options({"C": None, "P": partial(pattern, inv), "q": None, "v": None})
+    return _vector(inv, o, args)
 
+
+def _vector(inv: Invocation, o: dict[str, Any], args: list[str], pat: int | None = None) -> Vector:
+    """``off len [len..]`` of readv/writev/aio_read (create_iovec's checks)."""
+    if len(args) < 2:
+        raise inv.usage(EINVAL)
+    offset = num(inv, args[0])
+    sizes = iovec_sizes(inv, args[1:])
+    return Vector(offset, tuple(sizes), "C" in o, "q" in o, "v" in o, o.get("P", pat), "f" in o)
 
 async def run_readv(sh: Shell, cmd: Vector) -> int:
     blk = sh.require_blk()
@@ -170,26 +140,8 @@ async def run_readv(sh: Shell, cmd: Vector) -> int:
 
 
 def parse_writev(inv: Invocation) -> Vector:
-    csv = quiet = fua = False
-    pat = 0xCD
-    g = inv.getopt()
-    for c, arg in g:
-        if c == "C":
-            csv = True
-        elif c == "f":
-            fua = True
-        elif c == "q":
-            quiet = True
-        elif c == "P":
-            pat = pattern(inv, arg or "")
-        else:
-            raise inv.usage(EINVAL)
-    if len(g.args) < 2:
-        raise inv.usage(EINVAL)
-    offset = num(inv, g.args[0], inv.prg)
-    sizes = iovec_sizes(inv, g.args[1:], inv.prg)
-    return Vector(offset, tuple(sizes), csv, quiet, False, pat, fua)
-
+    o, args = inv.options({"C": None, "f": None, "q": None, "P": partial(pattern, inv)})
+    return _vector(inv, o, args, 0xCD)
 
 async def run_writev(sh: Shell, cmd: Vector) -> int:
     blk = sh.require_blk()
@@ -223,37 +175,12 @@ class Write(NamedTuple):
 
 
 def parse_write(inv: Invocation) -> Write:
-    vmstate = compressed = csv = quiet = zero = pflag = False
-    flags = 0
-    pat = 0xCD
-    source: str | None = None
-    g = inv.getopt()
-    for c, arg in g:
-        if c == "b":
-            vmstate = True
-        elif c == "c":
-            compressed = True
-        elif c == "C":
-            csv = True
-        elif c == "f":
-            flags |= REQ_FUA
-        elif c == "n":
-            flags |= REQ_NO_FALLBACK
-        elif c == "P":
-            pflag = True
-            pat = pattern(inv, arg or "")
-        elif c == "q":
-            quiet = True
-        elif c == "s":
-            source = arg
-        elif c == "u":
-            flags |= REQ_MAY_UNMAP
-        elif c == "z":
-            zero = True
-        elif c != "p":
-            raise inv.usage(EINVAL)
-    if len(g.args) != 2:
+    o, args = inv.options({"b": None, "c": None, "C": None, "f": None, "n": None, "p": None,
+                           "P": partial(pattern, inv), "q": None, "s": str, "u": None, "z": None})
+    if len(args) != 2:
         raise inv.usage(EINVAL)
+    vmstate, compressed, zero = "b" in o, "c" in o, "z" in o
+    flags = (REQ_FUA if "f" in o else 0) | (REQ_NO_FALLBACK if "n" in o else 0) | (REQ_MAY_UNMAP if "u" in o else 0)
     if vmstate and zero:
         raise inv.fail(EINVAL, "-b and -z cannot be specified at the same time\n")
     if flags & REQ_FUA and (vmstate or compressed):
@@ -262,16 +189,14 @@ def parse_write(inv: Invocation) -> Write:
         raise inv.fail(EINVAL, "-n requires -z to be specified\n")
     if flags & REQ_MAY_UNMAP and not zero:
         raise inv.fail(EINVAL, "-u requires -z to be specified\n")
-    if zero + pflag + (source is not None) > 1:
+    if zero + ("P" in o) + ("s" in o) > 1:
         raise inv.fail(EINVAL, "Only one of -z, -P, and -s can be specified at the same time\n")
-    offset = num(inv, g.args[0], inv.prg)
-    count = num(inv, g.args[1], inv.prg)
+    offset, count = num(inv, args[0]), num(inv, args[1])
     if count > BDRV_REQUEST_MAX_BYTES and not flags & REQ_NO_FALLBACK:
-        raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES} without -n, given {g.args[1]}\n")
+        raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES} without -n, given {args[1]}\n")
     if vmstate or compressed:
         _aligned(inv, offset, count)
-    return Write(offset, count, flags, csv, quiet, vmstate, zero, compressed, pat, source)
-
+    return Write(offset, count, flags, "C" in o, "q" in o, vmstate, zero, compressed, o.get("P", 0xCD), o.get("s"))
 
 def _source_iov(sh: Shell, path: str, count: int) -> list[memoryview] | None:
     """``qemu_io_alloc_from_file``: the file's bytes, repeated to fill ``count``."""
@@ -328,29 +253,20 @@ class AioInvalid(NamedTuple):
     what: str
 
 
-def parse_aio_read(inv: Invocation) -> Vector | AioInvalid:
-    csv = quiet = verbose = False
-    pat: int | None = None
-    g = inv.getopt()
-    for c, arg in g:
-        if c == "C":
-            csv = True
-        elif c == "P":
-            pat = pattern(inv, arg or "")
-        elif c == "i":
-            return AioInvalid("read")
-        elif c == "q":
-            quiet = True
-        elif c == "v":
-            verbose = True
-        else:
-            raise inv.usage(EINVAL)
-    if len(g.args) < 2:
-        raise inv.usage(EINVAL)
-    offset = num(inv, g.args[0], inv.prg)
-    sizes = iovec_sizes(inv, g.args[1:], inv.prg)
-    return Vector(offset, tuple(sizes), csv, quiet, verbose, pat)
+class _Invalid(Exception):
+    """``-i`` of aio_read/aio_write: qemu-io acts on it inside its getopt loop and returns."""
 
+
+def _invalid(_: str) -> None:
+    raise _Invalid
+
+
+def parse_aio_read(inv: Invocation) -> Vector | AioInvalid:
+    try:
+        o, args = inv.options({"C": None, "P": partial(pattern, inv), "i": _invalid, "q": None, "v": None})
+    except _Invalid:
+        return AioInvalid("read")
+    return _vector(inv, o, args)
 
 async def run_aio_read(sh: Shell, cmd: Vector | AioInvalid) -> int:
     if isinstance(cmd, AioInvalid):
@@ -389,39 +305,22 @@ class AioWrite(NamedTuple):
 
 
 def parse_aio_write(inv: Invocation) -> AioWrite | AioInvalid:
-    csv = quiet = zero = False
-    flags = 0
-    pat = 0xCD
-    g = inv.getopt()
-    for c, arg in g:
-        if c == "C":
-            csv = True
-        elif c == "f":
-            flags |= REQ_FUA
-        elif c == "q":
-            quiet = True
-        elif c == "u":
-            flags |= REQ_MAY_UNMAP
-        elif c == "P":
-            pat = pattern(inv, arg or "")
-        elif c == "i":
-            return AioInvalid("write")
-        elif c == "z":
-            zero = True
-        else:
-            raise inv.usage(EINVAL)
-    if len(g.args) < 2:
+    try:
+        o, args = inv.options({"C": None, "f": None, "i": _invalid, "q": None, "P": partial(pattern, inv),
+                               "u": None, "z": None})
+    except _Invalid:
+        return AioInvalid("write")
+    flags = (REQ_FUA if "f" in o else 0) | (REQ_MAY_UNMAP if "u" in o else 0)
+    zero = "z" in o
+    if len(args) < 2:
         raise inv.usage(EINVAL)
-    if zero and len(g.args) != 2:
+    if zero and len(args) != 2:
         raise inv.fail(EINVAL, "-z supports only a single length parameter\n")
     if flags & REQ_MAY_UNMAP and not zero:
         raise inv.fail(EINVAL, "-u requires -z to be specified\n")
-    offset = num(inv, g.args[0], inv.prg)
-    if zero:
-        return AioWrite(offset, (num(inv, g.args[1], inv.prg),), flags, csv, quiet, True, pat)
-    sizes = iovec_sizes(inv, g.args[1:], inv.prg)
-    return AioWrite(offset, tuple(sizes), flags, csv, quiet, False, pat)
-
+    offset = num(inv, args[0])
+    sizes = (num(inv, args[1]),) if zero else tuple(iovec_sizes(inv, args[1:]))
+    return AioWrite(offset, sizes, flags, "C" in o, "q" in o, zero, o.get("P", 0xCD))
 
 async def run_aio_write(sh: Shell, cmd: AioWrite | AioInvalid) -> int:
     if isinstance(cmd, AioInvalid):
@@ -480,23 +379,13 @@ class Discard(NamedTuple):
 
 
 def parse_discard(inv: Invocation) -> Discard:
-    csv = quiet = False
-    g = inv.getopt()
-    for c, _ in g:
-        if c == "C":
-            csv = True
-        elif c == "q":
-            quiet = True
-        else:
-            raise inv.usage(EINVAL)
-    if len(g.args) != 2:
+    o, args = inv.options({"C": None, "q": None})
+    if len(args) != 2:
         raise inv.usage(EINVAL)
-    offset = num(inv, g.args[0], inv.prg)
-    count = num(inv, g.args[1], inv.prg)
+    offset, count = num(inv, args[0]), num(inv, args[1])
     if count > BDRV_REQUEST_MAX_BYTES:
-        raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {g.args[1]}\n")
-    return Discard(offset, count, csv, quiet)
-
+        raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {args[1]}\n")
+    return Discard(offset, count, "C" in o, "q" in o)
 
 async def run_discard(sh: Shell, cmd: Discard) -> int:
     blk = sh.require_blk()
@@ -537,7 +426,7 @@ def parse_truncate(inv: Invocation) -> Truncate:
         raise inv.usage(EINVAL)
     err_word = inv.argv[1]  # qemu-io blames argv[1], even when that is "-m"
     try:
-        offset = num(inv, g.args[0], inv.prg)
+        offset = num(inv, g.args[0])
     except ParseFailure as f:
         f.messages[-1] = (STDOUT, f.messages[-1][1].rsplit(" -- ", 1)[0] + f" -- {err_word}\n")
         raise
@@ -589,8 +478,8 @@ class Alloc(NamedTuple):
 
 
 def parse_alloc(inv: Invocation) -> Alloc:
-    offset = num(inv, inv.argv[1], inv.prg)
-    count = num(inv, inv.argv[2], inv.prg) if len(inv.argv) == 3 else SECTOR
+    offset = num(inv, inv.argv[1])
+    count = num(inv, inv.argv[2]) if len(inv.argv) == 3 else SECTOR
     return Alloc(offset, count)
 
 

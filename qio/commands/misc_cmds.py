@@ -171,7 +171,7 @@ async def run_sleep(sh: Shell, ms: int) -> int:
 
 
 def parse_sigraise(inv: Invocation) -> int:
-    sig = num(inv, inv.argv[1], inv.prg)
+    sig = num(inv, inv.argv[1])
     if sig > NSIG:
         raise inv.fail(EINVAL, f"signal argument '{inv.argv[1]}' is too large to be a valid signal\n")
     return sig

@@ -8,6 +8,7 @@ carrying qemu-io's messages) and an executor; rendering of results lives in :mod
 
 from __future__ import annotations
 
+import errno
 import importlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -86,6 +87,22 @@ class Invocation:
 
     def getopt(self) -> GetOpt:
         return GetOpt(self.argv, self.spec.optstring, lambda text: self.messages.append((STDERR, text)))
+
+    def options(self, convert: dict[str, Callable[[str], Any] | None]) -> tuple[dict[str, Any], list[str]]:
+        """getopt over the command's option string: ``{letter: value}`` and the positional words.
+
+        A letter mapped to None is a flag (True); otherwise its argument is converted at once, in
+        command-line order, as qemu-io converts it inside its getopt loop (so ``-P x -s y`` reports the
+        bad pattern first).  A letter the command does not handle prints the usage line.
+        """
+        found: dict[str, Any] = {}
+        g = self.getopt()
+        for c, arg in g:
+            if c not in convert:
+                raise self.usage(-errno.EINVAL)
+            conv = convert[c]
+            found[c] = True if conv is None else conv(arg or "")
+        return found, g.args
 
     def fail(self, ret: int, text: str | None = None) -> ParseFailure:
         """A failure with an optional stdout message, after any getopt messages so far."""
