@@ -27,6 +27,7 @@ import array
 import asyncio
 import errno
 import os
+import re
 import stat
 import zlib
 from collections.abc import Coroutine
@@ -1889,8 +1890,11 @@ class Qcow2Driver(BlockDriver):
         ci, l2_index = await self.get_cluster_table(offset)
         nb = min(nb, self.l2_slice_size - l2_index)
         tbl = c.tables[ci]
+        # entries that are 0 stay 0 unless a backing file needs them to read as zeroes
+        indices = range(nb) if self.backing is not None and not full_discard else \
+            _nonzero_entries(tbl, l2_index, nb)
         try:
-            for i in range(nb):
+            for i in indices:
                 old = self._l2_entry(tbl, l2_index + i)
                 new = old
                 if full_discard:
@@ -2329,11 +2333,12 @@ class Qcow2Driver(BlockDriver):
             if offset < old_length:
                 if prealloc != "off":
                     raise QemuError("Preallocation can't be used for shrinking an image", errno.EINVAL)
-                raise QemuError("qcow2 doesn't support shrinking images yet", errno.ENOTSUP)
-            try:
-                await self.grow_l1_table(new_l1_size, True)
-            except BlockError as e:
-                raise QemuError(f"Failed to grow the L1 table: {e}", e.code) from None
+                await self._shrink(offset, old_length, new_l1_size)
+            else:
+                try:
+                    await self.grow_l1_table(new_l1_size, True)
+                except BlockError as e:
+                    raise QemuError(f"Failed to grow the L1 table: {e}", e.code) from None
             if prealloc == "metadata":
                 await self._preallocate(old_length, offset, prealloc)
             elif prealloc != "off":
@@ -2355,6 +2360,139 @@ class Qcow2Driver(BlockDriver):
             await self._recreate_caches()
         finally:
             self.lock.unlock()
+
+    async def _shrink(self, offset: int, old_length: int, new_l1_size: int) -> None:
+        """The shrinking part of ``qcow2_co_truncate``."""
+        cs = self.cluster_size
+        start = _round_up(offset, cs)
+        try:
+            await self.cluster_discard(start, old_length - start, DISCARD_ALWAYS, True)
+        except BlockError as e:
+            raise QemuError(f"Failed to discard cropped clusters: {e}", e.code) from None
+        try:
+            await self._shrink_l1_table(new_l1_size)
+        except BlockError as e:
+            raise QemuError(f"Failed to reduce the number of L2 tables: {e}", e.code) from None
+        try:
+            await self._shrink_reftable()
+        except BlockError as e:
+            raise QemuError(f"Failed to discard unused refblocks: {e}", e.code) from None
+        old_file_size = io.getlength(self.file)
+        try:
+            last_cluster = await self._get_last_cluster(old_file_size)
+        except BlockError as e:
+            raise QemuError(f"Failed to find the last cluster: {e}", e.code) from None
+        if (last_cluster + 1) * cs < old_file_size:
+            try:
+                await io.truncate(self.file, (last_cluster + 1) * cs, False, "off")
+            except QemuError as e:
+                self._stderr(f"qemu-io: warning: Failed to truncate the tail of the image: {e}\n")
+
+    async def _shrink_l1_table(self, exact_size: int) -> None:
+        """``qcow2_shrink_l1_table``: clear the L1 entries beyond the new size (l1_size is kept)."""
+        if exact_size >= self.l1_size:
+            return
+        try:
+            await self._event(Event.L1_SHRINK_WRITE_TABLE)
+            await io.pwrite_zeroes(self.file, self.l1_table_offset + exact_size * 8,
+                                   (self.l1_size - exact_size) * 8, 0)
+            await io.flush(self.file)
+        except BlockError:
+            for i in range(exact_size, self.l1_size):
+                self.l1_table[i] = 0
+            self._l1_changed()
+            raise
+        await self._event(Event.L1_SHRINK_FREE_L2_CLUSTERS)
+        for i in range(self.l1_size - 1, exact_size - 1, -1):
+            l2 = self.l1_table[i] & L.L1E_OFFSET_MASK
+            if not l2:
+                continue
+            await self.free_clusters(l2, self.cluster_size, DISCARD_ALWAYS)
+            self.l1_table[i] = 0
+            self._l1_changed()
+
+    async def _shrink_reftable(self) -> None:
+        """``qcow2_shrink_reftable``: drop refcount blocks that describe no cluster but themselves."""
+        rbc = self.rbc
+        cb = self.cluster_bits
+        tmp = [0] * self.refcount_table_size
+        for i in range(self.refcount_table_size):
+            rbo = self.refcount_table[i] & L.REFT_OFFSET_MASK
+            if not rbo:
+                continue
+            blk = await rbc.get(rbo)
+            tbl = rbc.tables[blk]
+            if i == (rbo >> cb) >> self.refcount_block_bits:
+                bi = (rbo >> cb) & (self.refcount_block_size - 1)
+                rc = self.get_rc(tbl, bi)
+                self.set_rc(tbl, bi, 0)
+                unused = not any(tbl)
+                self.set_rc(tbl, bi, rc)
+            else:
+                unused = not any(tbl)
+            rbc.put(blk)
+            tmp[i] = 0 if unused else self.refcount_table[i]
+        raw = bytearray(self.refcount_table_size * 8)
+        for i, e in enumerate(tmp):
+            _pack_entry(raw, i * 8, e)
+        error: BlockError | None = None
+        try:
+            await self.pwrite_sync(self.refcount_table_offset, bytes(raw))
+        except BlockError as e:
+            error = e
+        for i in range(self.refcount_table_size):
+            if self.refcount_table[i] and not tmp[i]:
+                if error is None:
+                    try:
+                        await self._discard_refcount_block(self.refcount_table[i] & L.REFT_OFFSET_MASK)
+                    except BlockError as e:
+                        error = e
+                self.refcount_table[i] = 0
+        self._reftable_changed()
+        if not self.cache_discards:
+            await self._process_discards(error is None)
+        if error is not None:
+            raise error
+
+    async def _discard_refcount_block(self, offset: int) -> None:
+        cb = self.cluster_bits
+        cluster_index = offset >> cb
+        bi = cluster_index & (self.refcount_block_size - 1)
+        rti = cluster_index >> self.refcount_block_bits
+        rbo = self.refcount_table[rti] & L.REFT_OFFSET_MASK if rti < self.refcount_table_size else 0
+        if not rbo:
+            await self.signal_corruption(True, f"Refblock at {cx(offset)} is not covered by the refcount structures")
+            raise BlockError(errno.EIO)
+        rbc = self.rbc
+        blk = await rbc.get(rbo)
+        tbl = rbc.tables[blk]
+        rc = self.get_rc(tbl, bi)
+        if rc != 1:
+            await self.signal_corruption(True, f"Invalid refcount: refblock offset {cx(rbo)}, reftable index {rti}, "
+                                               f"block offset {cx(offset)}, refcount {cx(rc)}")
+            rbc.put(blk)
+            raise BlockError(errno.EINVAL)
+        self.set_rc(tbl, bi, 0)
+        rbc.mark_dirty(blk)
+        rbc.put(blk)
+        if cluster_index < self.free_cluster_index:
+            self.free_cluster_index = cluster_index
+        t = rbc.is_table_offset(offset)
+        if t is not None:
+            rbc.discard(t)
+        self._update_refcount_discard(offset, self.cluster_size)
+
+    async def _get_last_cluster(self, size: int) -> int:
+        for i in range(self.size_to_clusters(size) - 1, -1, -1):
+            try:
+                rc = await self.get_refcount(i)
+            except BlockError as e:
+                self._stderr(f"Can't get refcount for cluster {i}: {os.strerror(e.code)}\n")
+                raise
+            if rc > 0:
+                return i
+        await self.signal_corruption(True, "There are no references in the refcount table.")
+        raise BlockError(errno.EIO)
 
     async def _recreate_caches(self) -> None:
         """The cache part of ``qcow2_update_options``: flush the old caches, size new ones."""
@@ -2478,6 +2616,21 @@ def _be64_array(raw: bytes | bytearray) -> array.array[int]:
     if sys.byteorder == "little":
         arr.byteswap()
     return arr
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def _nonzero_entries(tbl: bytearray, start: int, n: int) -> list[int]:
+    """Indices (relative to ``start``) of the non-zero 8-byte entries among ``n`` from ``start``."""
+    out: list[int] = []
+    last = -1
+    for m in _NONZERO.finditer(tbl, start * 8, (start + n) * 8):
+        k = (m.start() >> 3) - start
+        if k != last:
+            out.append(k)
+            last = k
+    return out
 
 
 def _has_protocol(name: str) -> bool:

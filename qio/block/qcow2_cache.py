@@ -11,7 +11,9 @@ and flushed first) or on a flush of the file.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
+import heapq
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -74,8 +76,8 @@ class CoQueue:
 class Qcow2Cache:
     """A table cache; callers get an entry index, use ``tables[i]``, and ``put`` it back."""
 
-    __slots__ = ("depends", "depends_on_flush", "dirty", "drv", "is_l2", "lru", "lru_counter", "name",
-                 "offsets", "ref", "size", "table_size", "tables", "where")
+    __slots__ = ("depends", "depends_on_flush", "dirty", "dirty_set", "drv", "heap", "is_l2", "lru", "lru_counter",
+                 "name", "offsets", "ref", "size", "table_size", "tables", "where", "zero_lru")
 
     def __init__(self, drv: Qcow2Driver, size: int, table_size: int, is_l2: bool) -> None:
         self.drv = drv
@@ -93,6 +95,12 @@ class Qcow2Cache:
         self.lru_counter = 0
         self.depends: Qcow2Cache | None = None
         self.depends_on_flush = False
+        #: indices of dirty entries (QEMU scans all entries in index order; sorted() gives that order)
+        self.dirty_set: set[int] = set()
+        # Victim choice as QEMU's linear scan, without the scan: the unused entries whose LRU counter is
+        # 0 (sorted), and a heap of (counter, index) of the others (stale items are skipped lazily).
+        self.zero_lru: list[int] = list(range(size))
+        self.heap: list[tuple[int, int]] = []
 
     # -- write-back ----------------------------------------------------------------------------
     async def _flush_dependency(self) -> None:
@@ -118,11 +126,12 @@ class Qcow2Cache:
             await file.debug_event(Event.L2_UPDATE if self.is_l2 else Event.REFBLOCK_UPDATE_PART)
         await io.pwritev(file, offset, self.table_size, [memoryview(self.tables[i])])
         self.dirty[i] = False
+        self.dirty_set.discard(i)
 
     async def write(self) -> None:
         """``qcow2_cache_write``: write back every dirty entry; the first error (ENOSPC preferred)."""
         result: BlockError | None = None
-        for i in range(self.size):
+        for i in sorted(self.dirty_set):
             if not self.dirty[i]:
                 continue
             try:
@@ -145,9 +154,6 @@ class Qcow2Cache:
             await self._flush_dependency()
         self.depends = dependency
 
-    def is_dirty(self) -> bool:
-        return any(self.dirty[i] and self.offsets[i] for i in range(self.size))
-
     async def empty(self) -> None:
         await self.flush()
         for i in range(self.size):
@@ -155,36 +161,47 @@ class Qcow2Cache:
             self.lru[i] = 0
         self.where.clear()
         self.lru_counter = 0
+        self.zero_lru = [i for i in range(self.size) if self.ref[i] == 0]
+        self.heap = []
+
+    def _victim(self, start: int) -> int:
+        """QEMU's choice: the least recently used unreferenced entry; among never-used ones (LRU
+        counter 0, the only counter that repeats) the first at or after ``start``, cyclically."""
+        zero = self.zero_lru
+        if zero:
+            k = bisect.bisect_left(zero, start)
+            return zero[k] if k < len(zero) else zero[0]
+        heap, ref, lru = self.heap, self.ref, self.lru
+        while heap:
+            counter, i = heap[0]
+            if ref[i] == 0 and lru[i] == counter:
+                return i
+            heapq.heappop(heap)
+        return -1
+
+    def _taken(self, i: int) -> None:
+        """Entry ``i`` gets a reference."""
+        if self.ref[i] == 0 and self.lru[i] == 0:
+            k = bisect.bisect_left(self.zero_lru, i)
+            if k < len(self.zero_lru) and self.zero_lru[k] == i:
+                del self.zero_lru[k]
+        self.ref[i] += 1
 
     # -- lookup ----------------------------------------------------------------------------------
     async def get(self, offset: int, read: bool = True) -> int:
         """``qcow2_cache_do_get``: the index of the entry holding the table at ``offset``."""
         i = self.where.get(offset)
         if i is not None:
-            self.ref[i] += 1
+            self._taken(i)
             return i
         drv = self.drv
         if offset % self.table_size:
             await drv.signal_corruption(True, f"Cannot get entry from {self.name} cache: Offset "
                                               f"{drv.cx(offset)} is unaligned")
             raise BlockError(errno.EIO)
-        size = self.size
-        i = start = (offset // self.table_size * 4) % size
-        lru, ref = self.lru, self.ref
-        best, best_lru = -1, -1
-        while True:
-            if ref[i] == 0 and (best < 0 or lru[i] < best_lru):
-                best, best_lru = i, lru[i]
-                if best_lru == 0:
-                    break  # nothing can be older; QEMU keeps the first of equals
-            i += 1
-            if i == size:
-                i = 0
-            if i == start:
-                break
-        if best < 0:
+        i = self._victim((offset // self.table_size * 4) % self.size)
+        if i < 0:
             raise BlockError(errno.EBUSY, "qcow2 cache exhausted")  # QEMU aborts here
-        i = best
         await self.entry_flush(i)
         old = self.offsets[i]
         if old:
@@ -197,7 +214,7 @@ class Qcow2Cache:
             await io.preadv(file, offset, self.table_size, [memoryview(self.tables[i])])
         self.offsets[i] = offset
         self.where[offset] = i
-        self.ref[i] += 1
+        self._taken(i)
         return i
 
     async def get_empty(self, offset: int) -> int:
@@ -208,9 +225,11 @@ class Qcow2Cache:
         if self.ref[i] == 0:
             self.lru_counter += 1
             self.lru[i] = self.lru_counter
+            heapq.heappush(self.heap, (self.lru_counter, i))
 
     def mark_dirty(self, i: int) -> None:
         self.dirty[i] = True
+        self.dirty_set.add(i)
 
     def is_table_offset(self, offset: int) -> int | None:
         return self.where.get(offset) if offset else None
@@ -220,5 +239,9 @@ class Qcow2Cache:
         if old:
             self.where.pop(old, None)
         self.offsets[i] = 0
-        self.lru[i] = 0
         self.dirty[i] = False
+        self.dirty_set.discard(i)
+        if self.lru[i] or self.ref[i]:
+            self.lru[i] = 0
+            if self.ref[i] == 0:
+                bisect.insort(self.zero_lru, i)
