@@ -151,7 +151,7 @@ class BlockDriver:
         """Open the node from its (already flattened, child-free) option dict."""
 
     def set_perm(self, perm: int, shared: int) -> None:
-        """Apply permissions (protocol nodes lock the image here); raise OpenError on conflict."""
+        """Apply permissions (protocol nodes lock the image here); raise QemuError on conflict."""
 
     async def close(self) -> None:
         """Write back caches; called before children are closed."""
@@ -224,10 +224,6 @@ class BlockDriver:
 
     def debug_can_suspend(self, tag: str, inflight: bool) -> bool:
         """Could a request still be suspended under ``tag`` (armed breakpoint or parked request)?"""
-        return False
-
-    def debug_all_parked(self) -> bool:
-        """True if some request is suspended here (so waiting for it without ``resume`` never ends)."""
         return False
 
     def debug_suspended_tags(self) -> list[str]:

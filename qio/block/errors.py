@@ -23,7 +23,3 @@ class QemuError(Exception):
     def __init__(self, msg: str, err: int = errno.EINVAL) -> None:
         super().__init__(msg)
         self.errno = err
-
-
-def strerror(err: int) -> str:
-    return os.strerror(err)
