@@ -251,7 +251,19 @@ class BlockBackend:
         flags = _node_flags(options, flags)
         if flags.force_share and not flags.read_only:
             raise QemuError("force-share=on can only be used with read-only images")
-        root = open_node(options, flags, warn)
+        if flags.snapshot:  # -s: the image becomes the read-only backing node of a temporary overlay
+            from qio.block.qcow2_create import temp_overlay
+
+            base_flags = flags.copy()
+            base_flags.read_only, base_flags.snapshot = True, False
+            base = open_node(options, base_flags, warn)
+            try:
+                root = temp_overlay(base, flags, warn)
+            except BaseException:
+                _close_sync(base)
+                raise
+        else:
+            root = open_node(options, flags, warn)
         blk = cls(root, flags)
         try:
             _apply_perms(root, blk.perm, blk.shared)
