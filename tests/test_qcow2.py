@@ -722,3 +722,59 @@ def test_shrink_like_qemu(tmp_path: Path, size: str, opts: list[str]) -> None:
     assert _norm(ours.stdout) == _norm(ref.stdout)
     check_clean(b)
     assert a.read_bytes() == b.read_bytes()
+
+
+CREATE_CASES = [((), "64M"), ((), "1T"), ((), "1000000"), (("compat=0.10",), "1G"), (("cluster_size=512",), "1G"),
+                (("cluster_size=4096",), "1T"), (("cluster_size=2M",), "64M"), (("refcount_bits=1",), "1G"),
+                (("refcount_bits=64",), "1G"), (("lazy_refcounts=on",), "64M")]
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("opts,size", CREATE_CASES, ids=[",".join(o) + "-" + s for o, s in CREATE_CASES])
+def test_create_identical_to_qemu_img(tmp_path: Path, opts: tuple[str, ...], size: str) -> None:
+    from qio.block.qcow2_create import create as qio_create
+
+    ref = create(tmp_path / "ref.qcow2", size, *opts)
+    kw: dict[str, object] = {}
+    for o in opts:
+        k, v = o.split("=")
+        if k == "compat":
+            kw["version"] = 2
+        elif k == "cluster_size":
+            kw["cluster_size"] = {"512": 512, "4096": 4096, "2M": 2 << 20}[v]
+        elif k == "refcount_bits":
+            kw["refcount_bits"] = int(v)
+        elif k == "lazy_refcounts":
+            kw["lazy_refcounts"] = True
+    nbytes = {"64M": 64 << 20, "1G": 1 << 30, "1T": 1 << 40, "1000000": 1000448}[size]
+    qio_create(str(tmp_path / "mine.qcow2"), nbytes, **kw)  # type: ignore[arg-type]
+    assert (tmp_path / "mine.qcow2").read_bytes() == ref.read_bytes()
+
+
+@oracle
+@needs_qemu
+def test_snapshot_mode_overlay(tmp_path: Path) -> None:
+    """-s: writes go to a temporary qcow2 overlay (deleted at once), the image stays unchanged."""
+    base = create(tmp_path / "b.qcow2", "4M")
+    qemu_io("-c", "write -P 0x11 0 128k", str(base))
+    before = base.read_bytes()
+    loop = asyncio.new_event_loop()
+    flags = OpenFlags()
+    flags.snapshot = True
+
+    async def opener() -> BlockBackend:
+        AioContext()
+        return BlockBackend.open(str(base), {}, flags, lambda _m: None)
+
+    blk = loop.run_until_complete(opener())
+    assert blk.root.format_name == "qcow2" and blk.getlength() == 4 << 20
+    data = b"\x22" * 4096
+    loop.run_until_complete(blk.pwritev(65536, 4096, [memoryview(data)]))
+    buf = bytearray(131072)
+    loop.run_until_complete(blk.preadv(0, 131072, [memoryview(buf)]))
+    assert buf[:65536] == b"\x11" * 65536 and buf[65536:69632] == data
+    assert loop.run_until_complete(blk.is_allocated(0, 65536)) == (False, 65536)
+    loop.run_until_complete(blk.close(lambda _m: None))
+    loop.close()
+    assert base.read_bytes() == before
