@@ -260,7 +260,7 @@ class Qcow2Driver(BlockDriver):
         self._l2_offsets: set[int] | None = None
         self._refblock_offsets: set[int] | None = None
         self._drop_bitmaps_ext = False
-        self.backing_format_ext: str | None = None
+        self.bitmaps_info: list[list[tuple[str, Any]]] = []
 
     # ================================================================================ helpers
     @property
@@ -585,6 +585,8 @@ class Qcow2Driver(BlockDriver):
         if self.autoclear_features & L.AUTOCLEAR_BITMAPS and self.nb_bitmaps and self._is_writable():
             raise QemuError("qio does not support writing qcow2 images with persistent dirty bitmaps "
                             "(autoclear feature bit 0); open it read-only", errno.ENOTSUP)
+        if self.autoclear_features & L.AUTOCLEAR_BITMAPS and self.nb_bitmaps:
+            self.bitmaps_info = await self._read_bitmap_directory()
         if update_header:
             if self._drop_bitmaps_ext:
                 self.nb_bitmaps = 0
@@ -596,6 +598,26 @@ class Qcow2Driver(BlockDriver):
             from qio.block.qcow2_check import repair_dirty
 
             await repair_dirty(self)
+
+    async def _read_bitmap_directory(self) -> list[list[tuple[str, Any]]]:
+        """The persistent bitmaps as ``info`` lists them (name, granularity, flags)."""
+        try:
+            raw = await self._pread(self.bitmap_directory_offset, self.bitmap_directory_size)
+        except BlockError:
+            return []
+        out: list[list[tuple[str, Any]]] = []
+        pos = 0
+        esize = L.BITMAP_DIR_ENTRY.size
+        for _ in range(self.nb_bitmaps):
+            if pos + esize > len(raw):
+                break
+            _tbl, _tsize, flags, _typ, gbits, name_size, extra = L.BITMAP_DIR_ENTRY.unpack_from(raw, pos)
+            name_start = pos + esize + extra
+            name = bytes(raw[name_start: name_start + name_size]).decode("utf-8", "replace")
+            names = [n for bit, n in ((L.BITMAP_FLAG_IN_USE, "in-use"), (L.BITMAP_FLAG_AUTO, "auto")) if flags & bit]
+            out.append([("flags", names), ("name", name), ("granularity", 1 << gbits if gbits < 64 else 0)])
+            pos = _round_up(name_start + name_size, 8)
+        return out
 
     def _validate_compression_type(self) -> None:
         ctype = self.compression_type
@@ -2598,8 +2620,6 @@ class Qcow2Driver(BlockDriver):
                  ("corrupt", bool(self.incompatible_features & L.INCOMPAT_CORRUPT)),
                  ("extended-l2", bool(self.incompatible_features & L.INCOMPAT_EXTL2))]
         return info
-
-    bitmaps_info: list[list[tuple[str, Any]]] = []
 
 
 # ================================================================================ module helpers
