@@ -209,8 +209,6 @@ class Shell:
         from qio.block.backend import BlockBackend
 
         try:
-            if flags.snapshot:
-                raise QemuError("snapshot mode (-s) is not supported by qio yet")
             self.blk = BlockBackend.open(path, options, flags, self.out.err)
         except QemuError as e:
             name = f" device {path}" if path is not None else ""
