@@ -233,7 +233,7 @@ class AioContext:
         ran = False
         if self._io:
             io, self._io = self._io, []
-            for fut in io:
+            for fut in reversed(io):  # QEMU's thread pool usually completes the newest request first
                 if not fut.done():
                     fut.set_result(None)
             ran = True

@@ -89,6 +89,8 @@ async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None)
         poller = asyncio.ensure_future(background())
         try:
             while not sh.quit:
+                if sh.aio.flush_pending():
+                    sh.aio.run_flushes()
                 await sh.aio.poll()
                 sh.out.flush()
                 try:

@@ -76,6 +76,11 @@ class LineReader:
                 return line.decode("utf-8", "surrogateescape")
             if self.eof:
                 return None
+            if sh.aio.flush_pending():
+                # About to wait for input: qemu-io's event loop would finish the write-through
+                # requests' flushes now, so their completions print before the next command.
+                sh.aio.run_flushes()
+                await sh.aio.poll()
             # While requests can still progress, keep the event loop (and their completions) going.
             if self.pollable and (AIO.busy or sh.aio.inflight or sh.aio.has_pending()):
                 waiter = asyncio.ensure_future(self.readable())

@@ -195,10 +195,19 @@ class Shell:
         """Run resumed requests until they next wait (QEMU re-enters them inside ``resume``)."""
         await self.aio.step()
 
-    async def wait_for(self, pred: Callable[[], bool], timeout: float | None) -> bool:
-        """``wait_break``: poll until ``pred()``; False at the timeout or at a standstill."""
+    async def wait_for(self, pred: Callable[[], bool], timeout: float | None) -> str:
+        """``wait_break``: poll until ``pred()``.  Returns "ok", "timeout", or "standstill" (nothing left
+        that could make it true)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        return await self.run_until(pred, "wait_break", deadline, on_standstill=lambda: True)
+        stalled: list[bool] = []
+
+        def standstill() -> bool:
+            stalled.append(True)
+            return True
+
+        if await self.run_until(pred, "wait_break", deadline, on_standstill=standstill):
+            return "ok"
+        return "standstill" if stalled else "timeout"
 
     # -- image management --------------------------------------------------------------------------
     def open_image(self, path: str | None, flags: OpenFlags, options: dict[str, Any]) -> bool:

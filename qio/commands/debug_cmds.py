@@ -95,9 +95,10 @@ async def run_wait_break(sh: Shell, cmd: WaitBreak) -> int:
         sh.out.out(f"wait_break: no blkdebug node below the image, request '{cmd.tag}' can never be "
                    "suspended\n")
         return -errno.ENOTSUP
-    if await sh.wait_for(lambda: node.debug_is_suspended(cmd.tag), cmd.timeout):
+    outcome = await sh.wait_for(lambda: node.debug_is_suspended(cmd.tag), cmd.timeout)
+    if outcome == "ok":
         return 0
-    if cmd.timeout is not None and node.debug_can_suspend(cmd.tag, bool(sh.aio.inflight)):
+    if outcome == "timeout" and node.debug_can_suspend(cmd.tag, bool(sh.aio.inflight)):
         sh.out.out(f"wait_break: timed out after {cmd.timeout:g} s waiting for request '{cmd.tag}'\n")
         return -errno.ETIMEDOUT
     sh.out.out(f"wait_break: no request can reach a breakpoint tagged '{cmd.tag}'\n")
