@@ -225,25 +225,42 @@ def make_rule(action: str, values: dict[str, Any]) -> RuleSpec:
 
 
 def inline_sections(options: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """``qemu_config_parse_qdict``: ``inject-error.N.key`` options (consumed from ``options``)."""
+    """``qemu_config_parse_qdict``: rules given as options (consumed from ``options``).
+
+    ``inject-error.event=...`` is one rule; ``inject-error.0.event=...``, ``inject-error.1...`` a list
+    (numbered from 0 without gaps); mixing the two, gaps and unknown keys get QEMU's messages.
+    """
     out: list[tuple[str, dict[str, Any]]] = []
     for group in ("inject-error", "set-state"):
         prefix = group + "."
-        keys = [k for k in options if k.startswith(prefix)]
-        if not keys:
+        sub = {k[len(prefix):]: options.pop(k) for k in [k for k in options if k.startswith(prefix)]}
+        if not sub:
             continue
-        entries: dict[int, dict[str, Any]] = {}
-        for k in keys:
-            rest = k[len(prefix):]
-            idx, dot, key = rest.partition(".")
-            if not dot or not idx.isdigit():
-                raise QemuError(f"Unused option '{rest}' for [{group}]" if dot else f"Invalid parameter '{rest}'")
-            entries.setdefault(int(idx), {})[key] = options.pop(k)
-        for i in range(len(entries)):
-            if i not in entries:
-                raise QemuError(f"Unused option '{min(entries)}' for [{group}]")
-            for key in entries[i]:
-                if key not in _TYPES[group]:
-                    raise QemuError(f"Invalid parameter '{key}'")
-            out.append((group, entries[i]))
+        types = _TYPES[group]
+        plain = {k: v for k, v in sub.items() if k in types}
+        rest = [k for k in sub if k not in types]
+        for k, v in plain.items():
+            check_value(k, v, types[k])
+        if plain and rest:
+            raise QemuError(f"Unknown option '{rest[0]}' for [{group}]")
+        if plain:
+            out.append((group, plain))
+            continue
+        entries: list[dict[str, Any]] = []
+        while True:
+            pre = f"{len(entries)}."
+            entry = {k[len(pre):]: sub.pop(k) for k in [k for k in sub if k.startswith(pre)]}
+            if not entry:
+                break
+            entries.append(entry)
+        if sub:
+            raise QemuError(f"Unused option '{next(iter(sub))}' for [{group}]")
+        for entry in entries:
+            for k, v in entry.items():
+                if k in types:
+                    check_value(k, v, types[k])
+            unknown = [k for k in entry if k not in types]
+            if unknown:
+                raise QemuError(f"[{group}] section doesn't support the option '{unknown[0]}'")
+            out.append((group, entry))
     return out
