@@ -228,6 +228,15 @@ def iter_nodes(node: BlockDriver) -> list[BlockDriver]:
     return out
 
 
+def _primary_nodes(node: BlockDriver) -> list[BlockDriver]:
+    """The node and its data children, without backing files (which stay read-only)."""
+    out = [node]
+    for c in node.children:
+        if c.role_primary:
+            out.extend(_primary_nodes(c.node))
+    return out
+
+
 class BlockBackend:
     """The image as qemu-io sees it: byte-range checks, write-through FUA, permissions."""
 
@@ -276,7 +285,7 @@ class BlockBackend:
         """Take more permissions for a command (``write`` needs WRITE, ``truncate`` RESIZE too)."""
         if perm & ~self.perm == 0:
             return
-        if perm & (PERM_WRITE | PERM_RESIZE) and any(n.read_only for n in iter_nodes(self.root)
+        if perm & (PERM_WRITE | PERM_RESIZE) and any(n.read_only for n in _primary_nodes(self.root)
                                                      if n is self.root or n.children):
             raise QemuError("Block node is read-only", errno.EPERM)
         old = self.perm
@@ -341,8 +350,11 @@ class BlockBackend:
             if key not in GENERIC_OPTS or key in ("driver", "filename", "node-name"):
                 raise QemuError(f"Cannot change the option '{key}'")
         perm = self.perm if not flags.read_only else self.perm & ~(PERM_WRITE | PERM_RESIZE)
+        primary = _primary_nodes(self.root)
+        backing_flags = flags.copy()
+        backing_flags.read_only = True
         for node in iter_nodes(self.root):
-            node.reopen(flags, {})
+            node.reopen(flags if any(node is n for n in primary) else backing_flags, {})
         _apply_perms(self.root, perm, self.shared)
         self.perm = perm
         self.flags = flags

@@ -1085,11 +1085,20 @@ class Qcow2Driver(BlockDriver):
                     continue
                 raise
             break
-        await self.l2c.set_dependency(self.rbc)
+        await self._set_dependency(self.l2c, self.rbc)
         self.free_byte_offset = offset + size
         if not self.free_byte_offset & (cs - 1):
             self.free_byte_offset = 0
         return offset
+
+    @staticmethod
+    async def _set_dependency(c: Qcow2Cache, dependency: Qcow2Cache) -> None:
+        """``qcow2_cache_set_dependency`` where QEMU ignores its result (a failed flush of the old
+        dependency leaves the dependency unset)."""
+        try:
+            await c.set_dependency(dependency)
+        except BlockError:
+            pass
 
     async def free_clusters(self, offset: int, size: int, dtype: int) -> None:
         """``qcow2_free_clusters``: errors are reported, not returned (the clusters leak)."""
@@ -1123,7 +1132,7 @@ class Qcow2Driver(BlockDriver):
             return
         rbc = self.rbc
         if decrease:
-            await rbc.set_dependency(self.l2c)
+            await self._set_dependency(rbc, self.l2c)
         cb = self.cluster_bits
         cs = self.cluster_size
         start = offset & ~(cs - 1)
@@ -1856,7 +1865,7 @@ class Qcow2Driver(BlockDriver):
             except BlockError:
                 pass
         if self._need_accurate_refcounts():
-            await self.l2c.set_dependency(self.rbc)
+            await self._set_dependency(self.l2c, self.rbc)
         c = self.l2c
         ci, l2_index = await self.get_cluster_table(m.offset)
         c.mark_dirty(ci)
