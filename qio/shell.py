@@ -123,6 +123,10 @@ class Shell:
         finally:
             self.aio.sync_task = None
         await self.aio.poll()
+        if task.cancelled():
+            from qio.block.errors import BlockError
+
+            raise BlockError(errno.EIO)
         return task.result()
 
     async def run_until(self, done: Callable[[], bool], what: str, deadline: float | None = None,
@@ -158,7 +162,9 @@ class Shell:
                         return False
                     if deadline is None:
                         return done()
-                await self.aio.wait(left)
+                await self.aio.wait(left if left is not None else 1.0)
+                if deadline is None and self.aio.progress == marker and not self.aio.has_pending():
+                    self._abandon_stuck(what)
                 continue
             if on_standstill is not None and on_standstill():
                 return False
@@ -167,6 +173,16 @@ class Shell:
                 continue
             self.report_stuck(what)
             await self.aio.step()
+
+    def _abandon_stuck(self, what: str) -> None:
+        """Requests that wait for nothing qio knows about can only be a qio bug: fail them, never hang."""
+        stuck = [t for t in (*self.aio.inflight, self.aio.sync_task) if t is not None and not t.done()]
+        if not stuck or AIO.busy:
+            return
+        self.out.error_report(f"internal error: {what}: {len(stuck)} request(s) can make no progress; "
+                              "cancelling them")
+        for t in stuck:
+            t.cancel()
 
     def debug_node(self) -> BlockDriver | None:
         from qio.commands.debug_cmds import debug_node
