@@ -56,6 +56,7 @@ from qio.block.events import Event
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
 from qio.block.qcow2_cache import CoMutex, CoQueue, Qcow2Cache
+from qio.qemuopts import opt_bool, opt_size
 
 INT_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -92,7 +93,6 @@ OL_OPTIONS = {"main-header": OL_MAIN_HEADER, "active-l1": OL_ACTIVE_L1, "active-
               "snapshot-table": OL_SNAPSHOT_TABLE, "inactive-l1": OL_INACTIVE_L1,
               "inactive-l2": OL_INACTIVE_L2, "bitmap-directory": OL_BITMAP_DIRECTORY}
 
-_BOOL = {"on": True, "yes": True, "true": True, "y": True, "off": False, "no": False, "false": False, "n": False}
 _ENTRY = L.ENTRY
 _unpack_entry = _ENTRY.unpack_from
 _pack_entry = _ENTRY.pack_into
@@ -165,6 +165,7 @@ class Snapshot:
 
 #: (st_dev, st_ino) of the qcow2 images being opened, outermost first (backing-chain cycles).
 _opening: list[tuple[int, int]] = []
+_opening_ro: list[bool] = []
 
 
 def _protocol_node(node: BlockDriver) -> BlockDriver:
@@ -431,8 +432,9 @@ class Qcow2Driver(BlockDriver):
         self.read_only = flags.read_only
         ident = _file_identity(self.file)
         if ident is not None and ident in _opening:
-            # QEMU finds the loop when the second instance of the image wants its lock.
-            if flags.read_only:
+            # QEMU finds the loop when the second instance of the image wants its lock (and recurses
+            # forever when every instance is read-only).
+            if _opening_ro[_opening.index(ident)]:
                 raise QemuError("Backing file chain contains a loop")
             raise QemuError(f'Failed to get shared "write" lock\nIs another process using the image '
                             f"[{self.filename}]?", errno.EAGAIN)
@@ -440,6 +442,7 @@ class Qcow2Driver(BlockDriver):
             raise QemuError(f"Backing file chain is too deep (more than {MAX_BACKING_DEPTH} images)")
         backing_opts = self._take_backing_options(options)
         _opening.append(ident or (-1, -1))
+        _opening_ro.append(flags.read_only)
         try:
             _sync(self._do_open(options, flags))
             self._open_backing(backing_opts, flags)
@@ -447,6 +450,7 @@ class Qcow2Driver(BlockDriver):
             raise QemuError(str(e), e.code) from None
         finally:
             _opening.pop()
+            _opening_ro.pop()
         self.supported_zero_flags = (REQ_MAY_UNMAP | REQ_NO_FALLBACK) if self.qcow_version >= 3 else 0
         self.supported_write_flags = 0
         self.request_alignment = 1
@@ -802,7 +806,7 @@ class Qcow2Driver(BlockDriver):
                 raise QemuError("Parameter 'cache-clean-interval' expects a number") from None
             if ival > 0xFFFFFFFF or ival < 0:
                 raise QemuError("Cache clean interval too big")
-        lazy = self._bool(opts, "lazy-refcounts", bool(self.compatible_features & L.COMPAT_LAZY_REFCOUNTS))
+        lazy = opt_bool(opts, "lazy-refcounts", bool(self.compatible_features & L.COMPAT_LAZY_REFCOUNTS))
         if lazy and self.qcow_version < 3:
             raise QemuError("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")
         ol = opts.get("overlap-check")
@@ -818,12 +822,12 @@ class Qcow2Driver(BlockDriver):
         template = templates[template_name]
         overlap = 0
         for name, bit in OL_OPTIONS.items():
-            if self._bool(opts, f"overlap-check.{name}", bool(template & bit)):
+            if opt_bool(opts, f"overlap-check.{name}", bool(template & bit)):
                 overlap |= bit
         passthrough = [False, True,
-                       self._bool(opts, "pass-discard-request", flags.unmap),
-                       self._bool(opts, "pass-discard-snapshot", True),
-                       self._bool(opts, "pass-discard-other", False)]
+                       opt_bool(opts, "pass-discard-request", flags.unmap),
+                       opt_bool(opts, "pass-discard-snapshot", True),
+                       opt_bool(opts, "pass-discard-other", False)]
         self.l2_cache_entry_size = entry_size
         self.l2_slice_size = entry_size // 8
         self.l2_cache = Qcow2Cache(self, l2_entries, entry_size, True)
@@ -832,34 +836,10 @@ class Qcow2Driver(BlockDriver):
         self.use_lazy_refcounts = lazy
         self.discard_passthrough = passthrough
 
-    @staticmethod
-    def _bool(opts: dict[str, Any], key: str, default: bool) -> bool:
-        v = opts.get(key)
-        if v is None:
-            return default
-        if isinstance(v, bool):
-            return v
-        b = _BOOL.get(str(v))
-        if b is None:
-            raise QemuError(f"Parameter '{key}' expects 'on' or 'off'")
-        return b
-
     def _read_cache_sizes(self, opts: dict[str, Any]) -> tuple[int, int, int]:
         """``read_cache_sizes``: (L2 cache bytes, L2 cache entry size, refcount cache bytes)."""
-        from qio.numbers import qemu_strtosz
-
         def size(key: str, default: int) -> int:
-            v = opts.get(key)
-            if v is None:
-                return default
-            if isinstance(v, int) and not isinstance(v, bool):
-                return v
-            err, val, _ = qemu_strtosz(str(v))
-            if err:
-                raise QemuError(f"Parameter '{key}' expects a non-negative number below 2^64\nOptional suffix "
-                                "k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, "
-                                "respectively.")
-            return val
+            return opt_size(opts, key, default)
 
         cs = self.cluster_size
         min_rc = MIN_REFCOUNT_CACHE_SIZE * cs
