@@ -95,6 +95,42 @@ def _json_error(text: str, e: json.JSONDecodeError) -> str:
     return e.msg[0].lower() + e.msg[1:]
 
 
+_BOOL = {"on": True, "yes": True, "true": True, "y": True, "off": False, "no": False, "false": False,
+         "n": False}
+
+
+def opt_bool(options: Options, key: str, default: bool) -> bool:
+    """A QemuOpts boolean (``on``/``off`` and synonyms, or a JSON boolean)."""
+    v = options.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool):
+        return v
+    b = _BOOL.get(str(v))
+    if b is None:
+        raise QemuError(f"Parameter '{key}' expects 'on' or 'off'")
+    return b
+
+
+def opt_size(options: Options, key: str, default: int) -> int:
+    """A QemuOpts size (``64k``...; ``parse_option_size``), or a JSON integer."""
+    from qio.numbers import qemu_strtosz
+
+    v = options.get(key)
+    if v is None:
+        return default
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    err, val, _ = qemu_strtosz(str(v))
+    if err == -34:  # ERANGE
+        raise QemuError(f"Value '{v}' is out of range for parameter '{key}'")
+    if err:
+        raise QemuError(f"Parameter '{key}' expects a non-negative number below 2^64\n"
+                        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                        "and exabytes, respectively.")
+    return val
+
+
 def sub_options(options: Options, prefix: str) -> Options:
     """Extract and remove ``prefix.*`` keys (``qdict_extract_subqdict``)."""
     dot = prefix + "."

@@ -25,11 +25,9 @@ from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
 from qio.block.probe import probe_format
-from qio.qemuopts import Options, parse_json_filename, sub_options
+from qio.qemuopts import Options, opt_bool, parse_json_filename, sub_options
 
 PROBE_BUF = 512
-_BOOL = {"on": True, "yes": True, "true": True, "y": True, "off": False, "no": False, "false": False,
-         "n": False}
 #: Options every node accepts (``bdrv_runtime_opts`` and friends).
 GENERIC_OPTS = frozenset({"node-name", "read-only", "auto-read-only", "cache.direct", "cache.no-flush",
                           "discard", "detect-zeroes", "force-share", "driver", "filename"})
@@ -37,25 +35,13 @@ GENERIC_OPTS = frozenset({"node-name", "read-only", "auto-read-only", "cache.dir
 Warn = Callable[[str], None]
 
 
-def _bool_opt(options: Options, key: str, default: bool) -> bool:
-    v = options.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool):
-        return v
-    b = _BOOL.get(str(v))
-    if b is None:
-        raise QemuError(f"Parameter '{key}' expects 'on' or 'off'")
-    return b
-
-
 def _node_flags(options: Options, flags: OpenFlags) -> OpenFlags:
     """Generic per-node options override the inherited flags."""
     f = flags.copy()
-    f.read_only = _bool_opt(options, "read-only", f.read_only)
-    f.nocache = _bool_opt(options, "cache.direct", f.nocache)
-    f.no_flush = _bool_opt(options, "cache.no-flush", f.no_flush)
-    f.force_share = _bool_opt(options, "force-share", f.force_share)
+    f.read_only = opt_bool(options, "read-only", f.read_only)
+    f.nocache = opt_bool(options, "cache.direct", f.nocache)
+    f.no_flush = opt_bool(options, "cache.no-flush", f.no_flush)
+    f.force_share = opt_bool(options, "force-share", f.force_share)
     d = options.get("discard")
     if d is not None:
         if d in ("off", "ignore"):

@@ -39,7 +39,7 @@ from qio.block.errors import BlockError, QemuError
 from qio.block.events import EVENT_NAMES, Event
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
-from qio.numbers import qemu_strtosz
+from qio.qemuopts import opt_size
 
 INT_MAX = 2**31 - 1
 INJECT, SET_STATE, SUSPEND = 0, 1, 2
@@ -197,7 +197,7 @@ class BlkdebugDriver(BlockDriver):
         self.filename = f"blkdebug:{self.config or ''}:{child.filename}"  # blkdebug_refresh_filename
         self.supported_write_flags = REQ_FUA & child.supported_write_flags
         self.supported_zero_flags = (REQ_FUA | REQ_MAY_UNMAP | REQ_NO_FALLBACK) & child.supported_zero_flags
-        align = self._size(options, "align")
+        align = opt_size(options, "align", 0)
         if align and (align >= INT_MAX or align & (align - 1)):
             raise QemuError(f"Cannot meet constraints with align {align}")
         base = max(align, child.request_alignment)
@@ -205,7 +205,7 @@ class BlkdebugDriver(BlockDriver):
         limits: dict[str, int] = {}
         for key, multiple_of in (("max-transfer", base), ("opt-write-zero", base), ("max-write-zero", None),
                                  ("opt-discard", base), ("max-discard", None)):
-            v = self._size(options, key)
+            v = opt_size(options, key, 0)
             if multiple_of is None:
                 multiple_of = max(limits["opt-write-zero" if key == "max-write-zero" else "opt-discard"], base)
             if v and (v >= INT_MAX or v % multiple_of):
@@ -218,22 +218,6 @@ class BlkdebugDriver(BlockDriver):
         self.max_pdiscard = limits["max-discard"]
         AIO.yield_on_io = True
         _run_none_event(self)
-
-    @staticmethod
-    def _size(options: dict[str, Any], key: str) -> int:
-        v = options.get(key)
-        if v is None:
-            return 0
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-        err, val, _ = qemu_strtosz(str(v))
-        if err == -errno.ERANGE:
-            raise QemuError(f"Value '{v}' is out of range for parameter '{key}'")
-        if err:
-            raise QemuError(f"Parameter '{key}' expects a non-negative number below 2^64\n"
-                            "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-                            "and exabytes, respectively.")
-        return val
 
     def getlength(self) -> int:
         return io.getlength(self.file)

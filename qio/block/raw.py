@@ -27,7 +27,7 @@ from qio.block.errors import BlockError, QemuError
 from qio.block.events import Event
 from qio.block.modes import OpenFlags
 from qio.block.probe import probe_format
-from qio.numbers import qemu_strtosz
+from qio.qemuopts import opt_size
 
 PROBE_BUF = 512
 
@@ -47,9 +47,9 @@ class RawDriver(BlockDriver):
         self.read_only = flags.read_only
         file = self.file
         real = io.getlength(file)
-        self.offset = _size_opt(options, "offset", 0)
+        self.offset = opt_size(options, "offset", 0)
         size = options.get("size")
-        self.size = None if size is None else _size_opt(options, "size", 0)
+        self.size = None if size is None else opt_size(options, "size", 0)
         if self.offset > real:
             raise QemuError(f"Offset ({self.offset}) cannot be greater than size of the "
                             f"containing file ({real})")
@@ -105,17 +105,3 @@ class RawDriver(BlockDriver):
 
     def get_info(self) -> BlockInfo | None:
         return BlockInfo()
-
-
-def _size_opt(options: dict[str, Any], key: str, default: int) -> int:
-    v = options.get(key)
-    if v is None:
-        return default
-    if isinstance(v, int):
-        return v
-    err, val, _ = qemu_strtosz(str(v))
-    if err:
-        raise QemuError(f"Parameter '{key}' expects a non-negative number below 2^64\n"
-                        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-                        "and exabytes, respectively.")
-    return val
