@@ -329,6 +329,8 @@ async def _driver_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
 
 async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: int) -> None:
     """``bdrv_co_do_pwrite_zeroes``: aligned chunks to the driver, falling back to writing zeroes."""
+    if flags & ~node.supported_zero_flags & REQ_NO_FALLBACK:
+        raise BlockError(errno.ENOTSUP)  # the node cannot promise a fast zero write (e.g. qcow2 v2)
     alignment = max(node.pwrite_zeroes_alignment, node.request_alignment)
     max_zero = node.max_pwrite_zeroes or (2**31 - 1) // alignment * alignment
     max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE) // alignment * alignment or alignment
