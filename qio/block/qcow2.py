@@ -259,6 +259,9 @@ class Qcow2Driver(BlockDriver):
         self.backing: BlockDriver | None = None
         self.opts: dict[str, Any] = {}
         self._l2_offsets: set[int] | None = None
+        self._l2_refs: dict[int, int] | None = None
+        self._l2_unaligned = 0
+        self._refblock_unaligned = 0
         self._refblock_offsets: set[int] | None = None
         self._drop_bitmaps_ext = False
         self.bitmaps_info: list[list[tuple[str, Any]]] = []
@@ -342,7 +345,14 @@ class Qcow2Driver(BlockDriver):
 
     def _l2_offset_set(self) -> set[int]:
         if self._l2_offsets is None:
-            self._l2_offsets = {e & L.L1E_OFFSET_MASK for e in self.l1_table if e & L.L1E_OFFSET_MASK}
+            refs: dict[int, int] = {}
+            for e in self.l1_table:
+                off = e & L.L1E_OFFSET_MASK
+                if off:
+                    refs[off] = refs.get(off, 0) + 1
+            self._l2_refs = refs
+            self._l2_offsets = set(refs)
+            self._l2_unaligned = sum(1 for o in refs if o & (self.cluster_size - 1))
         return self._l2_offsets
 
     def _refblock_offset_set(self) -> set[int]:
@@ -350,10 +360,36 @@ class Qcow2Driver(BlockDriver):
             self._refblock_offsets = {e & L.REFT_OFFSET_MASK
                                       for e in self.refcount_table[:self.max_refcount_table_index + 1]
                                       if e & L.REFT_OFFSET_MASK}
+            self._refblock_unaligned = sum(1 for o in self._refblock_offsets if o & (self.cluster_size - 1))
         return self._refblock_offsets
 
     def _l1_changed(self) -> None:
         self._l2_offsets = None
+        self._l2_refs = None
+
+    def _set_l1(self, i: int, value: int) -> None:
+        """Change one L1 entry, keeping the overlap-check set of L2 offsets up to date."""
+        old = self.l1_table[i] & L.L1E_OFFSET_MASK
+        self.l1_table[i] = value
+        new = value & L.L1E_OFFSET_MASK
+        if old == new or self._l2_offsets is None:
+            return
+        refs = self._l2_refs
+        if refs is None:
+            self._l1_changed()
+            return
+        cmask = self.cluster_size - 1
+        if old:
+            refs[old] -= 1
+            if not refs[old]:
+                del refs[old]
+                self._l2_offsets.discard(old)
+                self._l2_unaligned -= bool(old & cmask)
+        if new:
+            refs[new] = refs.get(new, 0) + 1
+            if new not in self._l2_offsets:
+                self._l2_offsets.add(new)
+                self._l2_unaligned += bool(new & cmask)
 
     def _reftable_changed(self) -> None:
         self._refblock_offsets = None
@@ -385,9 +421,10 @@ class Qcow2Driver(BlockDriver):
                 if sn.l1_size and overlaps(sn.l1_table_offset, sn.l1_size * 8):
                     return OL_INACTIVE_L1
         nclusters = size >> self.cluster_bits
-        if chk & OL_ACTIVE_L2 and self._set_overlaps(self._l2_offset_set(), offset, nclusters):
+        if chk & OL_ACTIVE_L2 and self._set_overlaps(self._l2_offset_set(), self._l2_unaligned, offset, nclusters):
             return OL_ACTIVE_L2
-        if chk & OL_REFCOUNT_BLOCK and self._set_overlaps(self._refblock_offset_set(), offset, nclusters):
+        if chk & OL_REFCOUNT_BLOCK and self._set_overlaps(self._refblock_offset_set(), self._refblock_unaligned,
+                                                          offset, nclusters):
             return OL_REFCOUNT_BLOCK
         if chk & OL_INACTIVE_L2:
             for sn in self.snapshots:
@@ -403,9 +440,9 @@ class Qcow2Driver(BlockDriver):
             return OL_BITMAP_DIRECTORY
         return 0
 
-    def _set_overlaps(self, offsets: set[int], start: int, nclusters: int) -> bool:
-        """Does a cluster-aligned table offset of ``offsets`` fall in the cluster-aligned range?
-        (Unaligned table offsets are found as QEMU finds them: by range overlap.)"""
+    def _set_overlaps(self, offsets: set[int], unaligned: int, start: int, nclusters: int) -> bool:
+        """Does a table offset of ``offsets`` fall in the cluster-aligned range?  (Unaligned table
+        offsets, of which there are ``unaligned``, are found as QEMU finds them: by range overlap.)"""
         if not offsets:
             return False
         cs = self.cluster_size
@@ -413,7 +450,7 @@ class Qcow2Driver(BlockDriver):
             for k in range(nclusters):
                 if start + k * cs in offsets:
                     return True
-            if not any(o & (cs - 1) for o in offsets):
+            if not unaligned:
                 return False
         end = start + nclusters * cs
         return any(start < o + cs and o < end for o in offsets)
@@ -1228,7 +1265,9 @@ class Qcow2Driver(BlockDriver):
                 await self.pwrite_sync(self.refcount_table_offset + rti * 8, bytes(data))
                 self.refcount_table[rti] = new_block
                 self.max_refcount_table_index = max(self.max_refcount_table_index, rti)
-                self._reftable_changed()
+                if self._refblock_offsets is not None and new_block not in self._refblock_offsets:
+                    self._refblock_offsets.add(new_block)
+                    self._refblock_unaligned += bool(new_block & (cs - 1))
                 return block, True
             rbc.put(block)
             block = None
@@ -1533,14 +1572,12 @@ class Qcow2Driver(BlockDriver):
                 c.put(slice_i)
                 slice_i = None
             await c.flush()
-            self.l1_table[l1_index] = l2_offset | L.OFLAG_COPIED
-            self._l1_changed()
+            self._set_l1(l1_index, l2_offset | L.OFLAG_COPIED)
             await self.write_l1_entry(l1_index)
         except BlockError:
             if slice_i is not None:
                 c.put(slice_i)
-            self.l1_table[l1_index] = old_l2_offset
-            self._l1_changed()
+            self._set_l1(l1_index, old_l2_offset)
             if l2_offset > 0:
                 await self.free_clusters(l2_offset, cs, DISCARD_ALWAYS)
             raise
@@ -1598,9 +1635,8 @@ class Qcow2Driver(BlockDriver):
             raise
         old_offset, old_size = self.l1_table_offset, self.l1_size
         self.l1_table_offset = new_offset
-        self.l1_table = new_table
+        self.l1_table = new_table  # same L2 offsets: the overlap-check set stays valid
         self.l1_size = new_size
-        self._l1_changed()
         await self.free_clusters(old_offset, old_size * 8, DISCARD_OTHER)
 
     # -------------------------------------------------------------------------- allocation
@@ -2419,8 +2455,7 @@ class Qcow2Driver(BlockDriver):
             if not l2:
                 continue
             await self.free_clusters(l2, self.cluster_size, DISCARD_ALWAYS)
-            self.l1_table[i] = 0
-            self._l1_changed()
+            self._set_l1(i, 0)
 
     async def _shrink_reftable(self) -> None:
         """``qcow2_shrink_reftable``: drop refcount blocks that describe no cluster but themselves."""
