@@ -295,7 +295,7 @@ DEBUG_WORKLOAD = bool(os.environ.get("QIO_DEBUG_WORKLOAD"))
 @oracle
 @needs_qemu
 @pytest.mark.parametrize("variant", ["v3", "v2", "cs512", "cs4k-rb1", "backing-v3", "backing-v2", "snapshot",
-                                     "rb64", "lazy", "cs2M"])
+                                     "rb64", "lazy", "cs2M", "prealloc-metadata", "prealloc-full", "rb2-v3"])
 def test_random_workload_against_model(tmp_path: Path, variant: str) -> None:
     """Thousands of random writes, zero writes, discards, compressed writes and grows, checked against
     an in-memory model; QEMU then finds no errors and no leaks and reads the same bytes."""
@@ -304,11 +304,13 @@ def test_random_workload_against_model(tmp_path: Path, variant: str) -> None:
     opts = {"v3": [], "v2": ["compat=0.10"], "cs512": ["cluster_size=512"],
             "cs4k-rb1": ["cluster_size=4096", "refcount_bits=1"], "backing-v3": [],
             "backing-v2": ["compat=0.10"], "snapshot": [], "rb64": ["refcount_bits=64"],
-            "lazy": ["lazy_refcounts=on"], "cs2M": ["cluster_size=2M"]}[variant]
+            "lazy": ["lazy_refcounts=on"], "cs2M": ["cluster_size=2M"],
+            "prealloc-metadata": ["preallocation=metadata"], "prealloc-full": ["preallocation=full"],
+            "rb2-v3": ["refcount_bits=2", "cluster_size=1024"]}[variant]
     cs = 65536
     for o in opts:
         if o.startswith("cluster_size="):
-            cs = {"512": 512, "4096": 4096, "2M": 2 << 20}[o.split("=")[1]]
+            cs = {"512": 512, "1024": 1024, "4096": 4096, "2M": 2 << 20}[o.split("=")[1]]
     v2 = "compat=0.10" in opts
     model = bytearray(size)
     backing = variant.startswith("backing")
@@ -324,7 +326,7 @@ def test_random_workload_against_model(tmp_path: Path, variant: str) -> None:
         model[: 2 << 20] = b"\x42" * (2 << 20)
         model[5 << 20: 6 << 20] = b"\x43" * (1 << 20)
     q = Img(img)
-    nops = 600 if cs < 4096 else 1500
+    nops = 1000 if cs < 4096 else 3000
     for i in range(nops):
         op = rng.random()
         length = rng.choice([1, 511, 512, 4096, cs - 1, cs, cs + 1, 3 * cs, rng.randrange(1, 256 << 10)])
