@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -34,6 +35,17 @@ def _aligned(inv: Invocation, offset: int, count: int) -> None:
         raise inv.fail(EINVAL, f"{offset} is not a sector-aligned value for 'offset'\n")
     if count % SECTOR:
         raise inv.fail(EINVAL, f"{count} is not a sector-aligned value for 'count'\n")
+
+
+async def _timed(sh: Shell, coro: Coroutine[Any, Any, Any], name: str, always_poll: bool = False) -> int:
+    """Run a synchronous command's request: elapsed ns, or -errno after qemu-io's ``NAME failed: ...``."""
+    t1 = time.monotonic_ns()
+    try:
+        await sh.sync(coro, always_poll=always_poll)
+    except BlockError as e:
+        sh.out.out(f"{name} failed: {e}\n")
+        return -e.code
+    return time.monotonic_ns() - t1
 
 
 # -- read ----------------------------------------------------------------------------------------
@@ -72,16 +84,10 @@ def parse_read(inv: Invocation) -> Read:
 async def run_read(sh: Shell, cmd: Read) -> int:
     blk = sh.require_blk()
     buf = memoryview(bytearray(b"\xab") * cmd.nbytes)  # qemu-io pre-fills read buffers with 0xab
-    t1 = time.monotonic_ns()
-    try:
-        if cmd.vmstate:
-            await sh.sync(blk.load_vmstate(cmd.offset, cmd.nbytes, [buf]))
-        else:
-            await sh.sync(blk.preadv(cmd.offset, cmd.nbytes, [buf]))
-    except BlockError as e:
-        sh.out.out(f"read failed: {e}\n")
-        return -e.code
-    t2 = time.monotonic_ns()
+    req = blk.load_vmstate if cmd.vmstate else blk.preadv
+    ns = await _timed(sh, req(cmd.offset, cmd.nbytes, [buf]), "read")
+    if ns < 0:
+        return ns
     ret = 0
     if cmd.pattern is not None and not verify(buf[cmd.poff : cmd.poff + cmd.plen], cmd.pattern):
         sh.out.out(f"Pattern verification failed at offset {cmd.offset + cmd.poff}, {cmd.plen} bytes\n")
@@ -89,7 +95,7 @@ async def run_read(sh: Shell, cmd: Read) -> int:
     if not cmd.quiet:
         if cmd.verbose:
             sh.out.out(render.dump_buffer(buf, cmd.offset))
-        render.report(sh.out, "read", t2 - t1, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
+        render.report(sh.out, "read", ns, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
     return ret
 
 
@@ -121,13 +127,9 @@ async def run_readv(sh: Shell, cmd: Vector) -> int:
     blk = sh.require_blk()
     total = sum(cmd.sizes)
     buf = memoryview(bytearray(b"\xab") * total)
-    t1 = time.monotonic_ns()
-    try:
-        await sh.sync(blk.preadv(cmd.offset, total, split_iov(buf, list(cmd.sizes))), always_poll=True)
-    except BlockError as e:
-        sh.out.out(f"readv failed: {e}\n")
-        return -e.code
-    t2 = time.monotonic_ns()
+    ns = await _timed(sh, blk.preadv(cmd.offset, total, split_iov(buf, list(cmd.sizes))), "readv", True)
+    if ns < 0:
+        return ns
     ret = 0
     if cmd.pattern is not None and not verify(buf, cmd.pattern):
         sh.out.out(f"Pattern verification failed at offset {cmd.offset}, {total} bytes\n")
@@ -135,7 +137,7 @@ async def run_readv(sh: Shell, cmd: Vector) -> int:
     if not cmd.quiet:
         if cmd.verbose:
             sh.out.out(render.dump_buffer(buf, cmd.offset))
-        render.report(sh.out, "read", t2 - t1, cmd.offset, total, total, cmd.csv)
+        render.report(sh.out, "read", ns, cmd.offset, total, total, cmd.csv)
     return ret
 
 
@@ -143,20 +145,17 @@ def parse_writev(inv: Invocation) -> Vector:
     o, args = inv.options({"C": None, "f": None, "q": None, "P": partial(pattern, inv)})
     return _vector(inv, o, args, 0xCD)
 
+
 async def run_writev(sh: Shell, cmd: Vector) -> int:
     blk = sh.require_blk()
     total = sum(cmd.sizes)
     assert cmd.pattern is not None
-    t1 = time.monotonic_ns()
-    try:
-        await sh.sync(blk.pwritev(cmd.offset, total, pattern_iov(cmd.pattern, total),
-                                  REQ_FUA if cmd.fua else 0), always_poll=True)
-    except BlockError as e:
-        sh.out.out(f"writev failed: {e}\n")
-        return -e.code
-    t2 = time.monotonic_ns()
+    ns = await _timed(sh, blk.pwritev(cmd.offset, total, pattern_iov(cmd.pattern, total), REQ_FUA if cmd.fua else 0),
+                      "writev", True)
+    if ns < 0:
+        return ns
     if not cmd.quiet:
-        render.report(sh.out, "wrote", t2 - t1, cmd.offset, total, total, cmd.csv)
+        render.report(sh.out, "wrote", ns, cmd.offset, total, total, cmd.csv)
     return 0
 
 
@@ -226,23 +225,19 @@ async def run_write(sh: Shell, cmd: Write) -> int:
                 return EINVAL
         else:
             iov = pattern_iov(cmd.pattern, cmd.nbytes)
-    t1 = time.monotonic_ns()
-    try:
-        if cmd.vmstate:
-            assert iov is not None
-            await sh.sync(blk.save_vmstate(cmd.offset, cmd.nbytes, iov))
-        elif cmd.zero:
-            await sh.sync(blk.pwritev(cmd.offset, cmd.nbytes, None, cmd.flags | REQ_ZERO_WRITE))
-        elif cmd.compressed:
-            await sh.sync(blk.pwritev(cmd.offset, cmd.nbytes, iov, REQ_WRITE_COMPRESSED))
-        else:
-            await sh.sync(blk.pwritev(cmd.offset, cmd.nbytes, iov, cmd.flags))
-    except BlockError as e:
-        sh.out.out(f"write failed: {e}\n")
-        return -e.code
-    t2 = time.monotonic_ns()
+    # qemu-io's precedence: -b, then -z, then -c, then a normal write.
+    if cmd.vmstate:
+        assert iov is not None
+        req = blk.save_vmstate(cmd.offset, cmd.nbytes, iov)
+    elif cmd.zero:
+        req = blk.pwritev(cmd.offset, cmd.nbytes, None, cmd.flags | REQ_ZERO_WRITE)
+    else:
+        req = blk.pwritev(cmd.offset, cmd.nbytes, iov, REQ_WRITE_COMPRESSED if cmd.compressed else cmd.flags)
+    ns = await _timed(sh, req, "write")
+    if ns < 0:
+        return ns
     if not cmd.quiet:
-        render.report(sh.out, "wrote", t2 - t1, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
+        render.report(sh.out, "wrote", ns, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
     return 0
 
 
@@ -389,15 +384,11 @@ def parse_discard(inv: Invocation) -> Discard:
 
 async def run_discard(sh: Shell, cmd: Discard) -> int:
     blk = sh.require_blk()
-    t1 = time.monotonic_ns()
-    try:
-        await sh.sync(blk.pdiscard(cmd.offset, cmd.nbytes))
-    except BlockError as e:
-        sh.out.out(f"discard failed: {e}\n")
-        return -e.code
-    t2 = time.monotonic_ns()
+    ns = await _timed(sh, blk.pdiscard(cmd.offset, cmd.nbytes), "discard")
+    if ns < 0:
+        return ns
     if not cmd.quiet:
-        render.report(sh.out, "discard", t2 - t1, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
+        render.report(sh.out, "discard", ns, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
     return 0
 
 
