@@ -76,12 +76,45 @@ def parse_json_filename(filename: str) -> Options:
     """``json:{"driver": "raw", "file": {...}}`` to flat options."""
     text = filename[5:]
     try:
-        obj = json.loads(text)
+        obj = json.loads(_single_to_double_quotes(text) if "'" in text else text)
     except json.JSONDecodeError as e:
         raise QemuError(f"Could not parse the JSON options: JSON parse error, {_json_error(text, e)}") from None
     if not isinstance(obj, dict):
         raise QemuError("Invalid JSON object given")
     return flatten(obj)
+
+
+def _single_to_double_quotes(text: str) -> str:
+    """QEMU's JSON parser also takes 'single-quoted' strings (iotests use them); rewrite them as JSON
+    strings, leaving everything inside double-quoted strings alone."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        elif c == "'":
+            j = i + 1
+            buf = ['"']
+            while j < n and text[j] != "'":
+                if text[j] == "\\" and j + 1 < n:
+                    buf.append("'" if text[j + 1] == "'" else text[j:j + 2])
+                    j += 2
+                    continue
+                buf.append('\\"' if text[j] == '"' else text[j])
+                j += 1
+            if j < n:
+                buf.append('"')
+            out.append("".join(buf))
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def _json_error(text: str, e: json.JSONDecodeError) -> str:

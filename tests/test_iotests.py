@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNNER = ROOT.parent / "shared" / "tools" / "run-qemu-iotests.sh"
 RAW_TESTS = ["001", "002", "003", "004", "005", "008", "077"]
 # 026: the blkdebug inject-error matrix; 046: break/resume/wait_break races on qcow2.
-QCOW2_TESTS = ["001", "002", "003", "004", "005", "008", "026", "046"]
+QCOW2_TESTS = ["001", "002", "003", "004", "005", "008", "026", "046", "089"]
 
 
 def _qio() -> str:

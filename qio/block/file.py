@@ -131,11 +131,11 @@ class FileDriver(BlockDriver):
         self.filename = filename
         locking = options.get("locking", "auto")
         if locking not in ("auto", "on", "off"):
-            raise QemuError(f"Parameter 'locking' does not accept value '{locking}'")
+            raise QemuError(f"invalid parameter value: {locking}")
         self.use_lock = locking != "off"
         aio = options.get("aio", "native" if flags.native_aio else flags.aio)
         if aio not in ("threads", "native", "io_uring"):
-            raise QemuError(f"Parameter 'aio' does not accept value '{aio}'")
+            raise QemuError(f"invalid parameter value: {aio}")
         if aio == "native" and not flags.nocache:
             raise QemuError("aio=native was specified, but it requires cache.direct=on, "
                             "which was not specified.")
