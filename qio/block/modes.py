@@ -6,8 +6,8 @@ from __future__ import annotations
 class OpenFlags:
     """What ``bdrv_open`` was asked for (``BDRV_O_*`` and the cache mode)."""
 
-    __slots__ = ("aio", "copy_on_read", "force_share", "native_aio", "no_flush", "nocache", "read_only",
-                 "snapshot", "unmap", "writethrough")
+    __slots__ = ("aio", "check", "copy_on_read", "force_share", "native_aio", "no_flush", "nocache",
+                 "read_only", "snapshot", "unmap", "writethrough")
 
     def __init__(self) -> None:
         self.read_only = False
@@ -20,6 +20,7 @@ class OpenFlags:
         self.force_share = False
         self.snapshot = False
         self.copy_on_read = False
+        self.check = False  # BDRV_O_CHECK (qemu-img check): no dirty repair or corrupt refusal at open
 
     def copy(self) -> OpenFlags:
         new = OpenFlags()

@@ -28,7 +28,10 @@ _ENTRY = L.ENTRY
 
 
 class CheckResult:
-    __slots__ = ("check_errors", "corruptions", "corruptions_fixed", "leaks", "leaks_fixed")
+    """``BdrvCheckResult``, with the block fragmentation info (``bfi``) that ``qemu-img check`` prints."""
+
+    __slots__ = ("allocated_clusters", "check_errors", "compressed_clusters", "corruptions", "corruptions_fixed",
+                 "fragmented_clusters", "image_end_offset", "leaks", "leaks_fixed", "total_clusters")
 
     def __init__(self) -> None:
         self.corruptions = 0
@@ -36,6 +39,11 @@ class CheckResult:
         self.check_errors = 0
         self.corruptions_fixed = 0
         self.leaks_fixed = 0
+        self.image_end_offset = 0
+        self.total_clusters = 0
+        self.allocated_clusters = 0
+        self.fragmented_clusters = 0
+        self.compressed_clusters = 0
 
     def copy(self) -> CheckResult:
         r = CheckResult()
@@ -133,6 +141,8 @@ class Checker:
                        active: bool) -> None:
         drv = self.drv
         cs = drv.cluster_size
+        frag = bool(flags & CHECK_FRAG_INFO)
+        next_contiguous = 0
         try:
             table = await drv._pread(l2_offset, drv.l2_size * 8)
         except BlockError:
@@ -155,6 +165,10 @@ class Checker:
                     res.corruptions += 1
                 coffset, csize = L.parse_compressed(entry, drv.csize)
                 await self.inc_refcounts(res, imrt, coffset, csize)
+                if frag:  # compressed clusters count as fragmented by nature
+                    res.allocated_clusters += 1
+                    res.compressed_clusters += 1
+                    res.fragmented_clusters += 1
             elif ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
                 offset = entry & L.L2E_OFFSET_MASK
                 if offset & (cs - 1):
@@ -172,6 +186,11 @@ class Checker:
                     else:
                         self.say(f"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry "
                                  "corrupted.\n")
+                if frag:
+                    res.allocated_clusters += 1
+                    if next_contiguous and offset != next_contiguous:
+                        res.fragmented_clusters += 1
+                    next_contiguous = offset + cs
                 await self.inc_refcounts(res, imrt, offset, cs)
 
     async def check_l1(self, res: CheckResult, imrt: Imrt, l1_offset: int, l1_size: int, flags: int, fix: int,
@@ -490,6 +509,7 @@ class Checker:
         if nb[0] > 2**31 - 1:
             res.check_errors += 1
             raise BlockError(errno.EFBIG)
+        res.total_clusters = drv.size_to_clusters(drv.total_sectors * 512)
         imrt = Imrt(drv)
         rebuild = await self.calculate(res, fix, imrt, nb)
         pre_compare = res.copy()
@@ -532,7 +552,8 @@ class Checker:
                     setattr(res, k, getattr(pre_compare, k))
                 rb, highest = await self.compare(res, fix, imrt, nb[0])
         await self.check_oflag_copied(res, fix)
-        return (highest + 1) * drv.cluster_size
+        res.image_end_offset = (highest + 1) * drv.cluster_size
+        return res.image_end_offset
 
 
 async def check(drv: Qcow2Driver, fix: int) -> CheckResult:

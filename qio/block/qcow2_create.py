@@ -12,7 +12,7 @@ import errno
 import os
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qio.block import io
 from qio.block import qcow2_layout as L
@@ -20,55 +20,122 @@ from qio.block.driver import BlockDriver, Child
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 
+if TYPE_CHECKING:
+    from qio.block.qcow2 import Qcow2Driver
+
 Warn = Callable[[str], None]
+
+
+PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+
+
+def validate(size: int, *, cluster_size: int = 65536, version: int = 3, refcount_bits: int = 16,
+             lazy_refcounts: bool = False, backing_file: str | None = None, backing_fmt: str | None = None,
+             preallocation: str = "off") -> None:
+    """The option checks of ``qcow2_co_create``, in its order and words."""
+    if size % 512:
+        raise QemuError("Image size must be a multiple of 512 bytes", errno.EINVAL)
+    if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 << 20:
+        raise QemuError("Cluster size must be a power of two between 512 and 2048k", errno.EINVAL)
+    if backing_file is not None and preallocation != "off":
+        raise QemuError("Backing file and preallocation can only be used at the same time if extended_l2 is on",
+                        errno.EINVAL)
+    if backing_fmt is not None and backing_file is None:
+        raise QemuError("Backing format cannot be used without backing file", errno.EINVAL)
+    if version < 3 and lazy_refcounts:
+        raise QemuError("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or "
+                        "greater)", errno.EINVAL)
+    if refcount_bits > 64 or refcount_bits < 1 or refcount_bits & (refcount_bits - 1):
+        raise QemuError("Refcount width must be a power of two and may not exceed 64 bits", errno.EINVAL)
+    if version < 3 and refcount_bits != 16:
+        raise QemuError("Different refcount widths than 16 bits require compatibility level 1.1 or above (use "
+                        "version=v3 or greater)", errno.EINVAL)
 
 
 def create(filename: str, size: int, *, cluster_size: int = 65536, version: int = 3, refcount_bits: int = 16,
            lazy_refcounts: bool = False, backing_file: str | None = None, backing_fmt: str | None = None,
-           warn: Warn | None = None) -> None:
-    """Create (or overwrite) ``filename`` as an empty qcow2 image of ``size`` bytes."""
-    from qio.block.backend import _close_sync, open_node
-    from qio.block.qcow2 import Qcow2Driver, _sync
+           preallocation: str = "off", warn: Warn | None = None) -> None:
+    """Create (or overwrite) ``filename`` as a qcow2 image of ``size`` bytes (``qcow2_co_create_opts``).
 
-    if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 << 20:
-        raise QemuError("Cluster size must be a power of two between 512 and 2048k")
-    if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
-        raise QemuError("Refcount width must be a power of two and may not exceed 64 bits")
-    if version == 2 and (refcount_bits != 16 or lazy_refcounts):
-        raise QemuError("Different refcount widths than 16 bits require compatibility level 1.1 or above "
-                        "(use compat=1.1 or greater)" if refcount_bits != 16 else
-                        "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 "
-                        "or greater)")
+    The file is created (emptied) first and deleted again if anything fails, as QEMU does.  Errors are
+    QemuErrors in QEMU's words; ``EFBIG`` means the size does not fit the format.
+    """
+    try:
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        code = e.errno or errno.EIO
+        raise QemuError(f"Could not create '{filename}': {os.strerror(code)}", code) from None
+    try:
+        try:
+            validate(size, cluster_size=cluster_size, version=version, refcount_bits=refcount_bits,
+                     lazy_refcounts=lazy_refcounts, backing_file=backing_file, backing_fmt=backing_fmt,
+                     preallocation=preallocation)
+            _write_minimal_image(fd, cluster_size, version, refcount_bits, lazy_refcounts)
+        finally:
+            os.close(fd)
+        _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn)
+    except BaseException:
+        try:
+            os.unlink(filename)
+        except OSError:
+            pass
+        raise
+
+
+def _write_minimal_image(fd: int, cluster_size: int, version: int, refcount_bits: int, lazy: bool) -> None:
+    """Header in cluster 0, a one-cluster refcount table in cluster 1 pointing at cluster 2."""
     order = refcount_bits.bit_length() - 1
     header = L.Header(L.MAGIC, version, 0, 0, cluster_size.bit_length() - 1, 0, 0, 0, 0, cluster_size, 1, 0, 0,
-                      0, L.COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0, 0, order, L.HEADER_LENGTH_V3, 0)
+                      0, L.COMPAT_LAZY_REFCOUNTS if lazy else 0, 0, order, L.HEADER_LENGTH_V3, 0)
     raw = L.HEADER_V2.pack(*header[:13]) + L.HEADER_V3.pack(*header[13:18]) + bytes(8)
     first = bytearray(3 * cluster_size)
     first[: len(raw)] = raw
     L.ENTRY.pack_into(first, cluster_size, 2 * cluster_size)
     try:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.pwrite(fd, bytes(first), 0)
-        finally:
-            os.close(fd)
+        os.pwrite(fd, bytes(first), 0)
     except OSError as e:
-        raise QemuError(f"Could not create '{filename}': {os.strerror(e.errno or errno.EIO)}",
-                        e.errno or errno.EIO) from None
+        code = e.errno or errno.EIO
+        raise QemuError(f"Could not write qcow2 header: {os.strerror(code)}", code) from None
+
+
+def _build(filename: str, size: int, cluster_size: int, backing_file: str | None, backing_fmt: str | None,
+           preallocation: str, warn: Warn | None) -> None:
+    """Open the minimal image with the qcow2 driver and let it make itself consistent and grow."""
+    from qio.block.backend import _close_sync, open_node
+    from qio.block.qcow2 import Qcow2Driver, _sync
+
     flags = OpenFlags()
     flags.no_flush = True
     node = open_node({"driver": "qcow2", "file.filename": filename}, flags, warn or (lambda _m: None))
     assert isinstance(node, Qcow2Driver)
 
     async def build() -> None:
-        if await node.alloc_clusters(3 * cluster_size) != 0:
-            raise QemuError("Huh, first cluster in empty image is already in use?")
-        await node.update_header()
-        await node.co_truncate(size, False, "off")
+        try:
+            if await node.alloc_clusters(3 * cluster_size) != 0:
+                raise QemuError("Huh, first cluster in empty image is already in use?")
+        except BlockError as e:
+            raise QemuError(f"Could not allocate clusters for qcow2 header and refcount table: {e}", e.code) from None
+        try:
+            await node.update_header()
+        except BlockError as e:
+            raise QemuError(f"Could not update qcow2 header: {e}", e.code) from None
+        try:
+            try:
+                await node.co_truncate(size, False, "metadata" if preallocation == "metadata" else "off")
+                if preallocation in ("falloc", "full"):
+                    await preallocate_data(node, 0, size, preallocation)
+            except BlockError as e:
+                raise QemuError(str(e), e.code) from None
+        except QemuError as e:
+            raise QemuError(f"Could not resize image: {e}", e.errno) from None
         if backing_file is not None:
             node.image_backing_file = backing_file
             node.image_backing_format = backing_fmt
-            await node.update_header()
+            try:
+                await node.update_header()
+            except BlockError as e:
+                raise QemuError(f"Could not assign backing file '{backing_file}' with format '{backing_fmt}': {e}",
+                                e.code) from None
         await node.close()
 
     try:
@@ -77,6 +144,47 @@ def create(filename: str, size: int, *, cluster_size: int = 65536, version: int 
         raise QemuError(f"Could not create '{filename}': {e}", e.code) from None
     finally:
         _close_sync(node)
+
+
+async def preallocate_data(node: Qcow2Driver, old_length: int, offset: int, mode: str) -> None:
+    """The ``falloc``/``full`` case of ``qcow2_co_truncate``: reserve refcount room for the new data
+    clusters and their L2 tables after the image, allocate the data clusters in one run, extend the
+    file with the protocol's preallocation, then link them into the L2 tables."""
+    from qio.block.qcow2 import L2Meta
+
+    cs, cb = node.cluster_size, node.cluster_bits
+    old_file_size = io.getlength(node.file)
+    last_cluster = await node._get_last_cluster(old_file_size)
+    old_file_size = (last_cluster + 1) * cs
+    nb_data = (-(-offset // cs) * cs - (old_length // cs) * cs) >> cb
+    nb_l2 = -(-nb_data // (cs // 8)) + 1
+    try:
+        start = await node.refcount_area(old_file_size, nb_data + nb_l2, True, 0, 0)
+    except BlockError as e:
+        raise QemuError(f"Failed to resize refcount structures: {e}", e.code) from None
+    try:
+        await node.alloc_clusters_at(start, nb_data)
+    except BlockError as e:
+        raise QemuError(f"Failed to allocate data clusters: {e}", e.code) from None
+    await io.truncate(node.file, start + nb_data * cs, False, mode)
+    host, guest = start, old_length
+    while nb_data:
+        n = min(nb_data, node.l2_slice_size - ((guest >> cb) & (node.l2_slice_size - 1)))
+        cow_start = guest & (cs - 1)
+        guest -= cow_start
+        m = L2Meta(guest, host, n, False, (0, cow_start), (n << cb, 0))
+        m.prealloc = True
+        try:
+            await node.alloc_cluster_link_l2(m)
+        except BlockError as e:
+            raise QemuError(f"Failed to update L2 tables: {e}", e.code) from None
+        guest += n * cs
+        host += n * cs
+        nb_data -= n
+    try:
+        await node.write_caches()
+    except BlockError as e:
+        raise QemuError(f"Failed to flush the preallocated area to disk: {e}", e.code) from None
 
 
 def temp_overlay(base: BlockDriver, flags: OpenFlags, warn: Warn) -> BlockDriver:

@@ -1,0 +1,5 @@
+import sys
+
+from qio.img.cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""The ``qio-img`` command line: qemu-img 7.2's global options, command dispatch and shared helpers
+(option parsing with qemu-img's error texts, opening an image as ``img_open`` does).
+
+Each command runs as one coroutine on one asyncio loop, as qio's block layer expects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from qio import __version__
+from qio.block.errors import QemuError
+from qio.block.modes import OpenFlags
+from qio.getopt import GetOpt, LongOpt
+from qio.output import Output
+
+HELP = """{0} version {1} (qio, a re-creation of qemu-img 7.2)
+usage: {0} [standard options] command [command options]
+QEMU disk image utility
+
+    '-h', '--help'       display this help and exit
+    '-V', '--version'    output version information and exit
+
+Command syntax:
+  check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
+  create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
+  map [-f fmt] [--output=ofmt] [-U] filename
+
+Supported formats: raw qcow2
+"""
+
+
+class UsageError(Exception):
+    """``error_exit``: a message, the ``--help`` hint, exit status 1."""
+
+
+class Ctx:
+    """What every command gets: the output streams and qemu-img's program name."""
+
+    def __init__(self, out: Output) -> None:
+        self.out = out
+        self.prg = out.prgname
+
+    def qprintf(self, quiet: bool, text: str) -> None:
+        if not quiet:
+            self.out.out(text)
+
+
+class Options:
+    """getopt_long with a leading ':' in qemu-img's optstring: silent, then qemu-img's own messages.
+    Iterate ``(option, argument)``; afterwards ``args`` holds the operands (glibc permutes them last)."""
+
+    def __init__(self, ctx: Ctx, argv: list[str], short: str, longopts: tuple[LongOpt, ...] = ()) -> None:
+        self.ctx = ctx
+        self.argv = argv
+        self._said: list[str] = []
+        self._g = GetOpt(argv, short, self._said.append, (LongOpt("help", False, "h"), *longopts))
+        self.args: list[str] = []
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        g, argv = self._g, self.argv
+        for c, arg in g:
+            if c == "?":
+                word = argv[min(g._i, len(argv)) - 1]
+                if self._said and "requires an argument" in self._said[-1]:
+                    raise UsageError(f"missing argument for option '{word}'")
+                raise UsageError(f"unrecognized option '{word}'")
+            if c == "h":
+                self.ctx.out.out(HELP.format(self.ctx.prg, __version__))
+                raise SystemExit(0)
+            yield c, arg or ""
+        self.args = g.args
+
+    def one_filename(self) -> str:
+        if len(self.args) != 1:
+            raise UsageError("Expecting one image file name")
+        return self.args[0]
+
+
+def output_format(ctx: Ctx, output: str | None) -> str | None:
+    """``--output``: human or json; None after printing qemu-img's complaint."""
+    if output is None or output in ("human", "json"):
+        return output or "human"
+    ctx.out.error_report("--output must be used with human or json as argument.")
+    return None
+
+
+def open_image(ctx: Ctx, filename: str, fmt: str | None, flags: OpenFlags, *, force_share: bool = False,
+               no_backing: bool = False) -> Any:
+    """``img_open``: a BlockBackend, or None after ``Could not open 'FILE': ...``."""
+    from qio.block.backend import BlockBackend
+
+    opts: dict[str, Any] = {}
+    if fmt is not None:
+        opts["driver"] = fmt
+    if force_share:
+        opts["force-share"] = "on"
+    if no_backing and fmt in (None, "qcow2"):
+        opts["backing"] = None  # BDRV_O_NO_BACKING (only formats with backing files take the option)
+    try:
+        try:
+            return BlockBackend.open(filename, opts, flags, ctx.out.err)
+        except QemuError as e:
+            if "backing" not in opts or "support the option 'backing'" not in str(e):
+                raise
+            del opts["backing"]
+            return BlockBackend.open(filename, opts, flags, ctx.out.err)
+    except QemuError as e:
+        ctx.out.error_report(f"Could not open '{filename}': {e}")
+        return None
+
+
+async def close_image(ctx: Ctx, blk: Any) -> None:
+    await blk.close(ctx.out.error_report)
+
+
+Command = Callable[[Ctx, list[str]], Awaitable[int]]
+
+
+def _commands() -> dict[str, Command]:
+    from qio.img import check, create, info
+
+    return {"create": create.img_create, "check": check.img_check, "info": info.img_info, "map": info.img_map}
+
+
+def prgname(argv0: str) -> str:
+    base = os.path.basename(argv0)
+    return "qio-img" if base in ("__main__.py", "") else base
+
+
+async def _run(ctx: Ctx, argv: list[str]) -> int:
+    i = 1
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":  # "+hVT:": options before the command
+        a = argv[i]
+        i += 1
+        if a in ("-h", "--help"):
+            ctx.out.out(HELP.format(ctx.prg, __version__))
+            return 0
+        if a in ("-V", "--version"):
+            ctx.out.out(f"{ctx.prg} version {__version__} (qio, a re-creation of qemu-img 7.2)\n")
+            return 0
+        if a == "--":
+            break
+        if a in ("-T", "--trace"):
+            if i >= len(argv):
+                raise UsageError(f"missing argument for option '{a}'")
+            i += 1  # tracing is accepted and ignored
+        elif not a.startswith(("-T", "--trace=")):
+            raise UsageError(f"unrecognized option '{a}'")
+    if i >= len(argv):
+        raise UsageError("Not enough arguments")
+    name = argv[i]
+    cmd = _commands().get(name)
+    if cmd is None:
+        raise UsageError(f"Command not found: {name}")
+    return await cmd(ctx, argv[i:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    out = Output(prgname(argv[0]))
+    ctx = Ctx(out)
+    try:
+        rc = asyncio.run(_run(ctx, argv))
+    except UsageError as e:
+        out.flush()
+        out.error_report(str(e))
+        out.err(f"Try '{ctx.prg} --help' for more information\n")
+        rc = 1
+    except SystemExit as e:
+        rc = int(e.code or 0)
+    except KeyboardInterrupt:
+        rc = 130
+    except OSError as e:
+        out.flush()
+        out.error_report(os.strerror(e.errno or errno.EIO))
+        rc = 1
+    out.flush()
+    return rc

@@ -1,0 +1,312 @@
+"""``qio-img info`` and ``qio-img map``: qemu-img 7.2's ``img_info`` (``bdrv_query_image_info``,
+``bdrv_image_info_dump``) and ``img_map`` (``get_block_status``, ``dump_map_entry``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from qio import render
+from qio.block import io
+from qio.block.driver import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BLOCK_ZERO, BlockDriver
+from qio.block.errors import BlockError, QemuError
+from qio.block.modes import OpenFlags
+from qio.getopt import LongOpt
+from qio.img.cli import Ctx, Options, close_image, open_image, output_format
+from qio.img.qjson import to_json_pretty
+
+BLOCK_EOF = 0x20
+BLOCK_RECURSE = 0x40
+_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+_LONG = (LongOpt("format", True, "f"), LongOpt("output", True, "output"), LongOpt("object", True, "object"),
+         LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U"))
+
+
+def size_to_str(val: int) -> str:
+    """``size_to_str``: three significant digits, switching unit once the integer part reaches 1000."""
+    _, exp = math.frexp(val / (1000.0 / 1024.0))
+    i = int((exp - 1) / 10)  # C division truncates toward zero
+    return "%0.3g %sB" % (val / (1 << (i * 10)), _SUFFIXES[i])
+
+
+def _read_only() -> OpenFlags:
+    flags = OpenFlags()
+    flags.read_only = True
+    flags.writethrough = False
+    return flags
+
+
+def _unsupported(ctx: Ctx, c: str) -> int:
+    ctx.out.error_report(f"--{c} is not supported by qio-img")
+    return 1
+
+
+# ================================================================================== info
+def image_info(root: BlockDriver) -> list[tuple[str, Any]]:
+    """``bdrv_query_image_info``: the QAPI ImageInfo members, in field order, absent ones left out."""
+    from qio.block.qcow2 import _allocated_file_size
+
+    info: list[tuple[str, Any]] = [("filename", root.filename), ("format", root.format_name)]
+    bdi = root.get_info()
+    if bdi is not None:
+        info.append(("dirty-flag", bool(getattr(root, "incompatible_features", 0) & 1)))
+    info += [("actual-size", _allocated_file_size(root)), ("virtual-size", io.getlength(root))]
+    if bdi is not None and bdi.cluster_size:
+        info.append(("cluster-size", bdi.cluster_size))
+    backing = getattr(root, "image_backing_file", None)
+    if backing:
+        info.append(("backing-filename", backing))
+        try:
+            info.append(("full-backing-filename", root._full_backing_filename(backing)))  # type: ignore[attr-defined]
+        except QemuError:
+            pass
+        bfmt = getattr(root, "image_backing_format", None)
+        if bfmt:
+            info.append(("backing-filename-format", bfmt))
+    spec = root.get_specific_info()
+    if spec is not None:
+        info.append(("format-specific", [("type", root.format_name), ("data", spec)]))
+    return info
+
+
+def dump_human(info: list[tuple[str, Any]]) -> str:
+    """``bdrv_image_info_dump``."""
+    d = dict(info)
+    out = [f"image: {d['filename']}\nfile format: {d['format']}\n"
+           f"virtual size: {size_to_str(d['virtual-size'])} ({d['virtual-size']} bytes)\n"
+           f"disk size: {size_to_str(d['actual-size'])}\n"]
+    if "cluster-size" in d:
+        out.append(f"cluster_size: {d['cluster-size']}\n")
+    if d.get("dirty-flag"):
+        out.append("cleanly shut down: no\n")
+    if "backing-filename" in d:
+        name, full = d["backing-filename"], d.get("full-backing-filename")
+        suffix = " (cannot determine actual path)" if full is None else (
+            f" (actual path: {full})" if full != name else "")
+        out.append(f"backing file: {name}{suffix}\n")
+        if "backing-filename-format" in d:
+            out.append(f"backing file format: {d['backing-filename-format']}\n")
+    if "format-specific" in d:
+        out.append("Format specific information:\n" + render.dump_specific(dict(d["format-specific"])["data"], 1))
+    return "".join(out)
+
+
+async def img_info(ctx: Ctx, argv: list[str]) -> int:
+    fmt: str | None = None
+    output: str | None = None
+    chain = force_share = False
+    opts = Options(ctx, argv, "f:hU", (*_LONG, LongOpt("backing-chain", False, "backing-chain")))
+    for c, arg in opts:
+        if c == "f":
+            fmt = arg
+        elif c == "U":
+            force_share = True
+        elif c == "output":
+            output = arg
+        elif c == "backing-chain":
+            chain = True
+        elif c in ("object", "image-opts"):
+            return _unsupported(ctx, c)
+    filename: str | None = opts.one_filename()
+    ofmt = output_format(ctx, output)
+    if ofmt is None:
+        return 1
+    infos: list[list[tuple[str, Any]]] = []
+    seen: set[str] = set()
+    while filename is not None:
+        if filename in seen:
+            ctx.out.error_report(f"Backing file '{filename}' creates an infinite loop.")
+            return 1
+        seen.add(filename)
+        blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share, no_backing=True)
+        if blk is None:
+            return 1
+        try:
+            info = image_info(blk.root)
+        finally:
+            await close_image(ctx, blk)
+        infos.append(info)
+        filename = fmt = None
+        if chain:
+            d = dict(info)
+            filename = d.get("full-backing-filename")
+            if filename is None and "backing-filename" in d:
+                ctx.out.error_report("Could not determine absolute backing filename, but backing filename "
+                                     f"'{d['backing-filename']}' present")
+                return 1
+            fmt = d.get("backing-filename-format")
+    if ofmt == "human":
+        ctx.out.out("\n".join(dump_human(i) for i in infos))
+    else:
+        ctx.out.out(to_json_pretty(infos if chain else infos[0]) + "\n")
+    return 0
+
+
+# =================================================================================== map
+class MapEntry(NamedTuple):
+    start: int
+    length: int
+    data: bool
+    zero: bool
+    offset: int | None
+    depth: int
+    present: bool
+    filename: str | None
+
+
+async def block_status(node: BlockDriver, offset: int, nbytes: int) -> tuple[int, int, int, BlockDriver | None]:
+    """``bdrv_co_block_status`` with ``want_zero`` of one node: (BLOCK_* flags, pnum, map, file)."""
+    from qio.block.qcow2 import Qcow2Driver, _file_status
+
+    total = io.getlength(node)
+    if offset >= total:
+        return BLOCK_EOF, 0, 0, None
+    nbytes = min(nbytes, total - offset)
+    file: BlockDriver | None = None
+    mapped = 0
+    if isinstance(node, Qcow2Driver):
+        ret, pnum, mapped = await node._own_block_status(offset, nbytes)
+        file = node.file if ret & BLOCK_OFFSET_VALID else None
+    elif node.children:  # raw and filters answer BDRV_BLOCK_RAW: ask the child at the mapped offset
+        child = node.primary_child()
+        if child is None:
+            return BLOCK_DATA | BLOCK_ALLOCATED, nbytes, 0, None
+        shift = getattr(node, "offset", 0) if node.is_format else 0
+        ret, pnum, mapped, file = await block_status(child, offset + shift, nbytes)
+        if offset + pnum == total:
+            ret |= BLOCK_EOF
+        return ret, pnum, mapped, file
+    else:
+        ret, pnum = _file_status(node, offset, nbytes)
+        mapped, file = offset, node
+    if ret & (BLOCK_DATA | BLOCK_ZERO):
+        ret |= BLOCK_ALLOCATED
+    elif isinstance(node, Qcow2Driver):
+        if node.backing is None or offset >= io.getlength(node.backing):
+            ret |= BLOCK_ZERO
+    if ret & BLOCK_RECURSE and file is not None and file is not node and ret & BLOCK_DATA and \
+            not ret & BLOCK_ZERO and ret & BLOCK_OFFSET_VALID:
+        ret2, file_pnum, _, _ = await block_status(file, mapped, pnum)
+        if ret2 & BLOCK_EOF and (not file_pnum or ret2 & BLOCK_ZERO):
+            ret |= BLOCK_ZERO
+        else:
+            pnum = file_pnum
+            ret |= ret2 & BLOCK_ZERO
+    if offset + pnum == total:
+        ret |= BLOCK_EOF
+    return ret, pnum, mapped, file
+
+
+async def get_block_status(bs: BlockDriver, offset: int, nbytes: int) -> MapEntry:
+    """qemu-img's ``get_block_status``: the first layer of the chain that knows the range."""
+    depth = 0
+    node: BlockDriver | None = bs
+    while True:
+        assert node is not None
+        while node.is_filter and node.children:  # bdrv_skip_filters
+            node = node.children[0].node
+        ret, nbytes, mapped, file = await block_status(node, offset, nbytes)
+        if ret & (BLOCK_ZERO | BLOCK_DATA):
+            break
+        node = getattr(node, "backing", None)
+        if node is None:
+            ret = 0
+            break
+        depth += 1
+    has_offset = bool(ret & BLOCK_OFFSET_VALID)
+    return MapEntry(offset, nbytes, bool(ret & BLOCK_DATA), bool(ret & BLOCK_ZERO), mapped if has_offset else None,
+                    depth, bool(ret & BLOCK_ALLOCATED), file.filename if file is not None and has_offset else None)
+
+
+def _mergeable(curr: MapEntry, nxt: MapEntry) -> bool:
+    if curr.length == 0:
+        return False
+    if (curr.zero, curr.data, curr.depth, curr.present, curr.filename is None, curr.offset is None) != \
+            (nxt.zero, nxt.data, nxt.depth, nxt.present, nxt.filename is None, nxt.offset is None):
+        return False
+    if curr.filename is not None and curr.filename != nxt.filename:
+        return False
+    return curr.offset is None or nxt.offset == curr.offset + curr.length
+
+
+def _hx(v: int) -> str:
+    """``%#-16x``: no ``0x`` prefix for zero."""
+    return ("0x%x" % v if v else "0").ljust(16)
+
+
+def _dump_entry(ctx: Ctx, ofmt: str, e: MapEntry, nxt: MapEntry | None) -> tuple[bool, MapEntry | None]:
+    """``dump_map_entry``: (ok, the next entry as the human format rewrites it)."""
+    if ofmt == "human":
+        if e.data and e.offset is None:
+            ctx.out.flush()
+            ctx.out.error_report("File contains external, encrypted or compressed clusters.")
+            return False, nxt
+        if e.data and not e.zero:
+            ctx.out.out(f"{_hx(e.start)}{_hx(e.length)}{_hx(e.offset or 0)}{e.filename or ''}\n")
+        if nxt is not None and (not nxt.data or nxt.zero):
+            nxt = nxt._replace(data=False, zero=True)
+        return True, nxt
+    text = (f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth}, '
+            f'"present": {str(e.present).lower()}, "zero": {str(e.zero).lower()}, "data": {str(e.data).lower()}')
+    if e.offset is not None:
+        text += f', "offset": {e.offset}'
+    ctx.out.out(text + "}" + (",\n" if nxt is not None else ""))
+    return True, nxt
+
+
+async def img_map(ctx: Ctx, argv: list[str]) -> int:
+    fmt: str | None = None
+    output: str | None = None
+    force_share = False
+    opts = Options(ctx, argv, "f:hU", _LONG)
+    for c, arg in opts:
+        if c == "f":
+            fmt = arg
+        elif c == "U":
+            force_share = True
+        elif c == "output":
+            output = arg
+        elif c in ("object", "image-opts"):
+            return _unsupported(ctx, c)
+    filename = opts.one_filename()
+    ofmt = output_format(ctx, output)
+    if ofmt is None:
+        return 1
+    blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share)
+    if blk is None:
+        return 1
+    try:
+        return await _map(ctx, blk.root, ofmt)
+    finally:
+        await close_image(ctx, blk)
+
+
+async def _map(ctx: Ctx, root: BlockDriver, ofmt: str) -> int:
+    if ofmt == "human":
+        ctx.out.out("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))
+    else:
+        ctx.out.out("[")
+    length = io.getlength(root)
+    curr = MapEntry(0, 0, False, False, None, 0, False, None)
+    while curr.start + curr.length < length:
+        offset = curr.start + curr.length
+        try:
+            nxt = await get_block_status(root, offset, length - offset)
+        except BlockError as e:
+            ctx.out.flush()
+            ctx.out.error_report(f"Could not read file metadata: {e}")
+            return 1
+        if _mergeable(curr, nxt):
+            curr = curr._replace(length=curr.length + nxt.length)
+            continue
+        if curr.length > 0:
+            ok, rewritten = _dump_entry(ctx, ofmt, curr, nxt)
+            if not ok:
+                return 1
+            assert rewritten is not None
+            nxt = rewritten
+        curr = nxt
+    ok, _ = _dump_entry(ctx, ofmt, curr, None)
+    if ofmt == "json":
+        ctx.out.out("]\n")
+    return 0 if ok else 1
