@@ -549,7 +549,7 @@ class Qcow2Driver(BlockDriver):
                 pass
             raise QemuError(self._unsupported_features(table, self.incompatible_features & ~L.INCOMPAT_MASK),
                             errno.ENOTSUP)
-        if self.incompatible_features & L.INCOMPAT_CORRUPT and not flags.read_only:
+        if self.incompatible_features & L.INCOMPAT_CORRUPT and not flags.read_only and not flags.check:
             raise QemuError("qcow2: Image is corrupt; cannot be opened read/write", errno.EACCES)
         if self.incompatible_features & L.INCOMPAT_EXTL2:
             raise QemuError("qio does not support qcow2 images with extended L2 entries "
@@ -635,7 +635,7 @@ class Qcow2Driver(BlockDriver):
                 await self.update_header()
             except BlockError as e:
                 raise QemuError(f"Could not update qcow2 header: {e}", e.code) from None
-        if self._is_writable() and self.incompatible_features & L.INCOMPAT_DIRTY:
+        if self._is_writable() and self.incompatible_features & L.INCOMPAT_DIRTY and not flags.check:
             from qio.block.qcow2_check import repair_dirty
 
             await repair_dirty(self)
