@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from typing import TYPE_CHECKING
 
 from qio.block import io
@@ -25,6 +26,7 @@ FIX_LEAKS = 1
 FIX_ERRORS = 2
 CHECK_FRAG_INFO = 0x2
 _ENTRY = L.ENTRY
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 class CheckResult:
@@ -56,6 +58,8 @@ class Imrt:
     """The in-memory refcount table: one big refcount block for the whole image, in the image's
     refcount entry format, its byte size a whole number of clusters."""
 
+    MAX_BYTES = 1 << 30
+
     def __init__(self, drv: Qcow2Driver) -> None:
         self.drv = drv
         self.buf = bytearray()
@@ -67,7 +71,11 @@ class Imrt:
         return drv.size_to_clusters(n) * drv.cluster_size
 
     def realloc(self, new_size: int) -> None:
+        """``realloc_refcount_array``; ENOMEM beyond ``MAX_BYTES``, as ``g_try_realloc`` may fail (a hostile
+        refcount table can point the check at an offset petabytes past the end of the file)."""
         old_b, new_b = self._bytes(self.size), self._bytes(new_size)
+        if new_b > self.MAX_BYTES:
+            raise BlockError(errno.ENOMEM)
         if new_b > old_b:
             self.buf += bytes(new_b - old_b)
         elif new_b < old_b:
@@ -76,6 +84,15 @@ class Imrt:
 
     def get(self, i: int) -> int:
         return self.drv.get_rc(self.buf, i)
+
+    def next_used(self, i: int, end: int) -> int:
+        """The first cluster in ``[i, end)`` with a non-zero count (``end`` if none): lets the scans
+        jump over the empty stretches of a huge sparse file instead of visiting every cluster."""
+        order = self.drv.refcount_order
+        m = _NONZERO.search(self.buf, (i << order) >> 3, -(-(end << order) // 8))
+        if m is None:
+            return end
+        return min(end, max(i, (m.start() << 3) >> order))
 
     def set(self, i: int, v: int) -> None:
         self.drv.set_rc(self.buf, i, v)
@@ -369,7 +386,15 @@ class Checker:
         rebuild = False
         highest = 0
         cb = drv.cluster_bits
-        for i in range(nb):
+        rbb = drv.refcount_block_bits
+        i = -1
+        while i + 1 < nb:
+            i += 1
+            rti = i >> rbb
+            if (rti >= drv.refcount_table_size or not drv.refcount_table[rti] & L.REFT_OFFSET_MASK) \
+                    and not imrt.get(i):  # no refcount block and nothing counted: skip to what matters
+                i = imrt.next_used(i, min((rti + 1) << rbb, nb)) - 1
+                continue
             try:
                 r1 = await drv.get_refcount(i)
             except BlockError as e:
@@ -437,7 +462,7 @@ class Checker:
         cluster = first
         while cluster < end:
             if not imrt.get(cluster):
-                cluster += 1
+                cluster = imrt.next_used(cluster, end)
                 continue
             index = cluster >> rbb
             start = index << rbb

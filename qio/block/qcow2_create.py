@@ -52,13 +52,21 @@ def validate(size: int, *, cluster_size: int = 65536, version: int = 3, refcount
                         "version=v3 or greater)", errno.EINVAL)
 
 
-def create(filename: str, size: int, *, cluster_size: int = 65536, version: int = 3, refcount_bits: int = 16,
-           lazy_refcounts: bool = False, backing_file: str | None = None, backing_fmt: str | None = None,
-           preallocation: str = "off", warn: Warn | None = None) -> None:
+def create(filename: str, size: int, **kw: Any) -> None:
+    """:func:`create_async` driven without an event loop turn (for open-time callers such as ``-s``)."""
+    from qio.block.qcow2 import _sync
+
+    _sync(create_async(filename, size, **kw))
+
+
+async def create_async(filename: str, size: int, *, cluster_size: int = 65536, version: int = 3,
+                       refcount_bits: int = 16, lazy_refcounts: bool = False, backing_file: str | None = None,
+                       backing_fmt: str | None = None, preallocation: str = "off", warn: Warn | None = None) -> None:
     """Create (or overwrite) ``filename`` as a qcow2 image of ``size`` bytes (``qcow2_co_create_opts``).
 
     The file is created (emptied) first and deleted again if anything fails, as QEMU does.  Errors are
-    QemuErrors in QEMU's words; ``EFBIG`` means the size does not fit the format.
+    QemuErrors in QEMU's words; ``EFBIG`` means the size does not fit the format.  Awaited on a running
+    loop, large writes (the L1 table of a huge image) may go to the thread pool.
     """
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -73,7 +81,7 @@ def create(filename: str, size: int, *, cluster_size: int = 65536, version: int 
             _write_minimal_image(fd, cluster_size, version, refcount_bits, lazy_refcounts)
         finally:
             os.close(fd)
-        _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn)
+        await _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn)
     except BaseException:
         try:
             os.unlink(filename)
@@ -98,11 +106,11 @@ def _write_minimal_image(fd: int, cluster_size: int, version: int, refcount_bits
         raise QemuError(f"Could not write qcow2 header: {os.strerror(code)}", code) from None
 
 
-def _build(filename: str, size: int, cluster_size: int, backing_file: str | None, backing_fmt: str | None,
-           preallocation: str, warn: Warn | None) -> None:
+async def _build(filename: str, size: int, cluster_size: int, backing_file: str | None, backing_fmt: str | None,
+                 preallocation: str, warn: Warn | None) -> None:
     """Open the minimal image with the qcow2 driver and let it make itself consistent and grow."""
     from qio.block.backend import _close_sync, open_node
-    from qio.block.qcow2 import Qcow2Driver, _sync
+    from qio.block.qcow2 import Qcow2Driver
 
     flags = OpenFlags()
     flags.no_flush = True
@@ -139,7 +147,7 @@ def _build(filename: str, size: int, cluster_size: int, backing_file: str | None
         await node.close()
 
     try:
-        _sync(build())
+        await build()
     except BlockError as e:
         raise QemuError(f"Could not create '{filename}': {e}", e.code) from None
     finally:

@@ -39,11 +39,12 @@ def create_opts(fmt: str) -> list[tuple[str, str, str | None]]:
 
 
 #: QEMU 7.2's BlockdevDriver enum (what ``backing_fmt`` may name).
-BLOCKDEV_DRIVERS = frozenset(
+_DRIVER_NAMES = (
     "blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write copy-on-read dmg file "
     "snapshot-access ftp ftps gluster host_cdrom host_device http https iscsi luks nbd nfs null-aio null-co nvme "
     "nvme-io_uring parallels preallocate qcow qcow2 qed quorum raw rbd replication ssh throttle vdi vhdx "
-    "virtio-blk-vfio-pci virtio-blk-vhost-user virtio-blk-vhost-vdpa vmdk vpc vvfat".split())
+    "virtio-blk-vfio-pci virtio-blk-vhost-user virtio-blk-vhost-vdpa vmdk vpc vvfat")
+BLOCKDEV_DRIVERS = frozenset(_DRIVER_NAMES.split(" "))
 
 
 class CreateOpts:
@@ -146,7 +147,7 @@ async def img_create(ctx: Ctx, argv: list[str]) -> int:
     if len(args) > 2:
         raise UsageError(f"Unexpected argument: {args[2]}")
     try:
-        img_create_file(ctx, filename, fmt, base_filename, base_fmt, opt_text, img_size, no_backing, quiet)
+        await img_create_file(ctx, filename, fmt, base_filename, base_fmt, opt_text, img_size, no_backing, quiet)
     except QemuError as e:
         msg, _, hint = str(e).partition("\n\x00")
         ctx.out.flush()
@@ -162,7 +163,7 @@ def _hinted(message: str, hint: str, code: int = errno.EINVAL) -> QemuError:
     return QemuError(f"{message}\n\x00{hint}", code)
 
 
-def img_create_file(ctx: Ctx, filename: str, fmt: str, base_filename: str | None, base_fmt: str | None,
+async def img_create_file(ctx: Ctx, filename: str, fmt: str, base_filename: str | None, base_fmt: str | None,
                     opt_text: str | None, img_size: int, no_backing: bool, quiet: bool) -> None:
     """``bdrv_img_create``."""
     if fmt not in ("raw", "qcow2"):
@@ -203,7 +204,7 @@ def img_create_file(ctx: Ctx, filename: str, fmt: str, base_filename: str | None
         if fmt == "raw":
             create_raw(filename, size, o.get("preallocation"))
         else:
-            _create_qcow2(ctx, filename, size, o)
+            await _create_qcow2(ctx, filename, size, o)
     except QemuError as e:
         if e.errno == errno.EFBIG:
             hint = " (try using a larger cluster size)" if "cluster_size" in o.types else ""
@@ -251,10 +252,10 @@ def _has_protocol(name: str) -> bool:
     return ":" in head
 
 
-def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> None:
+async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> None:
     """``qcow2_co_create_opts``: the file is created first; option values are then checked as the QAPI
     visitor and ``qcow2_co_create`` check them, and the file is removed again on failure."""
-    from qio.block.qcow2_create import PREALLOC_MODES, create
+    from qio.block.qcow2_create import PREALLOC_MODES, create_async
 
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -292,9 +293,10 @@ def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> None:
         os.unlink(filename)
         raise
     rc = o.num.get("refcount_bits", 16)
-    create(filename, (size + 511) // 512 * 512, cluster_size=o.num.get("cluster_size", 65536), version=version,
-           refcount_bits=rc - 2**64 if rc >= 2**63 else rc, lazy_refcounts=opt_bool(o.str, "lazy_refcounts", False),
-           backing_file=o.get("backing_file"), backing_fmt=backing_fmt, preallocation=prealloc, warn=ctx.out.err)
+    await create_async(filename, (size + 511) // 512 * 512, cluster_size=o.num.get("cluster_size", 65536),
+                       version=version, refcount_bits=rc - 2**64 if rc >= 2**63 else rc,
+                       lazy_refcounts=opt_bool(o.str, "lazy_refcounts", False), backing_file=o.get("backing_file"),
+                       backing_fmt=backing_fmt, preallocation=prealloc, warn=ctx.out.err)
 
 
 def opt_bool_or_str(value: str | None) -> bool:

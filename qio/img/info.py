@@ -181,9 +181,8 @@ async def block_status(node: BlockDriver, offset: int, nbytes: int) -> tuple[int
         mapped, file = offset, node
     if ret & (BLOCK_DATA | BLOCK_ZERO):
         ret |= BLOCK_ALLOCATED
-    elif isinstance(node, Qcow2Driver):
-        if node.backing is None or offset >= io.getlength(node.backing):
-            ret |= BLOCK_ZERO
+    elif isinstance(node, Qcow2Driver) and (node.backing is None or offset >= io.getlength(node.backing)):
+        ret |= BLOCK_ZERO
     if ret & BLOCK_RECURSE and file is not None and file is not node and ret & BLOCK_DATA and \
             not ret & BLOCK_ZERO and ret & BLOCK_OFFSET_VALID:
         ret2, file_pnum, _, _ = await block_status(file, mapped, pnum)
