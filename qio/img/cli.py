@@ -94,6 +94,18 @@ def output_format(ctx: Ctx, output: str | None) -> str | None:
 def open_image(ctx: Ctx, filename: str, fmt: str | None, flags: OpenFlags, *, force_share: bool = False,
                no_backing: bool = False) -> Any:
     """``img_open``: a BlockBackend, or None after ``Could not open 'FILE': ...``."""
+    try:
+        return open_backend(ctx, filename, fmt, flags, force_share=force_share, no_backing=no_backing)
+    except QemuError as e:
+        ctx.out.error_report(f"Could not open '{filename}': {e}")
+        return None
+
+
+def open_backend(ctx: Ctx, filename: str, fmt: str | None, flags: OpenFlags, *, force_share: bool,
+                 no_backing: bool) -> Any:
+    """``blk_new_open`` with qemu-img's options; ``no_backing`` is BDRV_O_NO_BACKING, which qio expresses
+    as ``backing: null`` -- an option only formats with backing files accept, so a probed raw image is
+    opened again without it."""
     from qio.block.backend import BlockBackend
 
     opts: dict[str, Any] = {}
@@ -102,18 +114,14 @@ def open_image(ctx: Ctx, filename: str, fmt: str | None, flags: OpenFlags, *, fo
     if force_share:
         opts["force-share"] = "on"
     if no_backing and fmt in (None, "qcow2"):
-        opts["backing"] = None  # BDRV_O_NO_BACKING (only formats with backing files take the option)
+        opts["backing"] = None
     try:
-        try:
-            return BlockBackend.open(filename, opts, flags, ctx.out.err)
-        except QemuError as e:
-            if "backing" not in opts or "support the option 'backing'" not in str(e):
-                raise
-            del opts["backing"]
-            return BlockBackend.open(filename, opts, flags, ctx.out.err)
+        return BlockBackend.open(filename, opts, flags, ctx.out.err)
     except QemuError as e:
-        ctx.out.error_report(f"Could not open '{filename}': {e}")
-        return None
+        if "backing" not in opts or "support the option 'backing'" not in str(e):
+            raise
+        del opts["backing"]
+        return BlockBackend.open(filename, opts, flags, ctx.out.err)
 
 
 async def close_image(ctx: Ctx, blk: Any) -> None:

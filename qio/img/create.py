@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
 
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
@@ -214,26 +213,16 @@ async def img_create_file(ctx: Ctx, filename: str, fmt: str, base_filename: str 
 
 def _probe_backing(ctx: Ctx, filename: str, backing_file: str, backing_fmt: str | None, size: int) -> int:
     """Open the backing image (read-only, shared, without its own backing) to check it and take its size."""
-    from qio.block.backend import BlockBackend, _close_sync
+    from qio.block.backend import _close_sync
+    from qio.img.cli import open_backend
 
     full = backing_file
     if not (backing_file.startswith("/") or _has_protocol(backing_file)) and "/" in filename:
         full = filename[: filename.rfind("/") + 1] + backing_file
     flags = OpenFlags()
     flags.read_only = True
-    opts: dict[str, Any] = {"force-share": "on"}
-    if backing_fmt is not None:
-        opts["driver"] = backing_fmt
-    if backing_fmt in (None, "qcow2"):
-        opts["backing"] = None
     try:
-        try:
-            blk = BlockBackend.open(full, opts, flags, ctx.out.err)
-        except QemuError as e:
-            if "backing" not in opts or "support the option 'backing'" not in str(e):
-                raise
-            del opts["backing"]
-            blk = BlockBackend.open(full, opts, flags, ctx.out.err)
+        blk = open_backend(ctx, full, backing_fmt, flags, force_share=True, no_backing=True)
     except QemuError as e:
         raise _hinted(str(e), "Could not open backing image.\n", e.errno) from None
     try:
