@@ -53,6 +53,8 @@ FORBIDDEN_STDOUT = re.compile(r"fail|error|traceback|exception|not found|invalid
 #: default pattern byte of qemu-io's `write` / `aio_write` without -P
 DEFAULT_WRITE_PATTERN = 0xCD
 PATTERN = 0xAB
+#: what a qcow2 image to be overwritten holds before the run (non-zero, so `qemu-img convert` allocates it)
+OLD_FILL = 0x5A
 
 Prealloc = Literal["full", "falloc", "off"]
 
@@ -77,13 +79,26 @@ class ImageSpec:
 
     fill=None: a blank image (raw: preallocated per --prealloc; qcow2: freshly created, unallocated).
     fill=N:    every byte of the first `size` bytes is N.
+    prep:      lines piped to the reference qemu-io (`-t writeback`) after creating the image, e.g. scattered
+               writes; `prep_id` names that content (it is part of the key of shared images).
     fresh:     recreate before every single run (workloads that write); otherwise created once and
-               shared by all runs and workloads that ask for the same (format, size, fill).
+               shared by all runs and workloads that ask for the same (format, size, fill, prep_id).
+               Fresh non-raw images that are not blank are made once as a template and copied per run.
+    disk:      host bytes the image takes (for the free-space check), if not `size` (raw or filled) or ~0
+               (blank non-raw).
     """
 
     size: int
     fill: int | None = None
     fresh: bool = True
+    prep: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    prep_id: str = ""
+    disk: int | None = None
+
+    def disk_bytes(self, fmt: str) -> int:
+        if self.disk is not None:
+            return self.disk
+        return self.size if fmt == "raw" or self.fill is not None else 0
 
 
 @dataclass(frozen=True)
@@ -115,14 +130,19 @@ class Workload:
     target: Target | None = None
     ops: int = 0
     nbytes: int = 0
+    same_output: bool = False  # qio's stdout must be byte-identical to qemu-io's (e.g. `map`)
 
 
 def size_str(n: int) -> str:
-    """qemu-io size syntax: 64k, 128M, 1G, or plain bytes."""
-    for suffix, unit in (("G", GiB), ("M", MiB), ("k", KiB)):
+    """qemu-io size syntax: 64k, 128M, 1G, 1T, or plain bytes."""
+    for suffix, unit in (("T", 1024 * GiB), ("G", GiB), ("M", MiB), ("k", KiB)):
         if n >= unit and n % unit == 0:
             return f"{n // unit}{suffix}"
     return str(n)
+
+
+#: workloads about format metadata (overwrite vs allocation, random reads of a sparse image, `map`): qcow2 only
+QCOW2_ONLY = ("W2o", "W5qr", "W9")
 
 
 def name_for(base: str, fmt: str) -> str:
@@ -131,6 +151,8 @@ def name_for(base: str, fmt: str) -> str:
         return "W2"
     if base in ("W4", "W5", "W6"):
         return base + {"raw": "r", "qcow2": "q"}.get(fmt, "-" + fmt)
+    if base in QCOW2_ONLY:  # W2o, W5qr, W9: named after their qcow2 version
+        return base if fmt == "qcow2" else f"{base}-{fmt}"
     return base if fmt == "raw" else f"{base}-{fmt}"
 
 
@@ -168,7 +190,7 @@ def build_workloads(formats: Sequence[str], scale: int, seed: int) -> list[Workl
             target=Target("absolute", 0.100),
         )
     ]
-    raw_only_targets = {
+    raw_targets = {
         "W1": Target("absolute", 0.100),
         "W3": Target("ratio", 1.0),
         "W4": Target("ratio", 1.0),
@@ -177,11 +199,18 @@ def build_workloads(formats: Sequence[str], scale: int, seed: int) -> list[Workl
         "W7w": Target("ratio", 1.2),
         "W7r": Target("ratio", 1.2),
     }
+    # qcow2 (the qcow2 issue): allocating and overwriting writes and `map` within 2x of qemu-io; the other
+    # qcow2 workloads are held to the same 2x; start-up has the raw absolute bound.
+    qcow2_targets = {"W1": Target("absolute", 0.100)}
 
     for fmt in formats:
 
         def tgt(base: str, fmt: str = fmt) -> Target | None:
-            return raw_only_targets.get(base) if fmt == "raw" else None
+            if fmt == "raw":
+                return raw_targets.get(base)
+            if fmt == "qcow2":
+                return qcow2_targets.get(base, Target("ratio", 2.0))
+            return None
 
         # W1: start + open + quit
         out.append(
@@ -220,6 +249,28 @@ def build_workloads(formats: Sequence[str], scale: int, seed: int) -> list[Workl
             )
         )
 
+        # W2o (qcow2): the same writes onto an image that is already fully allocated (no allocation, no
+        # metadata update). Raw W3 is an overwrite of a preallocated file already.
+        if fmt != "raw":
+            out.append(
+                Workload(
+                    name=name_for("W2o", fmt),
+                    fmt=fmt,
+                    title=f"{count} x `write -q -P 0xab OFF 64k` sequential, piped (overwrite: fully allocated,"
+                    f" holding 0x{OLD_FILL:x})",
+                    image=ImageSpec(total, fill=OLD_FILL),
+                    script=(
+                        *(f"write -q -P 0x{PATTERN:x} {i * chunk} 64k" for i in range(count)),
+                        f"read -P 0x{PATTERN:x} {last} 64k",
+                    ),
+                    expect=(rf"read {chunk}/{chunk} bytes at offset {last}\b",),
+                    verify=(Region(0, total, PATTERN),),
+                    target=tgt("W2o"),
+                    ops=count,
+                    nbytes=total,
+                )
+            )
+
         # W4r / W4q: read W3 back, pattern verified, piped
         out.append(
             Workload(
@@ -249,12 +300,14 @@ def build_workloads(formats: Sequence[str], scale: int, seed: int) -> list[Workl
         )
         sentinel = f"read -P 0x{DEFAULT_WRITE_PATTERN:x} {offsets[-1]} 4k"
         sentinel_re = rf"read {block}/{block} bytes at offset {offsets[-1]}\b"
+        # a fresh qcow2 image grows by a 64 KiB cluster per newly touched cluster (plus L2 tables)
+        random_disk = None if fmt == "raw" else min(span, len({o // (64 * KiB) for o in offsets}) * 64 * KiB) + 64 * MiB
         out.append(
             Workload(
                 name=name_for("W5", fmt),
                 fmt=fmt,
                 title=f"{rcount} x `write -q OFF 4k`, random 4k-aligned offsets in {size_str(span)}, piped",
-                image=ImageSpec(span),
+                image=ImageSpec(span, disk=random_disk),
                 script=(*(f"write -q {o} 4k" for o in offsets), sentinel),
                 expect=(sentinel_re,),
                 verify=content_checks,
@@ -264,19 +317,59 @@ def build_workloads(formats: Sequence[str], scale: int, seed: int) -> list[Workl
             )
         )
 
-        # W6r / W6q: the same through the aio queue, then aio_flush
+        # W5qr (qcow2): read W5q's blocks back (same order, pattern verified), then the never-written
+        # blocks (zeroes); the image is made once by qemu-io running W5q's writes, untimed
+        if fmt != "raw":
+            out.append(
+                Workload(
+                    name=name_for("W5qr", fmt),
+                    fmt=fmt,
+                    title=f"{rcount} x `read -q -P 0xcd OFF 4k` of W5q's offsets (verified) + 64 unwritten"
+                    f" blocks (zeroes) in {size_str(span)}, piped",
+                    image=ImageSpec(
+                        span,
+                        fresh=False,
+                        prep=tuple(f"write -q {o} 4k" for o in offsets),
+                        prep_id=f"w5-s{seed}-n{rcount}",
+                        disk=random_disk,
+                    ),
+                    script=(
+                        *(f"read -q -P 0x{DEFAULT_WRITE_PATTERN:x} {o} 4k" for o in offsets),
+                        *(f"read -q -P 0 {r.offset} 4k" for r in untouched_regions(offsets, span, block, seed)),
+                        sentinel,
+                    ),
+                    expect=(sentinel_re,),
+                    target=tgt("W5qr"),
+                    ops=rcount + 64,
+                    nbytes=(rcount + 64) * block,
+                )
+            )
+
+        # W6r / W6q: the same through the aio queue, then aio_flush. qcow2: the first half of the offsets
+        # only: with all 65536 allocating requests queued, qemu-io 7.2 ran for more than 10 minutes at 100%
+        # CPU (vm.max_map_count 65530; 32768 take ~3 s), so the full size measured nothing.
+        acount = rcount if fmt == "raw" else max(1, rcount // 2)
+        aoffsets = offsets[:acount]
+        if acount == rcount:
+            aio_checks, aio_sentinel, aio_sentinel_re = content_checks, sentinel, sentinel_re
+        else:
+            aio_checks = tuple(Region(o, block, DEFAULT_WRITE_PATTERN) for o in sorted(set(aoffsets))) + tuple(
+                untouched_regions(aoffsets, span, block, seed)
+            )
+            aio_sentinel = f"read -P 0x{DEFAULT_WRITE_PATTERN:x} {aoffsets[-1]} 4k"
+            aio_sentinel_re = rf"read {block}/{block} bytes at offset {aoffsets[-1]}\b"
         out.append(
             Workload(
                 name=name_for("W6", fmt),
                 fmt=fmt,
-                title=f"{rcount} x `aio_write -q OFF 4k` (same offsets) + `aio_flush`, piped",
-                image=ImageSpec(span),
-                script=(*(f"aio_write -q {o} 4k" for o in offsets), "aio_flush", sentinel),
-                expect=(sentinel_re,),
-                verify=content_checks,
+                title=f"{acount} x `aio_write -q OFF 4k` (same offsets) + `aio_flush`, piped",
+                image=ImageSpec(span, disk=random_disk),
+                script=(*(f"aio_write -q {o} 4k" for o in aoffsets), "aio_flush", aio_sentinel),
+                expect=(aio_sentinel_re,),
+                verify=aio_checks,
                 target=tgt("W6"),
-                ops=rcount,
-                nbytes=rcount * block,
+                ops=acount,
+                nbytes=acount * block,
             )
         )
 
@@ -309,6 +402,34 @@ def build_workloads(formats: Sequence[str], scale: int, seed: int) -> list[Workl
                 nbytes=big,
             )
         )
+
+        # W9 (qcow2): `map` of a 1 TiB image with 8192 scattered allocated 64 KiB extents (made once by
+        # qemu-io, untimed); qio's output must be identical to qemu-io's
+        if fmt != "raw":
+            vsize = 1024 * GiB
+            nmap = 8192 // scale
+            rng = random.Random(seed + 9)
+            extents = sorted(rng.sample(range(vsize // chunk), nmap))
+            out.append(
+                Workload(
+                    name=name_for("W9", fmt),
+                    fmt=fmt,
+                    title=f"`map` (-c) of a {size_str(vsize)} image with {nmap} scattered allocated 64k clusters",
+                    image=ImageSpec(
+                        vsize,
+                        fresh=False,
+                        prep=tuple(f"write -q -P 0x{PATTERN:x} {c * chunk} 64k" for c in extents),
+                        prep_id=f"map-s{seed}-n{nmap}",
+                        # data clusters, plus one 64 KiB L2 table per 512 MiB touched
+                        disk=nmap * chunk + len({c // 8192 for c in extents}) * chunk + MiB,
+                    ),
+                    commands=("map",),
+                    expect=(r"allocated at offset",),
+                    target=tgt("W9"),
+                    same_output=True,
+                    ops=nmap,
+                )
+            )
     return out
 
 
@@ -323,7 +444,8 @@ class Images:
         self.prealloc = prealloc
         self.qemu_img = qemu_img
         self.qemu_io = qemu_io
-        self.shared: dict[tuple[str, int, int | None], Path] = {}
+        self.shared: dict[tuple[str, int, int | None, str], Path] = {}
+        self.templates: dict[tuple[str, int, int | None, str], Path] = {}
 
     def _need_qemu_img(self) -> str:
         if not self.qemu_img:
@@ -366,25 +488,60 @@ class Images:
             finally:
                 tmp.unlink()
 
+    def _run_prep(self, path: Path, fmt: str, lines: Sequence[str]) -> None:
+        """Pipe `lines` to the reference qemu-io on `path` (writeback), e.g. scattered writes. Untimed."""
+        proc = subprocess.run(
+            [*self.qemu_io, "-f", fmt, "-t", "writeback", str(path)],
+            input=("\n".join(lines) + "\n").encode(),
+            capture_output=True,
+            check=False,
+        )
+        out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+        if proc.returncode != 0 or FORBIDDEN_STDOUT.search(out):
+            raise SystemExit(f"preparing {path} with qemu-io failed: {first_line_matching(out)}")
+
+    def _build(self, path: Path, fmt: str, spec: ImageSpec) -> None:
+        self._create(path, fmt, spec.size, spec.fill)
+        if spec.prep:
+            self._run_prep(path, fmt, spec.prep)
+
+    @staticmethod
+    def _key(fmt: str, spec: ImageSpec) -> tuple[str, int, int | None, str]:
+        return (fmt, spec.size, spec.fill, spec.prep_id)
+
+    @staticmethod
+    def _stem(spec: ImageSpec) -> str:
+        fill = "blank" if spec.fill is None else f"{spec.fill:02x}"
+        return f"{size_str(spec.size)}-{fill}" + (f"-{spec.prep_id}" if spec.prep_id else "")
+
     def prepare(self, wl: Workload) -> Path | None:
         """Return the image path for one run of `wl`, freshly created if the workload writes."""
         spec = wl.image
         if spec is None or wl.fmt is None:
             return None
+        key = self._key(wl.fmt, spec)
         if spec.fresh:
             path = self.workdir / f"work.{wl.fmt}"
-            self._create(path, wl.fmt, spec.size, spec.fill)
+            if wl.fmt == "raw" or (spec.fill is None and not spec.prep):
+                self._build(path, wl.fmt, spec)  # raw: a plain write; blank qcow2: `qemu-img create`
+                return path
+            # a filled or prepared non-raw image: made once (convert / qemu-io), then copied for every run
+            if key not in self.templates:
+                tpl = self.workdir / f"template-{self._stem(spec)}.{wl.fmt}"
+                self._build(tpl, wl.fmt, spec)
+                self.templates[key] = tpl
+            if path.exists():
+                path.unlink()
+            shutil.copyfile(self.templates[key], path)
             return path
-        key = (wl.fmt, spec.size, spec.fill)
         if key not in self.shared:
-            fill = "blank" if spec.fill is None else f"{spec.fill:02x}"
-            path = self.workdir / f"shared-{size_str(spec.size)}-{fill}.{wl.fmt}"
-            self._create(path, wl.fmt, spec.size, spec.fill)
+            path = self.workdir / f"shared-{self._stem(spec)}.{wl.fmt}"
+            self._build(path, wl.fmt, spec)
             self.shared[key] = path
         return self.shared[key]
 
     def release(self, path: Path | None) -> None:
-        """Delete a per-run image (shared ones stay until the end)."""
+        """Delete a per-run image (shared ones and templates stay until the end)."""
         if path is not None and path not in self.shared.values() and path.exists():
             path.unlink()
 
@@ -622,6 +779,10 @@ class Runner:
 
 
 def _serve(req_fd: int, res_fd: int) -> None:
+    # The tools must start as an installed qio does, from cached bytecode: with PYTHONDONTWRITEBYTECODE
+    # inherited, an editable install whose sources changed since the last compile would recompile those
+    # modules at every start (qcow2.py alone: ~40 ms).
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     with os.fdopen(req_fd, "r") as req, os.fdopen(res_fd, "w") as res:
         for line in req:
             d = json.loads(line)
@@ -669,6 +830,17 @@ def check_output(res: RunResult, wl: Workload, out_path: Path, err_path: Path) -
             shown = stdout.strip()[-200:] or "(empty)"
             return f"expected output /{pattern}/ missing; stdout ends with: {shown!r}"
     return None
+
+
+def compare_output(stdout: bytes, reference: bytes) -> str | None:
+    """None if `stdout` is byte-identical to qemu-io's, else where it first differs."""
+    if stdout == reference:
+        return None
+    a, b = stdout.decode(errors="replace").splitlines(), reference.decode(errors="replace").splitlines()
+    for n, (x, y) in enumerate(zip(a, b, strict=False), 1):
+        if x != y:
+            return f"stdout differs from qemu-io's at line {n}: {x[:120]!r} vs {y[:120]!r}"
+    return f"stdout differs from qemu-io's: {len(a)} lines vs {len(b)} lines"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -769,6 +941,7 @@ def run_cell(
         Side("qio", command_line(qio_tool, wl, mode, placeholder)),
     )
     workdir: Path = args.workdir
+    ref_stdout: bytes | None = None  # for `same_output`: the first good qemu-io run's stdout
     for i in range(args.runs):
         line = f"  {wl.name:<9} {mode:<12} run {i + 1}/{args.runs}:"
         for side, tool in ((cell.ref, ref_tool), (cell.qio, qio_tool)):
@@ -792,6 +965,12 @@ def run_cell(
                     args.timeout,
                 )
                 res.error = check_output(res, wl, out_path, err_path)
+                if res.error is None and wl.same_output:
+                    stdout = out_path.read_bytes()
+                    if ref_stdout is None and side is cell.ref:
+                        ref_stdout = stdout
+                    elif ref_stdout is not None:
+                        res.error = compare_output(stdout, ref_stdout)
                 if res.error is None and image is not None and not args.no_verify:
                     res.error = images.verify(wl, image)
                 if wl.image is not None and wl.image.fresh:
@@ -885,6 +1064,17 @@ def print_table(cells: Sequence[Cell]) -> None:
                 )
             if side.failed:
                 print(f"{c.wl.name} {c.mode}: {side.label} FAILED: {side.failed}")
+
+
+def source_state() -> str:
+    """`git describe --dirty` of the repository (what an editable qio runs), or '' outside a checkout."""
+    try:
+        p = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], capture_output=True, timeout=30, check=False, cwd=REPO_ROOT
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return p.stdout.decode(errors="replace").strip() if p.returncode == 0 else ""
 
 
 def tool_version(tool: Sequence[str]) -> str:
@@ -1001,10 +1191,19 @@ def select(workloads: Sequence[Workload], only: Sequence[str]) -> list[Workload]
 
 
 def disk_needed(workloads: Sequence[Workload]) -> int:
-    shared = {(w.fmt, w.image.size, w.image.fill) for w in workloads if w.image and not w.image.fresh}
-    shared_bytes = sum(size for _, size, _ in shared)
-    fresh = max((w.image.size for w in workloads if w.image and w.image.fresh), default=0)
-    return shared_bytes + fresh
+    """Host bytes at the peak: the shared images and templates, which stay, plus the largest fresh image."""
+    kept: dict[tuple[str, int, int | None, str, bool], int] = {}
+    fresh = 0
+    for w in workloads:
+        if w.image is None or w.fmt is None:
+            continue
+        spec, nbytes = w.image, w.image.disk_bytes(w.fmt)
+        templated = spec.fresh and w.fmt != "raw" and (spec.fill is not None or bool(spec.prep))
+        if not spec.fresh or templated:
+            kept[(w.fmt, spec.size, spec.fill, spec.prep_id, spec.fresh)] = nbytes
+        if spec.fresh:
+            fresh = max(fresh, nbytes)
+    return sum(kept.values()) + fresh
 
 
 @dataclass
@@ -1071,7 +1270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
         "qemu_io": {"cmd": ref_tool, "version": tool_version(ref_tool)},
-        "qio": {"cmd": qio_tool, "version": tool_version(qio_tool)},
+        "qio": {"cmd": qio_tool, "version": tool_version(qio_tool), "source": source_state()},
         "runs": args.runs,
         "scale": args.scale,
         "modes": args.modes,
@@ -1083,7 +1282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verify_images": not args.no_verify,
     }
     log(f"qemu-io: {shlex.join(ref_tool)}  [{meta['qemu_io']['version']}]")
-    log(f"qio:     {shlex.join(qio_tool)}  [{meta['qio']['version']}]")
+    log(f"qio:     {shlex.join(qio_tool)}  [{meta['qio']['version']}; repository {meta['qio']['source'] or '?'}]")
     log(
         f"{args.runs} runs, scale 1/{args.scale}, modes {', '.join(args.modes)}, "
         f"workloads {', '.join(w.name for w in workloads)}"
