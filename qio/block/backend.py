@@ -10,6 +10,8 @@ the graph and the protocol node locks the image.
 from __future__ import annotations
 
 import errno
+import itertools
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +53,15 @@ def _node_flags(options: Options, flags: OpenFlags) -> OpenFlags:
         else:
             raise QemuError("Invalid discard option")
     return f
+
+
+_node_ids = itertools.count()
+
+
+def _name_node(node: BlockDriver, options: Options) -> None:
+    """``node-name``, or QEMU's automatic ``#block<N><2 random digits>`` (children are named first)."""
+    name = options.get("node-name")
+    node.node_name = str(name) if name else f"#block{next(_node_ids)}{random.randrange(100):02d}"
 
 
 def _protocol_of(filename: str) -> str | None:
@@ -120,6 +131,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         node.filename = file.filename
         node.probed = probed
         node.children.append(Child("file", file))
+        _name_node(node, options)
         node.refresh_limits()
         node.open(options, flags)
         _check_leftovers(node, options)
@@ -154,6 +166,7 @@ def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, w
     node.read_only = flags.read_only
     try:
         node.open_children(options, flags, warn)
+        _name_node(node, options)
         node.refresh_limits()
         node.open(options, flags)
         _check_leftovers(node, options)
@@ -246,11 +259,13 @@ class BlockBackend:
         flags = _node_flags(options, flags)
         if flags.force_share and not flags.read_only:
             raise QemuError("force-share=on can only be used with read-only images")
+        if flags.copy_on_read and flags.read_only:
+            raise QemuError("Can't use copy-on-read on read-only device")
         if flags.snapshot:  # -s: the image becomes the read-only backing node of a temporary overlay
             from qio.block.qcow2_create import temp_overlay
 
             base_flags = flags.copy()
-            base_flags.read_only, base_flags.snapshot = True, False
+            base_flags.read_only, base_flags.snapshot, base_flags.copy_on_read = True, False, False
             base = open_node(options, base_flags, warn)
             try:
                 root = temp_overlay(base, flags, warn)
@@ -259,6 +274,7 @@ class BlockBackend:
                 raise
         else:
             root = open_node(options, flags, warn)
+        root.copy_on_read = flags.copy_on_read
         blk = cls(root, flags)
         try:
             _apply_perms(root, blk.perm, blk.shared)
@@ -335,6 +351,8 @@ class BlockBackend:
         for key in options:
             if key not in GENERIC_OPTS or key in ("driver", "filename", "node-name"):
                 raise QemuError(f"Cannot change the option '{key}'")
+        if flags.read_only and self.root.copy_on_read:
+            raise QemuError(f"Can't set node '{self.root.node_name}' to r/o with copy-on-read enabled")
         perm = self.perm if not flags.read_only else self.perm & ~(PERM_WRITE | PERM_RESIZE)
         primary = _primary_nodes(self.root)
         backing_flags = flags.copy()

@@ -33,6 +33,7 @@ REQ_ZERO_WRITE = 0x02
 REQ_MAY_UNMAP = 0x04
 REQ_FUA = 0x10
 REQ_WRITE_COMPRESSED = 0x20
+REQ_WRITE_UNCHANGED = 0x40
 REQ_NO_FALLBACK = 0x100
 
 # Block status bits (BDRV_BLOCK_*).
@@ -97,6 +98,9 @@ class BlockDriver:
         self.children: list[Child] = []
         self.flags = OpenFlags()
         self.read_only = False
+        #: ``-C``: reads copy what comes from the backing chain into this node (top node only).
+        self.copy_on_read = False
+        self.node_name = ""
         self.probed = False
         self.request_alignment = 1
         self.max_transfer = 0

@@ -15,10 +15,12 @@ import errno
 from qio.aio import AIO
 from qio.block.driver import (
     BDRV_MAX_LENGTH,
+    BDRV_REQUEST_MAX_BYTES,
     BLOCK_ALLOCATED,
     REQ_FUA,
     REQ_NO_FALLBACK,
     REQ_WRITE_COMPRESSED,
+    REQ_WRITE_UNCHANGED,
     REQ_ZERO_WRITE,
     SECTOR,
     BlockDriver,
@@ -29,6 +31,7 @@ from qio.block.events import Event
 from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
 
 MAX_BOUNCE = 1 << 20
+MAX_COR_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER for copy-on-read
 
 
 
@@ -92,8 +95,9 @@ class Tracked:
 
 
 def _tracking(node: BlockDriver) -> bool:
-    """Only nodes where requests can overlap in time and need padding pay for the bookkeeping."""
-    return AIO.yield_on_io and node.request_alignment > 1
+    """Only nodes where requests can overlap in time and need padding (or copy-on-read
+    serialisation) pay for the bookkeeping."""
+    return AIO.yield_on_io and (node.request_alignment > 1 or node.copy_on_read)
 
 
 def _begin(node: BlockDriver, offset: int, nbytes: int) -> Tracked:
@@ -145,29 +149,39 @@ async def preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec) -> No
         return
     req = _begin(node, offset, nbytes)
     try:
-        await _wait_serialising(req)
-        await _preadv(node, offset, nbytes, qiov)
+        if not node.copy_on_read:
+            await _wait_serialising(req)
+        await _preadv(node, offset, nbytes, qiov, req)
     finally:
         _end(req)
 
 
-async def _preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec) -> None:
+async def _preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, req: Tracked | None = None) -> None:
     align = node.request_alignment
     head = offset % align
     tail = (offset + nbytes) % align
     if (head == 0 and tail == 0) or (nbytes == 0):
         if nbytes == 0 and head:
             return
-        await _aligned_preadv(node, offset, nbytes, qiov, align)
+        await _aligned_preadv(node, offset, nbytes, qiov, align, req)
         return
     start = offset - head
     total = head + nbytes + ((align - tail) % align)
     bounce = memoryview(bytearray(total))
-    await _aligned_preadv(node, start, total, [bounce], align)
+    await _aligned_preadv(node, start, total, [bounce], align, req)
     iov_from_bytes(qiov, 0, bounce[head : head + nbytes])
 
 
-async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, align: int) -> None:
+async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, align: int,
+                          req: Tracked | None = None) -> None:
+    if node.copy_on_read and nbytes:
+        # The read and the copy must be atomic against writes touching the same clusters.
+        if req is not None:
+            await _make_serialising(req, _info_cluster_size(node) or align)
+        allocated, pnum = await is_allocated(node, offset, nbytes)
+        if not allocated or pnum != nbytes:
+            await _copy_on_readv(node, offset, nbytes, qiov)
+            return
     total = getlength(node)
     max_bytes = -(-max(0, total - offset) // align) * align
     if nbytes <= max_bytes:
@@ -176,6 +190,54 @@ async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
     if max_bytes > 0:
         await node.co_preadv(offset, max_bytes, iov_slice(qiov, 0, max_bytes))
     iov_memset(qiov, max(max_bytes, 0), nbytes - max(max_bytes, 0))
+
+
+def _info_cluster_size(node: BlockDriver) -> int:
+    """``bdrv_get_info``'s cluster size, 0 where the driver has none."""
+    info = node.get_info()
+    return info.cluster_size if info is not None else 0
+
+
+async def _copy_on_readv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec) -> None:
+    """``bdrv_co_do_copy_on_readv``: read whole clusters that this node does not have (from its backing
+    chain) and write them into the node, so later reads no longer go to the backing file."""
+    cs = _info_cluster_size(node)
+    start = offset - offset % cs if cs else offset
+    remaining = (-(-(offset + nbytes) // cs) * cs if cs else offset + nbytes) - start
+    skip = offset - start
+    max_transfer = min(node.max_transfer or BDRV_REQUEST_MAX_BYTES, BDRV_REQUEST_MAX_BYTES)
+    zero_capable = type(node).co_pwrite_zeroes is not BlockDriver.co_pwrite_zeroes
+    progress = 0
+    bounce: memoryview | None = None
+    while remaining:
+        try:
+            allocated, pnum = await is_allocated(node, start, min(remaining, max_transfer))
+        except BlockError:  # treated as unallocated: the read below reports the real error
+            allocated, pnum = False, min(remaining, max_transfer)
+        else:
+            if not allocated and pnum == 0:  # the image ends inside the last cluster
+                break
+        n = min(pnum - skip, nbytes - progress)
+        if not allocated:
+            pnum = min(pnum, MAX_COR_BOUNCE)
+            n = min(pnum - skip, nbytes - progress)
+            if bounce is None or len(bounce) < pnum:
+                bounce = memoryview(bytearray(pnum))
+            data = bounce[:pnum]
+            await node.co_preadv(start, pnum, [data])
+            await node.debug_event(Event.COR_WRITE)
+            if zero_capable and not any(data):
+                await _do_pwrite_zeroes(node, start, pnum, REQ_WRITE_UNCHANGED)
+            else:  # unchanged data: no flush needed even in write-through mode
+                await _driver_pwritev(node, start, pnum, [data], REQ_WRITE_UNCHANGED)
+            if n > 0:
+                iov_from_bytes(qiov, progress, data[skip : skip + n])
+        elif n > 0:
+            await node.co_preadv(offset + progress, n, iov_slice(qiov, progress, n))
+        start += pnum
+        remaining -= pnum
+        progress += pnum - skip
+        skip = 0
 
 
 # -- write ---------------------------------------------------------------------------------------
