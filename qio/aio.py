@@ -43,11 +43,14 @@ class AioStats:
     synchronous commands poll (printing pending completions) only if their request waited.
     ``busy`` counts requests running in the thread pool (they complete without help).
     ``yield_on_io`` is set while a blkdebug node is in the graph (see the module docstring).
+    ``inline`` is set while open-time I/O is driven without an event loop: even large host I/O then
+    runs inline, since a thread-pool future could not be waited for.
     """
 
     yields = 0
     busy = 0
     yield_on_io = False
+    inline = False
 
     @staticmethod
     def printf(text: str) -> None:
@@ -55,6 +58,24 @@ class AioStats:
 
 
 AIO = AioStats()
+
+
+def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run open-time I/O to completion without an event loop turn: nothing can suspend it then, host
+    I/O runs inline and a pending future (blkdebug's delayed error injection) resumes at once."""
+    saved = AIO.yield_on_io, AIO.inline
+    AIO.yield_on_io, AIO.inline = False, True
+    try:
+        value = coro.send(None)
+        while True:
+            if isinstance(value, asyncio.Future) and not value.done():
+                value.set_result(None)
+            value = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        AIO.yield_on_io, AIO.inline = saved
+        coro.close()
 
 
 class _Continue:

@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from qio.aio import AIO, current_request
+from qio.aio import current_request, run_sync
 from qio.block import io, registry
 from qio.block.driver import (
     REQ_FUA,
@@ -62,6 +62,8 @@ def _name_node(node: BlockDriver, options: Options) -> None:
     """``node-name``, or QEMU's automatic ``#block<N><2 random digits>`` (children are named first)."""
     name = options.get("node-name")
     node.node_name = str(name) if name else f"#block{next(_node_ids)}{random.randrange(100):02d}"
+    node.open_options = {k: v for k, v in options.items() if not (k == "filename" and node.children)}
+    node.open_options["driver"] = node.format_name
 
 
 def _protocol_of(filename: str) -> str | None:
@@ -176,12 +178,22 @@ def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, w
     return node
 
 
+def _check_unchanged(node: BlockDriver, key: str, value: Any) -> None:
+    """``bdrv_reopen_prepare``'s leftover check; ``file.X`` is the ``file`` child's option ``X``."""
+    prefix, dot, rest = key.partition(".")
+    child = node.child(prefix) if dot and key not in GENERIC_OPTS and key not in node.runtime_opts else None
+    if child is not None:
+        _check_unchanged(child.node, rest, value)
+    elif key not in node.open_options or str(node.open_options[key]) != str(value):
+        raise QemuError(f"Cannot change the option '{key}'")
+
+
 def _probe(file: BlockDriver) -> type[BlockDriver]:
     name = "raw"
     if io.getlength(file) > 0:
         buf = bytearray(PROBE_BUF)
         try:
-            _run_sync(io.preadv(file, 0, PROBE_BUF, [memoryview(buf)]))
+            run_sync(io.preadv(file, 0, PROBE_BUF, [memoryview(buf)]))
         except BlockError as e:
             raise QemuError(f"Could not read image for determining its format: {e}", e.code) from None
         name = probe_format(bytes(buf), file.filename)
@@ -189,19 +201,6 @@ def _probe(file: BlockDriver) -> type[BlockDriver]:
     if cls is None:
         raise QemuError(f"Unknown driver '{name}'")
     return cls
-
-
-def _run_sync(coro: Any) -> Any:
-    """Drive a coroutine that must not suspend (open-time I/O runs before any request exists)."""
-    saved, AIO.yield_on_io = AIO.yield_on_io, False
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        AIO.yield_on_io = saved
-    coro.close()
-    raise QemuError("open-time I/O was suspended")
 
 
 def _close_sync(node: BlockDriver) -> None:
@@ -345,20 +344,27 @@ class BlockBackend:
             await io.flush(self.root)
 
     def reopen(self, flags: OpenFlags, options: Options) -> None:
-        """``bdrv_reopen`` of the whole graph with new flags; unknown options cannot change."""
+        """``bdrv_reopen`` of the whole graph with new flags and options.
+
+        The root's driver validates what it may change (``reopen_opts``) first; every other option, of
+        the root or of a child (``file.locking``), must keep the value the node was opened with."""
         options = dict(options)
         flags = _node_flags(options, flags)
-        for key in options:
-            if key not in GENERIC_OPTS or key in ("driver", "filename", "node-name"):
-                raise QemuError(f"Cannot change the option '{key}'")
         if flags.read_only and self.root.copy_on_read:
             raise QemuError(f"Can't set node '{self.root.node_name}' to r/o with copy-on-read enabled")
+        root_opts = {k: v for k, v in options.items() if k in self.root.reopen_opts}
+        self.root.check_reopen(flags, root_opts)
+        for key, value in options.items():
+            if key in root_opts or (key in GENERIC_OPTS and key not in ("driver", "filename", "node-name")):
+                continue
+            _check_unchanged(self.root, key, value)
         perm = self.perm if not flags.read_only else self.perm & ~(PERM_WRITE | PERM_RESIZE)
         primary = _primary_nodes(self.root)
         backing_flags = flags.copy()
         backing_flags.read_only = True
         for node in iter_nodes(self.root):
-            node.reopen(flags if any(node is n for n in primary) else backing_flags, {})
+            node.reopen(flags if any(node is n for n in primary) else backing_flags,
+                        root_opts if node is self.root else {})
         _apply_perms(self.root, perm, self.shared)
         self.perm = perm
         self.flags = flags

@@ -86,6 +86,9 @@ class BlockDriver:
     is_format: ClassVar[bool] = False
     #: Options this driver consumes (besides ``driver``/``node-name``); others are an error.
     runtime_opts: ClassVar[frozenset[str]] = frozenset()
+    #: Options ``reopen -o`` may change on this node (its ``bdrv_reopen_prepare`` consumes them); any
+    #: other option must keep the value it was opened with.
+    reopen_opts: ClassVar[frozenset[str]] = frozenset()
     #: Whether ``co_pwritev`` accepts REQ_WRITE_COMPRESSED (qcow2 does).
     can_compress: ClassVar[bool] = False
     #: Set by the open code: raw text to stderr (warnings, qcow2 corruption messages).
@@ -101,6 +104,8 @@ class BlockDriver:
         #: ``-C``: reads copy what comes from the backing chain into this node (top node only).
         self.copy_on_read = False
         self.node_name = ""
+        #: The node's own options as opened (``bs->options``): what an unchangeable option is compared to.
+        self.open_options: dict[str, Any] = {}
         self.probed = False
         self.request_alignment = 1
         self.max_transfer = 0
@@ -246,8 +251,11 @@ class BlockDriver:
             raise BlockError(errno.ENOTSUP)
         await child.co_save_vmstate(pos, nbytes, qiov)
 
+    def check_reopen(self, flags: OpenFlags, options: dict[str, Any]) -> None:
+        """Validate new ``reopen_opts`` values without changing anything (the prepare step's errors)."""
+
     def reopen(self, flags: OpenFlags, options: dict[str, Any]) -> None:
-        """Apply new flags (read-only, cache) in place; consume the options this node understands."""
+        """Apply new flags (read-only, cache) and ``reopen_opts`` values in place."""
         self.flags = flags
         self.read_only = flags.read_only
 

@@ -244,7 +244,7 @@ class FileDriver(BlockDriver):
         """Do one host I/O: inline when small, in the thread pool when large (see module docstring)."""
         AIO.yields += 1
         try:
-            if nbytes <= INLINE_MAX:
+            if nbytes <= INLINE_MAX or AIO.inline:
                 result = fn(*args)
             else:
                 AIO.busy += 1

@@ -24,16 +24,14 @@ zstd compression, writing images that carry persistent bitmaps, shrinking the im
 from __future__ import annotations
 
 import array
-import asyncio
 import errno
 import os
 import re
 import stat
 import zlib
-from collections.abc import Coroutine
 from typing import Any, ClassVar
 
-from qio.aio import AIO
+from qio.aio import run_sync
 from qio.block import io
 from qio.block import qcow2_layout as L
 from qio.block.driver import (
@@ -107,22 +105,6 @@ def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
 
-def _sync(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run open-time I/O to completion without an event loop turn (nothing can suspend it then)."""
-    saved, AIO.yield_on_io = AIO.yield_on_io, False
-    try:
-        value = coro.send(None)
-        while True:
-            if isinstance(value, asyncio.Future) and not value.done():
-                value.set_result(None)  # e.g. blkdebug's delayed error injection: resume at once
-            value = coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        AIO.yield_on_io = saved
-        coro.close()
-
-
 class L2Meta:
     """``QCowL2Meta``: one in-flight allocation (new clusters whose L2 entries are still to be set)."""
 
@@ -193,6 +175,7 @@ class Qcow2Driver(BlockDriver):
         {"lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
          "overlap-check", "overlap-check.template", "cache-size", "l2-cache-size", "l2-cache-entry-size",
          "refcount-cache-size", "cache-clean-interval"} | {f"overlap-check.{k}" for k in OL_OPTIONS})
+    reopen_opts = runtime_opts
 
     OL_ACTIVE_L2 = OL_ACTIVE_L2
     NO_KEY = "Parameter 'encrypt.key-secret' is required for cipher"
@@ -481,7 +464,7 @@ class Qcow2Driver(BlockDriver):
         _opening.append(ident or (-1, -1))
         _opening_ro.append(flags.read_only)
         try:
-            _sync(self._do_open(options, flags))
+            run_sync(self._do_open(options, flags))
             self._open_backing(backing_opts, flags)
         except BlockError as e:
             raise QemuError(str(e), e.code) from None
@@ -826,7 +809,10 @@ class Qcow2Driver(BlockDriver):
         discard passthrough).  Flushing old caches is the caller's job."""
         if initial:
             self.opts = {k: options[k] for k in self.runtime_opts if k in options}
-        opts = self.opts
+        self._commit_options(self._prepare_options(self.opts, flags))
+
+    def _prepare_options(self, opts: dict[str, Any], flags: OpenFlags) -> tuple[Any, ...]:
+        """The checking half of ``qcow2_update_options_prepare``: QEMU's errors in QEMU's order."""
         cs = self.cluster_size
         l2_size, entry_size, rc_size = self._read_cache_sizes(opts)
         l2_entries = max(l2_size // entry_size, MIN_L2_CACHE_SIZE)
@@ -865,10 +851,14 @@ class Qcow2Driver(BlockDriver):
                        opt_bool(opts, "pass-discard-request", flags.unmap),
                        opt_bool(opts, "pass-discard-snapshot", True),
                        opt_bool(opts, "pass-discard-other", False)]
+        return entry_size, l2_entries, rc_entries, overlap, lazy, passthrough
+
+    def _commit_options(self, new: tuple[Any, ...]) -> None:
+        entry_size, l2_entries, rc_entries, overlap, lazy, passthrough = new
         self.l2_cache_entry_size = entry_size
         self.l2_slice_size = entry_size // 8
         self.l2_cache = Qcow2Cache(self, l2_entries, entry_size, True)
-        self.refblock_cache = Qcow2Cache(self, rc_entries, cs, False)
+        self.refblock_cache = Qcow2Cache(self, rc_entries, self.cluster_size, False)
         self.overlap_check = overlap
         self.use_lazy_refcounts = lazy
         self.discard_passthrough = passthrough
@@ -2345,24 +2335,57 @@ class Qcow2Driver(BlockDriver):
             except BlockError:
                 pass
 
-    def reopen(self, flags: OpenFlags, options: dict[str, Any]) -> None:
-        """``qcow2_reopen_prepare``/``commit``: new caches; write everything back when going read-only."""
-        going_ro = flags.read_only and not self.read_only
+    def _join_options(self, new: dict[str, Any]) -> dict[str, Any]:
+        """``qcow2_join_options``: a new overlap template replaces all old overlap options, a new
+        ``cache-size`` the old split sizes; an old ``cache-size`` is always dropped (QEMU tests ``||``
+        where it means ``&&``, so ``cache-size`` never survives a reopen that does not repeat it)."""
+        old = dict(self.opts)
+        if "overlap-check" in new or "overlap-check.template" in new:
+            old = {k: v for k, v in old.items() if not k.startswith("overlap-check")}
+        if "cache-size" in new:
+            old.pop("l2-cache-size", None)
+            old.pop("refcount-cache-size", None)
+        else:
+            old.pop("cache-size", None)
+        return {**old, **new}
 
-        async def prepare() -> None:
-            if self.l2_cache is not None and not self.broken:
-                await self.l2c.flush()
-                await self.rbc.flush()
-                if going_ro:
-                    await self.mark_clean()
-
-        try:
-            _sync(prepare())
-        except BlockError as e:
-            raise QemuError(f"Failed to flush the L2 table cache: {e}", e.code) from None
-        super().reopen(flags, options)
+    def check_reopen(self, flags: OpenFlags, options: dict[str, Any]) -> None:
         if self.l2_cache is not None:
-            self._update_options({}, flags, initial=False)
+            self._prepare_options(self._join_options(options), flags)
+
+    def reopen(self, flags: OpenFlags, options: dict[str, Any]) -> None:
+        """``qcow2_reopen_prepare``/``commit``: new caches and runtime options (explicit ones are kept
+        from open and earlier reopens); lazy refcounts turned off or going read-only mark the image clean."""
+        going_ro = flags.read_only and not self.read_only
+        opts = self._join_options(options)
+        new = self._prepare_options(opts, flags) if self.l2_cache is not None else None
+
+        async def flush() -> None:
+            try:
+                await self.l2c.flush()
+            except BlockError as e:
+                raise QemuError(f"Failed to flush the L2 table cache: {e}", e.code) from None
+            try:
+                await self.rbc.flush()
+            except BlockError as e:
+                raise QemuError(f"Failed to flush the refcount block cache: {e}", e.code) from None
+            if new is not None and self.use_lazy_refcounts and not new[4]:
+                try:
+                    await self.mark_clean()
+                except BlockError as e:
+                    raise QemuError(f"Failed to disable lazy refcounts: {e}", e.code) from None
+            if going_ro:
+                try:
+                    await self.mark_clean()
+                except BlockError:
+                    raise QemuError(f"failed while preparing to reopen image '{self.filename}'") from None
+
+        if self.l2_cache is not None and not self.broken:
+            run_sync(flush())
+        super().reopen(flags, options)
+        if new is not None:
+            self.opts = opts
+            self._commit_options(new)
 
     # ========================================================================== truncate
     async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:

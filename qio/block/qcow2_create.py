@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from qio.aio import run_sync
 from qio.block import io
 from qio.block import qcow2_layout as L
 from qio.block.driver import BlockDriver, Child
@@ -54,9 +55,7 @@ def validate(size: int, *, cluster_size: int = 65536, version: int = 3, refcount
 
 def create(filename: str, size: int, **kw: Any) -> None:
     """:func:`create_async` driven without an event loop turn (for open-time callers such as ``-s``)."""
-    from qio.block.qcow2 import _sync
-
-    _sync(create_async(filename, size, **kw))
+    run_sync(create_async(filename, size, **kw))
 
 
 async def create_async(filename: str, size: int, *, cluster_size: int = 65536, version: int = 3,

@@ -36,32 +36,48 @@ class RawDriver(BlockDriver):
     format_name = "raw"
     is_format = True
     runtime_opts: ClassVar[frozenset[str]] = frozenset({"offset", "size"})
+    reopen_opts = runtime_opts
 
     def __init__(self) -> None:
         super().__init__()
         self.offset = 0
         self.size: int | None = None
+        self.opts: dict[str, Any] = {}
 
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         self.flags = flags
         self.read_only = flags.read_only
         file = self.file
-        real = io.getlength(file)
-        self.offset = opt_size(options, "offset", 0)
-        size = options.get("size")
-        self.size = None if size is None else opt_size(options, "size", 0)
-        if self.offset > real:
-            raise QemuError(f"Offset ({self.offset}) cannot be greater than size of the "
-                            f"containing file ({real})")
-        if self.size is not None:
-            if real - self.offset < self.size:
-                raise QemuError(f"The sum of offset ({self.offset}) and size ({self.size}) has to be "
-                                f"smaller or equal to the  actual size of the containing file ({real})")
-            if self.size % 512:
-                raise QemuError("Specified size is not multiple of 512")
+        self.opts = {k: options[k] for k in self.runtime_opts if k in options}
+        self.offset, self.size = self._read_options(self.opts)
         self.supported_write_flags = (REQ_FUA | REQ_MAY_UNMAP | REQ_NO_FALLBACK) & file.supported_write_flags
         self.supported_zero_flags = (REQ_FUA | REQ_MAY_UNMAP | REQ_NO_FALLBACK) & file.supported_zero_flags
         self.request_alignment = 512 if self.probed else 1
+
+    def _read_options(self, options: dict[str, Any]) -> tuple[int, int | None]:
+        """``raw_read_options`` + the checks of ``raw_apply_options``: (offset, size or None)."""
+        real = io.getlength(self.file)
+        offset = opt_size(options, "offset", 0)
+        size = None if options.get("size") is None else opt_size(options, "size", 0)
+        if offset > real:
+            raise QemuError(f"Offset ({offset}) cannot be greater than size of the containing file ({real})")
+        if size is not None:
+            if real - offset < size:
+                raise QemuError(f"The sum of offset ({offset}) and size ({size}) has to be "
+                                f"smaller or equal to the  actual size of the containing file ({real})")
+            if size % 512:
+                raise QemuError("Specified size is not multiple of 512")
+        return offset, size
+
+    def check_reopen(self, flags: OpenFlags, options: dict[str, Any]) -> None:
+        self._read_options({**self.opts, **options})
+
+    def reopen(self, flags: OpenFlags, options: dict[str, Any]) -> None:
+        """``raw_reopen_prepare``/``commit``: new offset and size (explicit ones are kept)."""
+        opts = {**self.opts, **options}
+        self.offset, self.size = self._read_options(opts)
+        self.opts = opts
+        super().reopen(flags, options)
 
     def getlength(self) -> int:
         if self.size is not None:

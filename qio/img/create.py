@@ -296,7 +296,8 @@ def opt_bool_or_str(value: str | None) -> bool:
 def create_raw(filename: str, size: int, prealloc: str | None) -> None:
     """file-posix ``raw_co_create``: create, empty, then grow to the size (rounded up to a sector) with
     the ``file`` driver's preallocation."""
-    from qio.block.backend import _close_sync, _run_sync, open_node
+    from qio.aio import run_sync
+    from qio.block.backend import _close_sync, open_node
 
     mode = prealloc or "off"
     if mode not in ("off", "falloc", "full"):
@@ -314,7 +315,7 @@ def create_raw(filename: str, size: int, prealloc: str | None) -> None:
     try:
         from qio.block import io
 
-        _run_sync(io.truncate(node, (size + 511) // 512 * 512, False, mode))
+        run_sync(io.truncate(node, (size + 511) // 512 * 512, False, mode))
     except BlockError as e:
         raise QemuError(str(e), e.code) from None
     finally:
