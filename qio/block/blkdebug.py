@@ -25,9 +25,6 @@ from qio.aio import AIO, AioContext, current_request
 from qio.block import io
 from qio.block.blkdebug_config import RuleSpec, inline_sections, make_rule, parse_config_text
 from qio.block.driver import (
-    BLOCK_ALLOCATED,
-    BLOCK_DATA,
-    BLOCK_OFFSET_VALID,
     REQ_FUA,
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
@@ -379,7 +376,7 @@ class BlkdebugDriver(BlockDriver):
 
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
         await self._check(offset, nbytes, "block-status")
-        return BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID, nbytes
+        return await io.block_status(self.file, offset, nbytes)  # BDRV_BLOCK_RAW: the child answers
 
     async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
         await io.truncate(self.file, offset, exact, prealloc)  # filters pass resizes through

@@ -193,8 +193,11 @@ async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
 
 
 def _info_cluster_size(node: BlockDriver) -> int:
-    """``bdrv_get_info``'s cluster size, 0 where the driver has none."""
+    """``bdrv_get_info``'s cluster size (a filter answers for its child), 0 where there is none."""
     info = node.get_info()
+    while info is None and node.is_filter and node.primary_child() is not None:
+        node = node.primary_child()  # type: ignore[assignment]
+        info = node.get_info()
     return info.cluster_size if info is not None else 0
 
 
