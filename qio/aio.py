@@ -10,6 +10,11 @@ QEMU's observable rules, and how qio reproduces them:
   (:meth:`schedule`) and runs them newest-first in :meth:`poll`.
 * A request that completes later calls its completion callback directly, wherever it is running: that
   is how a completion line appears *inside* ``resume``.
+* A request that did host I/O while holding a driver lock (qcow2's ``s->lock``: metadata writes, host
+  discards) keeps a later request that takes the same lock waiting in QEMU until that I/O completes, so
+  the two complete in submission order.  qio's inline I/O never makes the second wait, so the lock
+  records the dependency (:meth:`AioContext.order_after`) and :meth:`poll` runs the second's completion
+  after the first's.
 * Host I/O goes through a thread pool in QEMU, so a coroutine always waits there and continues in a
   later event-loop iteration.  qio does small I/O inline (far cheaper); when a blkdebug node is in the
   graph the file driver then calls :meth:`io_yield`, which parks the request until the next
@@ -31,6 +36,8 @@ in_aio_request: contextvars.ContextVar[bool] = contextvars.ContextVar("in_aio_re
 current_request: contextvars.ContextVar[tuple[str, int, int] | None] = contextvars.ContextVar(
     "current_request", default=None)
 #: File descriptors an AIO request still needs ``fdatasync``-ed before it may report completion.
+#: Submission number of the AIO request running in this context (None outside AIO requests).
+request_seq: contextvars.ContextVar[int | None] = contextvars.ContextVar("request_seq", default=None)
 pending_sync: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("pending_sync", default=())
 
 Completion = Callable[[], None]
@@ -136,13 +143,21 @@ class AioContext:
         self.inflight: set[asyncio.Task[Any]] = set()
         #: The request of the running synchronous command, once it had to wait.
         self.sync_task: asyncio.Task[Any] | None = None
-        self._bh: list[tuple[Callable[[], Any], bool]] = []
+        self._bh: list[tuple[Callable[[], Any], bool, int | None]] = []
         self._scheduled: list[asyncio.Future[None]] = []
         self._io: list[asyncio.Future[None]] = []
-        self._after_sync: list[tuple[tuple[int, ...], Callable[[BaseException | None], None]]] = []
+        self._after_sync: list[tuple[tuple[int, ...], Callable[[BaseException | None], None], int]] = []
         self._wake: asyncio.Event | None = None
         #: Bumped whenever a request makes visible progress; pollers compare it to detect a standstill.
         self.progress = 0
+        #: Event-loop passes so far: host I/O done inline counts as completed once the loop has run.
+        self.polls = 0
+        self._seq = 0
+        self._after: dict[int, int] = {}  # request -> the earlier request it must complete after
+        self._undelivered: set[int] = set()  # requests whose completion has not been reported yet
+        self._held: dict[int, list[tuple[Callable[[], Any], bool, int | None]]] = {}
+        #: AIO.yields when each recently finished request finished (its I/O after a lock's release).
+        self.finished_yields: dict[int, int] = {}
         AioContext._current = self
 
     @classmethod
@@ -156,10 +171,15 @@ class AioContext:
         if self._wake is not None:
             self._wake.set()
 
-    def schedule(self, cb: Callable[[], Any], is_async: bool = False) -> None:
-        """Queue a bottom half (``is_async``: a coroutine function, awaited when it runs)."""
-        self._bh.append((cb, is_async))
+    def schedule(self, cb: Callable[[], Any], is_async: bool = False, seq: int | None = None) -> None:
+        """Queue a bottom half (``is_async``: a coroutine function, awaited when it runs; ``seq``: the
+        request whose completion it reports)."""
+        self._bh.append((cb, is_async, seq))
         self.notify()
+
+    def order_after(self, later: int, earlier: int) -> None:
+        """Request ``later`` waited (in QEMU) for I/O of request ``earlier``: complete it afterwards."""
+        self._after[later] = earlier
 
     async def co_schedule(self) -> None:
         """``aio_co_schedule(self)`` + yield: continue from the context's one co-schedule bottom half,
@@ -197,21 +217,27 @@ class AioContext:
     def submit(self, coro: Coroutine[Any, Any, Any], done: Callable[[BaseException | None, Any], None]) -> None:
         """Start a request now; report ``done(exc, result)`` as QEMU's blk_aio_* would."""
         early = True
+        self._seq += 1
+        seq = self._seq
+        self._undelivered.add(seq)
 
         async def request() -> None:
             in_aio_request.set(True)
+            request_seq.set(seq)
             exc: BaseException | None = None
             result: Any = None
             try:
                 result = await coro
             except Exception as e:
                 exc = e
+            self.finished_yields[seq] = AIO.yields
             fds = pending_sync.get()
             if fds:
-                self._after_sync.append((fds, lambda err: done(err or exc, result)))
+                self._after_sync.append((fds, lambda err: done(err or exc, result), seq))
             elif early:
-                self.schedule(lambda: done(exc, result))
+                self.schedule(lambda: done(exc, result), seq=seq)
             else:
+                self._bh.extend(self._delivered(seq))
                 done(exc, result)
 
         ctx = contextvars.copy_context()
@@ -237,7 +263,7 @@ class AioContext:
         """Perform the batched ``fdatasync`` calls and queue the held-back completions."""
         batch, self._after_sync = self._after_sync, []
         results: dict[int, OSError | None] = {}
-        for fds, _ in batch:
+        for fds, _, _ in batch:
             for fd in fds:
                 if fd not in results:
                     try:
@@ -245,13 +271,14 @@ class AioContext:
                         results[fd] = None
                     except OSError as e:
                         results[fd] = e
-        for fds, complete in batch:
+        for fds, complete, seq in batch:
             err = next((results[fd] for fd in fds if results[fd] is not None), None)
-            self.schedule(lambda c=complete, e=err: c(e))  # type: ignore[misc]
+            self.schedule(lambda c=complete, e=err: c(e), seq=seq)  # type: ignore[misc]
 
     async def poll(self) -> bool:
         """One event-loop pass: release parked I/O, run bottom halves newest first."""
         ran = False
+        self.polls += 1
         if self._io:
             io, self._io = self._io, []
             for fut in reversed(io):  # QEMU's thread pool usually completes the newest request first
@@ -260,13 +287,42 @@ class AioContext:
             ran = True
         while self._bh:
             batch, self._bh = self._bh, []
-            for cb, is_async in reversed(batch):
+            for cb, is_async in self._ordered(batch):
                 if is_async:
                     await cb()
                 else:
                     cb()
             ran = True
         return ran
+
+    def _ordered(self, batch: list[tuple[Callable[[], Any], bool, int | None]]) -> list[tuple[Callable[[], Any], bool]]:
+        """Newest first, except that a completion ordered after another request's waits for it: to
+        later in this batch, or, if that one has not completed yet, to when it does."""
+        out: list[tuple[Callable[[], Any], bool]] = []
+
+        def emit(entry: tuple[Callable[[], Any], bool, int | None]) -> None:
+            out.append((entry[0], entry[1]))
+            if entry[2] is not None:
+                for follower in self._delivered(entry[2]):
+                    emit(follower)
+
+        for entry in reversed(batch):
+            earlier = self._after.get(entry[2]) if entry[2] is not None else None
+            if earlier is not None and earlier in self._undelivered:
+                self._held.setdefault(earlier, []).insert(0, entry)  # they queued for the lock in order
+            else:
+                emit(entry)
+        return out
+
+    def _delivered(self, seq: int) -> list[tuple[Callable[[], Any], bool, int | None]]:
+        """Request ``seq`` reported its completion: the completions held back for it are due now."""
+        self._undelivered.discard(seq)
+        self.finished_yields.pop(seq, None)
+        self._after.pop(seq, None)
+        followers = self._held.pop(seq, [])
+        if followers and not self._bh:
+            self.notify()
+        return followers
 
     async def wait(self, timeout: float | None = None) -> None:
         """Let the event loop run until something happens or ``timeout`` passes."""

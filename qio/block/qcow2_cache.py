@@ -17,6 +17,7 @@ import heapq
 from collections import deque
 from typing import TYPE_CHECKING
 
+from qio.aio import AIO, AioContext, request_seq
 from qio.block import io
 from qio.block.errors import BlockError
 from qio.block.events import Event
@@ -26,23 +27,43 @@ if TYPE_CHECKING:
 
 
 class CoMutex:
-    """``CoMutex``: uncontended lock and unlock never yield; waiters are served in FIFO order."""
+    """``CoMutex``: uncontended lock and unlock never yield; waiters are served in FIFO order.
 
-    __slots__ = ("locked", "waiters")
+    It also remembers the last AIO request that did host I/O while holding it: in QEMU that I/O
+    would still be running when the next request asks for the lock (see :mod:`qio.aio`)."""
+
+    __slots__ = ("io_holder", "io_poll", "io_yields", "locked", "waiters", "yields_at_lock")
 
     def __init__(self) -> None:
         self.locked = False
         self.waiters: deque[asyncio.Future[None]] = deque()
+        self.io_holder: int | None = None
+        self.io_poll = -1
+        self.io_yields = 0
+        self.yields_at_lock = 0
 
     async def lock(self) -> None:
         if not self.locked:
             self.locked = True
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
-        await fut  # ownership is handed over by unlock()
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiters.append(fut)
+            await fut  # ownership is handed over by unlock()
+        if self.io_holder is not None:
+            seq = request_seq.get()
+            if seq is not None and seq != self.io_holder:
+                # Only if the holder finished right after its last I/O under the lock: with more I/O
+                # of its own afterwards, both would be in QEMU's thread pool together.
+                ctx = AioContext.current()
+                if ctx.polls == self.io_poll and ctx.finished_yields.get(self.io_holder) == self.io_yields:
+                    ctx.order_after(seq, self.io_holder)
+        self.yields_at_lock = AIO.yields
 
     def unlock(self) -> None:
+        if AIO.yields != self.yields_at_lock:
+            seq = request_seq.get()
+            if seq is not None:
+                self.io_holder, self.io_poll, self.io_yields = seq, AioContext.current().polls, AIO.yields
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
