@@ -41,6 +41,34 @@ def _unsupported(ctx: Ctx, c: str) -> int:
     return 1
 
 
+def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool
+                         ) -> tuple[str, str | None, str, bool, bool] | None:
+    """The options ``info`` and ``map`` share: (filename, -f, output format, -U, --backing-chain);
+    None after an error was reported."""
+    fmt: str | None = None
+    output: str | None = None
+    chain = force_share = False
+    longs = (*_LONG, LongOpt("backing-chain", False, "backing-chain")) if with_chain else _LONG
+    opts = Options(ctx, argv, "f:hU", longs)
+    for c, arg in opts:
+        if c == "f":
+            fmt = arg
+        elif c == "U":
+            force_share = True
+        elif c == "output":
+            output = arg
+        elif c == "backing-chain":
+            chain = True
+        elif c in ("object", "image-opts"):
+            _unsupported(ctx, c)
+            return None
+    filename = opts.one_filename()
+    ofmt = output_format(ctx, output)
+    if ofmt is None:
+        return None
+    return filename, fmt, ofmt, force_share, chain
+
+
 # ================================================================================== info
 def image_info(root: BlockDriver) -> list[tuple[str, Any]]:
     """``bdrv_query_image_info``: the QAPI ImageInfo members, in field order, absent ones left out."""
@@ -92,25 +120,11 @@ def dump_human(info: list[tuple[str, Any]]) -> str:
 
 
 async def img_info(ctx: Ctx, argv: list[str]) -> int:
-    fmt: str | None = None
-    output: str | None = None
-    chain = force_share = False
-    opts = Options(ctx, argv, "f:hU", (*_LONG, LongOpt("backing-chain", False, "backing-chain")))
-    for c, arg in opts:
-        if c == "f":
-            fmt = arg
-        elif c == "U":
-            force_share = True
-        elif c == "output":
-            output = arg
-        elif c == "backing-chain":
-            chain = True
-        elif c in ("object", "image-opts"):
-            return _unsupported(ctx, c)
-    filename: str | None = opts.one_filename()
-    ofmt = output_format(ctx, output)
-    if ofmt is None:
+    parsed = _parse_query_options(ctx, argv, with_chain=True)
+    if parsed is None:
         return 1
+    name, fmt, ofmt, force_share, chain = parsed
+    filename: str | None = name
     infos: list[list[tuple[str, Any]]] = []
     seen: set[str] = set()
     while filename is not None:
@@ -254,23 +268,10 @@ def _dump_entry(ctx: Ctx, ofmt: str, e: MapEntry, nxt: MapEntry | None) -> tuple
 
 
 async def img_map(ctx: Ctx, argv: list[str]) -> int:
-    fmt: str | None = None
-    output: str | None = None
-    force_share = False
-    opts = Options(ctx, argv, "f:hU", _LONG)
-    for c, arg in opts:
-        if c == "f":
-            fmt = arg
-        elif c == "U":
-            force_share = True
-        elif c == "output":
-            output = arg
-        elif c in ("object", "image-opts"):
-            return _unsupported(ctx, c)
-    filename = opts.one_filename()
-    ofmt = output_format(ctx, output)
-    if ofmt is None:
+    parsed = _parse_query_options(ctx, argv, with_chain=False)
+    if parsed is None:
         return 1
+    filename, fmt, ofmt, force_share, _ = parsed
     blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share)
     if blk is None:
         return 1
