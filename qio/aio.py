@@ -35,9 +35,9 @@ in_aio_request: contextvars.ContextVar[bool] = contextvars.ContextVar("in_aio_re
 #: The request being processed, for traces: (operation, offset, bytes).
 current_request: contextvars.ContextVar[tuple[str, int, int] | None] = contextvars.ContextVar(
     "current_request", default=None)
-#: File descriptors an AIO request still needs ``fdatasync``-ed before it may report completion.
 #: Submission number of the AIO request running in this context (None outside AIO requests).
 request_seq: contextvars.ContextVar[int | None] = contextvars.ContextVar("request_seq", default=None)
+#: File descriptors an AIO request still needs ``fdatasync``-ed before it may report completion.
 pending_sync: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("pending_sync", default=())
 
 Completion = Callable[[], None]
