@@ -29,7 +29,7 @@ import os
 import re
 import stat
 import zlib
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from qio.aio import run_sync
 from qio.block import io
@@ -103,6 +103,17 @@ def cx(v: int) -> str:
 
 def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
+
+
+class RuntimeOptions(NamedTuple):
+    """``Qcow2ReopenState``: the checked runtime options, applied together by ``_commit_options``."""
+
+    l2_entry_size: int
+    l2_entries: int
+    refcount_entries: int
+    overlap_check: int
+    lazy_refcounts: bool
+    discard_passthrough: list[bool]
 
 
 class L2Meta:
@@ -811,7 +822,7 @@ class Qcow2Driver(BlockDriver):
             self.opts = {k: options[k] for k in self.runtime_opts if k in options}
         self._commit_options(self._prepare_options(self.opts, flags))
 
-    def _prepare_options(self, opts: dict[str, Any], flags: OpenFlags) -> tuple[Any, ...]:
+    def _prepare_options(self, opts: dict[str, Any], flags: OpenFlags) -> RuntimeOptions:
         """The checking half of ``qcow2_update_options_prepare``: QEMU's errors in QEMU's order."""
         cs = self.cluster_size
         l2_size, entry_size, rc_size = self._read_cache_sizes(opts)
@@ -851,17 +862,16 @@ class Qcow2Driver(BlockDriver):
                        opt_bool(opts, "pass-discard-request", flags.unmap),
                        opt_bool(opts, "pass-discard-snapshot", True),
                        opt_bool(opts, "pass-discard-other", False)]
-        return entry_size, l2_entries, rc_entries, overlap, lazy, passthrough
+        return RuntimeOptions(entry_size, l2_entries, rc_entries, overlap, lazy, passthrough)
 
-    def _commit_options(self, new: tuple[Any, ...]) -> None:
-        entry_size, l2_entries, rc_entries, overlap, lazy, passthrough = new
-        self.l2_cache_entry_size = entry_size
-        self.l2_slice_size = entry_size // 8
-        self.l2_cache = Qcow2Cache(self, l2_entries, entry_size, True)
-        self.refblock_cache = Qcow2Cache(self, rc_entries, self.cluster_size, False)
-        self.overlap_check = overlap
-        self.use_lazy_refcounts = lazy
-        self.discard_passthrough = passthrough
+    def _commit_options(self, new: RuntimeOptions) -> None:
+        self.l2_cache_entry_size = new.l2_entry_size
+        self.l2_slice_size = new.l2_entry_size // 8
+        self.l2_cache = Qcow2Cache(self, new.l2_entries, new.l2_entry_size, True)
+        self.refblock_cache = Qcow2Cache(self, new.refcount_entries, self.cluster_size, False)
+        self.overlap_check = new.overlap_check
+        self.use_lazy_refcounts = new.lazy_refcounts
+        self.discard_passthrough = new.discard_passthrough
 
     def _read_cache_sizes(self, opts: dict[str, Any]) -> tuple[int, int, int]:
         """``read_cache_sizes``: (L2 cache bytes, L2 cache entry size, refcount cache bytes)."""
@@ -2369,7 +2379,7 @@ class Qcow2Driver(BlockDriver):
                 await self.rbc.flush()
             except BlockError as e:
                 raise QemuError(f"Failed to flush the refcount block cache: {e}", e.code) from None
-            if new is not None and self.use_lazy_refcounts and not new[4]:
+            if new is not None and self.use_lazy_refcounts and not new.lazy_refcounts:
                 try:
                     await self.mark_clean()
                 except BlockError as e:

@@ -10,7 +10,7 @@ from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags, parse_cache_mode
 from qio.block.qcow2_check import FIX_ERRORS, FIX_LEAKS, CheckResult
 from qio.getopt import LongOpt
-from qio.img.cli import Ctx, Options, UsageError, close_image, open_image, output_format
+from qio.img.cli import Ctx, Options, UsageError, close_image, open_image, output_format, unsupported
 from qio.img.qjson import to_json_pretty
 
 ENOTSUP_EXIT = 63
@@ -84,8 +84,7 @@ async def img_check(ctx: Ctx, argv: list[str]) -> int:
         elif c == "U":
             force_share = True
         elif c in ("object", "image-opts"):
-            ctx.out.error_report(f"--{c} is not supported by qio-img")
-            return 1
+            return unsupported(ctx, c)
     filename = opts.one_filename()
     ofmt = output_format(ctx, output)
     if ofmt is None:

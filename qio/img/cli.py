@@ -83,6 +83,12 @@ class Options:
         return self.args[0]
 
 
+def unsupported(ctx: Ctx, option: str) -> int:
+    """``--object``/``--image-opts``: qemu-img options qio-img does not implement (exit status 1)."""
+    ctx.out.error_report(f"--{option} is not supported by qio-img")
+    return 1
+
+
 def output_format(ctx: Ctx, output: str | None) -> str | None:
     """``--output``: human or json; None after printing qemu-img's complaint."""
     if output is None or output in ("human", "json"):

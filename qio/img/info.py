@@ -12,7 +12,7 @@ from qio.block.driver import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BL
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 from qio.getopt import LongOpt
-from qio.img.cli import Ctx, Options, close_image, open_image, output_format
+from qio.img.cli import Ctx, Options, close_image, open_image, output_format, unsupported
 from qio.img.qjson import to_json_pretty
 
 BLOCK_EOF = 0x20
@@ -36,11 +36,6 @@ def _read_only() -> OpenFlags:
     return flags
 
 
-def _unsupported(ctx: Ctx, c: str) -> int:
-    ctx.out.error_report(f"--{c} is not supported by qio-img")
-    return 1
-
-
 def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool
                          ) -> tuple[str, str | None, str, bool, bool] | None:
     """The options ``info`` and ``map`` share: (filename, -f, output format, -U, --backing-chain);
@@ -60,7 +55,7 @@ def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool
         elif c == "backing-chain":
             chain = True
         elif c in ("object", "image-opts"):
-            _unsupported(ctx, c)
+            unsupported(ctx, c)
             return None
     filename = opts.one_filename()
     ofmt = output_format(ctx, output)
