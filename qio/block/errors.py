@@ -23,3 +23,15 @@ class QemuError(Exception):
     def __init__(self, msg: str, err: int = errno.EINVAL) -> None:
         super().__init__(msg)
         self.errno = err
+
+
+def assert_fail(where: str, expr: str) -> None:
+    """A failed ``assert()`` in QEMU: glibc prints ``progname: file:line: function: Assertion `expr'
+    failed.`` and aborts; unflushed stdout is lost, as with qemu-io."""
+    import signal
+    import sys
+
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "qemu-io"
+    os.write(2, f"{'qio' if prog == '__main__.py' else prog}: {where}: Assertion `{expr}' failed.\n".encode())
+    signal.signal(signal.SIGABRT, signal.SIG_DFL)
+    os.abort()
