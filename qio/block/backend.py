@@ -152,6 +152,12 @@ def _protocol_class(filename: Any) -> type[BlockDriver]:
     """``bdrv_find_protocol``: the driver a ``proto:`` prefix names, else ``file``."""
     name = "file"
     if isinstance(filename, str):
+        from qio.block.file import is_host_device
+
+        if is_host_device(filename):
+            cls = registry.find("host_device")
+            assert cls is not None
+            return cls
         proto = _protocol_of(filename)
         if proto is not None:
             if proto not in registry.PROTOCOL_PREFIXES:

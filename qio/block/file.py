@@ -126,8 +126,9 @@ class FileDriver(BlockDriver):
         filename = options.get("filename")
         if not filename:
             raise QemuError("The 'file' block driver requires a file name")
-        if filename.startswith("file:"):
-            filename = filename[5:]
+        prefix = f"{self.protocol_name}:"
+        if filename.startswith(prefix):
+            filename = filename[len(prefix):]
         self.filename = filename
         locking = options.get("locking", "auto")
         if locking not in ("auto", "on", "off"):
@@ -144,22 +145,31 @@ class FileDriver(BlockDriver):
         if flags.nocache:
             mode |= os.O_DIRECT
         try:
-            self.fd = os.open(filename, mode)
+            # O_NONBLOCK: a FIFO opened read-only would wait for a writer (qemu-io hangs there); qio
+            # opens it at once and refuses it below with the message QEMU gives once it gets that far.
+            self.fd = os.open(filename, mode | os.O_NONBLOCK)
+            os.set_blocking(self.fd, True)
         except OSError as e:
             raise QemuError(f"Could not open '{filename}': {os.strerror(e.errno or errno.EIO)}",
                             e.errno or errno.EIO) from None
         st = os.fstat(self.fd)
-        if stat.S_ISDIR(st.st_mode):
-            os.close(self.fd)
-            self.fd = -1
-            raise QemuError(f"Could not open '{filename}': Is a directory", errno.EISDIR)
-        self.size = st.st_size
+        self._check_file_type(st.st_mode)
+        try:
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)  # raw_getlength (EINVAL on /proc files)
+        except OSError as e:
+            err = e.errno or errno.EIO
+            raise QemuError(f"Could not refresh total sector count: {os.strerror(err)}", err) from None
         self.read_only = flags.read_only
         self.flags = flags
         self.supported_zero_flags = REQ_MAY_UNMAP | REQ_NO_FALLBACK
         self.direct = flags.nocache
         if self.direct:
             self.request_alignment = self._probe_alignment()
+
+    def _check_file_type(self, mode: int) -> None:
+        """``raw_open_common``: the ``file`` driver takes regular files only."""
+        if not stat.S_ISREG(mode):
+            raise QemuError(f"'{self.format_name}' driver requires '{self.filename}' to be a regular file")
 
     def _probe_alignment(self) -> int:
         """``raw_probe_alignment``: the smallest O_DIRECT read of sector 0 that works; where even one
@@ -378,3 +388,38 @@ class FileDriver(BlockDriver):
 
     def get_info(self) -> BlockInfo | None:
         return BlockInfo()
+
+
+class HostDeviceDriver(FileDriver):
+    """``host_device``: file-posix on a character or block device (``/dev/null``), chosen for such a
+    path instead of ``file`` (``hdev_probe_device``)."""
+
+    format_name = "host_device"
+    protocol_name = "host_device"
+
+    def _check_file_type(self, mode: int) -> None:
+        if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+            raise QemuError(f"'{self.format_name}' driver requires '{self.filename}' to be either "
+                            "a character or block device")
+
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+        """``raw_co_truncate`` on a device: it can only keep (or, inexactly, shrink below) its length."""
+        if prealloc != "off":
+            raise QemuError(f"Preallocation mode '{prealloc}' unsupported for this non-regular file",
+                            errno.ENOTSUP)
+        cur = os.lseek(self.fd, 0, os.SEEK_END)
+        if offset != cur and exact:
+            raise QemuError("Cannot resize device files", errno.ENOTSUP)
+        if offset > cur:
+            raise QemuError("Cannot grow device files", errno.EINVAL)
+
+
+def is_host_device(filename: str) -> bool:
+    """``find_hdev_driver``: a ``/dev/cdrom*`` name or an existing character/block device."""
+    if filename.startswith("/dev/cdrom"):
+        return True
+    try:
+        mode = os.stat(filename).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
