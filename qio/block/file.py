@@ -30,6 +30,7 @@ from qio.block.driver import (
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_ALL, PERM_NAMES
+from qio.qemuopts import opt_bool
 
 INLINE_MAX = 8 << 20
 IOV_MAX = 1024
@@ -130,16 +131,22 @@ class FileDriver(BlockDriver):
         if filename.startswith(prefix):
             filename = filename[len(prefix):]
         self.filename = filename
-        locking = options.get("locking", "auto")
+        self._check_number(options, "aio-max-batch")
+        for key in ("drop-cache", "x-check-cache-dropped"):
+            opt_bool(options, key, False)
+        locking = options.get("locking") or "auto"
         if locking not in ("auto", "on", "off"):
             raise QemuError(f"invalid parameter value: {locking}")
         self.use_lock = locking != "off"
-        aio = options.get("aio", "native" if flags.native_aio else flags.aio)
+        aio = options.get("aio") or ("native" if flags.native_aio else flags.aio)
         if aio not in ("threads", "native", "io_uring"):
             raise QemuError(f"invalid parameter value: {aio}")
         if aio == "native" and not flags.nocache:
             raise QemuError("aio=native was specified, but it requires cache.direct=on, "
                             "which was not specified.")
+        pr_manager = options.get("pr-manager")
+        if pr_manager is not None:  # qio has no --object, so there is never such an object
+            raise QemuError(f"No persistent reservation manager with id '{pr_manager}'")
         mode = os.O_RDONLY if flags.read_only else os.O_RDWR
         mode |= os.O_CLOEXEC
         if flags.nocache:
@@ -165,6 +172,20 @@ class FileDriver(BlockDriver):
         self.direct = flags.nocache
         if self.direct:
             self.request_alignment = self._probe_alignment()
+
+    @staticmethod
+    def _check_number(options: dict[str, Any], key: str) -> None:
+        """A QemuOpts number (``parse_option_number``: ``qemu_strtou64`` base 0, negatives wrap)."""
+        from qio.numbers import strtou64
+
+        value = options.get(key)
+        if value is None:
+            return
+        err = strtou64(str(value))
+        if err == "range":
+            raise QemuError(f"Value '{value}' is too large for parameter '{key}'")
+        if err:
+            raise QemuError(f"Parameter '{key}' expects a number")
 
     def _check_file_type(self, mode: int) -> None:
         """``raw_open_common``: the ``file`` driver takes regular files only."""

@@ -494,12 +494,13 @@ class Qcow2Driver(BlockDriver):
         from qio.qemuopts import sub_options
 
         sub = sub_options(options, "backing")
-        if "backing" in options:
-            ref = options.pop("backing")
-            if ref is None:
-                return None
-            raise QemuError("Node references are not supported by qio; give the backing file's options instead")
-        return sub
+        ref = options.get("backing")
+        if "backing" in options and (ref is None or ref == ""):
+            del options["backing"]
+            return None
+        if isinstance(ref, str):  # a node reference; qemu-io's only nodes are this image's own
+            raise QemuError(f"Could not open backing file: Cannot find device='{ref}' nor node-name='{ref}'")
+        return sub  # any other value stays in options: "does not support the option 'backing'"
 
     async def _do_open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         """``qcow2_do_open``."""
