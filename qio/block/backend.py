@@ -37,15 +37,16 @@ GENERIC_OPTS = frozenset({"node-name", "read-only", "auto-read-only", "cache.dir
 Warn = Callable[[str], None]
 
 
-def _node_flags(options: Options, flags: OpenFlags) -> OpenFlags:
-    """Generic per-node options override the inherited flags."""
+def _node_flags(options: Options, flags: OpenFlags, opening: bool = True) -> OpenFlags:
+    """Generic per-node options override the inherited flags (``bdrv_open_common``'s checks when
+    ``opening``; a reopen checks them its own way)."""
     f = flags.copy()
     f.read_only = opt_bool(options, "read-only", f.read_only)
     f.nocache = opt_bool(options, "cache.direct", f.nocache)
     f.no_flush = opt_bool(options, "cache.no-flush", f.no_flush)
     f.force_share = opt_bool(options, "force-share", f.force_share)
     opt_bool(options, "auto-read-only", False)
-    if f.force_share and not f.read_only:
+    if opening and f.force_share and not f.read_only:
         raise QemuError("force-share=on can only be used with read-only images")
     d = options.get("discard")
     if d is not None:
@@ -59,7 +60,7 @@ def _node_flags(options: Options, flags: OpenFlags) -> OpenFlags:
     if dz is not None:
         if dz not in ("off", "on", "unmap"):
             raise QemuError(f"invalid parameter value: {dz}")
-        if dz == "unmap" and not f.unmap:
+        if opening and dz == "unmap" and not f.unmap:
             raise QemuError("setting detect-zeroes to unmap is not allowed without setting discard operation "
                             "to unmap")
     return f
@@ -388,13 +389,14 @@ class BlockBackend:
         The root's driver validates what it may change (``reopen_opts``) first; every other option, of
         the root or of a child (``file.locking``), must keep the value the node was opened with."""
         options = dict(options)
-        flags = _node_flags(options, flags)
+        flags = _node_flags(options, flags, opening=False)
         if flags.read_only and self.root.copy_on_read:
             raise QemuError(f"Can't set node '{self.root.node_name}' to r/o with copy-on-read enabled")
         root_opts = {k: v for k, v in options.items() if k in self.root.reopen_opts}
         self.root.check_reopen(flags, root_opts)
         for key, value in options.items():
-            if key in root_opts or (key in GENERIC_OPTS and key not in ("driver", "filename", "node-name")):
+            if key in root_opts or (key in GENERIC_OPTS
+                                    and key not in ("driver", "filename", "node-name", "force-share")):
                 continue
             _check_unchanged(self.root, key, value)
         perm = self.perm if not flags.read_only else self.perm & ~(PERM_WRITE | PERM_RESIZE)
