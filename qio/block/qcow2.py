@@ -49,7 +49,7 @@ from qio.block.driver import (
     Child,
     IOVec,
 )
-from qio.block.errors import BlockError, QemuError
+from qio.block.errors import BlockError, QemuError, report_error
 from qio.block.events import Event
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
@@ -494,12 +494,13 @@ class Qcow2Driver(BlockDriver):
         from qio.qemuopts import sub_options
 
         sub = sub_options(options, "backing")
-        if "backing" in options:
-            ref = options.pop("backing")
-            if ref is None:
-                return None
-            raise QemuError("Node references are not supported by qio; give the backing file's options instead")
-        return sub
+        ref = options.get("backing")
+        if "backing" in options and (ref is None or ref == ""):
+            del options["backing"]
+            return None
+        if isinstance(ref, str):  # a node reference; qemu-io's only nodes are this image's own
+            raise QemuError(f"Could not open backing file: Cannot find device='{ref}' nor node-name='{ref}'")
+        return sub  # any other value stays in options: "does not support the option 'backing'"
 
     async def _do_open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         """``qcow2_do_open``."""
@@ -742,12 +743,12 @@ class Qcow2Driver(BlockDriver):
             raise QemuError("bitmaps_ext: Invalid extension length: Success", errno.EINVAL)
         if not self.autoclear_features & L.AUTOCLEAR_BITMAPS:
             if self.qcow_version < 3:
-                self._stderr("qemu-io: warning: This qcow2 v2 image contains bitmaps, but they may have been "
+                report_error(self.warn, "This qcow2 v2 image contains bitmaps, but they may have been "
                              "modified by a program without persistent bitmap support; so now they must all be "
-                             "considered inconsistent\n")
+                             "considered inconsistent", warning=True)
             else:
-                self._stderr("qemu-io: warning: a program lacking bitmap support modified this file, so all "
-                             "bitmaps are now considered inconsistent\n")
+                report_error(self.warn, "a program lacking bitmap support modified this file, so all "
+                             "bitmaps are now considered inconsistent", warning=True)
             self._stderr("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
             self._drop_bitmaps_ext = True
             return
@@ -2327,7 +2328,7 @@ class Qcow2Driver(BlockDriver):
         """``qcow2_inactivate``: write back both caches (errors are reported), then mark clean."""
         if self.broken or self.l2_cache is None:
             return
-        report = self.report or (lambda msg: self._stderr(f"qemu-io: {msg}\n"))
+        report = self.report or (lambda msg: report_error(self.warn, msg))
         ok = True
         try:
             await self.l2c.flush()
@@ -2466,7 +2467,7 @@ class Qcow2Driver(BlockDriver):
             try:
                 await io.truncate(self.file, (last_cluster + 1) * cs, False, "off")
             except QemuError as e:
-                self._stderr(f"qemu-io: warning: Failed to truncate the tail of the image: {e}\n")
+                report_error(self.warn, f"Failed to truncate the tail of the image: {e}", warning=True)
 
     async def _shrink_l1_table(self, exact_size: int) -> None:
         """``qcow2_shrink_l1_table``: clear the L1 entries beyond the new size (l1_size is kept)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from qio.block import io
 from qio.block import qcow2_layout as L
-from qio.block.errors import BlockError, QemuError
+from qio.block.errors import BlockError, QemuError, report_error
 
 if TYPE_CHECKING:
     from qio.block.qcow2 import Qcow2Driver
@@ -547,7 +547,7 @@ class Checker:
             try:
                 await self.rebuild(res, imrt)
             except QemuError as e:
-                self.say(f"qemu-io: {e}\n")
+                report_error(drv.warn, str(e))
                 raise BlockError(e.errno) from None
             nb[0] = imrt.size
             res.corruptions = 0

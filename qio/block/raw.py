@@ -96,7 +96,7 @@ class RawDriver(BlockDriver):
     async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
         if self.probed and offset < PROBE_BUF and nbytes:
             head = bytes(io.iov_to_bytes(io.iov_slice(qiov, 0, PROBE_BUF)))
-            if probe_format(head, self.filename) != "raw":
+            if probe_format(head, None) != "raw":  # bdrv_probe_all(buf, 512, NULL)
                 raise BlockError(errno.EPERM)
         file = self.file
         if file.has_debug_hooks:

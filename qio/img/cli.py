@@ -122,12 +122,12 @@ def open_backend(ctx: Ctx, filename: str, fmt: str | None, flags: OpenFlags, *, 
     if no_backing and fmt in (None, "qcow2"):
         opts["backing"] = None
     try:
-        return BlockBackend.open(filename, opts, flags, ctx.out.err)
+        return BlockBackend.open(filename, opts, flags, ctx.out.reporter())
     except QemuError as e:
         if "backing" not in opts or "support the option 'backing'" not in str(e):
             raise
         del opts["backing"]
-        return BlockBackend.open(filename, opts, flags, ctx.out.err)
+        return BlockBackend.open(filename, opts, flags, ctx.out.reporter())
 
 
 async def close_image(ctx: Ctx, blk: Any) -> None:

@@ -285,7 +285,7 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
     await create_async(filename, (size + 511) // 512 * 512, cluster_size=o.num.get("cluster_size", 65536),
                        version=version, refcount_bits=rc - 2**64 if rc >= 2**63 else rc,
                        lazy_refcounts=opt_bool(o.str, "lazy_refcounts", False), backing_file=o.get("backing_file"),
-                       backing_fmt=backing_fmt, preallocation=prealloc, warn=ctx.out.err)
+                       backing_fmt=backing_fmt, preallocation=prealloc, warn=ctx.out.reporter())
 
 
 def opt_bool_or_str(value: str | None) -> bool:
