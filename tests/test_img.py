@@ -271,3 +271,84 @@ def test_hostile_images_never_crash(tmp_path: Path) -> None:
                        env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
+
+
+# ======================================================================= persistent bitmaps
+def _bitmaps_ext(data: bytes) -> tuple[int, int, int]:
+    """(nb_bitmaps, directory size, directory offset) from the bitmaps header extension."""
+    pos = struct.unpack_from(">I", data, 100)[0]
+    while True:
+        magic, length = struct.unpack_from(">II", data, pos)
+        if magic == 0x23852875:
+            nb, _, size, offset = struct.unpack_from(">IIQQ", data, pos + 8)
+            return nb, size, offset
+        assert magic, "no bitmaps extension"
+        pos += 8 + ((length + 7) & ~7)
+
+
+def _leak_one_cluster(path: Path) -> None:
+    """Append a cluster and give it refcount 1 in the first refcount block (a leak)."""
+    data = bytearray(path.read_bytes())
+    cs = 1 << struct.unpack_from(">I", data, 20)[0]
+    reftable = struct.unpack_from(">Q", data, 48)[0]
+    refblock = struct.unpack_from(">Q", data, reftable)[0]
+    cluster = -(-len(data) // cs)
+    data += bytes(cluster * cs + cs - len(data))
+    struct.pack_into(">H", data, refblock + 2 * cluster, 1)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def bitmaps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images with persistent bitmaps made by qemu-img bitmap and qemu-io, and damaged variants."""
+    if QEMU_IMG is None or QEMU_IO is None:
+        pytest.skip("qemu-img/qemu-io not installed")
+    d = tmp_path_factory.mktemp("bitmaps")
+    qemu_img(["create", "-q", "-f", "qcow2", "one.qcow2", "64M"], d)
+    qemu_io(["-c", "write -P 1 0 128k"], d / "one.qcow2")
+    qemu_img(["bitmap", "--add", "one.qcow2", "bm0"], d)
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "many.qcow2", "64M"], d)
+    qemu_img(["bitmap", "--add", "many.qcow2", "bm0"], d)
+    qemu_img(["bitmap", "--add", "-g", "512", "many.qcow2", "fine"], d)
+    qemu_img(["bitmap", "--add", "many.qcow2", "off"], d)
+    qemu_img(["bitmap", "--disable", "many.qcow2", "off"], d)
+    qemu_io(["-c", "write -P 2 1M 3M", "-c", "write 40M 64k", "-c", "write -z 50M 64k"], d / "many.qcow2")
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "v3.qcow2", "8M"], d)
+    qemu_img(["bitmap", "--add", "v3.qcow2", "a"], d)
+    qemu_io(["-c", "write -P 3 0 1M"], d / "v3.qcow2")
+    qemu_img(["bitmap", "--clear", "v3.qcow2", "a"], d)
+    qemu_img(["bitmap", "--add", "--disabled", "v3.qcow2", "b"], d)
+    shutil.copy(d / "many.qcow2", d / "leak.qcow2")
+    _leak_one_cluster(d / "leak.qcow2")
+    data = (d / "one.qcow2").read_bytes()
+    _, size, offset = _bitmaps_ext(data)
+    table = struct.unpack_from(">Q", data, offset)[0]
+    bad = {"bad-granularity": [(offset + 17, 40)], "bad-table-entry": [(table + 7, 3)],
+           "bad-table-size": [(offset + 11, 5)], "bad-type": [(offset + 16, 2)]}
+    for name, patches in bad.items():
+        img = bytearray(data)
+        for off, byte in patches:
+            img[off] = byte
+        (d / f"{name}.qcow2").write_bytes(bytes(img))
+    img = bytearray(data)
+    pos = struct.unpack_from(">I", img, 100)[0]
+    while struct.unpack_from(">I", img, pos)[0] != 0x23852875:
+        pos += 8 + ((struct.unpack_from(">I", img, pos + 4)[0] + 7) & ~7)
+    struct.pack_into(">Q", img, pos + 16, size - 8)
+    (d / "broken-dir.qcow2").write_bytes(bytes(img))
+    return d
+
+
+BITMAP_IMAGES = ["one", "many", "v3", "leak", "bad-granularity", "bad-table-entry", "bad-table-size", "bad-type",
+                 "broken-dir"]
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("cmd", [["check"], ["check", "--output=json"], ["info"], ["info", "--output=json"],
+                                 ["map", "--output=json"]], ids=["check", "check-json", "info", "info-json", "map"])
+@pytest.mark.parametrize("name", BITMAP_IMAGES)
+def test_bitmap_images(bitmaps: Path, name: str, cmd: list[str]) -> None:
+    """The bitmap directory, tables and data clusters are references (no false leaks); a bitmap
+    directory QEMU refuses to load makes the open fail with QEMU's message."""
+    same([*cmd, f"{name}.qcow2"], bitmaps)

@@ -617,11 +617,11 @@ class Qcow2Driver(BlockDriver):
         update_header = update_header and self._is_writable()
         if update_header:
             self.autoclear_features &= L.AUTOCLEAR_MASK
+        if self.autoclear_features & L.AUTOCLEAR_BITMAPS and self.nb_bitmaps:
+            self.bitmaps_info = await self._read_bitmap_directory()
         if self.autoclear_features & L.AUTOCLEAR_BITMAPS and self.nb_bitmaps and self._is_writable():
             raise QemuError("qio does not support writing qcow2 images with persistent dirty bitmaps "
                             "(autoclear feature bit 0); open it read-only", errno.ENOTSUP)
-        if self.autoclear_features & L.AUTOCLEAR_BITMAPS and self.nb_bitmaps:
-            self.bitmaps_info = await self._read_bitmap_directory()
         if update_header:
             if self._drop_bitmaps_ext:
                 self.nb_bitmaps = 0
@@ -635,23 +635,15 @@ class Qcow2Driver(BlockDriver):
             await repair_dirty(self)
 
     async def _read_bitmap_directory(self) -> list[list[tuple[str, Any]]]:
-        """The persistent bitmaps as ``info`` lists them (name, granularity, flags)."""
-        try:
-            raw = await self._pread(self.bitmap_directory_offset, self.bitmap_directory_size)
-        except BlockError:
-            return []
+        """The persistent bitmaps, loaded and validated as ``qcow2_load_dirty_bitmaps`` does (an
+        invalid directory or table fails the open), as ``info`` lists them (flags, name, granularity)."""
+        from qio.block.qcow2_check import load_bitmaps
+
         out: list[list[tuple[str, Any]]] = []
-        pos = 0
-        esize = L.BITMAP_DIR_ENTRY.size
-        for _ in range(self.nb_bitmaps):
-            if pos + esize > len(raw):
-                break
-            _tbl, _tsize, flags, _typ, gbits, name_size, extra = L.BITMAP_DIR_ENTRY.unpack_from(raw, pos)
-            name_start = pos + esize + extra
-            name = bytes(raw[name_start: name_start + name_size]).decode("utf-8", "replace")
-            names = [n for bit, n in ((L.BITMAP_FLAG_IN_USE, "in-use"), (L.BITMAP_FLAG_AUTO, "auto")) if flags & bit]
-            out.append([("flags", names), ("name", name), ("granularity", 1 << gbits if gbits < 64 else 0)])
-            pos = _round_up(name_start + name_size, 8)
+        for bm in await load_bitmaps(self):
+            names = [n for bit, n in ((L.BITMAP_FLAG_IN_USE, "in-use"), (L.BITMAP_FLAG_AUTO, "auto"))
+                     if bm.flags & bit]
+            out.append([("flags", names), ("name", bm.name), ("granularity", 1 << bm.granularity_bits)])
         return out
 
     def _validate_compression_type(self) -> None:

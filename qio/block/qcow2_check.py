@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from qio.block import io
 from qio.block import qcow2_layout as L
@@ -96,6 +96,107 @@ class Imrt:
 
     def set(self, i: int, v: int) -> None:
         self.drv.set_rc(self.buf, i, v)
+
+
+BME_MAX_TABLE_SIZE = 0x8000000
+BME_MAX_PHYS_SIZE = 0x20000000
+BME_MIN_GRANULARITY_BITS, BME_MAX_GRANULARITY_BITS = 9, 31
+BME_MAX_NAME_SIZE = 1023
+BME_RESERVED_FLAGS = 0xFFFFFFFC
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BT_DIRTY_TRACKING_BITMAP = 1
+
+
+def bitmap_table_entry_ok(entry: int, cluster_size: int) -> bool:
+    """``check_table_entry``: no reserved bits; a data offset is cluster aligned and excludes the
+    all-ones flag."""
+    if entry & BME_TABLE_ENTRY_RESERVED_MASK:
+        return False
+    offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+    return not offset or (not entry & 1 and not offset % cluster_size)
+
+
+class Bitmap(NamedTuple):
+    """One entry of the bitmap directory."""
+
+    table_offset: int
+    table_size: int
+    flags: int
+    granularity_bits: int
+    name: str
+
+
+async def load_bitmap_list(drv: Qcow2Driver) -> list[Bitmap]:
+    """``bitmap_list_load``: the bitmap directory, which must hold exactly ``nb_bitmaps`` valid
+    entries; QemuError with QEMU's message otherwise."""
+    size = drv.bitmap_directory_size
+    if size == 0:
+        raise QemuError("Requested bitmap directory size is zero", errno.EINVAL)
+    if size > L.MAX_BITMAP_DIRECTORY_SIZE:
+        raise QemuError("Requested bitmap directory size is too big", errno.EINVAL)
+    try:
+        raw = bytes(await drv._pread(drv.bitmap_directory_offset, size))
+    except BlockError as e:
+        raise QemuError(f"Failed to read bitmap directory: {os.strerror(e.code)}", e.code) from None
+    esize = L.BITMAP_DIR_ENTRY.size
+    out: list[Bitmap] = []
+    pos = 0
+    while pos < size:
+        if pos + esize > size:
+            raise QemuError("Broken bitmap directory", errno.EINVAL)
+        if len(out) + 1 > drv.nb_bitmaps:
+            raise QemuError("More bitmaps found than specified in header extension", errno.EINVAL)
+        tbl_off, tbl_size, flags, typ, gbits, name_size, extra = L.BITMAP_DIR_ENTRY.unpack_from(raw, pos)
+        entry_size = (esize + name_size + extra + 7) & ~7
+        if pos + entry_size > size:
+            raise QemuError("Broken bitmap directory", errno.EINVAL)
+        if extra:
+            raise QemuError("Bitmap extra data is not supported", errno.EINVAL)
+        phys = tbl_size * drv.cluster_size
+        length = drv.total_sectors * 512
+        bad = (not tbl_size or not tbl_off or tbl_off % drv.cluster_size or tbl_size > BME_MAX_TABLE_SIZE
+               or not BME_MIN_GRANULARITY_BITS <= gbits <= BME_MAX_GRANULARITY_BITS or flags & BME_RESERVED_FLAGS
+               or name_size > BME_MAX_NAME_SIZE or typ != BT_DIRTY_TRACKING_BITMAP or phys > BME_MAX_PHYS_SIZE
+               or (not flags & L.BITMAP_FLAG_IN_USE and length > (phys * 8) << gbits))
+        name = raw[pos + esize + extra: pos + esize + extra + name_size].split(b"\0", 1)[0]
+        text = name.decode("utf-8", "replace")
+        if bad:
+            raise QemuError(f"Bitmap '{text}' doesn't satisfy the constraints", errno.EINVAL)
+        out.append(Bitmap(tbl_off, tbl_size, flags, gbits, text))
+        pos += entry_size
+    if len(out) != drv.nb_bitmaps:
+        raise QemuError("Less bitmaps found than specified in header extension", errno.EINVAL)
+    return out
+
+
+async def load_bitmap_table(drv: Qcow2Driver, bm: Bitmap) -> list[int]:
+    """``bitmap_table_load``: the table's entries; EINVAL if any of them is invalid."""
+    raw = await drv._pread(bm.table_offset, bm.table_size * 8)
+    entries = [_ENTRY.unpack_from(raw, i * 8)[0] for i in range(bm.table_size)]
+    if not all(bitmap_table_entry_ok(e, drv.cluster_size) for e in entries):
+        raise BlockError(errno.EINVAL)
+    return entries
+
+
+async def load_bitmaps(drv: Qcow2Driver) -> list[Bitmap]:
+    """``qcow2_load_dirty_bitmaps`` as far as it can fail: the directory, then the table of each
+    bitmap not marked in use and its size against the image length (``load_bitmap_data``)."""
+    bitmaps = await load_bitmap_list(drv)
+    for bm in bitmaps:
+        if bm.flags & L.BITMAP_FLAG_IN_USE:
+            continue
+        try:
+            await load_bitmap_table(drv, bm)
+        except BlockError as e:
+            raise QemuError(f"Could not read bitmap_table table from image for bitmap '{bm.name}': "
+                            f"{os.strerror(e.code)}", e.code) from None
+        bits = -(-drv.total_sectors * 512 // (1 << bm.granularity_bits))
+        serialized = -(-bits // 64) * 8
+        if drv.size_to_clusters(serialized) != bm.table_size:
+            raise QemuError(f"Could not read bitmap '{bm.name}' from image: {os.strerror(errno.EINVAL)}",
+                            errno.EINVAL)
+    return bitmaps
 
 
 class Checker:
@@ -378,7 +479,32 @@ class Checker:
             await self.check_l1(res, imrt, sn.l1_table_offset, sn.l1_size, 0, fix, False)
         await self.inc_refcounts(res, imrt, drv.snapshots_offset, drv.snapshots_size)
         await self.inc_refcounts(res, imrt, drv.refcount_table_offset, drv.refcount_table_size * 8)
+        await self.bitmaps_refcounts(res, imrt)
         return await self.check_refblocks(res, fix, imrt, nb)
+
+    async def bitmaps_refcounts(self, res: CheckResult, imrt: Imrt) -> None:
+        """``qcow2_check_bitmaps_refcounts``: the bitmap directory, each bitmap table and the data
+        clusters it points at are references too; a broken directory or table is one corruption and
+        fails the check (EINVAL), as in QEMU."""
+        drv = self.drv
+        if not drv.nb_bitmaps:
+            return
+        await self.inc_refcounts(res, imrt, drv.bitmap_directory_offset, drv.bitmap_directory_size)
+        try:
+            bitmaps = await load_bitmap_list(drv)
+        except QemuError:
+            res.corruptions += 1
+            raise BlockError(errno.EINVAL) from None
+        for bm in bitmaps:
+            await self.inc_refcounts(res, imrt, bm.table_offset, bm.table_size * 8)
+            try:
+                entries = await load_bitmap_table(drv, bm)
+            except BlockError:
+                res.corruptions += 1
+                raise
+            for entry in entries:
+                if entry & BME_TABLE_ENTRY_OFFSET_MASK:
+                    await self.inc_refcounts(res, imrt, entry & BME_TABLE_ENTRY_OFFSET_MASK, drv.cluster_size)
 
     async def compare(self, res: CheckResult, fix: int, imrt: Imrt, nb: int) -> tuple[bool, int]:
         """``compare_refcounts``: (rebuild needed, highest cluster in use)."""
