@@ -158,7 +158,7 @@ def test_info_map_check_same(images: Path, case: str) -> None:
 
 # ====================================================================== corruption corpus
 # The base image (64M, 64k clusters, 'write -P 0x11 0 128k'): clusters 0 header, 1 reftable,
-# 2 refblock, 3 L1, 4 L2, 5-6 data.  Each recipe patches (offset, 8- or 2-byte value) pairs.
+# 2 refblock, 3 L1, 4 L2, 5-6 data.  Each recipe patches (offset, width 2, 4 or 8, value) triples.
 REFBLOCK, L1, L2 = 0x20000, 0x30000, 0x40000
 CORRUPTIONS: dict[str, list[tuple[int, int, int]]] = {
     "C1-refcount-too-high": [(REFBLOCK + 5 * 2, 2, 2)],
@@ -174,6 +174,8 @@ CORRUPTIONS: dict[str, list[tuple[int, int, int]]] = {
     "reserved-bits-l2": [(L2 + 8, 8, 0x8000000000060100)],
     "misaligned-l2-table": [(L1, 8, 0x8000000000040200)],
     "corrupt-bit": [(72, 8, 2)],
+    "no-reftable": [(56, 4, 0)],
+    "no-reftable-no-offset": [(48, 8, 0), (56, 4, 0)],
     "leak-and-copied": [(REFBLOCK + 5 * 2, 2, 3), (REFBLOCK + 8 * 2, 2, 1), (8 * 0x10000 + 0xFFF8, 8, 0)],
 }
 
@@ -182,7 +184,7 @@ def _patch(path: Path, patches: list[tuple[int, int, int]]) -> None:
     with open(path, "r+b") as f:
         for off, width, value in patches:
             f.seek(off)
-            f.write(struct.pack(">H" if width == 2 else ">Q", value))
+            f.write(struct.pack({2: ">H", 4: ">I"}.get(width, ">Q"), value))
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +354,25 @@ def test_bitmap_images(bitmaps: Path, name: str, cmd: list[str]) -> None:
     """The bitmap directory, tables and data clusters are references (no false leaks); a bitmap
     directory QEMU refuses to load makes the open fail with QEMU's message."""
     same([*cmd, f"{name}.qcow2"], bitmaps)
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("mode", [[], ["-r", "leaks"], ["-r", "all"]], ids=["plain", "leaks", "all"])
+def test_check_rebuilds_zero_size_reftable(tmp_path: Path, mode: list[str]) -> None:
+    """refcount_table_clusters = 0: qemu-img opens the image for the check anyway (BDRV_O_CHECK),
+    every reference is an error and ``-r all`` rebuilds the refcount structure; here with 512-byte
+    clusters, a snapshot and compressed data, so the rebuild spans several refcount blocks."""
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "s.qcow2", "16M"], tmp_path)
+    qemu_io(["-c", "write -P 1 0 2M", "-c", "write -c 4M 64k"], tmp_path / "s.qcow2")
+    qemu_img(["snapshot", "-c", "snap1", "s.qcow2"], tmp_path)
+    qemu_io(["-c", "write -P 2 1M 1M"], tmp_path / "s.qcow2")
+    _patch(tmp_path / "s.qcow2", [(56, 4, 0)])
+    shutil.copy(tmp_path / "s.qcow2", tmp_path / "ref.qcow2")
+    shutil.copy(tmp_path / "s.qcow2", tmp_path / "ours.qcow2")
+    ref = qemu_img(["check", *mode, "ref.qcow2"], tmp_path)
+    ours = qio_img(["check", *mode, "ours.qcow2"], tmp_path)
+    assert ours == ref
+    assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()
+    for cmd in (["info"], ["map"]):
+        same([*cmd, "s.qcow2"], tmp_path)

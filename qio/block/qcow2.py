@@ -566,7 +566,7 @@ class Qcow2Driver(BlockDriver):
         self.csize = L.compressed_layout(cb)
         self.refcount_table_offset = h.refcount_table_offset
         self.refcount_table_size = h.refcount_table_clusters << (cb - 3)
-        if h.refcount_table_clusters == 0:
+        if h.refcount_table_clusters == 0 and not flags.check:  # qemu-img check may rebuild it
             raise QemuError("Image does not contain a reference count table", errno.EINVAL)
         self._validate_table(h.refcount_table_offset, h.refcount_table_clusters, cs, L.MAX_REFTABLE_SIZE,
                              "Reference count table")
