@@ -376,3 +376,64 @@ def test_check_rebuilds_zero_size_reftable(tmp_path: Path, mode: list[str]) -> N
     assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()
     for cmd in (["info"], ["map"]):
         same([*cmd, "s.qcow2"], tmp_path)
+
+
+# ====================================================================== broken snapshot tables
+def _patched(src: Path, dst: Path, patches: list[tuple[int, int, int]], length: int | None = None) -> None:
+    shutil.copy(src, dst)
+    _patch(dst, patches)
+    if length is not None:
+        os.truncate(dst, length)
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images with internal snapshots (qemu-img snapshot -c) whose snapshot table is damaged: entries
+    past the end of the file (more entries than written, a truncated file, a table moved past the end),
+    too much extra data, too many entries, a misaligned table, an entry without mandatory extra data,
+    and a v2 image (where short entries are fine)."""
+    if QEMU_IMG is None or QEMU_IO is None:
+        pytest.skip("qemu-img/qemu-io not installed")
+    d = tmp_path_factory.mktemp("snapshots")
+    qemu_img(["create", "-q", "-f", "qcow2", "s.qcow2", "64M"], d)
+    qemu_io(["-c", "write -P 1 0 128k"], d / "s.qcow2")
+    qemu_img(["snapshot", "-c", "one", "s.qcow2"], d)
+    qemu_img(["snapshot", "-c", "two", "s.qcow2"], d)
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "64M"], d)
+    qemu_io(["-c", "write -P 1 0 128k"], d / "v2.qcow2")
+    qemu_img(["snapshot", "-c", "one", "v2.qcow2"], d)
+    data = (d / "s.qcow2").read_bytes()
+    nb, table = struct.unpack_from(">IQ", data, 60)
+    assert nb == 2 and len(data) > table
+    s = d / "s.qcow2"
+    _patched(s, d / "more-entries.qcow2", [(60, 4, 4)])
+    _patched(s, d / "truncated.qcow2", [], table + 60)
+    _patched(s, d / "moved-past-eof.qcow2", [(64, 8, 2 * table)])
+    _patched(s, d / "extra-too-big.qcow2", [(table + 36, 4, 2000)])
+    _patched(s, d / "too-many.qcow2", [(60, 4, 70000)])
+    _patched(s, d / "misaligned.qcow2", [(64, 8, table + 1)])
+    _patched(s, d / "no-extra.qcow2", [(table + 36, 4, 8)])
+    v2 = (d / "v2.qcow2").read_bytes()
+    _patched(d / "v2.qcow2", d / "v2-more-entries.qcow2", [(60, 4, 3)])
+    assert struct.unpack_from(">I", v2, 60)[0] == 1
+    return d
+
+
+SNAPSHOT_IMAGES = ["s", "v2", "more-entries", "truncated", "moved-past-eof", "extra-too-big", "too-many",
+                   "misaligned", "no-extra", "v2-more-entries"]
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("mode", [[], ["--output=json"], ["-r", "leaks"], ["-r", "all"],
+                                  ["-r", "all", "--output=json"]], ids=["human", "json", "leaks", "all", "all-json"])
+@pytest.mark.parametrize("name", SNAPSHOT_IMAGES)
+def test_check_snapshot_table(snapshots: Path, tmp_path: Path, name: str, mode: list[str]) -> None:
+    """qcow2_check_read_snapshot_table / qcow2_check_fix_snapshot_table: each incomplete entry is
+    reported, ``-r all`` drops what must go and rewrites the table; same text, exit code and bytes."""
+    shutil.copy(snapshots / f"{name}.qcow2", tmp_path / "ref.qcow2")
+    shutil.copy(snapshots / f"{name}.qcow2", tmp_path / "ours.qcow2")
+    ref = qemu_img(["check", *mode, "ref.qcow2"], tmp_path)
+    ours = qio_img(["check", *mode, "ours.qcow2"], tmp_path)
+    assert (ours[0].replace("ours.qcow2", "ref.qcow2"), ours[1].replace("ours.qcow2", "ref.qcow2"), ours[2]) == ref
+    assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()

@@ -143,8 +143,10 @@ class L2Meta:
 
 
 class Snapshot:
-    __slots__ = ("disk_size", "extra_data_size", "id_str", "l1_size", "l1_table_offset", "name",
-                 "vm_state_size")
+    """``QCowSnapshot``: one entry of the snapshot table."""
+
+    __slots__ = ("date_nsec", "date_sec", "disk_size", "extra_data_size", "icount", "id_str", "l1_size",
+                 "l1_table_offset", "name", "unknown_extra_data", "vm_clock_nsec", "vm_state_size")
 
     def __init__(self) -> None:
         self.l1_table_offset = 0
@@ -153,7 +155,12 @@ class Snapshot:
         self.name = ""
         self.disk_size = 0
         self.vm_state_size = 0
+        self.date_sec = 0
+        self.date_nsec = 0
+        self.vm_clock_nsec = 0
+        self.icount = (1 << 64) - 1
         self.extra_data_size = 0
+        self.unknown_extra_data = b""
 
 
 #: (st_dev, st_ino) of the qcow2 images being opened, outermost first (backing-chain cycles).
@@ -570,8 +577,9 @@ class Qcow2Driver(BlockDriver):
             raise QemuError("Image does not contain a reference count table", errno.EINVAL)
         self._validate_table(h.refcount_table_offset, h.refcount_table_clusters, cs, L.MAX_REFTABLE_SIZE,
                              "Reference count table")
-        self._validate_table(h.snapshots_offset, h.nb_snapshots, L.SNAPSHOT_HEADER.size,
-                             L.SNAPSHOT_HEADER.size * L.MAX_SNAPSHOTS, "Snapshot table")
+        if not flags.check:  # qemu-img check reads (and may repair) the snapshot table itself
+            self._validate_table(h.snapshots_offset, h.nb_snapshots, L.SNAPSHOT_HEADER.size,
+                                 L.SNAPSHOT_HEADER.size * L.MAX_SNAPSHOTS, "Snapshot table")
         self._validate_table(h.l1_table_offset, h.l1_size, 8, L.MAX_L1_SIZE, "Active L1 table")
         self.l1_size = h.l1_size
         self.l1_table_offset = h.l1_table_offset
@@ -610,9 +618,10 @@ class Qcow2Driver(BlockDriver):
             except BlockError as e:
                 raise QemuError(f"Could not read backing file name: {e}", e.code) from None
             self.image_backing_file = bytes(name).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        self.snapshots_offset = h.snapshots_offset
-        self.nb_snapshots = h.nb_snapshots
-        await self._read_snapshots()
+        if not flags.check:
+            self.snapshots_offset = h.snapshots_offset
+            self.nb_snapshots = h.nb_snapshots
+            await self._read_snapshots()
         update_header = bool(self.autoclear_features & ~L.AUTOCLEAR_MASK) or self._drop_bitmaps_ext
         update_header = update_header and self._is_writable()
         if update_header:
@@ -760,52 +769,79 @@ class Qcow2Driver(BlockDriver):
         self.bitmap_directory_offset = dir_offset
         self.bitmap_directory_size = dir_size
 
-    async def _read_snapshots(self) -> None:
-        """``qcow2_do_read_snapshots`` (without repair)."""
+    async def _read_snapshots(self, repair: bool = False) -> tuple[int, int]:
+        """``qcow2_do_read_snapshots``.  With ``repair`` (``check -r all``) an entry with too much extra
+        data is cut to the maximum and the entries that make the table too big are dropped, with QEMU's
+        messages; returns (entries dropped, entries whose extra data was cut)."""
         self.snapshots = []
         self.snapshots_size = 0
         if not self.nb_snapshots:
-            return
+            return 0, 0
         offset = self.snapshots_offset
         table_length = 0
-        hsize = L.SNAPSHOT_HEADER.size
-        for i in range(self.nb_snapshots):
-            table_length = _round_up(table_length, 8)
-            offset = _round_up(offset, 8)
+        hsize, esize = L.SNAPSHOT_HEADER.size, L.SNAPSHOT_EXTRA.size
+        reduced = dropped = 0
+
+        async def read(off: int, n: int) -> bytes:
             try:
-                raw = await self._pread(offset, hsize)
+                return bytes(await self._pread(off, n))
             except BlockError as e:
                 raise QemuError(f"Failed to read snapshot table: {e}", e.code) from None
-            (l1_off, l1_size, id_size, name_size, _date, _nsec, _clock, vm_state,
-             extra_size) = L.SNAPSHOT_HEADER.unpack(bytes(raw))
+
+        for i in range(self.nb_snapshots):
+            pre_offset = offset
+            table_length = _round_up(table_length, 8)
+            offset = _round_up(offset, 8)
+            (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state,
+             extra_size) = L.SNAPSHOT_HEADER.unpack(await read(offset, hsize))
             offset += hsize
             sn = Snapshot()
             sn.l1_table_offset, sn.l1_size, sn.vm_state_size = l1_off, l1_size, vm_state
+            sn.date_sec, sn.date_nsec, sn.vm_clock_nsec = date_sec, date_nsec, vm_clock
             sn.extra_data_size = extra_size
+            truncate_extra = False
             if extra_size > L.MAX_SNAPSHOT_EXTRA_DATA:
-                raise QemuError(f"Too much extra metadata in snapshot table entry {i}\nYou can force-remove "
-                                "this extra metadata with qemu-img check -r all", errno.EFBIG)
-            known = min(L.SNAPSHOT_EXTRA.size, extra_size)
-            extra = bytes(await self._pread(offset, known)) + bytes(L.SNAPSHOT_EXTRA.size - known)
+                if not repair:
+                    raise QemuError(f"Too much extra metadata in snapshot table entry {i}\nYou can force-remove "
+                                    "this extra metadata with qemu-img check -r all", errno.EFBIG)
+                self._stderr(f"Discarding too much extra metadata in snapshot table entry {i} ({extra_size} > "
+                             f"{L.MAX_SNAPSHOT_EXTRA_DATA})\n")
+                dropped += 1
+                truncate_extra = True
+            known = min(esize, extra_size)
+            extra = await read(offset, known) + bytes(esize - known)
             offset += known
-            vm_large, disk_size, _icount = L.SNAPSHOT_EXTRA.unpack(extra)
+            vm_large, disk_size, icount = L.SNAPSHOT_EXTRA.unpack(extra)
             if extra_size >= 8:
                 sn.vm_state_size = vm_large
             sn.disk_size = disk_size if extra_size >= 16 else self._length()
-            if extra_size > L.SNAPSHOT_EXTRA.size:
-                offset += extra_size - L.SNAPSHOT_EXTRA.size
-            ident = await self._pread(offset, id_size)
+            sn.icount = icount if extra_size >= 24 else (1 << 64) - 1
+            if extra_size > esize:
+                extra_end = offset + extra_size - esize
+                if truncate_extra:
+                    sn.extra_data_size = L.MAX_SNAPSHOT_EXTRA_DATA
+                sn.unknown_extra_data = await read(offset, sn.extra_data_size - esize)
+                offset = extra_end
+            ident = await read(offset, id_size)
             offset += id_size
-            name = await self._pread(offset, name_size)
+            name = await read(offset, name_size)
             offset += name_size
-            sn.id_str = bytes(ident).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            sn.name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            table_length += hsize + extra_size + id_size + name_size
+            sn.id_str = ident.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            sn.name = name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            table_length += hsize + sn.extra_data_size + id_size + name_size
             if table_length > L.MAX_SNAPSHOTS_SIZE or offset - self.snapshots_offset > INT_MAX:
-                raise QemuError(f"Snapshot table is too big\nYou can force-remove all {self.nb_snapshots - i} "
-                                "overhanging snapshots with qemu-img check -r all", errno.EFBIG)
+                if not repair:
+                    raise QemuError(f"Snapshot table is too big\nYou can force-remove all {self.nb_snapshots - i} "
+                                    "overhanging snapshots with qemu-img check -r all", errno.EFBIG)
+                self._stderr(f"Discarding {self.nb_snapshots - i} overhanging snapshots (snapshot table is too "
+                             "big)\n")
+                reduced += self.nb_snapshots - i
+                self.nb_snapshots = i
+                offset = pre_offset
+                break
             self.snapshots.append(sn)
         self.snapshots_size = offset - self.snapshots_offset
+        return reduced, dropped
 
     def _update_options(self, options: dict[str, Any], flags: OpenFlags, initial: bool) -> None:
         """``qcow2_update_options_prepare``/``commit`` (cache sizes, lazy refcounts, overlap checks,

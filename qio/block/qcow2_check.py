@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import struct
 from typing import TYPE_CHECKING, NamedTuple
 
 from qio.block import io
@@ -200,8 +201,9 @@ async def load_bitmaps(drv: Qcow2Driver) -> list[Bitmap]:
 
 
 class Checker:
-    def __init__(self, drv: Qcow2Driver) -> None:
+    def __init__(self, drv: Qcow2Driver, prg: str = "qemu-io") -> None:
         self.drv = drv
+        self.prg = prg
         self.say = drv._stderr
 
     async def inc_refcounts(self, res: CheckResult, imrt: Imrt, offset: int, size: int) -> None:
@@ -673,7 +675,7 @@ class Checker:
             try:
                 await self.rebuild(res, imrt)
             except QemuError as e:
-                self.say(f"qemu-io: {e}\n")
+                self.say(f"{self.prg}: {e}\n")
                 raise BlockError(e.errno) from None
             nb[0] = imrt.size
             res.corruptions = 0
@@ -707,10 +709,129 @@ class Checker:
         return res.image_end_offset
 
 
-async def check(drv: Qcow2Driver, fix: int) -> CheckResult:
-    """``qcow2_co_check_locked`` (the snapshot table was already read at open)."""
+async def read_snapshot_table(drv: Qcow2Driver, res: CheckResult, fix: int, prg: str) -> None:
+    """``qcow2_check_read_snapshot_table``: the open in check mode skipped the snapshot table, so read
+    it here from the header's pointer -- with ``-r all`` dropping what cannot be kept -- and count
+    v3 entries without the 16 bytes of mandatory extra data as corruptions."""
+    try:
+        raw = await drv._pread(L.OFF_NB_SNAPSHOTS, 12)
+    except BlockError as e:
+        res.check_errors += 1
+        drv._stderr(f"ERROR failed to read the snapshot table pointer from the image header: "
+                    f"{os.strerror(e.code)}\n")
+        raise
+    nb, offset = struct.unpack(">IQ", bytes(raw))
+    drv.snapshots_offset, drv.nb_snapshots = offset, nb
+    reduced = dropped = 0
+    if nb > L.MAX_SNAPSHOTS and fix & FIX_ERRORS:
+        drv._stderr(f"Discarding {nb - L.MAX_SNAPSHOTS} overhanging snapshots\n")
+        reduced += nb - L.MAX_SNAPSHOTS
+        drv.nb_snapshots = nb = L.MAX_SNAPSHOTS
+    try:
+        drv._validate_table(offset, nb, L.SNAPSHOT_HEADER.size, L.SNAPSHOT_HEADER.size * L.MAX_SNAPSHOTS,
+                            "snapshot table")
+    except QemuError as e:
+        res.check_errors += 1
+        drv._stderr(f"{prg}: ERROR {e}\n")
+        if nb > L.MAX_SNAPSHOTS:
+            drv._stderr(f"You can force-remove all {nb - L.MAX_SNAPSHOTS} overhanging snapshots with qemu-img "
+                        "check -r all\n")
+        drv.snapshots_offset = drv.nb_snapshots = 0
+        raise BlockError(e.errno) from None
+    try:
+        r, dropped = await drv._read_snapshots(bool(fix & FIX_ERRORS))
+    except QemuError as e:
+        res.check_errors += 1
+        drv._stderr(f"{prg}: ERROR failed to read the snapshot table: {e}\n")
+        drv.snapshots_offset = drv.nb_snapshots = 0
+        raise BlockError(e.errno) from None
+    reduced += r
+    res.corruptions += reduced + dropped
+    if reduced:
+        try:
+            await drv.pwrite_sync(L.OFF_NB_SNAPSHOTS, struct.pack(">I", drv.nb_snapshots))
+        except BlockError as e:
+            res.check_errors += 1
+            drv._stderr(f"ERROR failed to update the snapshot count in the image header: {os.strerror(e.code)}\n")
+            raise
+        res.corruptions_fixed += reduced
+        res.corruptions -= reduced
+    if drv.qcow_version >= 3:
+        for i, sn in enumerate(drv.snapshots):
+            if sn.extra_data_size < 16:
+                res.corruptions += 1
+                drv._stderr(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} snapshot table entry {i} is "
+                            "incomplete\n")
+
+
+async def write_snapshots(drv: Qcow2Driver) -> None:
+    """``qcow2_write_snapshots``: the whole snapshot table to newly allocated clusters, every entry
+    with at least the 24 bytes of known extra data, then the header pointer; the old table is freed."""
+    from qio.block.qcow2 import DISCARD_ALWAYS, DISCARD_SNAPSHOT
+
+    hsize, esize = L.SNAPSHOT_HEADER.size, L.SNAPSHOT_EXTRA.size
+    pieces: list[tuple[int, bytes]] = []  # (offset in the table, bytes): the padding is never written
+    size = 0
+    for sn in drv.snapshots:
+        ident = sn.id_str.encode("utf-8", "surrogateescape")
+        name = sn.name.encode("utf-8", "surrogateescape")
+        size = _round_up8(size)
+        vm_state = sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0
+        pieces.append((size, L.SNAPSHOT_HEADER.pack(sn.l1_table_offset, sn.l1_size, len(ident), len(name),
+                                                    sn.date_sec, sn.date_nsec, sn.vm_clock_nsec, vm_state,
+                                                    max(esize, sn.extra_data_size))))
+        size += hsize
+        pieces.append((size, L.SNAPSHOT_EXTRA.pack(sn.vm_state_size, sn.disk_size, sn.icount)
+                       + sn.unknown_extra_data))
+        size += max(esize, sn.extra_data_size)
+        pieces.append((size, ident + name))
+        size += len(ident) + len(name)
+        if size > L.MAX_SNAPSHOTS_SIZE:
+            raise BlockError(errno.EFBIG)
+    new_offset = await drv.alloc_clusters(size)
+    try:
+        await io.flush(drv)
+        await drv.pre_write_overlap_check(0, new_offset, size, False)
+        for off, data in pieces:
+            if data:
+                await io.pwritev(drv.file, new_offset + off, len(data), [memoryview(data)])
+        await io.flush(drv)
+        await drv.pwrite_sync(L.OFF_NB_SNAPSHOTS, struct.pack(">IQ", len(drv.snapshots), new_offset))
+    except BlockError:
+        if new_offset > 0:
+            await drv.free_clusters(new_offset, size, DISCARD_ALWAYS)
+        raise
+    await drv.free_clusters(drv.snapshots_offset, drv.snapshots_size, DISCARD_SNAPSHOT)
+    drv.snapshots_offset, drv.snapshots_size = new_offset, size
+
+
+def _round_up8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+async def fix_snapshot_table(drv: Qcow2Driver, res: CheckResult, fix: int) -> None:
+    """``qcow2_check_fix_snapshot_table``: with ``-r all`` rewrite a table found corrupt."""
+    if res.corruptions and fix & FIX_ERRORS:
+        try:
+            await write_snapshots(drv)
+        except BlockError as e:
+            res.check_errors += 1
+            drv._stderr(f"ERROR failed to update snapshot table: {os.strerror(e.code)}\n")
+            raise
+        res.corruptions_fixed += res.corruptions
+        res.corruptions = 0
+
+
+async def check(drv: Qcow2Driver, fix: int, prg: str = "qemu-io") -> CheckResult:
+    """``qcow2_co_check_locked``: the snapshot table, the refcounts, then the snapshot table's repair;
+    ``prg`` is the program name for error_report-style messages."""
+    snap = CheckResult()
+    await read_snapshot_table(drv, snap, fix, prg)
     res = CheckResult()
-    await Checker(drv).check_refcounts(res, fix)
+    await Checker(drv, prg).check_refcounts(res, fix)
+    await fix_snapshot_table(drv, snap, fix)
+    for k in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
+        setattr(res, k, getattr(res, k) + getattr(snap, k))
     if fix and res.check_errors == 0 and res.corruptions == 0:
         await drv.mark_clean()
         if drv.incompatible_features & L.INCOMPAT_CORRUPT:

@@ -101,7 +101,7 @@ async def img_check(ctx: Ctx, argv: list[str]) -> int:
         await close_image(ctx, blk)
 
 
-async def _collect(blk: Any, fix: int) -> CheckResult:
+async def _collect(blk: Any, fix: int, prg: str) -> CheckResult:
     """``bdrv_check`` of the top node; ENOTSUP for formats without a check."""
     from qio.block.qcow2 import Qcow2Driver
     from qio.block.qcow2_check import check
@@ -109,7 +109,7 @@ async def _collect(blk: Any, fix: int) -> CheckResult:
     root = blk.root
     if not isinstance(root, Qcow2Driver):
         raise BlockError(95)
-    return await check(root, fix)
+    return await check(root, fix, prg)
 
 
 async def _check(ctx: Ctx, blk: Any, filename: str, fix: int, ofmt: str, quiet: bool) -> int:
@@ -117,7 +117,7 @@ async def _check(ctx: Ctx, blk: Any, filename: str, fix: int, ofmt: str, quiet: 
     ret = 0
     res = CheckResult()
     try:
-        res = await _collect(blk, fix)
+        res = await _collect(blk, fix, ctx.prg)
     except BlockError as e:
         ret = -e.code
     except QemuError as e:
@@ -132,7 +132,7 @@ async def _check(ctx: Ctx, blk: Any, filename: str, fix: int, ofmt: str, quiet: 
                                f"    {leaks_fixed} leaked clusters\n    {corruptions_fixed} corruptions\n\n"
                                "Double checking the fixed image now...\n")
         try:
-            res = await _collect(blk, 0)
+            res = await _collect(blk, 0, ctx.prg)
         except BlockError as e:
             ret = -e.code
         res.leaks_fixed, res.corruptions_fixed = leaks_fixed, corruptions_fixed
