@@ -437,3 +437,43 @@ def test_check_snapshot_table(snapshots: Path, tmp_path: Path, name: str, mode: 
     ours = qio_img(["check", *mode, "ours.qcow2"], tmp_path)
     assert (ours[0].replace("ours.qcow2", "ref.qcow2"), ours[1].replace("ours.qcow2", "ref.qcow2"), ours[2]) == ref
     assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()
+
+
+# ==================================================================== info: internal snapshots
+@pytest.fixture(scope="module")
+def snapinfo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Snapshots made by qemu-img snapshot -c (long and non-ASCII tags), then entries patched to carry a
+    VM state size, a VM clock, no icount (16 bytes of extra data) and values past 2^63."""
+    if QEMU_IMG is None or QEMU_IO is None:
+        pytest.skip("qemu-img/qemu-io not installed")
+    d = tmp_path_factory.mktemp("snapinfo")
+    qemu_img(["create", "-q", "-f", "qcow2", "i.qcow2", "64M"], d)
+    qemu_io(["-c", "write -P 1 0 128k"], d / "i.qcow2")
+    for tag in ("one", "a longer tag name than sixteen", "snäp-ü"):
+        qemu_img(["snapshot", "-c", tag, "i.qcow2"], d)
+    data = (d / "i.qcow2").read_bytes()
+    table = struct.unpack_from(">Q", data, 64)[0]
+    second = table + ((40 + 24 + 1 + 3 + 7) & ~7)
+    _patched(d / "i.qcow2", d / "patched.qcow2", [
+        (table + 24, 8, 3725 * 10**9 + 123456789), (table + 36 - 4, 4, 5000), (table + 40, 8, 123456789),
+        (table + 56, 8, (1 << 64) - 1),
+        (second + 16, 4, 0), (second + 24, 8, (1 << 63) + 999999999), (second + 40, 8, (1 << 63) + 5),
+        (second + 56, 8, 42)])
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "1M"], d)
+    qemu_img(["snapshot", "-c", "old", "v2.qcow2"], d)
+    qemu_img(["create", "-q", "-f", "qcow2", "-b", "i.qcow2", "-F", "qcow2", "top.qcow2"], d)
+    qemu_img(["snapshot", "-c", "top-snap", "top.qcow2"], d)
+    return d
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("args", ["info i.qcow2", "info --output=json i.qcow2", "info patched.qcow2",
+                                  "info --output=json patched.qcow2", "info v2.qcow2", "info --output=json v2.qcow2",
+                                  "info --backing-chain top.qcow2", "info --backing-chain --output=json top.qcow2"])
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York"])
+def test_info_snapshot_list(snapinfo: Path, args: str, tz: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "Snapshot list" table (ID, TAG, VM SIZE, DATE in local time, VM CLOCK, ICOUNT) and the
+    ``snapshots`` JSON array, as bdrv_snapshot_dump and SnapshotInfo show them."""
+    monkeypatch.setenv("TZ", tz)
+    same(args.split(), snapinfo)
