@@ -110,6 +110,10 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     if cls is not None and not cls.is_format:
         return _open_protocol(cls, options, flags, warn)
     # A format node (given or to be probed) over a "file" child.
+    ref = options.get("file")
+    if isinstance(ref, str) and not any(k.startswith("file.") for k in options):
+        # a node reference (qio opens no other nodes by name, so it never resolves)
+        raise QemuError(f"Cannot find device='{ref}' nor node-name='{ref}'")
     child_opts = sub_options(options, "file")
     if filename is not None:
         child_opts.setdefault("filename", filename)

@@ -37,13 +37,22 @@ def _read_only() -> OpenFlags:
     return flags
 
 
-def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool
-                         ) -> tuple[str, str | None, str, bool, bool] | None:
-    """The options ``info`` and ``map`` share: (filename, -f, output format, -U, --backing-chain);
-    None after an error was reported."""
+class Query(NamedTuple):
+    """The options ``info`` and ``map`` share."""
+
+    filename: str
+    fmt: str | None
+    ofmt: str
+    force_share: bool
+    chain: bool
+    image_opts: bool
+
+
+def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool) -> Query | None:
+    """The options ``info`` and ``map`` share; None after an error was reported."""
     fmt: str | None = None
     output: str | None = None
-    chain = force_share = False
+    chain = force_share = image_opts = False
     longs = (*_LONG, LongOpt("backing-chain", False, "backing-chain")) if with_chain else _LONG
     opts = Options(ctx, argv, "f:hU", longs)
     for c, arg in opts:
@@ -55,14 +64,16 @@ def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool
             output = arg
         elif c == "backing-chain":
             chain = True
-        elif c in ("object", "image-opts"):
+        elif c == "image-opts":
+            image_opts = True
+        elif c == "object":
             unsupported(ctx, c)
             return None
     filename = opts.one_filename()
     ofmt = output_format(ctx, output)
     if ofmt is None:
         return None
-    return filename, fmt, ofmt, force_share, chain
+    return Query(filename, fmt, ofmt, force_share, chain, image_opts)
 
 
 # ================================================================================== info
@@ -182,7 +193,7 @@ async def img_info(ctx: Ctx, argv: list[str]) -> int:
     parsed = _parse_query_options(ctx, argv, with_chain=True)
     if parsed is None:
         return 1
-    name, fmt, ofmt, force_share, chain = parsed
+    name, fmt, ofmt, force_share, chain, image_opts = parsed
     filename: str | None = name
     infos: list[list[tuple[str, Any]]] = []
     seen: set[str] = set()
@@ -191,7 +202,8 @@ async def img_info(ctx: Ctx, argv: list[str]) -> int:
             ctx.out.error_report(f"Backing file '{filename}' creates an infinite loop.")
             return 1
         seen.add(filename)
-        blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share, no_backing=True)
+        blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share, no_backing=True,
+                         image_opts=image_opts)
         if blk is None:
             return 1
         try:
@@ -200,6 +212,7 @@ async def img_info(ctx: Ctx, argv: list[str]) -> int:
             await close_image(ctx, blk)
         infos.append(info)
         filename = fmt = None
+        image_opts = False
         if chain:
             d = dict(info)
             filename = d.get("full-backing-filename")
@@ -330,8 +343,8 @@ async def img_map(ctx: Ctx, argv: list[str]) -> int:
     parsed = _parse_query_options(ctx, argv, with_chain=False)
     if parsed is None:
         return 1
-    filename, fmt, ofmt, force_share, _ = parsed
-    blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share)
+    filename, fmt, ofmt, force_share, _, image_opts = parsed
+    blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share, image_opts=image_opts)
     if blk is None:
         return 1
     try:
