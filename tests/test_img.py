@@ -359,9 +359,15 @@ def bitmaps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     qemu_img(["bitmap", "--add", "--disabled", "v3.qcow2", "b"], d)
     shutil.copy(d / "many.qcow2", d / "leak.qcow2")
     _leak_one_cluster(d / "leak.qcow2")
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "in-use.qcow2", "16M"], d)
+    qemu_img(["bitmap", "--add", "in-use.qcow2", "x"], d)
+    qemu_img(["bitmap", "--add", "in-use.qcow2", "y"], d)
+    qemu_io(["-c", "write -P 4 0 1M", "-c", "sigraise 9"], d / "in-use.qcow2")  # killed: x, y stay in use
+    qemu_img(["bitmap", "--add", "-g", "4k", "in-use.qcow2", "z"], d)
     data = (d / "one.qcow2").read_bytes()
     _, size, offset = _bitmaps_ext(data)
     table = struct.unpack_from(">Q", data, offset)[0]
+    (d / "all-ones.qcow2").write_bytes(data[:table + 7] + b"\x01" + data[table + 8:])
     bad = {"bad-granularity": [(offset + 17, 40)], "bad-table-entry": [(table + 7, 3)],
            "bad-table-size": [(offset + 11, 5)], "bad-type": [(offset + 16, 2)]}
     for name, patches in bad.items():
@@ -378,8 +384,8 @@ def bitmaps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-BITMAP_IMAGES = ["one", "many", "v3", "leak", "bad-granularity", "bad-table-entry", "bad-table-size", "bad-type",
-                 "broken-dir"]
+BITMAP_IMAGES = ["one", "many", "v3", "leak", "in-use", "all-ones", "bad-granularity", "bad-table-entry",
+                 "bad-table-size", "bad-type", "broken-dir"]
 
 
 @oracle
@@ -514,3 +520,19 @@ def test_info_snapshot_list(snapinfo: Path, args: str, tz: str, monkeypatch: pyt
     ``snapshots`` JSON array, as bdrv_snapshot_dump and SnapshotInfo show them."""
     monkeypatch.setenv("TZ", tz)
     same(args.split(), snapinfo)
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("mode", [["-r", "leaks"], ["-r", "all"], ["-r", "all", "--output=json"]],
+                         ids=["leaks", "all", "all-json"])
+@pytest.mark.parametrize("name", BITMAP_IMAGES)
+def test_bitmap_images_repair(bitmaps: Path, tmp_path: Path, name: str, mode: list[str]) -> None:
+    """``check -r`` on an image with bitmaps: QEMU marks the bitmaps in use at open and stores them to
+    new clusters at close; the repaired image must be byte-identical, and still readable by qemu-img."""
+    shutil.copy(bitmaps / f"{name}.qcow2", tmp_path / "ref.qcow2")
+    shutil.copy(bitmaps / f"{name}.qcow2", tmp_path / "ours.qcow2")
+    ref = qemu_img(["check", *mode, "ref.qcow2"], tmp_path)
+    ours = qio_img(["check", *mode, "ours.qcow2"], tmp_path)
+    assert (ours[0].replace("ours.qcow2", "ref.qcow2"), ours[1].replace("ours.qcow2", "ref.qcow2"), ours[2]) == ref
+    assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()

@@ -29,7 +29,7 @@ import os
 import re
 import stat
 import zlib
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from qio.aio import run_sync
 from qio.block import io
@@ -55,6 +55,9 @@ from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
 from qio.block.qcow2_cache import CoMutex, CoQueue, Qcow2Cache
 from qio.qemuopts import opt_bool, opt_size
+
+if TYPE_CHECKING:
+    from qio.block.qcow2_bitmap import LoadedBitmap
 
 INT_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -266,6 +269,7 @@ class Qcow2Driver(BlockDriver):
         self._refblock_offsets: set[int] | None = None
         self._drop_bitmaps_ext = False
         self.bitmaps_info: list[list[tuple[str, Any]]] = []
+        self.rw_bitmaps: list[LoadedBitmap] | None = None  # only for qemu-img check -r
 
     # ================================================================================ helpers
     @property
@@ -629,8 +633,13 @@ class Qcow2Driver(BlockDriver):
         if self.autoclear_features & L.AUTOCLEAR_BITMAPS and self.nb_bitmaps:
             self.bitmaps_info = await self._read_bitmap_directory()
         if self.autoclear_features & L.AUTOCLEAR_BITMAPS and self.nb_bitmaps and self._is_writable():
-            raise QemuError("qio does not support writing qcow2 images with persistent dirty bitmaps "
-                            "(autoclear feature bit 0); open it read-only", errno.ENOTSUP)
+            if not flags.check:
+                raise QemuError("qio does not support writing qcow2 images with persistent dirty bitmaps "
+                                "(autoclear feature bit 0); open it read-only", errno.ENOTSUP)
+            from qio.block.qcow2_bitmap import load_for_write
+
+            self.rw_bitmaps = await load_for_write(self)  # qemu-img check -r: writes bypass the bitmaps
+            update_header = False
         if update_header:
             if self._drop_bitmaps_ext:
                 self.nb_bitmaps = 0
@@ -2357,6 +2366,15 @@ class Qcow2Driver(BlockDriver):
             return
         report = self.report or (lambda msg: self._stderr(f"qemu-io: {msg}\n"))
         ok = True
+        if self.rw_bitmaps is not None:
+            from qio.block.qcow2_bitmap import store
+
+            loaded, self.rw_bitmaps = self.rw_bitmaps, None
+            try:
+                await store(self, loaded)
+            except QemuError as e:
+                ok = False
+                report(f"Lost persistent bitmaps during inactivation of node '{self.node_name}': {e}")
         try:
             await self.l2c.flush()
         except BlockError as e:
