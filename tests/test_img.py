@@ -381,11 +381,20 @@ def bitmaps(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pos += 8 + ((struct.unpack_from(">I", img, pos + 4)[0] + 7) & ~7)
     struct.pack_into(">Q", img, pos + 16, size - 8)
     (d / "broken-dir.qcow2").write_bytes(bytes(img))
+    variants = {"ext-reserved": (pos + 12, ">I", 1), "ext-length": (pos + 4, ">I", 16),
+                "dir-extra-overflow": (offset + 20, ">I", 0xFFFFFFF0),  # C int overflow: not "broken"
+                "ext-magic-lost": (pos, ">I", 0x23856875)}  # autoclear bit without the extension
+    for name, (off, fmt, value) in variants.items():
+        img = bytearray(data)
+        struct.pack_into(fmt, img, off, value)
+        (d / f"{name}.qcow2").write_bytes(bytes(img))
+    _leak_one_cluster(d / "ext-magic-lost.qcow2")  # -r then writes metadata: overlaps the empty directory
     return d
 
 
 BITMAP_IMAGES = ["one", "many", "v3", "leak", "in-use", "all-ones", "bad-granularity", "bad-table-entry",
-                 "bad-table-size", "bad-type", "broken-dir"]
+                 "bad-table-size", "bad-type", "broken-dir", "ext-reserved", "ext-length", "dir-extra-overflow",
+                 "ext-magic-lost"]
 
 
 @oracle

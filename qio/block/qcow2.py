@@ -440,8 +440,11 @@ class Qcow2Driver(BlockDriver):
                     l2 = _unpack_entry(raw, j * 8)[0] & L.L1E_OFFSET_MASK
                     if l2 and overlaps(l2, cs):
                         return OL_INACTIVE_L2
+        # No size guard here in QEMU: ranges_overlap() of an empty directory at offset 0 (the bitmaps
+        # bit set without a bitmaps extension) covers every offset.
+        last = (self.bitmap_directory_offset + self.bitmap_directory_size - 1) & 0xFFFFFFFFFFFFFFFF
         if chk & OL_BITMAP_DIRECTORY and self.autoclear_features & L.AUTOCLEAR_BITMAPS and \
-                overlaps(self.bitmap_directory_offset, self.bitmap_directory_size):
+                not (last < offset or end - 1 < self.bitmap_directory_offset):
             return OL_BITMAP_DIRECTORY
         return 0
 
@@ -749,7 +752,7 @@ class Qcow2Driver(BlockDriver):
 
     def _read_bitmaps_ext(self, data: bytes, length: int) -> None:
         if length != L.BITMAPS_EXT.size:
-            raise QemuError("bitmaps_ext: Invalid extension length: Success", errno.EINVAL)
+            raise QemuError("bitmaps_ext: Invalid extension length", errno.EINVAL)
         if not self.autoclear_features & L.AUTOCLEAR_BITMAPS:
             if self.qcow_version < 3:
                 self._stderr("qemu-io: warning: This qcow2 v2 image contains bitmaps, but they may have been "
@@ -763,7 +766,7 @@ class Qcow2Driver(BlockDriver):
             return
         nb, reserved, dir_size, dir_offset = L.BITMAPS_EXT.unpack(data)
         if reserved:
-            raise QemuError("bitmaps_ext: Reserved field is not zero: Success", errno.EINVAL)
+            raise QemuError("bitmaps_ext: Reserved field is not zero", errno.EINVAL)
         if nb > L.MAX_BITMAPS:
             raise QemuError(f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of "
                             f"{L.MAX_BITMAPS}", errno.EINVAL)

@@ -118,6 +118,12 @@ def bitmap_table_entry_ok(entry: int, cluster_size: int) -> bool:
     return not offset or (not entry & 1 and not offset % cluster_size)
 
 
+def _c_int(v: int) -> int:
+    """The low 32 bits of ``v`` as a C ``int``."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >> 31 else v
+
+
 class Bitmap(NamedTuple):
     """One entry of the bitmap directory."""
 
@@ -149,7 +155,7 @@ async def load_bitmap_list(drv: Qcow2Driver) -> list[Bitmap]:
         if len(out) + 1 > drv.nb_bitmaps:
             raise QemuError("More bitmaps found than specified in header extension", errno.EINVAL)
         tbl_off, tbl_size, flags, typ, gbits, name_size, extra = L.BITMAP_DIR_ENTRY.unpack_from(raw, pos)
-        entry_size = (esize + name_size + extra + 7) & ~7
+        entry_size = _c_int(_c_int(esize + name_size + extra) + 7) & ~7  # QEMU's int arithmetic
         if pos + entry_size > size:
             raise QemuError("Broken bitmap directory", errno.EINVAL)
         if extra:
