@@ -29,7 +29,8 @@ RUN_QIO_IMG = "import sys; from qio.img.cli import main; sys.exit(main(['qemu-im
 
 def run(argv: list[str], cwd: Path, timeout: float = 60) -> tuple[str, str, int]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, errors="surrogateescape", timeout=timeout,
+                       env=env)
     return p.stdout, p.stderr, p.returncode
 
 
@@ -357,6 +358,10 @@ def bitmaps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     qemu_io(["-c", "write -P 3 0 1M"], d / "v3.qcow2")
     qemu_img(["bitmap", "--clear", "v3.qcow2", "a"], d)
     qemu_img(["bitmap", "--add", "--disabled", "v3.qcow2", "b"], d)
+    qemu_img(["create", "-q", "-f", "qcow2", "snap.qcow2", "16M"], d)
+    qemu_io(["-c", "write -P 1 0 256k"], d / "snap.qcow2")
+    qemu_img(["bitmap", "--add", "snap.qcow2", "b1"], d)
+    qemu_img(["snapshot", "-c", "s1", "snap.qcow2"], d)  # check -r: QEMU's header update drops the snapshot
     shutil.copy(d / "many.qcow2", d / "leak.qcow2")
     _leak_one_cluster(d / "leak.qcow2")
     qemu_img(["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "in-use.qcow2", "16M"], d)
@@ -383,7 +388,8 @@ def bitmaps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "broken-dir.qcow2").write_bytes(bytes(img))
     variants = {"ext-reserved": (pos + 12, ">I", 1), "ext-length": (pos + 4, ">I", 16),
                 "dir-extra-overflow": (offset + 20, ">I", 0xFFFFFFF0),  # C int overflow: not "broken"
-                "ext-magic-lost": (pos, ">I", 0x23856875)}  # autoclear bit without the extension
+                "ext-magic-lost": (pos, ">I", 0x23856875),  # autoclear bit without the extension
+                "odd-name": (offset + 24, ">B", 0xCC)}  # not UTF-8: kept byte for byte
     for name, (off, fmt, value) in variants.items():
         img = bytearray(data)
         struct.pack_into(fmt, img, off, value)
@@ -394,7 +400,7 @@ def bitmaps(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 BITMAP_IMAGES = ["one", "many", "v3", "leak", "in-use", "all-ones", "bad-granularity", "bad-table-entry",
                  "bad-table-size", "bad-type", "broken-dir", "ext-reserved", "ext-length", "dir-extra-overflow",
-                 "ext-magic-lost"]
+                 "ext-magic-lost", "odd-name", "snap"]
 
 
 @oracle

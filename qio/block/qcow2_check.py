@@ -167,7 +167,7 @@ async def load_bitmap_list(drv: Qcow2Driver) -> list[Bitmap]:
                or name_size > BME_MAX_NAME_SIZE or typ != BT_DIRTY_TRACKING_BITMAP or phys > BME_MAX_PHYS_SIZE
                or (not flags & L.BITMAP_FLAG_IN_USE and length > (phys * 8) << gbits))
         name = raw[pos + esize + extra: pos + esize + extra + name_size].split(b"\0", 1)[0]
-        text = name.decode("utf-8", "replace")
+        text = name.decode("utf-8", "surrogateescape")
         if bad:
             raise QemuError(f"Bitmap '{text}' doesn't satisfy the constraints", errno.EINVAL)
         out.append(Bitmap(tbl_off, tbl_size, flags, gbits, text))
