@@ -588,12 +588,19 @@ def replay(record: dict[str, object], qio_root: Path | None = None, timeout: flo
     text = generate(seed, fmt, cache).render()
     if script_sha(text) != record["script"]:
         return ["script"], f"{record['name']}: the generator changed; regenerate the records (--record)"
-    ref = Outcome.from_json(record)
     with tempfile.TemporaryDirectory(prefix="fuzz-aio-") as tmp:
         base = Path(tmp)
         case = load_case(text, base)
         case.timeout = timeout
         out = play(qio_target(base, qio_root), case, base, fmt)
+    if record.get("hang"):
+        if out.timed_out:
+            return ["qio-hang"], "qemu-io waits forever; qio hangs too instead of reporting it"
+        if not STANDSTILL_RE.search(out.stdout + out.stderr):
+            return ["qio-silent"], ("qemu-io waits forever; qio does not report the standstill:\n"
+                                    f"stdout:\n{out.stdout}stderr:\n{out.stderr}")
+        return [], ""
+    ref = Outcome.from_json(record)
     parts = diff_parts(ref, out)
     return parts, (format_diff(ref, out) if parts else "")
 
@@ -706,47 +713,63 @@ def summarise(results: Sequence[SeedResult]) -> str:
     return "\n".join(lines)
 
 
-def _record(opts: argparse.Namespace, ro: RunOpts) -> int:
-    """Regenerate the records: the first N qemu-io-stable seeds of each combo (qemu-io 5 runs)."""
-    per_combo = opts.record
+def _result_json(res: SeedResult) -> dict[str, object]:
+    d: dict[str, object] = {"name": res.name, "status": res.status, "detail": res.detail,
+                            "seconds": round(res.seconds, 2), "script": script_sha(res.text)}
+    if res.ref is not None and res.status != "qemu-hang":
+        d["ref"] = res.ref.to_json()
+    return d
+
+
+def write_records(path: Path, results: Iterable[dict[str, object]], per_combo: int, hangs_per_combo: int,
+                  timeout: float) -> str:
+    """Keep the first ``per_combo`` reproducible (and ``hangs_per_combo`` hanging) cases of each
+    combo, in seed order, from runner results (``_result_json`` dicts)."""
+    by_combo: dict[str, list[dict[str, object]]] = {}
+    for r in results:
+        by_combo.setdefault(str(r["name"]).rsplit("-", 1)[0], []).append(r)
     records: list[dict[str, object]] = []
     known: dict[str, str] = {}
-    ro = dataclasses.replace(ro, qemu_runs=max(5, ro.qemu_runs), qio_runs=max(2, ro.qio_runs))
-    skipped = Counter[str]()
-    for fmt, cache in _combos(opts.fmt, opts.cache):
-        got = 0
-        seed = 0
-        with ThreadPoolExecutor(max_workers=opts.jobs) as pool:
-            while got < per_combo:
-                batch = list(range(seed, seed + 4 * opts.jobs))
-                seed += len(batch)
-                for res in pool.map(lambda s, f=fmt, c=cache: run_seed(s, f, c, ro), batch):
-                    if got >= per_combo:
-                        break
-                    if res.status in ("qemu-unstable", "qemu-hang", "qio-nondeterministic"):
-                        skipped[res.status] += 1
-                        continue
-                    assert res.ref is not None
-                    records.append({"name": res.name, "script": script_sha(res.text), **res.ref.to_json()})
-                    got += 1
-                    if res.status == "mismatch":
-                        known[res.name] = res.detail
-                    print(f"{res.name}: {res.status} {res.detail}", flush=True)
-    data = {
-        "about": "qemu-io 7.2 results of tests/aio_fuzz.py cases (filtered); regenerate with "
-                 "'python tests/aio_fuzz.py --record N'. known_failures: cases where qio differs (strict xfail).",
-        "timeout": ro.timeout,
-        "known_failures": dict(sorted(known.items())),
-        "records": records,
-    }
-    with open(opts.records, "w") as f:
+    for combo in sorted(by_combo):
+        rs = sorted(by_combo[combo], key=lambda r: int(str(r["name"]).rsplit("-", 1)[1]))
+        ok = [r for r in rs if r["status"] in ("match", "mismatch")][:per_combo]
+        hangs = [r for r in rs if r["status"] == "qemu-hang"][:hangs_per_combo]
+        for r in sorted(ok + hangs, key=lambda r: int(str(r["name"]).rsplit("-", 1)[1])):
+            name = str(r["name"])
+            if r["status"] == "qemu-hang":
+                records.append({"name": name, "script": r["script"], "hang": True})
+                if r["detail"] != "qio-reported":
+                    known[name] = f"qemu-io hangs; qio: {r['detail']}"
+            else:
+                ref = r["ref"]
+                assert isinstance(ref, dict)
+                records.append({"name": name, "script": r["script"], **ref})
+                if r["status"] == "mismatch":
+                    known[name] = f"differs: {r['detail']}"
+    with open(path, "w") as f:
         f.write("{\n")
-        for key in ("about", "timeout", "known_failures"):
-            f.write(f"{json.dumps(key)}: {json.dumps(data[key], sort_keys=True)},\n")
+        about = ("qemu-io 7.2 results of tests/aio_fuzz.py cases (filtered, sha256[:16] of files); made by "
+                 "'python tests/aio_fuzz.py --record N' (see docs/fuzzing.md). hang: qemu-io waits forever "
+                 "(qio must report the standstill). known_failures: qio differs today (strict xfail).")
+        f.write(f'"about": {json.dumps(about)},\n"timeout": {json.dumps(timeout)},\n')
+        f.write(f'"known_failures": {json.dumps(dict(sorted(known.items())), indent=0)},\n')
         f.write('"records": [\n')
         f.write(",\n".join(json.dumps(r, sort_keys=True) for r in records))
         f.write("\n]\n}\n")
-    print(f"wrote {len(records)} records ({len(known)} known failures) to {opts.records}; skipped {dict(skipped)}")
+    return f"wrote {len(records)} records ({len(known)} known failures) to {path}"
+
+
+def _record(opts: argparse.Namespace, ro: RunOpts) -> int:
+    """Regenerate the records from the seeds given (qemu-io >= 5 runs, qio 2 runs)."""
+    if opts.record_from:
+        with open(opts.record_from) as f:
+            results = [json.loads(line) for line in f if line.strip()]
+    else:
+        ro = dataclasses.replace(ro, qemu_runs=max(5, ro.qemu_runs), qio_runs=max(2, ro.qio_runs))
+        jobs = [(s, f, c) for f, c in _combos(opts.fmt, opts.cache) for s in _parse_seeds(opts.seeds)]
+        with ThreadPoolExecutor(max_workers=max(1, opts.jobs) * 3) as pool:
+            results = [_result_json(r) for r in pool.map(lambda j: run_seed(j[0], j[1], j[2], ro), jobs)]
+    print(write_records(opts.records, results, opts.record, opts.record_hangs, ro.timeout))
     return 0
 
 
@@ -770,7 +793,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--run", metavar="NAME", nargs="+", help="run these cases verbosely")
     ap.add_argument("--minimise", metavar="NAME|FILE", help="minimise a mismatching case")
     ap.add_argument("-o", "--output", type=Path, help="minimise: write the result here")
-    ap.add_argument("--record", type=int, metavar="N", help="rewrite the records: N stable cases per combo")
+    ap.add_argument("--record", type=int, metavar="N",
+                    help="rewrite the records: the first N reproducible cases per combo among --seeds")
+    ap.add_argument("--record-hangs", type=int, default=20, metavar="N", help="... and N qemu-io hangs")
+    ap.add_argument("--record-from", type=Path, metavar="JSONL",
+                    help="--record from the --json output of an earlier run instead of running again")
     ap.add_argument("--records", type=Path, default=RECORDS_PATH)
     ap.add_argument("--replay", action="store_true",
                     help="run qio only against the recorded qemu-io results (what the pytest test does)")
@@ -818,8 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if opts.verbose and res.ref and res.qio:
                     print(format_diff(res.ref, res.qio[0]))
             if jf:
-                jf.write(json.dumps({"name": res.name, "status": res.status, "detail": res.detail,
-                                     "seconds": round(res.seconds, 2)}) + "\n")
+                jf.write(json.dumps(_result_json(res)) + "\n")
                 jf.flush()
     if jf:
         jf.close()
