@@ -791,6 +791,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="print the diff of every mismatch")
     ap.add_argument("--show", metavar="NAME", help="print the case NAME (e.g. qcow2-writeback-17) and exit")
     ap.add_argument("--run", metavar="NAME", nargs="+", help="run these cases verbosely")
+    ap.add_argument("--names", metavar="NAME", nargs="+",
+                    help="run these cases (or the names listed in a file) instead of --seeds")
     ap.add_argument("--minimise", metavar="NAME|FILE", help="minimise a mismatching case")
     ap.add_argument("-o", "--output", type=Path, help="minimise: write the result here")
     ap.add_argument("--record", type=int, metavar="N",
@@ -831,6 +833,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs: list[tuple[int, str, str]] = [
         (s, f, c) for f, c in _combos(opts.fmt, opts.cache) for s in _parse_seeds(opts.seeds)
     ]
+    if opts.names:
+        names = [n for n in opts.names if n.strip()]
+        if len(names) == 1 and os.path.exists(names[0]):  # a file of names, one a line
+            names = Path(names[0]).read_text().split()
+        jobs = [parse_name(n) for n in names]
     results: list[SeedResult] = []
     t0 = time.monotonic()
     jf = open(opts.json, "w") if opts.json else None  # noqa: SIM115
@@ -886,12 +893,12 @@ def _minimise_cli(opts: argparse.Namespace, kw: RunOpts) -> int:
         raise SystemExit("minimise: give a case name (e.g. qcow2-writeback-17)")
     seed, fmt, cache = parse_name(src)
     script = generate(seed, fmt, cache)
-    first = run_text(script.render(), script.name, fmt, kw)
+    kw5 = dataclasses.replace(kw, qemu_runs=max(10, kw.qemu_runs))
+    first = run_text(script.render(), script.name, fmt, kw5)
     print(f"{src}: {first.status} {first.detail}")
     if first.status not in ("mismatch", "qemu-hang"):
         return 1
     want_status, want_detail = first.status, first.detail
-    kw5 = dataclasses.replace(kw, qemu_runs=max(5, kw.qemu_runs))
 
     def keep(s: Script) -> bool:
         res = run_text(s.render(), s.name, fmt, kw5)
