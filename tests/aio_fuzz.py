@@ -731,7 +731,7 @@ def write_records(path: Path, results: Iterable[dict[str, object]], per_combo: i
                   timeout: float) -> str:
     """Keep the first ``per_combo`` reproducible (and ``hangs_per_combo`` hanging) cases of each
     combo, in seed order, from runner results (``_result_json`` dicts)."""
-    by_combo: dict[str, list[dict[str, object]]] = {}
+    latest: dict[str, dict[str, object]] = {}  # a case run again replaces its earlier result
     for r in results:
         seed, fmt, cache = parse_name(str(r["name"]))
         script = generate(seed, fmt, cache)
@@ -739,6 +739,9 @@ def write_records(path: Path, results: Iterable[dict[str, object]], per_combo: i
             continue  # made by an older generator
         if any(line.startswith("sleep") for line in script.body):
             continue  # qio's sleep runs in real time: what it lets finish depends on the machine's load
+        latest[str(r["name"])] = r
+    by_combo: dict[str, list[dict[str, object]]] = {}
+    for r in latest.values():
         by_combo.setdefault(str(r["name"]).rsplit("-", 1)[0], []).append(r)
     records: list[dict[str, object]] = []
     known: dict[str, str] = {}
