@@ -7,10 +7,12 @@ A *case* is a corpus script (``tests/difftest.py`` format) produced by :func:`ge
 ``qcow2-writeback-17``.  See ``docs/fuzzing.md`` for the workflow.  Typical uses::
 
     python tests/aio_fuzz.py --seeds 0-199 --fmt qcow2 --cache writeback -j 2
-    python tests/aio_fuzz.py --seeds 0-999 -j 2 --qio-runs 2          # all four combos
+    python tests/aio_fuzz.py --seeds 0-999 -j 2 --qio-runs 2 --json /tmp/r.jsonl   # all four combos
     python tests/aio_fuzz.py --show qcow2-writeback-17                   # print the script
+    python tests/aio_fuzz.py --run qcow2-writeback-17                    # one case, with its diff
     python tests/aio_fuzz.py --minimise qcow2-writeback-17 -o /tmp/m.qio
-    python tests/aio_fuzz.py --record 100 -j 2                           # rewrite the records
+    python tests/aio_fuzz.py --replay -j 2                               # qio vs the records only
+    python tests/aio_fuzz.py --record 75 --record-from /tmp/r.jsonl      # rewrite the records
     python tests/aio_fuzz.py --qio-root /work/wt/other --seeds 0-99      # qio of another tree
 """
 
@@ -95,10 +97,10 @@ def case_name(seed: int, fmt: str, cache: str) -> str:
 
 def parse_name(name: str) -> tuple[int, str, str]:
     """Inverse of :func:`case_name`."""
-    fmt, cache, seed = name.split("-")
-    if fmt not in FORMATS or cache not in CACHES:
-        raise ValueError(f"bad case name {name!r}")
-    return int(seed), fmt, cache
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] not in FORMATS or parts[1] not in CACHES or not parts[2].isdigit():
+        raise ValueError(f"bad case name {name!r} (want FMT-CACHE-SEED, e.g. qcow2-writeback-17)")
+    return int(parts[2]), parts[0], parts[1]
 
 
 def _size(n: int) -> str:
@@ -794,6 +796,14 @@ def load_records(path: Path = RECORDS_PATH) -> tuple[list[dict[str, object]], di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ValueError as e:  # a bad case name or seed list
+        print(f"aio_fuzz: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Sequence[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", help="seed list, e.g. 0-999 or 3,17,40-49 (default 0-99)")
     ap.add_argument("--fmt", action="append", choices=FORMATS, help="format (repeatable; default both)")
@@ -808,11 +818,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--run", metavar="NAME", nargs="+", help="run these cases verbosely")
     ap.add_argument("--names", metavar="NAME", nargs="+",
                     help="run these cases (or the names listed in a file) instead of --seeds")
-    ap.add_argument("--minimise", metavar="NAME|FILE", help="minimise a mismatching case")
+    ap.add_argument("--minimise", metavar="NAME", help="minimise a mismatching case (or a silent hang)")
     ap.add_argument("-o", "--output", type=Path, help="minimise: write the result here")
     ap.add_argument("--record", type=int, metavar="N",
                     help="rewrite the records: the first N reproducible cases per combo among --seeds")
-    ap.add_argument("--record-hangs", type=int, default=20, metavar="N", help="... and N qemu-io hangs")
+    ap.add_argument("--record-hangs", type=int, default=10, metavar="N", help="... and N qemu-io hangs")
     ap.add_argument("--record-from", type=Path, metavar="JSONL",
                     help="--record from the --json output of an earlier run instead of running again")
     ap.add_argument("--records", type=Path, default=RECORDS_PATH)
@@ -904,8 +914,6 @@ def _replay_cli(opts: argparse.Namespace, ro: RunOpts) -> int:
 
 def _minimise_cli(opts: argparse.Namespace, kw: RunOpts) -> int:
     src = opts.minimise
-    if os.path.exists(src):
-        raise SystemExit("minimise: give a case name (e.g. qcow2-writeback-17)")
     seed, fmt, cache = parse_name(src)
     script = generate(seed, fmt, cache)
     kw5 = dataclasses.replace(kw, qemu_runs=max(10, kw.qemu_runs))
