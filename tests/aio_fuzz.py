@@ -763,6 +763,12 @@ def write_records(path: Path, results: Iterable[dict[str, object]], per_combo: i
                 records.append({"name": name, "script": r["script"], **ref})
                 if r["status"] == "mismatch":
                     known[name] = f"differs: {r['detail']}"
+    dump_records(path, timeout, known, records)
+    return f"wrote {len(records)} records ({len(known)} known failures) to {path}"
+
+
+def dump_records(path: Path, timeout: float, known: dict[str, str], records: list[dict[str, object]]) -> None:
+    """Write the records file: JSON, one record a line (small diffs when it is regenerated)."""
     with open(path, "w") as f:
         f.write("{\n")
         about = ("qemu-io 7.2 results of tests/aio_fuzz.py cases (filtered, sha256[:16] of files); made by "
@@ -773,7 +779,6 @@ def write_records(path: Path, results: Iterable[dict[str, object]], per_combo: i
         f.write('"records": [\n')
         f.write(",\n".join(json.dumps(r, sort_keys=True) for r in records))
         f.write("\n]\n}\n")
-    return f"wrote {len(records)} records ({len(known)} known failures) to {path}"
 
 
 def _record(opts: argparse.Namespace, ro: RunOpts) -> int:
@@ -828,6 +833,8 @@ def _main(argv: Sequence[str] | None) -> int:
     ap.add_argument("--records", type=Path, default=RECORDS_PATH)
     ap.add_argument("--replay", action="store_true",
                     help="run qio only against the recorded qemu-io results (what the pytest test does)")
+    ap.add_argument("--drop-fixed", action="store_true",
+                    help="--replay: remove the cases that now match from known_failures in the records file")
     ap.add_argument("--json", type=Path, help="write per-seed results as JSON lines here")
     opts = ap.parse_args(argv)
     opts.seeds_given = opts.seeds is not None
@@ -893,6 +900,7 @@ def _replay_cli(opts: argparse.Namespace, ro: RunOpts) -> int:
         if opts.seeds_given else None
     todo = [r for r in records if want is None or r["name"] in want]
     counts = Counter[str]()
+    fixed: set[str] = set()
     with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
         for rec, (parts, diff) in zip(todo, pool.map(lambda r: replay(r, ro.qio_root, ro.timeout), todo),
                                       strict=True):
@@ -900,6 +908,7 @@ def _replay_cli(opts: argparse.Namespace, ro: RunOpts) -> int:
             if not parts:
                 counts["fixed (remove from known_failures)" if name in known else "match"] += 1
                 if name in known:
+                    fixed.add(name)
                     print(f"{name}: now matches (known failure {known[name]})")
             elif name in known:
                 counts["known failure"] += 1
@@ -909,6 +918,12 @@ def _replay_cli(opts: argparse.Namespace, ro: RunOpts) -> int:
                 if opts.verbose:
                     print(diff)
     print(", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if opts.drop_fixed and fixed:
+        # the records themselves stay as qemu-io made them
+        data = json.loads(opts.records.read_text())
+        dump_records(opts.records, float(data["timeout"]),
+                     {k: v for k, v in known.items() if k not in fixed}, data["records"])
+        print(f"removed {len(fixed)} fixed cases from known_failures in {opts.records}")
     return 1 if counts["NEW FAILURE"] else 0
 
 
