@@ -472,7 +472,9 @@ def qio_target(base: Path, qio_root: Path | None) -> str | list[str]:
         return difftest.qio_target(base)
     wrapper = base / "qio-root-wrapper"
     if not wrapper.exists():
-        wrapper.write_text(difftest._WRAPPER.format(python=sys.executable, root=str(qio_root)))
+        # no __pycache__ written into the other tree (it may be another helper's worktree)
+        wrapper.write_text(difftest._WRAPPER.format(python=sys.executable, root=str(qio_root)).replace(
+            "import sys\n", "import sys\nsys.dont_write_bytecode = True\n", 1))
         wrapper.chmod(0o755)
     return str(wrapper)
 
