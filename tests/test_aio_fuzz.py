@@ -2,7 +2,8 @@
 
 The qemu-io 7.2 results of a fixed set of generated cases are recorded in
 ``tests/aio_fuzz_records.json`` (``python tests/aio_fuzz.py --record N`` rewrites it; only cases
-that qemu-io reproduced identically in 5 runs are kept).  Each record is replayed through qio and
+that qemu-io reproduced identically in 10 runs, and no case with a real-time ``sleep``).  Each record
+is replayed through qio and
 must match: stdout, stderr, exit status, the sha256 of every file in the run directory and, for
 qcow2, ``qemu-img check`` of the image.  Cases listed in ``known_failures`` are strict xfails, so
 a model fix that makes one match fails here until it is removed from the list.  See docs/fuzzing.md.
