@@ -13,9 +13,10 @@ _MODULES = {
     "file": ("qio.block.file", "FileDriver"),
     "raw": ("qio.block.raw", "RawDriver"),
     "blkdebug": ("qio.block.blkdebug", "BlkdebugDriver"),
+    "nbd": ("qio.block.nbd", "NbdDriver"),
 }
 #: Filename prefixes (``blkdebug:cfg:img``) that select a protocol driver.
-PROTOCOL_PREFIXES = {"file": "file", "blkdebug": "blkdebug"}
+PROTOCOL_PREFIXES = {"file": "file", "blkdebug": "blkdebug", "nbd": "nbd", "nbd+tcp": "nbd", "nbd+unix": "nbd"}
 FORMATS: tuple[str, ...] = ("raw",)
 
 
