@@ -237,7 +237,9 @@ def _connect(addr: Address, timeout: float) -> socket.socket:
                             errno.ECONNREFUSED) from None
         return sock
     try:
-        infos = socket.getaddrinfo(addr.host or None, addr.port, socket.AF_UNSPEC, socket.SOCK_STREAM)
+        if not addr.host:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        infos = socket.getaddrinfo(addr.host, addr.port, socket.AF_UNSPEC, socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise QemuError(f"address resolution failed for {addr.host}:{addr.port}: {e.strerror}") from None
     except UnicodeError:
@@ -466,8 +468,6 @@ class NbdDriver(BlockDriver):
     def _protocol_error(self, culprit: Req | None) -> None:
         self.state = QUIT
         self._drop_connection()
-        if culprit is None and self.inflight:
-            culprit = next(iter(self.inflight.values()))
         self._fail_all(errno.EIO, culprit)
 
     def _wake_slots(self) -> None:
