@@ -553,7 +553,7 @@ def _read_pty(fd: int, until: bytes | None) -> bytes:
 @oracle
 @pytest.mark.oracle
 def test_qemu_nbd_killed(tmp_path: Path, servers: list[NbdServer]) -> None:
-    """qemu-nbd is killed between two commands of a piped session; then requests fail with EIO.
+    """qemu-nbd is killed between two commands of a piped session: requests fail with EIO until it is back.
 
     stdout is a pty, so both programs line-buffer it and the test can wait for the write's report.
     """
@@ -574,12 +574,21 @@ def test_qemu_nbd_killed(tmp_path: Path, servers: list[NbdServer]) -> None:
             proc.stdin.flush()
             out = _read_pty(master, b"ops/sec)")
             server.stop()
-            proc.stdin.write(b"read 0 512\nread 0 512\n")
+            for _ in range(2):  # one line at a time: qemu-io reads a line per stdin wake-up
+                proc.stdin.write(b"read 0 512\n")
+                proc.stdin.flush()
+                out += _read_pty(master, b"read failed")
+            # The server comes back: QEMU's reconnect thread finds it on its next try, 1 s after the
+            # failed one; the read after a 2.5 s sleep runs on the new connection.
+            server = NbdServer(tmp_path, image)
+            servers.append(server)
+            proc.stdin.write(b"sleep 2500\nread -P 1 0 512\n")
             proc.stdin.close()
             out += _read_pty(master, None)
             proc.wait(TIMEOUT)
             err = proc.stderr.read()
         finally:
+            server.stop()
             os.close(master)
             if proc.poll() is None:
                 proc.kill()
@@ -587,6 +596,7 @@ def test_qemu_nbd_killed(tmp_path: Path, servers: list[NbdServer]) -> None:
         results.append((filter_qemu_io(out.decode()), err.decode(), proc.returncode))
     assert results[1] == results[0]
     assert results[0][0].count("read failed: Input/output error") == 2
+    assert "read 512/512 bytes at offset 0" in results[0][0]
 
 
 @oracle

@@ -302,7 +302,9 @@ class NbdDriver(BlockDriver):
         self.info = P.ExportInfo()
         self.sock: socket.socket | None = None
         self.state = QUIT
-        self.reconnect_due = False
+        #: Reconnection after a drop: when the emulated background thread tries next, and its back-off.
+        self.next_attempt: float | None = None
+        self.backoff = 1.0
         self.inflight: dict[int, Req] = {}
         self._handles = 0
         self._rbuf = bytearray()
@@ -402,6 +404,26 @@ class NbdDriver(BlockDriver):
         self._rbuf.clear()
         self._wbuf.clear()
 
+    def _try_reconnect(self) -> bool:
+        """QEMU's reconnect thread, emulated on demand.
+
+        The first request after a drop starts the thread and fails at once; the thread tries at once,
+        then again after sleeping 1, 2, 4, 8, 16, 16... seconds.  qio makes each attempt when a request
+        finds one due, so a request succeeds exactly when QEMU's thread would have reconnected by then.
+        """
+        now = time.monotonic()
+        if self.next_attempt is None:
+            self.next_attempt, self.backoff = now + 1.0, 2.0
+            self._reconnect()  # on success the next request finds the new connection
+            return False
+        if now < self.next_attempt:
+            return False
+        if self._reconnect():
+            return True
+        self.next_attempt = now + self.backoff
+        self.backoff = min(self.backoff * 2, 16.0)
+        return False
+
     def _reconnect(self) -> bool:
         """One attempt to connect again after a dropped connection (size and flags must not change)."""
         old = self.info
@@ -461,7 +483,7 @@ class NbdDriver(BlockDriver):
         """EOF, reset or a stalled server: in-flight requests fail with EIO; a reconnect may follow."""
         if self.state == CONNECTED:
             self.state = DISCONNECTED
-            self.reconnect_due = False
+            self.next_attempt = None
         self._drop_connection()
         self._fail_all(errno.EIO)
 
@@ -593,12 +615,8 @@ class NbdDriver(BlockDriver):
         AIO.yields += 1  # QEMU's request coroutine always waits for its reply
         if self.state == QUIT:
             raise BlockError(errno.EIO)
-        if self.state == DISCONNECTED:
-            if not self.reconnect_due:
-                self.reconnect_due = True  # this request fails; the next one connects again
-                raise BlockError(errno.EIO)
-            if not self._reconnect():
-                raise BlockError(errno.EIO)
+        if self.state == DISCONNECTED and not self._try_reconnect():
+            raise BlockError(errno.EIO)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
