@@ -311,8 +311,10 @@ class Conn:
     def reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
         self.send(struct.pack(">QIII", REP_MAGIC, opt, rtype, len(data)) + data)
 
-    def handshake(self, size: int = 1 << 20, flags: int = 0x0CED, sr: bool = True, meta: bool = True) -> None:
-        """Fixed newstyle with GO, like qemu-nbd (optionally refusing structured replies)."""
+    def handshake(self, size: int = 1 << 20, flags: int = 0x0CED, sr: bool = True, meta: bool = True,
+                  block: tuple[int, int, int] | None = None) -> None:
+        """Fixed newstyle with GO, like qemu-nbd (optionally refusing structured replies or the meta
+        context, or announcing block-size constraints)."""
         self.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
         self.read(4)
         while True:
@@ -324,6 +326,8 @@ class Conn:
                 self.reply(opt, 4, struct.pack(">I", 0) + b"base:allocation")
                 self.reply(opt, 1)
             elif opt == 7:
+                if block is not None:
+                    self.reply(opt, 3, struct.pack(">HIII", 3, *block))
                 self.reply(opt, 3, struct.pack(">HQH", 0, size, flags))
                 self.reply(opt, 1)
                 return
@@ -332,10 +336,11 @@ class Conn:
 
     def request(self) -> tuple[int, int, int, int, int]:
         """(type, flags, handle, offset, length); a WRITE's payload is consumed."""
+        return self.request_with_payload()[:5]  # type: ignore[return-value]
+
+    def request_with_payload(self) -> tuple[int, int, int, int, int, bytes]:
         _, flags, typ, handle, offset, length = struct.unpack(">IHHQQI", self.read(28))
-        if typ == 1:
-            self.read(length)
-        return typ, flags, handle, offset, length
+        return typ, flags, handle, offset, length, self.read(length) if typ == 1 else b""
 
     def chunk(self, handle: int, ctype: int, payload: bytes, done: bool = True) -> None:
         self.send(struct.pack(">IHHQI", CHUNK, 1 if done else 0, ctype, handle, len(payload)) + payload)
@@ -642,3 +647,67 @@ def test_hole_without_zero_maps_unallocated(tmp_path: Path) -> None:
     assert out == ("1 MiB (0x100000) bytes not allocated at offset 0 bytes (0x0)\n"
                    "0/65536 bytes allocated at offset 0 bytes\n")
     assert rc == 0
+
+
+def memdisk(log: list[tuple[int, int, int, int]], size: int = 1 << 20, flags: int = 0x0CED, sr: bool = True,
+            block: tuple[int, int, int] | None = None) -> Callable[[Conn], None]:
+    """A RAM disk that records every request (type, flags, offset, length) in ``log``."""
+
+    def script(c: Conn) -> None:
+        c.handshake(size, flags, sr=sr, block=block)
+        data = bytearray(size)
+        while True:
+            typ, cflags, handle, offset, length, payload = c.request_with_payload()
+            log.append((typ, cflags, offset, length))
+            if typ == 2:
+                return
+            if typ == 1:
+                data[offset : offset + length] = payload
+            elif typ in (4, 6):
+                data[offset : offset + length] = bytes(length)
+            if not sr:
+                c.send(struct.pack(">IIQ", SIMPLE, 0, handle) + (data[offset : offset + length] if typ == 0 else b""))
+            elif typ == 0:
+                c.chunk(handle, 1, struct.pack(">Q", offset) + data[offset : offset + length])
+            elif typ == 7:
+                c.chunk(handle, 5, struct.pack(">III", 0, min(length, 65536), 0 if offset < 65536 else 3))
+            else:
+                c.chunk(handle, 0, b"")
+
+    return script
+
+
+WIRE_SCRIPT = ["-c", "write -P 1 512 512", "-c", "read -P 1 512 512", "-c", "read 1 1", "-c", "write -z 0 64k",
+               "-c", "write -z -u 64k 64k", "-c", "discard 0 4k", "-c", "write -f 4k 512", "-c", "flush",
+               "-c", "map", "-c", "alloc 0 128k", "-c", "read 0 200k", "-c", "aio_write -P 2 8k 4k",
+               "-c", "aio_flush", "-c", "write -c 0 64k"]
+
+
+@oracle
+@pytest.mark.oracle
+@pytest.mark.parametrize("kind", ["default", "block-4k", "no-sr", "writeback", "no-trim-zero", "size-1000"])
+def test_wire_requests(tmp_path: Path, kind: str) -> None:
+    """The requests qio sends equal qemu-io's: alignment, splitting, FUA/NO_HOLE/FAST_ZERO flags."""
+    kwargs: dict[str, object] = {
+        "default": {}, "block-4k": {"block": (4096, 4096, 65536)}, "no-sr": {"sr": False},
+        "writeback": {}, "no-trim-zero": {"flags": 0x000D}, "size-1000": {"size": 1000},
+    }[kind]
+    args = ["-f", "raw", *(["-t", "writeback"] if kind == "writeback" else []), *WIRE_SCRIPT, "nbd:unix:SOCK"]
+    if kind == "size-1000":
+        args = ["-f", "raw", "-c", "read 0 1024", "-c", "write 512 488", "-c", "map", "nbd:unix:SOCK"]
+    logs: list[list[tuple[int, int, int, int]]] = []
+    outs: list[Result] = []
+    for prog in (QEMU_IO, _qio_prog(tmp_path)):
+        assert prog is not None
+        path = tmp_path / "fake.sock"
+        if path.exists():
+            path.unlink()
+        log: list[tuple[int, int, int, int]] = []
+        server = FakeServer(path, memdisk(log, **kwargs))  # type: ignore[arg-type]
+        try:
+            outs.append(run_prog(prog, [a.replace("SOCK", str(path)) for a in args], tmp_path))
+        finally:
+            server.join()
+        logs.append(log)
+    assert outs[1] == outs[0]
+    assert logs[1] == logs[0]
