@@ -347,36 +347,41 @@ class Conn:
 
 
 class FakeServer:
-    """Accept one client on a Unix socket and run ``script`` on the connection in a thread."""
+    """Accept clients on a Unix socket, one after another, and run one script per connection in a
+    thread; the socket stops listening after the last script (no reconnection possible then)."""
 
-    def __init__(self, path: Path, script: Callable[[Conn], None]) -> None:
+    def __init__(self, path: Path, script: Callable[[Conn], None] | list[Callable[[Conn], None]]) -> None:
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(str(path))
         self.listener.listen(1)
         self.listener.settimeout(20)
-        self.script = script
+        self.scripts = script if isinstance(script, list) else [script]
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
-            sock, _ = self.listener.accept()
-        except OSError:
-            return
+            for i, script in enumerate(self.scripts):
+                try:
+                    sock, _ = self.listener.accept()
+                except OSError:
+                    return
+                if i == len(self.scripts) - 1:
+                    self.listener.close()
+                try:
+                    script(Conn(sock))
+                except (OSError, EOFError):
+                    pass
+                finally:
+                    sock.close()
         finally:
-            self.listener.close()  # no reconnect possible
-        try:
-            self.script(Conn(sock))
-        except (OSError, EOFError):
-            pass
-        finally:
-            sock.close()
+            self.listener.close()
 
     def join(self) -> None:
         self.thread.join(30)
 
 
-def fake_differential(tmp_path: Path, script: Callable[[Conn], None], args: list[str],
+def fake_differential(tmp_path: Path, script: Callable[[Conn], None] | list[Callable[[Conn], None]], args: list[str],
                       env: dict[str, str] | None = None, reference: bool = True) -> Result:
     """Run ``args`` (``SOCK`` substituted) against a fresh fake server for each program."""
     path = tmp_path / "fake.sock"
@@ -711,3 +716,28 @@ def test_wire_requests(tmp_path: Path, kind: str) -> None:
         logs.append(log)
     assert outs[1] == outs[0]
     assert logs[1] == logs[0]
+
+
+def _drop_on_first_request(c: Conn) -> None:
+    c.handshake()
+    c.request_with_payload()
+    raise EOFError
+
+
+@oracle
+@pytest.mark.oracle
+@pytest.mark.parametrize("delay", ["0", "5", "1-gone"])
+def test_reconnect_delay(tmp_path: Path, delay: str) -> None:
+    """The connection drops under a write; with reconnect-delay it is sent again on a new connection
+    (``1-gone``: the server never comes back, the write fails when the delay is over)."""
+    log: list[tuple[int, int, int, int]] = []
+    gone = delay != "5"
+    delay = delay.split("-")[0]
+    out, _, _ = fake_differential(
+        tmp_path, [_drop_on_first_request] if gone else [_drop_on_first_request, memdisk(log)],
+        ["--image-opts", "-c", "write -P 1 0 4k", "-c", "read -P 1 0 4k",
+         f"driver=raw,file.driver=nbd,file.path=SOCK,file.reconnect-delay={delay}"])
+    if gone:
+        assert out.startswith("write failed: Input/output error\n")
+    else:
+        assert out.startswith("wrote 4096/4096 bytes at offset 0\n")

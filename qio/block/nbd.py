@@ -13,9 +13,11 @@ synchronously instead.  Every length from the server is bounded before it is buf
 server is given up after ``QIO_NBD_TIMEOUT`` seconds (qemu-io would wait forever).
 
 After a transport failure (EOF, reset, timeout) the requests in flight fail with EIO and so does the
-next one; the one after tries to connect again (QEMU 7.2 with ``reconnect-delay=0``).  A protocol
-violation (bad magic, unknown handle, malformed chunk) fails the request it hit with EINVAL, the others
-with EIO, and the connection is never used again.
+next one; later ones connect again when QEMU's reconnect thread would have (``reconnect-delay=0``).
+With ``reconnect-delay=N`` requests instead wait up to N seconds for a new connection and are sent
+again on it.  A protocol violation fails the request whose reply broke the rules with EINVAL (bad
+chunks) or EIO (bad magic, unknown handle), the others with EIO, and the connection is never used
+again.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ _SERVER_KEYS = {"inet": {"host", "port", "numeric", "to", "ipv4", "ipv6", "keep-
                 "unix": {"path", "abstract", "tight"}, "vsock": {"cid", "port"}, "fd": {"str"}}
 
 CONNECTED, DISCONNECTED, QUIT = 0, 1, 2
+#: Not an errno: the request met a dropped connection while ``reconnect-delay`` lets it wait and retry.
+RETRY = -1
 
 
 def _timeout() -> float:
@@ -305,6 +309,9 @@ class NbdDriver(BlockDriver):
         #: Reconnection after a drop: when the emulated background thread tries next, and its back-off.
         self.next_attempt: float | None = None
         self.backoff = 1.0
+        self.reconnect_delay = 0
+        #: While requests may wait for a reconnection (``reconnect-delay``): until when.
+        self.wait_deadline: float | None = None
         self.inflight: dict[int, Req] = {}
         self._handles = 0
         self._rbuf = bytearray()
@@ -339,6 +346,7 @@ class NbdDriver(BlockDriver):
                 raise QemuError("x-dirty-bitmap query too long to send to server")
             self.context = str(bitmap)
         open_timeout = int(opts.get("open-timeout", 0))
+        self.reconnect_delay = int(opts.get("reconnect-delay", 0))
         self.filename = self._exact_filename(export is not None)
         self._establish(open_timeout)
         info = self.info
@@ -481,11 +489,16 @@ class NbdDriver(BlockDriver):
 
     def _transport_error(self) -> None:
         """EOF, reset or a stalled server: in-flight requests fail with EIO; a reconnect may follow."""
+        retry = False
         if self.state == CONNECTED:
             self.state = DISCONNECTED
             self.next_attempt = None
+            if self.reconnect_delay:  # QEMU's wait mode: requests wait and are sent again
+                now = time.monotonic()
+                self.wait_deadline, self.next_attempt, self.backoff = now + self.reconnect_delay, now, 1.0
+        retry = self.state == DISCONNECTED and self.wait_deadline is not None
         self._drop_connection()
-        self._fail_all(errno.EIO)
+        self._fail_all(RETRY if retry else errno.EIO)
 
     def _protocol_error(self, culprit: Req | None) -> None:
         self.state = QUIT
@@ -613,22 +626,65 @@ class NbdDriver(BlockDriver):
                        payload: bytes = b"") -> Req:
         """Send one request and wait for its reply; BlockError on failure."""
         AIO.yields += 1  # QEMU's request coroutine always waits for its reply
-        if self.state == QUIT:
-            raise BlockError(errno.EIO)
-        if self.state == DISCONNECTED and not self._try_reconnect():
-            raise BlockError(errno.EIO)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         if AIO.inline:
             loop = None
+        while True:
+            req = await self._attempt(loop, cmd, flags, offset, length, qiov, payload)
+            if req.err != RETRY:
+                break
+        if req.err:
+            raise BlockError(req.err)
+        return req
+
+    async def _wait_reconnect(self, loop: asyncio.AbstractEventLoop | None) -> bool:
+        """``reconnect-delay``: wait for QEMU's reconnect thread (attempts after 1, 2, 4... s) until the
+        delay is over; then every waiting and later request fails at once until a connection exists."""
+        while self.state == DISCONNECTED and self.wait_deadline is not None:
+            now = time.monotonic()
+            if self.next_attempt is not None and now >= self.next_attempt:
+                if self._reconnect():
+                    self.wait_deadline = None
+                    return True
+                self.next_attempt = now + self.backoff
+                self.backoff = min(self.backoff * 2, 16.0)
+            if now >= self.wait_deadline:
+                self.wait_deadline = None
+                return False
+            pause = max(0.0, min(self.next_attempt or now, self.wait_deadline) - now)
+            if loop is None:
+                time.sleep(pause)
+            else:
+                timer: asyncio.Future[None] = loop.create_future()
+                handle = loop.call_later(pause, _resolve, timer)
+                try:
+                    await _wait_net(timer)
+                finally:
+                    handle.cancel()
+        return self.state == CONNECTED
+
+    async def _attempt(self, loop: asyncio.AbstractEventLoop | None, cmd: int, flags: int, offset: int,
+                       length: int, qiov: IOVec | None, payload: bytes) -> Req:
+        """Send the request once and wait for its reply (``req.err`` RETRY: the connection dropped)."""
+        if self.state == DISCONNECTED and self.wait_deadline is not None and not await self._wait_reconnect(loop):
+            raise BlockError(errno.EIO)
+        if self.state == QUIT:
+            raise BlockError(errno.EIO)
+        if self.state == DISCONNECTED and not self._try_reconnect():
+            raise BlockError(errno.EIO)
         while loop is not None and len(self.inflight) >= MAX_INFLIGHT:
             slot: asyncio.Future[None] = loop.create_future()
             self._slot_waiters.append(slot)
             await _wait_net(slot)
             if self.state != CONNECTED:
-                raise BlockError(errno.EIO)
+                if self.wait_deadline is None:
+                    raise BlockError(errno.EIO)
+                retry = Req(cmd, 0, offset, length, qiov)
+                retry.err = RETRY
+                return retry
         self._handles += 1
         req = Req(cmd, self._handles, offset, length, qiov)
         self.inflight[req.handle] = req
@@ -642,8 +698,6 @@ class NbdDriver(BlockDriver):
                 self._reader = loop.create_task(self._read_replies())
             if not req.done:
                 await _wait_net(req.fut)
-        if req.err:
-            raise BlockError(req.err)
         return req
 
     def _sync_roundtrip(self, req: Req, data: bytes) -> None:
@@ -793,6 +847,11 @@ class NbdDriver(BlockDriver):
 
     def get_info(self) -> BlockInfo | None:
         return None
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def _wait_net(fut: asyncio.Future[None]) -> None:
