@@ -741,3 +741,32 @@ def test_reconnect_delay(tmp_path: Path, delay: str) -> None:
         assert out.startswith("write failed: Input/output error\n")
     else:
         assert out.startswith("wrote 4096/4096 bytes at offset 0\n")
+
+
+def _oldstyle(c: Conn) -> None:
+    """The old-style greeting: size and flags at once, no options, simple replies."""
+    c.send(struct.pack(">QQQI", NBDMAGIC, 0x0000420281861253, 1 << 20, 0x0001 | 0x0004) + bytes(124))
+    while True:
+        typ, _, handle, _, length = c.request()
+        if typ == 2:
+            return
+        c.send(struct.pack(">IIQ", SIMPLE, 0, handle) + (bytes([0x2A]) * length if typ == 0 else b""))
+
+
+@oracle
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["nbd:unix:SOCK", "nbd:unix:SOCK:exportname=x"])
+def test_oldstyle_server(tmp_path: Path, name: str) -> None:
+    fake_differential(tmp_path, _oldstyle, ["-f", "raw", "-c", "read -P 42 0 4k", "-c", "map", "-c", "write 0 512",
+                                            "-c", "discard 0 4k", name])
+
+
+@oracle
+@pytest.mark.oracle
+def test_open_timeout_retries(tmp_path: Path) -> None:
+    """open-timeout: the connection is retried for that long, then the last error is reported."""
+    assert QEMU_IO is not None
+    args = ["--image-opts", "-c", "read 0 512", f"driver=nbd,path={tmp_path}/nosuch.sock,open-timeout=1"]
+    ref = run_prog(QEMU_IO, args, tmp_path)
+    assert "No such file or directory" in ref[1]
+    assert run_prog(_qio_prog(tmp_path), args, tmp_path) == ref
