@@ -770,3 +770,74 @@ def test_open_timeout_retries(tmp_path: Path) -> None:
     ref = run_prog(QEMU_IO, args, tmp_path)
     assert "No such file or directory" in ref[1]
     assert run_prog(_qio_prog(tmp_path), args, tmp_path) == ref
+
+
+def _scripted_options(meta: list[tuple[int, bytes]], go: list[tuple[int, bytes]]) -> Callable[[Conn], None]:
+    """Answer SET_META_CONTEXT and GO with the given (reply type, data) lists, then serve zeroes."""
+
+    def script(c: Conn) -> None:
+        c.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+        c.read(4)
+        while True:
+            _, opt, length = struct.unpack(">QII", c.read(16))
+            c.read(length)
+            if opt == 8:
+                c.reply(opt, 1)
+            elif opt == 10:
+                for rtype, data in meta:
+                    c.reply(opt, rtype, data)
+            elif opt == 7:
+                for rtype, data in go:
+                    c.reply(opt, rtype, data)
+                if go[-1][0] != 0x80000001:
+                    break
+            elif opt == 1:  # EXPORT_NAME after GO was refused
+                c.send(struct.pack(">QH", 1 << 20, 0x0CED))
+                break
+            else:
+                c.reply(opt, 0x80000001)
+        while True:
+            typ, _, handle, offset, length = c.request()
+            if typ == 2:
+                return
+            if typ == 0:
+                c.chunk(handle, 1, struct.pack(">Q", offset) + bytes(length))
+            elif typ == 7:
+                c.chunk(handle, 5, struct.pack(">III", 0, length, 0))
+            else:
+                c.chunk(handle, 0, b"")
+
+    return script
+
+
+_CTX = (4, struct.pack(">I", 0) + b"base:allocation")
+_EXPORT = (3, struct.pack(">HQH", 0, 1 << 20, 0x0CED))
+_ACK = (1, b"")
+
+
+@oracle
+@pytest.mark.oracle
+@pytest.mark.parametrize("meta, go", [
+    ([(4, struct.pack(">I", 0) + b"qemu:other"), _ACK], [_EXPORT, _ACK]),
+    ([_CTX, _CTX, _ACK], [_EXPORT, _ACK]),
+    ([(0x80000003, b"nope")], [_EXPORT, _ACK]),
+    ([_ACK], [_EXPORT, _ACK]),
+    ([_CTX, _ACK], [(3, b"\x00")]),
+    ([_CTX, _ACK], [(3, struct.pack(">HQ", 0, 1))]),
+    ([_CTX, _ACK], [_ACK]),
+    ([_CTX, _ACK], [_EXPORT, (1, b"x")]),
+    ([_CTX, _ACK], [(3, struct.pack(">HIII", 3, 4096, 1000, 65536))]),
+    ([_CTX, _ACK], [(3, struct.pack(">HIII", 3, 4096, 4096, 512))]),
+    ([_CTX, _ACK], [(3, struct.pack(">HIII", 3, 4096, 4096, 65536)), (3, struct.pack(">HQH", 0, 1000, 1)), _ACK]),
+    ([_CTX, _ACK], [(3, struct.pack(">H", 1) + b"name"), _EXPORT, _ACK]),
+    ([_CTX, _ACK], [(0x80000005, b""), _ACK]),
+    ([_CTX, _ACK], [(0x80000042, b"odd"), _ACK]),
+    ([_CTX, _ACK], [(0x80000001, b"")]),
+    ([_CTX, _ACK], [(2, b"")]),
+], ids=["other-context", "two-contexts", "meta-error", "no-context", "info-short", "export-short", "no-export",
+        "ack-payload", "bad-preferred", "bad-max", "size-not-aligned", "unknown-info", "tls-required",
+        "unknown-error", "go-unsupported", "unexpected-reply"])
+def test_hostile_options(tmp_path: Path, meta: list[tuple[int, bytes]], go: list[tuple[int, bytes]]) -> None:
+    _, err, _ = fake_differential(tmp_path, _scripted_options(meta, go),
+                                  ["-f", "raw", "-c", "read 0 512", "-c", "map", "nbd:unix:SOCK"])
+    assert "Traceback" not in err
