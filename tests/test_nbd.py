@@ -841,3 +841,13 @@ def test_hostile_options(tmp_path: Path, meta: list[tuple[int, bytes]], go: list
     _, err, _ = fake_differential(tmp_path, _scripted_options(meta, go),
                                   ["-f", "raw", "-c", "read 0 512", "-c", "map", "nbd:unix:SOCK"])
     assert "Traceback" not in err
+
+
+@oracle
+@pytest.mark.oracle
+def test_x_dirty_bitmap_allocation_depth(tmp_path: Path, servers: list[NbdServer]) -> None:
+    """``x-dirty-bitmap=qemu:allocation-depth`` (qemu-nbd -A): its flags are read as base:allocation's."""
+    differential(tmp_path, servers, ["--image-opts", "-c", "map", "-c", "alloc 0 1M",
+                                     "driver=raw,file.driver=nbd,file.path=SOCK,"
+                                     "file.x-dirty-bitmap=qemu:allocation-depth"],
+                 fmt="qcow2", serve_fmt="qcow2", fill=["write 0 64k"], nbd_args=["-A"])
