@@ -220,7 +220,7 @@ def _server_address(options: dict[str, Any]) -> Address:
             raise QemuError(f"Parameter '{key}' is missing")
     for key in server:
         if key not in _SERVER_KEYS[kind]:
-            raise QemuError(f"Parameter 'server.{key}' is unexpected")
+            raise QemuError(f"Parameter '{key}' is unexpected")
     if kind == "unix":
         return Address("unix", path=str(server["path"]))
     if kind == "inet":
