@@ -511,6 +511,12 @@ def _truncated_chunk(c: Conn, typ: int, handle: int, offset: int, length: int) -
     raise EOFError
 
 
+def _huge_data_header(c: Conn, typ: int, handle: int, offset: int, length: int) -> None:
+    """A DATA chunk header claiming 2 GiB, then nothing: the client must not wait to buffer it."""
+    c.send(struct.pack(">IHHQI", CHUNK, 1, 1, handle, 0x7FFFFFF0) + struct.pack(">Q", offset))
+    c.sock.recv(1)  # the client gives up on its own
+
+
 def _error_chunk(c: Conn, typ: int, handle: int, offset: int, length: int) -> None:
     c.chunk(handle, 0x8001, struct.pack(">IH", 28, 4) + b"full")
 
@@ -518,9 +524,10 @@ def _error_chunk(c: Conn, typ: int, handle: int, offset: int, length: int) -> No
 @oracle
 @pytest.mark.oracle
 @pytest.mark.parametrize("action", [_bad_reply_magic, _unknown_handle, _simple_reply_to_read,
-                                    _oversized_error_chunk, _data_outside, _truncated_chunk, _error_chunk],
+                                    _oversized_error_chunk, _data_outside, _truncated_chunk, _error_chunk,
+                                    _huge_data_header],
                          ids=["reply-magic", "unknown-handle", "simple-to-read", "big-error", "data-outside",
-                              "truncated-chunk", "error-chunk"])
+                              "truncated-chunk", "error-chunk", "huge-data"])
 def test_hostile_replies(tmp_path: Path, action: Callable[[Conn, int, int, int, int], None]) -> None:
     out, err, _ = fake_differential(tmp_path, _serve_then(action),
                                      ["-f", "raw", "-c", "read 0 512", "-c", "read 0 512", "nbd:unix:SOCK"])
@@ -851,3 +858,17 @@ def test_x_dirty_bitmap_allocation_depth(tmp_path: Path, servers: list[NbdServer
                                      "driver=raw,file.driver=nbd,file.path=SOCK,"
                                      "file.x-dirty-bitmap=qemu:allocation-depth"],
                  fmt="qcow2", serve_fmt="qcow2", fill=["write 0 64k"], nbd_args=["-A"])
+
+
+def test_huge_data_chunk_for_block_status(tmp_path: Path) -> None:
+    """A DATA chunk answering a block-status query is refused from its header (no 2 GiB buffering)."""
+    def script(c: Conn) -> None:
+        c.handshake(size=4 << 30)
+        typ, _, handle, offset, _ = c.request()
+        assert typ == 7
+        c.send(struct.pack(">IHHQI", CHUNK, 1, 1, handle, 0x7FFFFFF0) + struct.pack(">Q", offset))
+        c.sock.recv(1)
+
+    out, _, _ = fake_differential(tmp_path, script, ["-f", "raw", "-c", "alloc 0 2G", "nbd:unix:SOCK"],
+                                  env={"QIO_NBD_TIMEOUT": "5"}, reference=QEMU_IO is not None)
+    assert out == "is_allocated failed: Invalid argument\n"

@@ -555,6 +555,8 @@ class NbdDriver(BlockDriver):
             return False
         _, cflags, ctype, handle, length = P.CHUNK.unpack_from(buf)
         req = self._lookup(handle)
+        if ctype == P.REPLY_TYPE_OFFSET_DATA and req.cmd != P.CMD_READ:
+            raise ProtocolError(req)  # before buffering: a block-status request may span 2 GiB
         limit = 8 + req.length if ctype == P.REPLY_TYPE_OFFSET_DATA else P.MAX_SMALL_PAYLOAD
         if length > limit:
             raise ProtocolError(req)
