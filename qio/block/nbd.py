@@ -51,7 +51,7 @@ from qio.block.modes import OpenFlags
 
 INT_MAX = 2**31 - 1
 MAX_INFLIGHT = 16
-_LEGACY_KEYS = ("host", "port", "path", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap",
+_RUNTIME_KEYS = ("host", "port", "path", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap",
                 "reconnect-delay", "open-timeout")
 _SERVER_KEYS = {"inet": {"host", "port", "numeric", "to", "ipv4", "ipv6", "keep-alive", "mptcp"},
                 "unix": {"path", "abstract", "tight"}, "vsock": {"cid", "port"}, "fd": {"str"}}
@@ -325,7 +325,7 @@ class NbdDriver(BlockDriver):
         filename = options.get("filename")
         if filename is not None:
             parse_filename(str(filename), options)
-        opts = {k: options.pop(k) for k in _LEGACY_KEYS if k in options}
+        opts = {k: options.pop(k) for k in _RUNTIME_KEYS if k in options}
         for key in ("reconnect-delay", "open-timeout"):
             if key in opts:
                 opts[key] = _number(key, opts[key])
@@ -471,9 +471,6 @@ class NbdDriver(BlockDriver):
         self.state = QUIT
         self._fail_all(errno.EIO)
         self._drop_connection()
-
-    def reopen(self, flags: OpenFlags, options: dict[str, Any]) -> None:
-        super().reopen(flags, options)
 
     def check_reopen(self, flags: OpenFlags, options: dict[str, Any]) -> None:
         if not flags.read_only and self.info.flags & P.TF_READ_ONLY:
