@@ -394,6 +394,9 @@ class BlockBackend:
             raise QemuError(f"Can't set node '{self.root.node_name}' to r/o with copy-on-read enabled")
         root_opts = {k: v for k, v in options.items() if k in self.root.reopen_opts}
         self.root.check_reopen(flags, root_opts)
+        for node in _primary_nodes(self.root)[1:]:
+            if not node.is_format:  # protocols may refuse the new flags (a read-only nbd export)
+                node.check_reopen(flags, {})
         for key, value in options.items():
             if key in root_opts or (key in GENERIC_OPTS
                                     and key not in ("driver", "filename", "node-name", "force-share")):

@@ -14,9 +14,11 @@ _MODULES = {
     "host_device": ("qio.block.file", "HostDeviceDriver"),
     "raw": ("qio.block.raw", "RawDriver"),
     "blkdebug": ("qio.block.blkdebug", "BlkdebugDriver"),
+    "nbd": ("qio.block.nbd", "NbdDriver"),
 }
 #: Filename prefixes (``blkdebug:cfg:img``) that select a protocol driver.
-PROTOCOL_PREFIXES = {"file": "file", "host_device": "host_device", "blkdebug": "blkdebug"}
+PROTOCOL_PREFIXES = {"file": "file", "host_device": "host_device", "blkdebug": "blkdebug", "nbd": "nbd",
+                     "nbd+tcp": "nbd", "nbd+unix": "nbd"}
 FORMATS: tuple[str, ...] = ("raw",)
 
 
