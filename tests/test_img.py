@@ -471,6 +471,16 @@ def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _patched(s, d / "too-many.qcow2", [(60, 4, 70000)])
     _patched(s, d / "misaligned.qcow2", [(64, 8, table + 1)])
     _patched(s, d / "no-extra.qcow2", [(table + 36, 4, 8)])
+    # 512-byte clusters, four snapshots: a table pointer far past the end (freeing the old table hits
+    # QEMU's 32-bit refcount-table index) and a huge entry count whose repair trips the overlap check
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "small.qcow2", "4M"], d)
+    qemu_io(["-c", "write -P 1 0 16k"], d / "small.qcow2")
+    for tag in ("a", "bb", "ccc", "dddd"):
+        qemu_img(["snapshot", "-c", tag, "small.qcow2"], d)
+    qemu_io(["-c", "write -P 2 8k 8k"], d / "small.qcow2")
+    _patched(d / "small.qcow2", d / "far-away.qcow2", [(64, 8, 0x2F00000000000000)])
+    small_table = struct.unpack_from(">Q", (d / "small.qcow2").read_bytes(), 64)[0]
+    _patched(d / "small.qcow2", d / "count-overlap.qcow2", [(60, 4, 13697028), (64, 8, small_table + 0x12000000)])
     v2 = (d / "v2.qcow2").read_bytes()
     _patched(d / "v2.qcow2", d / "v2-more-entries.qcow2", [(60, 4, 3)])
     assert struct.unpack_from(">I", v2, 60)[0] == 1
@@ -478,7 +488,7 @@ def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 SNAPSHOT_IMAGES = ["s", "v2", "more-entries", "truncated", "moved-past-eof", "extra-too-big", "too-many",
-                   "misaligned", "no-extra", "v2-more-entries"]
+                   "misaligned", "no-extra", "v2-more-entries", "far-away", "count-overlap"]
 
 
 @oracle

@@ -1266,7 +1266,7 @@ class Qcow2Driver(BlockDriver):
     async def _alloc_refcount_block(self, cluster_index: int) -> tuple[int | None, bool]:
         """``alloc_refcount_block``: (cache entry of the block, whether the caller must restart)."""
         await self._event(Event.REFBLOCK_ALLOC)
-        rti = cluster_index >> self.refcount_block_bits
+        rti = (cluster_index >> self.refcount_block_bits) & 0xFFFFFFFF  # QEMU's unsigned int index
         cs, cb = self.cluster_size, self.cluster_bits
         if rti < self.refcount_table_size:
             rbo = self.refcount_table[rti] & L.REFT_OFFSET_MASK

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -109,6 +110,8 @@ async def _collect(blk: Any, fix: int) -> CheckResult:
     from qio.block.qcow2_check import check
 
     root = blk.root
+    if getattr(root, "broken", False):  # a fatal corruption took the driver away (bs->drv == NULL)
+        raise BlockError(errno.ENOMEDIUM)
     if not isinstance(root, Qcow2Driver):
         raise BlockError(95)
     return await check(root, fix)
