@@ -1,0 +1,101 @@
+"""What qio's start-up loads: a guard for issue 10 (start-up + open + quit under 100 ms).
+
+Performance is measured by ``benchmarks/bench.py`` (W1n, W1, W1-qcow2), never by timed tests.  These
+tests check the deterministic cause instead: the modules a non-interactive run imports.  Each run is a
+fresh ``python -S`` process (no site-packages, so no ``.pth`` file can import anything on qio's
+behalf) that prints ``sys.modules`` after ``qio.cli.main`` returns.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Never needed by ``-c``/piped runs of the plain commands below; each costs measurable start-up time.
+HEAVY = {
+    "prompt_toolkit",  # the interactive prompt only
+    "pyparsing",  # QemuOpts grammars: --image-opts, blkdebug config files
+    "concurrent.futures.thread",  # the file driver's thread pool, for large transfers only
+    "ssl",  # asyncio's optional TLS support (qio.cli imports asyncio without it)
+    "random",  # node names use os.urandom
+    "qio.interactive",
+    "qio.trace",  # -T only
+    "qio.commands.io_cmds",  # command handlers load on first use: `quit` needs none of the I/O commands
+    "qio.block.blkdebug",
+}
+
+PROBE = (
+    "import sys\n"
+    "sys.path.insert(0, sys.argv[1])\n"
+    "from qio.cli import main\n"
+    "rc = main(['qio', *sys.argv[2:]])\n"
+    "sys.stdout.flush()\n"
+    "print('\\nMODULES', ' '.join(sorted(sys.modules)))\n"
+    "raise SystemExit(rc)\n"
+)
+
+
+def loaded_modules(args: list[str], stdin: str = "") -> set[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    res = subprocess.run([sys.executable, "-S", "-c", PROBE, str(REPO), *args], input=stdin,
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    last = res.stdout.splitlines()[-1]
+    assert last.startswith("MODULES ")
+    return set(last.split()[1:])
+
+
+def heavy(mods: set[str]) -> set[str]:
+    return {m for m in mods if m in HEAVY or m.split(".")[0] in HEAVY}
+
+
+@pytest.fixture()
+def raw_image(tmp_path: Path) -> str:
+    img = tmp_path / "t.raw"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    return str(img)
+
+
+def test_quit_without_image_loads_nothing_heavy() -> None:
+    mods = loaded_modules(["-c", "quit"])
+    assert "asyncio" in mods  # the probe really ran qio's event loop
+    assert heavy(mods) == set()
+    assert "qio.block.backend" not in mods  # no image: no block layer
+
+
+def test_raw_open_quit_loads_nothing_heavy(raw_image: str) -> None:
+    mods = loaded_modules(["-f", "raw", "-c", "quit", raw_image])
+    assert "qio.block.raw" in mods
+    assert heavy(mods) == set()
+    assert "qio.block.qcow2" not in mods  # drivers load only when an image needs them
+    assert "json" not in mods or "qio.qemuopts" in mods  # json comes only with QemuOpts, if at all
+
+
+def test_probed_open_and_small_read_load_nothing_heavy(raw_image: str) -> None:
+    mods = loaded_modules(["-c", "read -q 0 4k", raw_image])
+    assert "qio.commands.io_cmds" in mods
+    assert heavy(mods - {"qio.commands.io_cmds"}) == set()
+
+
+def test_piped_commands_load_nothing_heavy(raw_image: str) -> None:
+    mods = loaded_modules(["-f", "raw", raw_image], stdin="write -q 0 4k\nquit\n")
+    assert "qio.lines" in mods
+    assert heavy(mods - {"qio.commands.io_cmds"}) == set()
+
+
+def test_qcow2_open_quit_loads_nothing_heavy(tmp_path: Path) -> None:
+    img = tmp_path / "t.qcow2"
+    res = subprocess.run([sys.executable, "-m", "qio.img", "create", "-q", "-f", "qcow2", str(img), "1M"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    mods = loaded_modules(["-f", "qcow2", "-c", "quit", str(img)])
+    assert "qio.block.qcow2" in mods
+    assert heavy(mods) == set()
