@@ -99,3 +99,13 @@ def test_qcow2_open_quit_loads_nothing_heavy(tmp_path: Path) -> None:
     mods = loaded_modules(["-f", "qcow2", "-c", "quit", str(img)])
     assert "qio.block.qcow2" in mods
     assert heavy(mods) == set()
+
+
+def test_ssl_still_importable_after_main() -> None:
+    """qio imports asyncio without ssl, but leaves ``import ssl`` working for code that runs later."""
+    code = ("import sys\nsys.path.insert(0, sys.argv[1])\nfrom qio.cli import main\n"
+            "rc = main(['qio', '-c', 'quit'])\nassert 'ssl' not in sys.modules\n"
+            "import ssl\nprint(rc, ssl.OPENSSL_VERSION.split()[0])\n")
+    res = subprocess.run([sys.executable, "-S", "-c", code, str(REPO)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["0", "OpenSSL"]
