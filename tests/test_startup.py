@@ -91,6 +91,12 @@ def test_piped_commands_load_nothing_heavy(raw_image: str) -> None:
     assert heavy(mods - {"qio.commands.io_cmds"}) == set()
 
 
+def test_blkdebug_without_config_file_needs_no_pyparsing(raw_image: str) -> None:
+    mods = loaded_modules(["-c", "read -q 0 4k", f"blkdebug::{raw_image}"])
+    assert "qio.block.blkdebug" in mods
+    assert heavy(mods - {"qio.commands.io_cmds", "qio.block.blkdebug", "qio.trace"}) == set()  # trace: its events
+
+
 def test_qcow2_open_quit_loads_nothing_heavy(tmp_path: Path) -> None:
     img = tmp_path / "t.qcow2"
     res = subprocess.run([sys.executable, "-m", "qio.img", "create", "-q", "-f", "qcow2", str(img), "1M"],

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import errno
 import re
-from typing import Any, NamedTuple
-
-import pyparsing as pp
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qio.block.errors import QemuError
 from qio.block.events import EVENT_NAMES
+
+if TYPE_CHECKING:
+    import pyparsing as pp  # imported where used: only config files need it, and it costs ~40 ms
 
 IOTYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 DEFAULT_IOTYPES = frozenset(("read", "write", "write-zeroes", "discard", "flush"))
@@ -37,6 +38,8 @@ def _grammar() -> tuple[pp.ParserElement, pp.ParserElement, pp.ParserElement]:
     space in a scanf format matches any run of white space, ``%s`` stops at white space, and the
     assignment counts as matched once the name was read (an unquoted value reads as empty).
     """
+    import pyparsing as pp
+
     ws = pp.Regex(r"[ \t\n\v\f\r]*").suppress()
     token = pp.Regex(r"[^ \t\n\v\f\r]{1,63}")
     group_id = (pp.Literal("[").suppress() + token("group") + ws + pp.Literal('"').suppress()
@@ -62,6 +65,8 @@ class Section(NamedTuple):
 
 def parse_config_text(text: str) -> list[Section]:
     """``qemu_config_foreach``: the sections of a config file, validated as they complete."""
+    import pyparsing as pp
+
     global _GRAMMAR
     if _GRAMMAR is None:
         _GRAMMAR = _grammar()
