@@ -3,7 +3,8 @@
 Performance is measured by ``benchmarks/bench.py`` (W1n, W1, W1-qcow2), never by timed tests.  These
 tests check the deterministic cause instead: the modules a non-interactive run imports.  Each run is a
 fresh ``python -S`` process (no site-packages, so no ``.pth`` file can import anything on qio's
-behalf) that prints ``sys.modules`` after ``qio.cli.main`` returns.
+behalf; a third-party import then fails the run outright) that prints ``sys.modules`` after
+``qio.cli.main`` returns.
 """
 
 from __future__ import annotations
@@ -115,3 +116,36 @@ def test_ssl_still_importable_after_main() -> None:
     res = subprocess.run([sys.executable, "-S", "-c", code, str(REPO)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["0", "OpenSSL"]
+
+
+def test_qemuopts_without_white_space_need_no_pyparsing(tmp_path: Path) -> None:
+    img = tmp_path / "t.qcow2"
+    res = subprocess.run([sys.executable, "-m", "qio.img", "create", "-q", "-f", "qcow2", str(img), "1M"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    mods = loaded_modules(["--image-opts", "-c", "quit", f"driver=qcow2,file.filename={img}"])
+    assert "qio.block.qcow2" in mods
+    assert heavy(mods) == set()
+    mods = loaded_modules(["-c", f"open -o driver=qcow2,lazy-refcounts=on {img}", "-c", "quit"])
+    assert "qio.block.qcow2" in mods
+    assert heavy(mods) == set()
+
+
+def test_qemuopts_hand_scan_matches_the_grammar() -> None:
+    """Every string of up to 8 characters over ``a=,`` (each class of character the grammar tells
+    apart, white space aside) splits exactly as the pyparsing grammar splits it, or both reject it."""
+    import itertools
+
+    import pyparsing as pp
+
+    from qio import qemuopts
+
+    grammar = qemuopts._grammar()
+    for length in range(9):
+        for text in map("".join, itertools.product("a=,", repeat=length)):
+            try:
+                want: list[tuple[str, str | None]] | None = [
+                    (k, v) for k, v in grammar.parse_string(text, parse_all=True)]
+            except pp.ParseException:
+                want = None
+            assert qemuopts._split_plain(text) == want, text
