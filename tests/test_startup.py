@@ -10,6 +10,7 @@ behalf; a third-party import then fails the run outright) that prints ``sys.modu
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,46 @@ def test_qemuopts_hand_scan_matches_the_grammar() -> None:
             except pp.ParseException:
                 want = None
             assert qemuopts._split_plain(text) == want, text
+
+
+def test_blkdebug_config_scan_matches_the_former_grammar() -> None:
+    """The config line patterns read every line of up to 5 characters over ``[]" =a`` (plus one tab)
+    exactly as the pyparsing grammar they replace did (with tabs kept, as QEMU's scanf keeps them)."""
+    import itertools
+
+    import pyparsing as pp
+
+    from qio.block import blkdebug_config as bc
+
+    ws = pp.Regex(r"[ \t\n\v\f\r]*").suppress()
+    token = pp.Regex(r"[^ \t\n\v\f\r]{1,63}")
+    group_id = (pp.Literal("[").suppress() + token("group") + ws + pp.Literal('"').suppress()
+                + pp.Regex(r'[^"]{1,63}')("id"))
+    group = pp.Literal("[").suppress() + pp.Regex(r"[^\]]{1,63}")("group")
+    quoted = pp.Literal('"').suppress() + pp.Regex(r'[^"]{0,1023}')("value")
+    assignment = ws + token("name") + pp.Opt(ws + pp.Literal("=").suppress() + ws + pp.Opt(quoted))
+    grammars = []
+    for g in (group_id, group, assignment):
+        g.leave_whitespace()
+        grammars.append(g.parse_with_tabs())
+
+    def old(g: pp.ParserElement, text: str, names: tuple[str, ...]) -> tuple[str | None, ...] | None:
+        try:
+            r = g.parse_string(text)
+        except pp.ParseException:
+            return None
+        return tuple(r[n] if n in r else None for n in names)  # noqa: SIM401
+
+    def new(p: re.Pattern[str], text: str) -> tuple[str | None, ...] | None:
+        m = p.match(text)
+        return None if m is None else m.groups()
+
+    lines = ["[a\t\"b", "a\t=\t\"b\"", "\ta", "[\ta]"]
+    for length in range(6):
+        lines += map("".join, itertools.product('[]" =a', repeat=length))
+    for text in lines:
+        assert new(bc._GROUP_ID, text) == old(grammars[0], text, ("group", "id")), text
+        assert new(bc._GROUP, text) == (old(grammars[1], text, ("group",))), text
+        want = old(grammars[2], text, ("name", "value"))
+        got = new(bc._ASSIGNMENT, text)
+        assert got == want, text
