@@ -60,13 +60,57 @@ class CommandCompleter(Completer):
                     yield Completion(w, -len(cur))
 
 
+class SafeFileHistory(FileHistory):
+    """A history file that cannot be read or written (a directory, a read-only place) costs one warning;
+    the prompt then keeps this session's history in memory instead of failing at every line."""
+
+    def __init__(self, filename: str, warn: Callable[[str], None]) -> None:
+        super().__init__(filename)
+        self._warn = warn
+        self._failed = False
+
+    def _fail(self, e: OSError) -> None:
+        if not self._failed:
+            self._failed = True
+            self._warn(f"history file '{self.filename!s}' is not usable ({os.strerror(e.errno or 0)}); "
+                       "history is kept for this session only")
+
+    def check(self) -> None:
+        """Find an unusable file before the first prompt, so the warning comes before it."""
+        try:
+            with open(self.filename, "ab"):
+                pass
+        except OSError as e:
+            self._fail(e)
+
+    def load_history_strings(self) -> Iterable[str]:
+        if self._failed:
+            return []
+        try:
+            return list(super().load_history_strings())
+        except OSError as e:
+            self._fail(e)
+            return []
+
+    def store_string(self, string: str) -> None:
+        if self._failed:
+            return
+        try:
+            super().store_string(string)
+        except OSError as e:
+            self._fail(e)
+
+
 def make_session(sh: Shell, history: History | None = None, **kw: object) -> PromptSession[str]:
     if history is None:
         path = history_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            history = FileHistory(str(path))
-        except OSError:
+            history = SafeFileHistory(str(path), sh.out.warn_report)
+            history.check()
+        except OSError as e:
+            sh.out.warn_report(f"history file '{path}' is not usable ({os.strerror(e.errno or 0)}); "
+                               "history is kept for this session only")
             history = InMemoryHistory()
     return PromptSession(completer=CommandCompleter(sh.table), history=history,
                          complete_while_typing=False, **kw)  # type: ignore[arg-type]

@@ -102,6 +102,22 @@ def strtol0(s: str) -> int | None:
     return max(min(v, INT64_MAX), -(2**63))
 
 
+def strtou64(s: str) -> str | None:
+    """``qemu_strtou64(s, NULL, 0, ...)``'s verdict: None (a number; negatives wrap as in strtoull),
+    "range" (beyond 64 bits) or "invalid"."""
+    m = _STRTOL.fullmatch(s)
+    if m is None:
+        return "invalid"
+    body = m.group(2)
+    if body.startswith(("0x", "0X")):
+        v = int(body, 16)
+    elif body.startswith("0") and len(body) > 1:
+        v = int(body, 8)
+    else:
+        v = int(body)
+    return "range" if v >= 2**64 else None
+
+
 def parse_pattern(s: str) -> int | None:
     """A ``-P`` pattern byte: strtol base 0, 0..255, fully consumed."""
     v = strtol0(s)

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qio.block.errors import Reporter
 
 BLOCK = 4096
 
@@ -99,3 +103,9 @@ class Output:
 
     def warn_report(self, msg: str) -> None:
         self.err(f"{self.prgname}: warning: {msg}\n")
+
+    def reporter(self) -> Reporter:
+        """The hook handed to the block layer when opening: its messages carry this program's name."""
+        from qio.block.errors import Reporter
+
+        return Reporter(self.prgname, self.err)

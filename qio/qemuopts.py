@@ -7,8 +7,6 @@ a bare ``key`` means ``key=on`` (deprecated, with QEMU's warning).
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -103,59 +101,53 @@ def flatten(obj: Any, prefix: str = "") -> Options:
 
 
 def parse_json_filename(filename: str) -> Options:
-    """``json:{"driver": "raw", "file": {...}}`` to flat options."""
-    text = filename[5:]
+    """``json:{"driver": "raw", "file": {...}}`` to flat options (``parse_json_filename``), each value in
+    the form QemuOpts gives it (:func:`qemuopts_value`)."""
+    from qio.jsonparse import deep_recursion, qobject_from_json
+
     try:
-        obj = json.loads(_single_to_double_quotes(text) if "'" in text else text)
-    except json.JSONDecodeError as e:
-        raise QemuError(f"Could not parse the JSON options: JSON parse error, {_json_error(text, e)}") from None
+        obj = qobject_from_json(filename[5:])
+    except QemuError as e:
+        raise QemuError(f"Could not parse the JSON options: {e}") from None
     if not isinstance(obj, dict):
         raise QemuError("Invalid JSON object given")
-    return flatten(obj)
+    with deep_recursion():
+        flat = flatten(obj)
+    return {k: qemuopts_value(k, v) for k, v in flat.items()}
 
 
-def _single_to_double_quotes(text: str) -> str:
-    """QEMU's JSON parser also takes 'single-quoted' strings (iotests use them); rewrite them as JSON
-    strings, leaving everything inside double-quoted strings alone."""
-    out: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == '"':
-            j = i + 1
-            while j < n and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
-            out.append(text[i:j + 1])
-            i = j + 1
-        elif c == "'":
-            j = i + 1
-            buf = ['"']
-            while j < n and text[j] != "'":
-                if text[j] == "\\" and j + 1 < n:
-                    buf.append("'" if text[j + 1] == "'" else text[j:j + 2])
-                    j += 2
-                    continue
-                buf.append('\\"' if text[j] == '"' else text[j])
-                j += 1
-            if j < n:
-                buf.append('"')
-            out.append("".join(buf))
-            i = j + 1
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
+class NotString:
+    """A child (``file``, ``backing``, ``image``) given as neither a string (a node reference) nor null
+    nor options: no code consumes it, so it ends up as an unsupported option, as in QEMU."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return str(self.value)
 
 
-def _json_error(text: str, e: json.JSONDecodeError) -> str:
-    """QEMU's JSON parser's wording for the common mistakes."""
-    rest = text[e.pos:].lstrip()
-    if not rest:
-        return "premature EOI"
-    word = re.match(r"[A-Za-z_][A-Za-z0-9_]*", rest)
-    if word:
-        return f"invalid keyword '{word.group(0)}'"
-    return e.msg[0].lower() + e.msg[1:]
+def qemuopts_value(key: str, value: Any) -> Any:
+    """A JSON value as the block layer reads it: QemuOpts turns numbers into their decimal text
+    (doubles with ``%.17g``) and booleans into ``on``/``off``, and ignores null, ``[]`` and ``{}``
+    (None here: the option is present for the unknown-option check but unset).  ``driver`` and
+    ``filename`` are read with ``qdict_get_try_str`` first, so there anything but a string is unset."""
+    if isinstance(value, str):
+        return value
+    last = key.rpartition(".")[2]
+    if last in ("driver", "filename"):
+        return None
+    if last in ("file", "backing", "image") and value is not None:
+        return NotString(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "%.17g" % value
+    return None
 
 
 _BOOL = {"on": True, "yes": True, "true": True, "y": True, "off": False, "no": False, "false": False,

@@ -234,7 +234,7 @@ class Shell:
         from qio.block.backend import BlockBackend
 
         try:
-            self.blk = BlockBackend.open(path, options, flags, self.out.err)
+            self.blk = BlockBackend.open(path, options, flags, self.out.reporter())
         except QemuError as e:
             name = f" device {path}" if path is not None else ""
             self.out.error_report(f"can't open{name}: {e}")

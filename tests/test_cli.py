@@ -3,8 +3,10 @@ docs/user-guide.md): its version text, refusing --object, and its own trace even
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import qio
 
@@ -49,3 +51,15 @@ def test_truncate_without_size_does_not_crash(tmp_path: object) -> None:
     assert res.returncode == 1
     assert res.stdout == "truncate [-m prealloc_mode] off -- truncates the current file at the given offset\n"
     assert img.stat().st_size == 4096
+
+
+def test_read_only_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """qemu-io blocks in open(O_RDONLY) until a writer opens the FIFO, then refuses it as not a regular
+    file; qio refuses it at once with that message (documented in docs/user-guide.md)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for args in (["-r"], ["-r", "-f", "raw"], ["-r", "-f", "file"]):
+        res = run(*args, "-c", "read 0 512", str(fifo))  # run() times out after 60 s: a hang fails
+        assert res.returncode == 1
+        assert res.stderr == f"qio: can't open device {fifo}: 'file' driver requires '{fifo}' to be a regular file\n"
+        assert res.stdout == ""

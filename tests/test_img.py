@@ -29,7 +29,8 @@ RUN_QIO_IMG = "import sys; from qio.img.cli import main; sys.exit(main(['qemu-im
 
 def run(argv: list[str], cwd: Path, timeout: float = 60) -> tuple[str, str, int]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, errors="surrogateescape", timeout=timeout,
+                       env=env)
     return p.stdout, p.stderr, p.returncode
 
 
@@ -83,6 +84,13 @@ CREATE_CASES = [
     "-f qcow2 -o cluster_size=1k,cluster_size=2k FILE 1M", "-f qcow2 -o cluster_size=2M FILE 100P",
     "-f qcow2 -o backing_file=a,,b,backing_fmt=raw -u FILE 1M", "-f qcow2 -o lazy_refcounts=yes FILE 1M",
     "-f qcow2 FILE -- -1", "-o", "", "-f qcow2 -o compat=1.1 -o refcount_bits=4 FILE 8G",
+    # -o help: the format's creation options, merged with the protocol's when a file name is given
+    "-f qcow2 -o help", "-f raw -o help", "-o help", "-f qcow2 -o help FILE", "-f raw -o help FILE 1M",
+    "-f qcow2 -o help file:FILE", "-f foo -o help", "-o help,size=1M", "-f qcow2 -o cluster_size=abc,help",
+    "-f qcow2 -o help,,x", "-f qcow2 -o x=help,,y,?", "-f qcow2 -o nohelp FILE 1M", "-f qcow2 -o ? FILE",
+    "-f qcow2 -o size=1M -o help FILE", "-f qcow2 -o help nosuch:FILE", "-f qcow2 -o encrypt=on FILE 1M",
+    "-f raw -o preallocation=metadata FILE 1M", "-f raw -o help,preallocation=metadata FILE 1M",
+    "--image-opts -f qcow2 FILE 1M",
 ]
 
 
@@ -149,6 +157,36 @@ INFO_CASES = [
 ]
 
 
+IMAGE_OPTS_CASES = [
+    "info --image-opts driver=qcow2,file.filename=base.qcow2", "info --image-opts file.filename=top.qcow2",
+    "info --output=json --image-opts driver=qcow2,file.filename=top.qcow2", "info --image-opts base.qcow2",
+    "info --image-opts driver=raw,file.filename=base.raw", "info --image-opts driver=file,filename=base.raw",
+    "info --backing-chain --image-opts driver=qcow2,file.filename=chain.qcow2",
+    "info --image-opts -f qcow2 driver=qcow2,file.filename=base.qcow2",
+    "info --image-opts driver=qcow2,file.filename=base.qcow2,foo=bar", "info --image-opts",
+    "info -U --image-opts driver=qcow2,file.filename=base.qcow2,force-share=off",
+    "info -U --image-opts driver=qcow2,file.filename=base.qcow2,force-share=on",
+    "info --image-opts driver=qcow2,file.filename=nope.qcow2",
+    "check --image-opts driver=qcow2,file.filename=top.qcow2",
+    "check --output=json --image-opts driver=qcow2,file.filename=base.qcow2",
+    "check --image-opts driver=raw,file.filename=base.raw", "check --image-opts -f qcow2 base.qcow2",
+    "map --image-opts driver=qcow2,file.filename=chain.qcow2",
+    "map --output=json --image-opts driver=qcow2,file.filename=top.qcow2",
+    "map --image-opts driver=qcow2,file.filename=top.qcow2,backing.driver=raw,backing.file.filename=base.raw",
+    "map --output=json --image-opts driver=raw,file.filename=base.raw,offset=4096",
+    "map --image-opts driver=qcow2,file.filename=base.qcow2,,x",
+]
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("case", IMAGE_OPTS_CASES)
+def test_image_opts_same(images: Path, case: str) -> None:
+    """``--image-opts``: the file name is an option string (a bare first value is ``file``, a node
+    reference), as qemu-img's img_open parses and opens it."""
+    same(case.split(), images)
+
+
 @oracle
 @needs_qemu
 @pytest.mark.parametrize("case", INFO_CASES)
@@ -158,7 +196,7 @@ def test_info_map_check_same(images: Path, case: str) -> None:
 
 # ====================================================================== corruption corpus
 # The base image (64M, 64k clusters, 'write -P 0x11 0 128k'): clusters 0 header, 1 reftable,
-# 2 refblock, 3 L1, 4 L2, 5-6 data.  Each recipe patches (offset, 8- or 2-byte value) pairs.
+# 2 refblock, 3 L1, 4 L2, 5-6 data.  Each recipe patches (offset, width 2, 4 or 8, value) triples.
 REFBLOCK, L1, L2 = 0x20000, 0x30000, 0x40000
 CORRUPTIONS: dict[str, list[tuple[int, int, int]]] = {
     "C1-refcount-too-high": [(REFBLOCK + 5 * 2, 2, 2)],
@@ -174,6 +212,8 @@ CORRUPTIONS: dict[str, list[tuple[int, int, int]]] = {
     "reserved-bits-l2": [(L2 + 8, 8, 0x8000000000060100)],
     "misaligned-l2-table": [(L1, 8, 0x8000000000040200)],
     "corrupt-bit": [(72, 8, 2)],
+    "no-reftable": [(56, 4, 0)],
+    "no-reftable-no-offset": [(48, 8, 0), (56, 4, 0)],
     "leak-and-copied": [(REFBLOCK + 5 * 2, 2, 3), (REFBLOCK + 8 * 2, 2, 1), (8 * 0x10000 + 0xFFF8, 8, 0)],
 }
 
@@ -182,7 +222,7 @@ def _patch(path: Path, patches: list[tuple[int, int, int]]) -> None:
     with open(path, "r+b") as f:
         for off, width, value in patches:
             f.seek(off)
-            f.write(struct.pack(">H" if width == 2 else ">Q", value))
+            f.write(struct.pack({2: ">H", 4: ">I"}.get(width, ">Q"), value))
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +307,247 @@ def test_hostile_images_never_crash(tmp_path: Path) -> None:
         p = tmp_path / f"h{i}.qcow2"
         p.write_bytes(bytes(img))
         paths.append(str(p))
-    p = subprocess.run([sys.executable, "-c", HOSTILE_DRIVER, *paths], capture_output=True, text=True, timeout=100,
+    p = subprocess.run([sys.executable, "-c", HOSTILE_DRIVER, *paths], capture_output=True, text=True, timeout=300,
                        env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
+
+
+# ======================================================================= persistent bitmaps
+def _bitmaps_ext(data: bytes) -> tuple[int, int, int]:
+    """(nb_bitmaps, directory size, directory offset) from the bitmaps header extension."""
+    pos = struct.unpack_from(">I", data, 100)[0]
+    while True:
+        magic, length = struct.unpack_from(">II", data, pos)
+        if magic == 0x23852875:
+            nb, _, size, offset = struct.unpack_from(">IIQQ", data, pos + 8)
+            return nb, size, offset
+        assert magic, "no bitmaps extension"
+        pos += 8 + ((length + 7) & ~7)
+
+
+def _leak_one_cluster(path: Path) -> None:
+    """Append a cluster and give it refcount 1 in the first refcount block (a leak)."""
+    data = bytearray(path.read_bytes())
+    cs = 1 << struct.unpack_from(">I", data, 20)[0]
+    reftable = struct.unpack_from(">Q", data, 48)[0]
+    refblock = struct.unpack_from(">Q", data, reftable)[0]
+    cluster = -(-len(data) // cs)
+    data += bytes(cluster * cs + cs - len(data))
+    struct.pack_into(">H", data, refblock + 2 * cluster, 1)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def bitmaps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images with persistent bitmaps made by qemu-img bitmap and qemu-io, and damaged variants."""
+    if QEMU_IMG is None or QEMU_IO is None:
+        pytest.skip("qemu-img/qemu-io not installed")
+    d = tmp_path_factory.mktemp("bitmaps")
+    qemu_img(["create", "-q", "-f", "qcow2", "one.qcow2", "64M"], d)
+    qemu_io(["-c", "write -P 1 0 128k"], d / "one.qcow2")
+    qemu_img(["bitmap", "--add", "one.qcow2", "bm0"], d)
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "many.qcow2", "64M"], d)
+    qemu_img(["bitmap", "--add", "many.qcow2", "bm0"], d)
+    qemu_img(["bitmap", "--add", "-g", "512", "many.qcow2", "fine"], d)
+    qemu_img(["bitmap", "--add", "many.qcow2", "off"], d)
+    qemu_img(["bitmap", "--disable", "many.qcow2", "off"], d)
+    qemu_io(["-c", "write -P 2 1M 3M", "-c", "write 40M 64k", "-c", "write -z 50M 64k"], d / "many.qcow2")
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "v3.qcow2", "8M"], d)
+    qemu_img(["bitmap", "--add", "v3.qcow2", "a"], d)
+    qemu_io(["-c", "write -P 3 0 1M"], d / "v3.qcow2")
+    qemu_img(["bitmap", "--clear", "v3.qcow2", "a"], d)
+    qemu_img(["bitmap", "--add", "--disabled", "v3.qcow2", "b"], d)
+    qemu_img(["create", "-q", "-f", "qcow2", "snap.qcow2", "16M"], d)
+    qemu_io(["-c", "write -P 1 0 256k"], d / "snap.qcow2")
+    qemu_img(["bitmap", "--add", "snap.qcow2", "b1"], d)
+    qemu_img(["snapshot", "-c", "s1", "snap.qcow2"], d)  # check -r: QEMU's header update drops the snapshot
+    shutil.copy(d / "many.qcow2", d / "leak.qcow2")
+    _leak_one_cluster(d / "leak.qcow2")
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "in-use.qcow2", "16M"], d)
+    qemu_img(["bitmap", "--add", "in-use.qcow2", "x"], d)
+    qemu_img(["bitmap", "--add", "in-use.qcow2", "y"], d)
+    qemu_io(["-c", "write -P 4 0 1M", "-c", "sigraise 9"], d / "in-use.qcow2")  # killed: x, y stay in use
+    qemu_img(["bitmap", "--add", "-g", "4k", "in-use.qcow2", "z"], d)
+    data = (d / "one.qcow2").read_bytes()
+    _, size, offset = _bitmaps_ext(data)
+    table = struct.unpack_from(">Q", data, offset)[0]
+    (d / "all-ones.qcow2").write_bytes(data[:table + 7] + b"\x01" + data[table + 8:])
+    bad = {"bad-granularity": [(offset + 17, 40)], "bad-table-entry": [(table + 7, 3)],
+           "bad-table-size": [(offset + 11, 5)], "bad-type": [(offset + 16, 2)]}
+    for name, patches in bad.items():
+        img = bytearray(data)
+        for off, byte in patches:
+            img[off] = byte
+        (d / f"{name}.qcow2").write_bytes(bytes(img))
+    img = bytearray(data)
+    pos = struct.unpack_from(">I", img, 100)[0]
+    while struct.unpack_from(">I", img, pos)[0] != 0x23852875:
+        pos += 8 + ((struct.unpack_from(">I", img, pos + 4)[0] + 7) & ~7)
+    struct.pack_into(">Q", img, pos + 16, size - 8)
+    (d / "broken-dir.qcow2").write_bytes(bytes(img))
+    variants = {"ext-reserved": (pos + 12, ">I", 1), "ext-length": (pos + 4, ">I", 16),
+                "dir-extra-overflow": (offset + 20, ">I", 0xFFFFFFF0),  # C int overflow: not "broken"
+                "ext-magic-lost": (pos, ">I", 0x23856875),  # autoclear bit without the extension
+                "odd-name": (offset + 24, ">B", 0xCC)}  # not UTF-8: kept byte for byte
+    for name, (off, fmt, value) in variants.items():
+        img = bytearray(data)
+        struct.pack_into(fmt, img, off, value)
+        (d / f"{name}.qcow2").write_bytes(bytes(img))
+    _leak_one_cluster(d / "ext-magic-lost.qcow2")  # -r then writes metadata: overlaps the empty directory
+    return d
+
+
+BITMAP_IMAGES = ["one", "many", "v3", "leak", "in-use", "all-ones", "bad-granularity", "bad-table-entry",
+                 "bad-table-size", "bad-type", "broken-dir", "ext-reserved", "ext-length", "dir-extra-overflow",
+                 "ext-magic-lost", "odd-name", "snap"]
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("cmd", [["check"], ["check", "--output=json"], ["info"], ["info", "--output=json"],
+                                 ["map", "--output=json"]], ids=["check", "check-json", "info", "info-json", "map"])
+@pytest.mark.parametrize("name", BITMAP_IMAGES)
+def test_bitmap_images(bitmaps: Path, name: str, cmd: list[str]) -> None:
+    """The bitmap directory, tables and data clusters are references (no false leaks); a bitmap
+    directory QEMU refuses to load makes the open fail with QEMU's message."""
+    same([*cmd, f"{name}.qcow2"], bitmaps)
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("mode", [[], ["-r", "leaks"], ["-r", "all"]], ids=["plain", "leaks", "all"])
+def test_check_rebuilds_zero_size_reftable(tmp_path: Path, mode: list[str]) -> None:
+    """refcount_table_clusters = 0: qemu-img opens the image for the check anyway (BDRV_O_CHECK),
+    every reference is an error and ``-r all`` rebuilds the refcount structure; here with 512-byte
+    clusters, a snapshot and compressed data, so the rebuild spans several refcount blocks."""
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "s.qcow2", "16M"], tmp_path)
+    qemu_io(["-c", "write -P 1 0 2M", "-c", "write -c 4M 64k"], tmp_path / "s.qcow2")
+    qemu_img(["snapshot", "-c", "snap1", "s.qcow2"], tmp_path)
+    qemu_io(["-c", "write -P 2 1M 1M"], tmp_path / "s.qcow2")
+    _patch(tmp_path / "s.qcow2", [(56, 4, 0)])
+    shutil.copy(tmp_path / "s.qcow2", tmp_path / "ref.qcow2")
+    shutil.copy(tmp_path / "s.qcow2", tmp_path / "ours.qcow2")
+    ref = qemu_img(["check", *mode, "ref.qcow2"], tmp_path)
+    ours = qio_img(["check", *mode, "ours.qcow2"], tmp_path)
+    assert ours == ref
+    assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()
+    for cmd in (["info"], ["map"]):
+        same([*cmd, "s.qcow2"], tmp_path)
+
+
+# ====================================================================== broken snapshot tables
+def _patched(src: Path, dst: Path, patches: list[tuple[int, int, int]], length: int | None = None) -> None:
+    shutil.copy(src, dst)
+    _patch(dst, patches)
+    if length is not None:
+        os.truncate(dst, length)
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images with internal snapshots (qemu-img snapshot -c) whose snapshot table is damaged: entries
+    past the end of the file (more entries than written, a truncated file, a table moved past the end),
+    too much extra data, too many entries, a misaligned table, an entry without mandatory extra data,
+    and a v2 image (where short entries are fine)."""
+    if QEMU_IMG is None or QEMU_IO is None:
+        pytest.skip("qemu-img/qemu-io not installed")
+    d = tmp_path_factory.mktemp("snapshots")
+    qemu_img(["create", "-q", "-f", "qcow2", "s.qcow2", "64M"], d)
+    qemu_io(["-c", "write -P 1 0 128k"], d / "s.qcow2")
+    qemu_img(["snapshot", "-c", "one", "s.qcow2"], d)
+    qemu_img(["snapshot", "-c", "two", "s.qcow2"], d)
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "64M"], d)
+    qemu_io(["-c", "write -P 1 0 128k"], d / "v2.qcow2")
+    qemu_img(["snapshot", "-c", "one", "v2.qcow2"], d)
+    data = (d / "s.qcow2").read_bytes()
+    nb, table = struct.unpack_from(">IQ", data, 60)
+    assert nb == 2 and len(data) > table
+    s = d / "s.qcow2"
+    _patched(s, d / "more-entries.qcow2", [(60, 4, 4)])
+    _patched(s, d / "truncated.qcow2", [], table + 60)
+    _patched(s, d / "moved-past-eof.qcow2", [(64, 8, 2 * table)])
+    _patched(s, d / "extra-too-big.qcow2", [(table + 36, 4, 2000)])
+    _patched(s, d / "too-many.qcow2", [(60, 4, 70000)])
+    _patched(s, d / "misaligned.qcow2", [(64, 8, table + 1)])
+    _patched(s, d / "no-extra.qcow2", [(table + 36, 4, 8)])
+    v2 = (d / "v2.qcow2").read_bytes()
+    _patched(d / "v2.qcow2", d / "v2-more-entries.qcow2", [(60, 4, 3)])
+    assert struct.unpack_from(">I", v2, 60)[0] == 1
+    return d
+
+
+SNAPSHOT_IMAGES = ["s", "v2", "more-entries", "truncated", "moved-past-eof", "extra-too-big", "too-many",
+                   "misaligned", "no-extra", "v2-more-entries"]
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("mode", [[], ["--output=json"], ["-r", "leaks"], ["-r", "all"],
+                                  ["-r", "all", "--output=json"]], ids=["human", "json", "leaks", "all", "all-json"])
+@pytest.mark.parametrize("name", SNAPSHOT_IMAGES)
+def test_check_snapshot_table(snapshots: Path, tmp_path: Path, name: str, mode: list[str]) -> None:
+    """qcow2_check_read_snapshot_table / qcow2_check_fix_snapshot_table: each incomplete entry is
+    reported, ``-r all`` drops what must go and rewrites the table; same text, exit code and bytes."""
+    shutil.copy(snapshots / f"{name}.qcow2", tmp_path / "ref.qcow2")
+    shutil.copy(snapshots / f"{name}.qcow2", tmp_path / "ours.qcow2")
+    ref = qemu_img(["check", *mode, "ref.qcow2"], tmp_path)
+    ours = qio_img(["check", *mode, "ours.qcow2"], tmp_path)
+    assert (ours[0].replace("ours.qcow2", "ref.qcow2"), ours[1].replace("ours.qcow2", "ref.qcow2"), ours[2]) == ref
+    assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()
+
+
+# ==================================================================== info: internal snapshots
+@pytest.fixture(scope="module")
+def snapinfo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Snapshots made by qemu-img snapshot -c (long and non-ASCII tags), then entries patched to carry a
+    VM state size, a VM clock, no icount (16 bytes of extra data) and values past 2^63."""
+    if QEMU_IMG is None or QEMU_IO is None:
+        pytest.skip("qemu-img/qemu-io not installed")
+    d = tmp_path_factory.mktemp("snapinfo")
+    qemu_img(["create", "-q", "-f", "qcow2", "i.qcow2", "64M"], d)
+    qemu_io(["-c", "write -P 1 0 128k"], d / "i.qcow2")
+    for tag in ("one", "a longer tag name than sixteen", "snäp-ü"):
+        qemu_img(["snapshot", "-c", tag, "i.qcow2"], d)
+    data = (d / "i.qcow2").read_bytes()
+    table = struct.unpack_from(">Q", data, 64)[0]
+    second = table + ((40 + 24 + 1 + 3 + 7) & ~7)
+    _patched(d / "i.qcow2", d / "patched.qcow2", [
+        (table + 24, 8, 3725 * 10**9 + 123456789), (table + 36 - 4, 4, 5000), (table + 40, 8, 123456789),
+        (table + 56, 8, (1 << 64) - 1),
+        (second + 16, 4, 0), (second + 24, 8, (1 << 63) + 999999999), (second + 40, 8, (1 << 63) + 5),
+        (second + 56, 8, 42)])
+    qemu_img(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "1M"], d)
+    qemu_img(["snapshot", "-c", "old", "v2.qcow2"], d)
+    qemu_img(["create", "-q", "-f", "qcow2", "-b", "i.qcow2", "-F", "qcow2", "top.qcow2"], d)
+    qemu_img(["snapshot", "-c", "top-snap", "top.qcow2"], d)
+    return d
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("args", ["info i.qcow2", "info --output=json i.qcow2", "info patched.qcow2",
+                                  "info --output=json patched.qcow2", "info v2.qcow2", "info --output=json v2.qcow2",
+                                  "info --backing-chain top.qcow2", "info --backing-chain --output=json top.qcow2"])
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York"])
+def test_info_snapshot_list(snapinfo: Path, args: str, tz: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "Snapshot list" table (ID, TAG, VM SIZE, DATE in local time, VM CLOCK, ICOUNT) and the
+    ``snapshots`` JSON array, as bdrv_snapshot_dump and SnapshotInfo show them."""
+    monkeypatch.setenv("TZ", tz)
+    same(args.split(), snapinfo)
+
+
+@oracle
+@needs_qemu
+@pytest.mark.parametrize("mode", [["-r", "leaks"], ["-r", "all"], ["-r", "all", "--output=json"]],
+                         ids=["leaks", "all", "all-json"])
+@pytest.mark.parametrize("name", BITMAP_IMAGES)
+def test_bitmap_images_repair(bitmaps: Path, tmp_path: Path, name: str, mode: list[str]) -> None:
+    """``check -r`` on an image with bitmaps: QEMU marks the bitmaps in use at open and stores them to
+    new clusters at close; the repaired image must be byte-identical, and still readable by qemu-img."""
+    shutil.copy(bitmaps / f"{name}.qcow2", tmp_path / "ref.qcow2")
+    shutil.copy(bitmaps / f"{name}.qcow2", tmp_path / "ours.qcow2")
+    ref = qemu_img(["check", *mode, "ref.qcow2"], tmp_path)
+    ours = qio_img(["check", *mode, "ours.qcow2"], tmp_path)
+    assert (ours[0].replace("ours.qcow2", "ref.qcow2"), ours[1].replace("ours.qcow2", "ref.qcow2"), ours[2]) == ref
+    assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()

@@ -10,9 +10,14 @@ on a loaded machine and a failure names a short list.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +38,8 @@ QCOW2_TESTS = [
     "251", "252", "265", "268", "272", "290", "292", "305", "313",
 ]
 BATCH = 12
+# where the runner unpacks QEMU's source (its own default)
+QSRC = Path(os.environ.get("QSRC") or Path(tempfile.gettempdir()) / "qsrc")
 
 
 def _batches() -> list[tuple[str, list[str]]]:
@@ -50,6 +57,18 @@ def _qemu_io_script(where: Path) -> Path:
     return script
 
 
+@contextlib.contextmanager
+def _fetch_lock() -> Iterator[None]:
+    """Held by the batch that fetches QEMU's source, so that parallel test workers (pytest -n) do not
+    unpack it into the same folder at once; once it is there, batches run side by side."""
+    QSRC.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{QSRC}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (QSRC / "qemu-7.2.0" / "tests" / "qemu-iotests" / "check").exists():
+            fcntl.flock(lock, fcntl.LOCK_UN)  # fetched (by an earlier batch): no need to hold it
+        yield
+
+
 @pytest.mark.oracle
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
@@ -57,7 +76,8 @@ def _qemu_io_script(where: Path) -> Path:
 def test_qemu_iotests(tmp_path: Path, fmt: str, tests: list[str]) -> None:
     if not RUNNER.exists() or shutil.which("qemu-img") is None:
         pytest.skip("qemu-iotests runner or qemu-img not available")
-    res = subprocess.run(["bash", str(RUNNER), str(_qemu_io_script(tmp_path)), fmt, *tests],
-                         capture_output=True, text=True, timeout=1700)
+    with _fetch_lock():
+        res = subprocess.run(["bash", str(RUNNER), str(_qemu_io_script(tmp_path)), fmt, *tests],
+                             capture_output=True, text=True, timeout=1700)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"iotests {fmt}: {len(tests)} passed, 0 failed" in res.stdout

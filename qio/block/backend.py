@@ -37,13 +37,17 @@ GENERIC_OPTS = frozenset({"node-name", "read-only", "auto-read-only", "cache.dir
 Warn = Callable[[str], None]
 
 
-def _node_flags(options: Options, flags: OpenFlags) -> OpenFlags:
-    """Generic per-node options override the inherited flags."""
+def _node_flags(options: Options, flags: OpenFlags, opening: bool = True) -> OpenFlags:
+    """Generic per-node options override the inherited flags (``bdrv_open_common``'s checks when
+    ``opening``; a reopen checks them its own way)."""
     f = flags.copy()
     f.read_only = opt_bool(options, "read-only", f.read_only)
     f.nocache = opt_bool(options, "cache.direct", f.nocache)
     f.no_flush = opt_bool(options, "cache.no-flush", f.no_flush)
     f.force_share = opt_bool(options, "force-share", f.force_share)
+    opt_bool(options, "auto-read-only", False)
+    if opening and f.force_share and not f.read_only:
+        raise QemuError("force-share=on can only be used with read-only images")
     d = options.get("discard")
     if d is not None:
         if d in ("off", "ignore"):
@@ -52,6 +56,13 @@ def _node_flags(options: Options, flags: OpenFlags) -> OpenFlags:
             f.unmap = True
         else:
             raise QemuError("Invalid discard option")
+    dz = options.get("detect-zeroes")
+    if dz is not None:
+        if dz not in ("off", "on", "unmap"):
+            raise QemuError(f"invalid parameter value: {dz}")
+        if opening and dz == "unmap" and not f.unmap:
+            raise QemuError("setting detect-zeroes to unmap is not allowed without setting discard operation "
+                            "to unmap")
     return f
 
 
@@ -61,8 +72,15 @@ _node_ids = itertools.count()
 def _name_node(node: BlockDriver, options: Options) -> None:
     """``node-name``, or QEMU's automatic ``#block<N><2 random digits>`` (children are named first)."""
     name = options.get("node-name")
+    if name is not None:
+        name = str(name)
+        if not (name[:1].isascii() and name[:1].isalpha()) or not all(
+                c.isascii() and (c.isalnum() or c in "-._") for c in name[1:]):
+            raise QemuError(f"Invalid node-name: '{name}'")  # id_wellformed
+        if len(name) >= 32:
+            raise QemuError("Node name too long")
     # os.urandom rather than the random module: importing random costs more start-up time than it saves
-    node.node_name = str(name) if name else f"#block{next(_node_ids)}{int.from_bytes(os.urandom(2)) % 100:02d}"
+    node.node_name = name if name is not None else f"#block{next(_node_ids)}{int.from_bytes(os.urandom(2)) % 100:02d}"
     node.open_options = {k: v for k, v in options.items() if not (k == "filename" and node.children)}
     node.open_options["driver"] = node.format_name
 
@@ -77,20 +95,24 @@ def _protocol_of(filename: str) -> str | None:
     return None
 
 
-def _check_leftovers(node: BlockDriver, options: Options) -> None:
+def _check_leftovers(node: BlockDriver, options: Options, positional: bool = True) -> None:
     for key in options:
-        if key in GENERIC_OPTS or key in node.runtime_opts:
+        if (key in GENERIC_OPTS and (positional or key != "filename")) or key in node.runtime_opts:
             continue
         if node.is_format:
             raise QemuError(f"Block format '{node.format_name}' does not support the option '{key}'")
         raise QemuError(f"Block protocol '{node.format_name}' doesn't support the option '{key}'")
 
 
-def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool = False) -> BlockDriver:
+def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool = False,
+              positional: bool = True) -> BlockDriver:
     """Open one node (and, recursively, its children) from flat options.
 
     Without a ``driver`` a top-level node is a probed format over a protocol child; a child opened
     for a format (``protocol=True``) is the protocol its filename's prefix names, else ``file``.
+    ``positional``: ``filename`` is the file name ``bdrv_open`` was called with (the command line's
+    image), which a format node hands to its ``file`` child; a ``filename`` *option* (``json:``,
+    ``--image-opts``) of a format node is not.
     """
     filename = options.get("filename")
     if isinstance(filename, str) and filename.startswith("json:"):
@@ -99,6 +121,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         for k, v in parsed.items():
             options.setdefault(k, v)
         filename = options.get("filename")
+        positional = False
     flags = _node_flags(options, flags)
     drvname = options.get("driver")
     cls: type[BlockDriver] | None = None
@@ -111,16 +134,21 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     if cls is not None and not cls.is_format:
         return _open_protocol(cls, options, flags, warn)
     # A format node (given or to be probed) over a "file" child.
+    ref = options.pop("file", None)  # bdrv_open_child_bs consumes "file" whatever its type
     child_opts = sub_options(options, "file")
-    if filename is not None:
+    if filename is not None and positional:
         child_opts.setdefault("filename", filename)
-    for key in ("read-only", "cache.direct", "cache.no-flush", "force-share"):
-        if key in options:
-            child_opts.setdefault(key, options[key])
-    if not child_opts:
+    if isinstance(ref, str):  # a node reference; qemu-io has no other nodes
+        if child_opts:
+            raise QemuError("Cannot reference an existing block device with additional options or a new filename")
+        raise QemuError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+    if not child_opts:  # no file.* options and no filename: no child (inherited flags do not count)
         if cls is None:
             raise QemuError("Must specify either driver or file")
         raise QemuError('A block device must be specified for "file"')
+    for key in ("read-only", "cache.direct", "cache.no-flush", "force-share"):
+        if key in options:
+            child_opts.setdefault(key, options[key])
     file = open_node(child_opts, flags, warn, protocol=True)
     probed = False
     try:
@@ -137,7 +165,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         _name_node(node, options)
         node.refresh_limits()
         node.open(options, flags)
-        _check_leftovers(node, options)
+        _check_leftovers(node, options, positional)
     except BaseException:
         _close_sync(file)
         raise
@@ -153,6 +181,12 @@ def _protocol_class(filename: Any) -> type[BlockDriver]:
     """``bdrv_find_protocol``: the driver a ``proto:`` prefix names, else ``file``."""
     name = "file"
     if isinstance(filename, str):
+        from qio.block.file import is_host_device
+
+        if is_host_device(filename):
+            cls = registry.find("host_device")
+            assert cls is not None
+            return cls
         proto = _protocol_of(filename)
         if proto is not None:
             if proto not in registry.PROTOCOL_PREFIXES:
@@ -249,6 +283,7 @@ class BlockBackend:
     @classmethod
     def open(cls, filename: str | None, options: Options, flags: OpenFlags, warn: Warn) -> BlockBackend:
         options = dict(options)
+        positional = filename is not None and not filename.startswith("json:")
         if filename is not None:
             if filename.startswith("json:"):
                 parsed = parse_json_filename(filename)
@@ -256,6 +291,7 @@ class BlockBackend:
                     options.setdefault(k, v)
             else:
                 options["filename"] = filename
+        want_ro = flags.read_only
         flags = _node_flags(options, flags)
         if flags.force_share and not flags.read_only:
             raise QemuError("force-share=on can only be used with read-only images")
@@ -266,15 +302,19 @@ class BlockBackend:
 
             base_flags = flags.copy()
             base_flags.read_only, base_flags.snapshot, base_flags.copy_on_read = True, False, False
-            base = open_node(options, base_flags, warn)
+            base = open_node(options, base_flags, warn, positional=positional)
             try:
                 root = temp_overlay(base, flags, warn)
             except BaseException:
                 _close_sync(base)
                 raise
         else:
-            root = open_node(options, flags, warn)
+            root = open_node(options, flags, warn, positional=positional)
         root.copy_on_read = flags.copy_on_read
+        if not want_ro and any(n.read_only for n in _primary_nodes(root)):
+            # blk_new_open asked for WRITE (no -r) but an option made a node read-only.
+            _close_sync(root)
+            raise QemuError("Block node is read-only", errno.EPERM)
         blk = cls(root, flags)
         try:
             _apply_perms(root, blk.perm, blk.shared)
@@ -350,13 +390,17 @@ class BlockBackend:
         The root's driver validates what it may change (``reopen_opts``) first; every other option, of
         the root or of a child (``file.locking``), must keep the value the node was opened with."""
         options = dict(options)
-        flags = _node_flags(options, flags)
+        flags = _node_flags(options, flags, opening=False)
         if flags.read_only and self.root.copy_on_read:
             raise QemuError(f"Can't set node '{self.root.node_name}' to r/o with copy-on-read enabled")
         root_opts = {k: v for k, v in options.items() if k in self.root.reopen_opts}
         self.root.check_reopen(flags, root_opts)
+        for node in _primary_nodes(self.root)[1:]:
+            if not node.is_format:  # protocols may refuse the new flags (a read-only nbd export)
+                node.check_reopen(flags, {})
         for key, value in options.items():
-            if key in root_opts or (key in GENERIC_OPTS and key not in ("driver", "filename", "node-name")):
+            if key in root_opts or (key in GENERIC_OPTS
+                                    and key not in ("driver", "filename", "node-name", "force-share")):
                 continue
             _check_unchanged(self.root, key, value)
         perm = self.perm if not flags.read_only else self.perm & ~(PERM_WRITE | PERM_RESIZE)

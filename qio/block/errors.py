@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 
 class BlockError(OSError):
@@ -23,3 +24,46 @@ class QemuError(Exception):
     def __init__(self, msg: str, err: int = errno.EINVAL) -> None:
         super().__init__(msg)
         self.errno = err
+
+
+class Reporter:
+    """Where a node's messages go: the front end that opened the image passes one down, so QEMU's
+    ``error_report``/``warn_report`` lines carry that program's name (``qio:``, ``qio-img:``, or
+    whatever argv[0] says, as qemu-io and qemu-img print their own) rather than a fixed prefix.
+    Calling it writes raw text (QEMU's ``error_printf``/``fprintf(stderr)``)."""
+
+    __slots__ = ("prgname", "write")
+
+    def __init__(self, prgname: str, write: Callable[[str], None]) -> None:
+        self.prgname = prgname
+        self.write = write
+
+    def __call__(self, text: str) -> None:
+        self.write(text)
+
+    def error(self, msg: str) -> None:
+        self.write(f"{self.prgname}: {msg}\n")
+
+    def warning(self, msg: str) -> None:
+        self.write(f"{self.prgname}: warning: {msg}\n")
+
+
+def report_error(hook: Callable[[str], None] | None, msg: str, warning: bool = False) -> None:
+    """``error_report``/``warn_report`` through a node's hook; a plain callable (tests, internal
+    opens) gets the bare message."""
+    if isinstance(hook, Reporter):
+        (hook.warning if warning else hook.error)(msg)
+    elif hook is not None:
+        hook(f"{'warning: ' if warning else ''}{msg}\n")
+
+
+def assert_fail(where: str, expr: str) -> None:
+    """A failed ``assert()`` in QEMU: glibc prints ``progname: file:line: function: Assertion `expr'
+    failed.`` and aborts; unflushed stdout is lost, as with qemu-io."""
+    import signal
+    import sys
+
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "qemu-io"
+    os.write(2, f"{'qio' if prog == '__main__.py' else prog}: {where}: Assertion `{expr}' failed.\n".encode())
+    signal.signal(signal.SIGABRT, signal.SIG_DFL)
+    os.abort()

@@ -29,6 +29,7 @@ from qio.block.driver import (
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_ALL, PERM_NAMES
+from qio.qemuopts import opt_bool
 
 INLINE_MAX = 8 << 20
 IOV_MAX = 1024
@@ -131,34 +132,45 @@ class FileDriver(BlockDriver):
         filename = options.get("filename")
         if not filename:
             raise QemuError("The 'file' block driver requires a file name")
-        if filename.startswith("file:"):
-            filename = filename[5:]
+        prefix = f"{self.protocol_name}:"
+        if filename.startswith(prefix):
+            filename = filename[len(prefix):]
         self.filename = filename
-        locking = options.get("locking", "auto")
+        self._check_number(options, "aio-max-batch")
+        for key in ("drop-cache", "x-check-cache-dropped"):
+            opt_bool(options, key, False)
+        locking = options.get("locking") or "auto"
         if locking not in ("auto", "on", "off"):
             raise QemuError(f"invalid parameter value: {locking}")
         self.use_lock = locking != "off"
-        aio = options.get("aio", "native" if flags.native_aio else flags.aio)
+        aio = options.get("aio") or ("native" if flags.native_aio else flags.aio)
         if aio not in ("threads", "native", "io_uring"):
             raise QemuError(f"invalid parameter value: {aio}")
         if aio == "native" and not flags.nocache:
             raise QemuError("aio=native was specified, but it requires cache.direct=on, "
                             "which was not specified.")
+        pr_manager = options.get("pr-manager")
+        if pr_manager is not None:  # qio has no --object, so there is never such an object
+            raise QemuError(f"No persistent reservation manager with id '{pr_manager}'")
         mode = os.O_RDONLY if flags.read_only else os.O_RDWR
         mode |= os.O_CLOEXEC
         if flags.nocache:
             mode |= os.O_DIRECT
         try:
-            self.fd = os.open(filename, mode)
+            # O_NONBLOCK: a FIFO opened read-only would wait for a writer (qemu-io hangs there); qio
+            # opens it at once and refuses it below with the message QEMU gives once it gets that far.
+            self.fd = os.open(filename, mode | os.O_NONBLOCK)
+            os.set_blocking(self.fd, True)
         except OSError as e:
             raise QemuError(f"Could not open '{filename}': {os.strerror(e.errno or errno.EIO)}",
                             e.errno or errno.EIO) from None
         st = os.fstat(self.fd)
-        if stat.S_ISDIR(st.st_mode):
-            os.close(self.fd)
-            self.fd = -1
-            raise QemuError(f"Could not open '{filename}': Is a directory", errno.EISDIR)
-        self.size = st.st_size
+        self._check_file_type(st.st_mode)
+        try:
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)  # raw_getlength (EINVAL on /proc files)
+        except OSError as e:
+            err = e.errno or errno.EIO
+            raise QemuError(f"Could not refresh total sector count: {os.strerror(err)}", err) from None
         self.read_only = flags.read_only
         self.flags = flags
         self.supported_zero_flags = REQ_MAY_UNMAP | REQ_NO_FALLBACK
@@ -166,15 +178,37 @@ class FileDriver(BlockDriver):
         if self.direct:
             self.request_alignment = self._probe_alignment()
 
+    @staticmethod
+    def _check_number(options: dict[str, Any], key: str) -> None:
+        """A QemuOpts number (``parse_option_number``: ``qemu_strtou64`` base 0, negatives wrap)."""
+        from qio.numbers import strtou64
+
+        value = options.get(key)
+        if value is None:
+            return
+        err = strtou64(str(value))
+        if err == "range":
+            raise QemuError(f"Value '{value}' is too large for parameter '{key}'")
+        if err:
+            raise QemuError(f"Parameter '{key}' expects a number")
+
+    def _check_file_type(self, mode: int) -> None:
+        """``raw_open_common``: the ``file`` driver takes regular files only."""
+        if not stat.S_ISREG(mode):
+            raise QemuError(f"'{self.format_name}' driver requires '{self.filename}' to be a regular file")
+
     def _probe_alignment(self) -> int:
+        """``raw_probe_alignment``: the smallest O_DIRECT read of sector 0 that works; where even one
+        byte works (a hole, an empty file) QEMU falls back to 4096 (MAX_BLOCKSIZE/page size)."""
         buf = mmap.mmap(-1, 65536)
         try:
-            for align in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+            for align in (1, 512, 1024, 2048, 4096):
                 try:
                     os.preadv(self.fd, [memoryview(buf)[:align]], 0)
-                    return align
-                except OSError:
-                    continue
+                except OSError as e:
+                    if e.errno == errno.EINVAL:
+                        continue
+                return align if align != 1 else 4096
         finally:
             buf.close()
         return 4096
@@ -285,13 +319,22 @@ class FileDriver(BlockDriver):
         finally:
             bounce.close()
 
+    def _check_niov(self, qiov: IOVec) -> None:
+        """A vector of more than IOV_MAX buffers handed to preadv/pwritev fails with EINVAL (unless
+        O_DIRECT bounces a misaligned one through one buffer, as file-posix does)."""
+        if len(qiov) > IOV_MAX and not (
+                self.direct and any(len(b) % self.request_alignment for b in qiov)):
+            raise BlockError(errno.EINVAL)
+
     async def co_preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
+        self._check_niov(qiov)
         if self.direct:
             await self._run(nbytes, self._direct_io, False, qiov, offset)
         else:
             await self._run(nbytes, _pread_all, self.fd, qiov, offset)
 
     async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
+        self._check_niov(qiov)
         if self.direct:
             await self._run(nbytes, self._direct_io, True, qiov, offset)
         else:
@@ -371,3 +414,38 @@ class FileDriver(BlockDriver):
 
     def get_info(self) -> BlockInfo | None:
         return BlockInfo()
+
+
+class HostDeviceDriver(FileDriver):
+    """``host_device``: file-posix on a character or block device (``/dev/null``), chosen for such a
+    path instead of ``file`` (``hdev_probe_device``)."""
+
+    format_name = "host_device"
+    protocol_name = "host_device"
+
+    def _check_file_type(self, mode: int) -> None:
+        if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+            raise QemuError(f"'{self.format_name}' driver requires '{self.filename}' to be either "
+                            "a character or block device")
+
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+        """``raw_co_truncate`` on a device: it can only keep (or, inexactly, shrink below) its length."""
+        if prealloc != "off":
+            raise QemuError(f"Preallocation mode '{prealloc}' unsupported for this non-regular file",
+                            errno.ENOTSUP)
+        cur = os.lseek(self.fd, 0, os.SEEK_END)
+        if offset != cur and exact:
+            raise QemuError("Cannot resize device files", errno.ENOTSUP)
+        if offset > cur:
+            raise QemuError("Cannot grow device files", errno.EINVAL)
+
+
+def is_host_device(filename: str) -> bool:
+    """``find_hdev_driver``: a ``/dev/cdrom*`` name or an existing character/block device."""
+    if filename.startswith("/dev/cdrom"):
+        return True
+    try:
+        mode = os.stat(filename).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)

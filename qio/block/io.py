@@ -26,7 +26,7 @@ from qio.block.driver import (
     BlockDriver,
     IOVec,
 )
-from qio.block.errors import BlockError, QemuError
+from qio.block.errors import BlockError, QemuError, assert_fail
 from qio.block.events import Event
 from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
 
@@ -144,6 +144,7 @@ async def _make_serialising(req: Tracked, align: int) -> None:
 async def preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec) -> None:
     """``bdrv_co_preadv``: read ``nbytes`` at ``offset`` of ``node`` into ``qiov``."""
     _check_request(offset, nbytes)
+    _check_padded_niov(node, offset, nbytes, qiov)
     if not _tracking(node):
         await _preadv(node, offset, nbytes, qiov)
         return
@@ -154,6 +155,38 @@ async def preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec) -> No
         await _preadv(node, offset, nbytes, qiov, req)
     finally:
         _end(req)
+
+
+IOV_MAX = 1024
+
+
+def iov_niov(qiov: IOVec, nbytes: int) -> int:
+    """Buffers ``qiov_slice`` keeps for the first ``nbytes`` (empty ones before the data are skipped)."""
+    if nbytes <= 0:
+        return 0
+    n = pos = 0
+    for buf in qiov:
+        if pos == 0 and not len(buf):
+            continue
+        n += 1
+        pos += len(buf)
+        if pos >= nbytes:
+            break
+    return n
+
+
+def _check_padded_niov(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec) -> None:
+    """``bdrv_pad_request``: a padded request's vector (head + data + tail) holds at most IOV_MAX
+    buffers (``qemu_iovec_init_extended``), else EINVAL before anything is read or written; a
+    vector that is already over it fails the function's assertion."""
+    align = node.request_alignment
+    head, tail = offset % align, (offset + nbytes) % align
+    if not (head or tail) or not nbytes:
+        return
+    if len(qiov) > IOV_MAX:
+        assert_fail("../../util/iov.c:433: qemu_iovec_init_extended", "mid_qiov->niov <= IOV_MAX")
+    if (head > 0) + iov_niov(qiov, nbytes) + (tail > 0) > IOV_MAX:
+        raise BlockError(errno.EINVAL)
 
 
 async def _preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, req: Tracked | None = None) -> None:
@@ -251,6 +284,8 @@ async def pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | Non
         raise BlockError(errno.EPERM)
     if flags & REQ_WRITE_COMPRESSED and not node.can_compress:
         raise BlockError(errno.ENOTSUP)
+    if qiov is not None:
+        _check_padded_niov(node, offset, nbytes, qiov)
     if not _tracking(node):
         await _pwritev(node, offset, nbytes, qiov, flags, None)
         return

@@ -29,7 +29,7 @@ import os
 import re
 import stat
 import zlib
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from qio.aio import run_sync
 from qio.block import io
@@ -49,12 +49,15 @@ from qio.block.driver import (
     Child,
     IOVec,
 )
-from qio.block.errors import BlockError, QemuError
+from qio.block.errors import BlockError, QemuError, report_error
 from qio.block.events import Event
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
 from qio.block.qcow2_cache import CoMutex, CoQueue, Qcow2Cache
 from qio.qemuopts import opt_bool, opt_size
+
+if TYPE_CHECKING:
+    from qio.block.qcow2_bitmap import LoadedBitmap
 
 INT_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
@@ -143,8 +146,10 @@ class L2Meta:
 
 
 class Snapshot:
-    __slots__ = ("disk_size", "extra_data_size", "id_str", "l1_size", "l1_table_offset", "name",
-                 "vm_state_size")
+    """``QCowSnapshot``: one entry of the snapshot table."""
+
+    __slots__ = ("date_nsec", "date_sec", "disk_size", "extra_data_size", "icount", "id_str", "l1_size",
+                 "l1_table_offset", "name", "unknown_extra_data", "vm_clock_nsec", "vm_state_size")
 
     def __init__(self) -> None:
         self.l1_table_offset = 0
@@ -153,7 +158,12 @@ class Snapshot:
         self.name = ""
         self.disk_size = 0
         self.vm_state_size = 0
+        self.date_sec = 0
+        self.date_nsec = 0
+        self.vm_clock_nsec = 0
+        self.icount = (1 << 64) - 1
         self.extra_data_size = 0
+        self.unknown_extra_data = b""
 
 
 #: (st_dev, st_ino) of the qcow2 images being opened, outermost first (backing-chain cycles).
@@ -259,6 +269,7 @@ class Qcow2Driver(BlockDriver):
         self._refblock_offsets: set[int] | None = None
         self._drop_bitmaps_ext = False
         self.bitmaps_info: list[list[tuple[str, Any]]] = []
+        self.rw_bitmaps: list[LoadedBitmap] | None = None  # only for qemu-img check -r
 
     # ================================================================================ helpers
     @property
@@ -429,8 +440,11 @@ class Qcow2Driver(BlockDriver):
                     l2 = _unpack_entry(raw, j * 8)[0] & L.L1E_OFFSET_MASK
                     if l2 and overlaps(l2, cs):
                         return OL_INACTIVE_L2
+        # No size guard here in QEMU: ranges_overlap() of an empty directory at offset 0 (the bitmaps
+        # bit set without a bitmaps extension) covers every offset.
+        last = (self.bitmap_directory_offset + self.bitmap_directory_size - 1) & 0xFFFFFFFFFFFFFFFF
         if chk & OL_BITMAP_DIRECTORY and self.autoclear_features & L.AUTOCLEAR_BITMAPS and \
-                overlaps(self.bitmap_directory_offset, self.bitmap_directory_size):
+                not (last < offset or end - 1 < self.bitmap_directory_offset):
             return OL_BITMAP_DIRECTORY
         return 0
 
@@ -494,12 +508,13 @@ class Qcow2Driver(BlockDriver):
         from qio.qemuopts import sub_options
 
         sub = sub_options(options, "backing")
-        if "backing" in options:
-            ref = options.pop("backing")
-            if ref is None:
-                return None
-            raise QemuError("Node references are not supported by qio; give the backing file's options instead")
-        return sub
+        ref = options.get("backing")
+        if "backing" in options and (ref is None or ref == ""):
+            del options["backing"]
+            return None
+        if isinstance(ref, str):  # a node reference; qemu-io's only nodes are this image's own
+            raise QemuError(f"Could not open backing file: Cannot find device='{ref}' nor node-name='{ref}'")
+        return sub  # any other value stays in options: "does not support the option 'backing'"
 
     async def _do_open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         """``qcow2_do_open``."""
@@ -566,12 +581,13 @@ class Qcow2Driver(BlockDriver):
         self.csize = L.compressed_layout(cb)
         self.refcount_table_offset = h.refcount_table_offset
         self.refcount_table_size = h.refcount_table_clusters << (cb - 3)
-        if h.refcount_table_clusters == 0:
+        if h.refcount_table_clusters == 0 and not flags.check:  # qemu-img check may rebuild it
             raise QemuError("Image does not contain a reference count table", errno.EINVAL)
         self._validate_table(h.refcount_table_offset, h.refcount_table_clusters, cs, L.MAX_REFTABLE_SIZE,
                              "Reference count table")
-        self._validate_table(h.snapshots_offset, h.nb_snapshots, L.SNAPSHOT_HEADER.size,
-                             L.SNAPSHOT_HEADER.size * L.MAX_SNAPSHOTS, "Snapshot table")
+        if not flags.check:  # qemu-img check reads (and may repair) the snapshot table itself
+            self._validate_table(h.snapshots_offset, h.nb_snapshots, L.SNAPSHOT_HEADER.size,
+                                 L.SNAPSHOT_HEADER.size * L.MAX_SNAPSHOTS, "Snapshot table")
         self._validate_table(h.l1_table_offset, h.l1_size, 8, L.MAX_L1_SIZE, "Active L1 table")
         self.l1_size = h.l1_size
         self.l1_table_offset = h.l1_table_offset
@@ -610,18 +626,24 @@ class Qcow2Driver(BlockDriver):
             except BlockError as e:
                 raise QemuError(f"Could not read backing file name: {e}", e.code) from None
             self.image_backing_file = bytes(name).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        self.snapshots_offset = h.snapshots_offset
-        self.nb_snapshots = h.nb_snapshots
-        await self._read_snapshots()
+        if not flags.check:
+            self.snapshots_offset = h.snapshots_offset
+            self.nb_snapshots = h.nb_snapshots
+            await self._read_snapshots()
         update_header = bool(self.autoclear_features & ~L.AUTOCLEAR_MASK) or self._drop_bitmaps_ext
         update_header = update_header and self._is_writable()
         if update_header:
             self.autoclear_features &= L.AUTOCLEAR_MASK
-        if self.autoclear_features & L.AUTOCLEAR_BITMAPS and self.nb_bitmaps and self._is_writable():
-            raise QemuError("qio does not support writing qcow2 images with persistent dirty bitmaps "
-                            "(autoclear feature bit 0); open it read-only", errno.ENOTSUP)
         if self.autoclear_features & L.AUTOCLEAR_BITMAPS and self.nb_bitmaps:
             self.bitmaps_info = await self._read_bitmap_directory()
+        if self.autoclear_features & L.AUTOCLEAR_BITMAPS and self.nb_bitmaps and self._is_writable():
+            if not flags.check:
+                raise QemuError("qio does not support writing qcow2 images with persistent dirty bitmaps "
+                                "(autoclear feature bit 0); open it read-only", errno.ENOTSUP)
+            from qio.block.qcow2_bitmap import load_for_write
+
+            self.rw_bitmaps = await load_for_write(self)  # qemu-img check -r: writes bypass the bitmaps
+            update_header = False
         if update_header:
             if self._drop_bitmaps_ext:
                 self.nb_bitmaps = 0
@@ -635,23 +657,15 @@ class Qcow2Driver(BlockDriver):
             await repair_dirty(self)
 
     async def _read_bitmap_directory(self) -> list[list[tuple[str, Any]]]:
-        """The persistent bitmaps as ``info`` lists them (name, granularity, flags)."""
-        try:
-            raw = await self._pread(self.bitmap_directory_offset, self.bitmap_directory_size)
-        except BlockError:
-            return []
+        """The persistent bitmaps, loaded and validated as ``qcow2_load_dirty_bitmaps`` does (an
+        invalid directory or table fails the open), as ``info`` lists them (flags, name, granularity)."""
+        from qio.block.qcow2_check import load_bitmaps
+
         out: list[list[tuple[str, Any]]] = []
-        pos = 0
-        esize = L.BITMAP_DIR_ENTRY.size
-        for _ in range(self.nb_bitmaps):
-            if pos + esize > len(raw):
-                break
-            _tbl, _tsize, flags, _typ, gbits, name_size, extra = L.BITMAP_DIR_ENTRY.unpack_from(raw, pos)
-            name_start = pos + esize + extra
-            name = bytes(raw[name_start: name_start + name_size]).decode("utf-8", "replace")
-            names = [n for bit, n in ((L.BITMAP_FLAG_IN_USE, "in-use"), (L.BITMAP_FLAG_AUTO, "auto")) if flags & bit]
-            out.append([("flags", names), ("name", name), ("granularity", 1 << gbits if gbits < 64 else 0)])
-            pos = _round_up(name_start + name_size, 8)
+        for bm in await load_bitmaps(self):
+            names = [n for bit, n in ((L.BITMAP_FLAG_IN_USE, "in-use"), (L.BITMAP_FLAG_AUTO, "auto"))
+                     if bm.flags & bit]
+            out.append([("flags", names), ("name", bm.name), ("granularity", 1 << bm.granularity_bits)])
         return out
 
     def _validate_compression_type(self) -> None:
@@ -739,21 +753,21 @@ class Qcow2Driver(BlockDriver):
 
     def _read_bitmaps_ext(self, data: bytes, length: int) -> None:
         if length != L.BITMAPS_EXT.size:
-            raise QemuError("bitmaps_ext: Invalid extension length: Success", errno.EINVAL)
+            raise QemuError("bitmaps_ext: Invalid extension length", errno.EINVAL)
         if not self.autoclear_features & L.AUTOCLEAR_BITMAPS:
             if self.qcow_version < 3:
-                self._stderr("qemu-io: warning: This qcow2 v2 image contains bitmaps, but they may have been "
+                report_error(self.warn, "This qcow2 v2 image contains bitmaps, but they may have been "
                              "modified by a program without persistent bitmap support; so now they must all be "
-                             "considered inconsistent\n")
+                             "considered inconsistent", warning=True)
             else:
-                self._stderr("qemu-io: warning: a program lacking bitmap support modified this file, so all "
-                             "bitmaps are now considered inconsistent\n")
+                report_error(self.warn, "a program lacking bitmap support modified this file, so all "
+                             "bitmaps are now considered inconsistent", warning=True)
             self._stderr("Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
             self._drop_bitmaps_ext = True
             return
         nb, reserved, dir_size, dir_offset = L.BITMAPS_EXT.unpack(data)
         if reserved:
-            raise QemuError("bitmaps_ext: Reserved field is not zero: Success", errno.EINVAL)
+            raise QemuError("bitmaps_ext: Reserved field is not zero", errno.EINVAL)
         if nb > L.MAX_BITMAPS:
             raise QemuError(f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU supported maximum of "
                             f"{L.MAX_BITMAPS}", errno.EINVAL)
@@ -768,52 +782,79 @@ class Qcow2Driver(BlockDriver):
         self.bitmap_directory_offset = dir_offset
         self.bitmap_directory_size = dir_size
 
-    async def _read_snapshots(self) -> None:
-        """``qcow2_do_read_snapshots`` (without repair)."""
+    async def _read_snapshots(self, repair: bool = False) -> tuple[int, int]:
+        """``qcow2_do_read_snapshots``.  With ``repair`` (``check -r all``) an entry with too much extra
+        data is cut to the maximum and the entries that make the table too big are dropped, with QEMU's
+        messages; returns (entries dropped, entries whose extra data was cut)."""
         self.snapshots = []
         self.snapshots_size = 0
         if not self.nb_snapshots:
-            return
+            return 0, 0
         offset = self.snapshots_offset
         table_length = 0
-        hsize = L.SNAPSHOT_HEADER.size
-        for i in range(self.nb_snapshots):
-            table_length = _round_up(table_length, 8)
-            offset = _round_up(offset, 8)
+        hsize, esize = L.SNAPSHOT_HEADER.size, L.SNAPSHOT_EXTRA.size
+        reduced = dropped = 0
+
+        async def read(off: int, n: int) -> bytes:
             try:
-                raw = await self._pread(offset, hsize)
+                return bytes(await self._pread(off, n))
             except BlockError as e:
                 raise QemuError(f"Failed to read snapshot table: {e}", e.code) from None
-            (l1_off, l1_size, id_size, name_size, _date, _nsec, _clock, vm_state,
-             extra_size) = L.SNAPSHOT_HEADER.unpack(bytes(raw))
+
+        for i in range(self.nb_snapshots):
+            pre_offset = offset
+            table_length = _round_up(table_length, 8)
+            offset = _round_up(offset, 8)
+            (l1_off, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock, vm_state,
+             extra_size) = L.SNAPSHOT_HEADER.unpack(await read(offset, hsize))
             offset += hsize
             sn = Snapshot()
             sn.l1_table_offset, sn.l1_size, sn.vm_state_size = l1_off, l1_size, vm_state
+            sn.date_sec, sn.date_nsec, sn.vm_clock_nsec = date_sec, date_nsec, vm_clock
             sn.extra_data_size = extra_size
+            truncate_extra = False
             if extra_size > L.MAX_SNAPSHOT_EXTRA_DATA:
-                raise QemuError(f"Too much extra metadata in snapshot table entry {i}\nYou can force-remove "
-                                "this extra metadata with qemu-img check -r all", errno.EFBIG)
-            known = min(L.SNAPSHOT_EXTRA.size, extra_size)
-            extra = bytes(await self._pread(offset, known)) + bytes(L.SNAPSHOT_EXTRA.size - known)
+                if not repair:
+                    raise QemuError(f"Too much extra metadata in snapshot table entry {i}\nYou can force-remove "
+                                    "this extra metadata with qemu-img check -r all", errno.EFBIG)
+                self._stderr(f"Discarding too much extra metadata in snapshot table entry {i} ({extra_size} > "
+                             f"{L.MAX_SNAPSHOT_EXTRA_DATA})\n")
+                dropped += 1
+                truncate_extra = True
+            known = min(esize, extra_size)
+            extra = await read(offset, known) + bytes(esize - known)
             offset += known
-            vm_large, disk_size, _icount = L.SNAPSHOT_EXTRA.unpack(extra)
+            vm_large, disk_size, icount = L.SNAPSHOT_EXTRA.unpack(extra)
             if extra_size >= 8:
                 sn.vm_state_size = vm_large
             sn.disk_size = disk_size if extra_size >= 16 else self._length()
-            if extra_size > L.SNAPSHOT_EXTRA.size:
-                offset += extra_size - L.SNAPSHOT_EXTRA.size
-            ident = await self._pread(offset, id_size)
+            sn.icount = icount if extra_size >= 24 else (1 << 64) - 1
+            if extra_size > esize:
+                extra_end = offset + extra_size - esize
+                if truncate_extra:
+                    sn.extra_data_size = L.MAX_SNAPSHOT_EXTRA_DATA
+                sn.unknown_extra_data = await read(offset, sn.extra_data_size - esize)
+                offset = extra_end
+            ident = await read(offset, id_size)
             offset += id_size
-            name = await self._pread(offset, name_size)
+            name = await read(offset, name_size)
             offset += name_size
-            sn.id_str = bytes(ident).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            sn.name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            table_length += hsize + extra_size + id_size + name_size
+            sn.id_str = ident.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            sn.name = name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            table_length += hsize + sn.extra_data_size + id_size + name_size
             if table_length > L.MAX_SNAPSHOTS_SIZE or offset - self.snapshots_offset > INT_MAX:
-                raise QemuError(f"Snapshot table is too big\nYou can force-remove all {self.nb_snapshots - i} "
-                                "overhanging snapshots with qemu-img check -r all", errno.EFBIG)
+                if not repair:
+                    raise QemuError(f"Snapshot table is too big\nYou can force-remove all {self.nb_snapshots - i} "
+                                    "overhanging snapshots with qemu-img check -r all", errno.EFBIG)
+                self._stderr(f"Discarding {self.nb_snapshots - i} overhanging snapshots (snapshot table is too "
+                             "big)\n")
+                reduced += self.nb_snapshots - i
+                self.nb_snapshots = i
+                offset = pre_offset
+                break
             self.snapshots.append(sn)
         self.snapshots_size = offset - self.snapshots_offset
+        return reduced, dropped
 
     def _update_options(self, options: dict[str, Any], flags: OpenFlags, initial: bool) -> None:
         """``qcow2_update_options_prepare``/``commit`` (cache sizes, lazy refcounts, overlap checks,
@@ -2327,8 +2368,17 @@ class Qcow2Driver(BlockDriver):
         """``qcow2_inactivate``: write back both caches (errors are reported), then mark clean."""
         if self.broken or self.l2_cache is None:
             return
-        report = self.report or (lambda msg: self._stderr(f"qemu-io: {msg}\n"))
+        report = self.report or (lambda msg: report_error(self.warn, msg))
         ok = True
+        if self.rw_bitmaps is not None:
+            from qio.block.qcow2_bitmap import store
+
+            loaded, self.rw_bitmaps = self.rw_bitmaps, None
+            try:
+                await store(self, loaded)
+            except QemuError as e:
+                ok = False
+                report(f"Lost persistent bitmaps during inactivation of node '{self.node_name}': {e}")
         try:
             await self.l2c.flush()
         except BlockError as e:
@@ -2466,7 +2516,7 @@ class Qcow2Driver(BlockDriver):
             try:
                 await io.truncate(self.file, (last_cluster + 1) * cs, False, "off")
             except QemuError as e:
-                self._stderr(f"qemu-io: warning: Failed to truncate the tail of the image: {e}\n")
+                report_error(self.warn, f"Failed to truncate the tail of the image: {e}", warning=True)
 
     async def _shrink_l1_table(self, exact_size: int) -> None:
         """``qcow2_shrink_l1_table``: clear the L1 entries beyond the new size (l1_size is kept)."""

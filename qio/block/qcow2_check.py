@@ -13,11 +13,12 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import TYPE_CHECKING
+import struct
+from typing import TYPE_CHECKING, NamedTuple
 
 from qio.block import io
 from qio.block import qcow2_layout as L
-from qio.block.errors import BlockError, QemuError
+from qio.block.errors import BlockError, QemuError, report_error
 
 if TYPE_CHECKING:
     from qio.block.qcow2 import Qcow2Driver
@@ -96,6 +97,113 @@ class Imrt:
 
     def set(self, i: int, v: int) -> None:
         self.drv.set_rc(self.buf, i, v)
+
+
+BME_MAX_TABLE_SIZE = 0x8000000
+BME_MAX_PHYS_SIZE = 0x20000000
+BME_MIN_GRANULARITY_BITS, BME_MAX_GRANULARITY_BITS = 9, 31
+BME_MAX_NAME_SIZE = 1023
+BME_RESERVED_FLAGS = 0xFFFFFFFC
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BT_DIRTY_TRACKING_BITMAP = 1
+
+
+def bitmap_table_entry_ok(entry: int, cluster_size: int) -> bool:
+    """``check_table_entry``: no reserved bits; a data offset is cluster aligned and excludes the
+    all-ones flag."""
+    if entry & BME_TABLE_ENTRY_RESERVED_MASK:
+        return False
+    offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+    return not offset or (not entry & 1 and not offset % cluster_size)
+
+
+def _c_int(v: int) -> int:
+    """The low 32 bits of ``v`` as a C ``int``."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >> 31 else v
+
+
+class Bitmap(NamedTuple):
+    """One entry of the bitmap directory."""
+
+    table_offset: int
+    table_size: int
+    flags: int
+    granularity_bits: int
+    name: str
+
+
+async def load_bitmap_list(drv: Qcow2Driver) -> list[Bitmap]:
+    """``bitmap_list_load``: the bitmap directory, which must hold exactly ``nb_bitmaps`` valid
+    entries; QemuError with QEMU's message otherwise."""
+    size = drv.bitmap_directory_size
+    if size == 0:
+        raise QemuError("Requested bitmap directory size is zero", errno.EINVAL)
+    if size > L.MAX_BITMAP_DIRECTORY_SIZE:
+        raise QemuError("Requested bitmap directory size is too big", errno.EINVAL)
+    try:
+        raw = bytes(await drv._pread(drv.bitmap_directory_offset, size))
+    except BlockError as e:
+        raise QemuError(f"Failed to read bitmap directory: {os.strerror(e.code)}", e.code) from None
+    esize = L.BITMAP_DIR_ENTRY.size
+    out: list[Bitmap] = []
+    pos = 0
+    while pos < size:
+        if pos + esize > size:
+            raise QemuError("Broken bitmap directory", errno.EINVAL)
+        if len(out) + 1 > drv.nb_bitmaps:
+            raise QemuError("More bitmaps found than specified in header extension", errno.EINVAL)
+        tbl_off, tbl_size, flags, typ, gbits, name_size, extra = L.BITMAP_DIR_ENTRY.unpack_from(raw, pos)
+        entry_size = _c_int(_c_int(esize + name_size + extra) + 7) & ~7  # QEMU's int arithmetic
+        if pos + entry_size > size:
+            raise QemuError("Broken bitmap directory", errno.EINVAL)
+        if extra:
+            raise QemuError("Bitmap extra data is not supported", errno.EINVAL)
+        phys = tbl_size * drv.cluster_size
+        length = drv.total_sectors * 512
+        bad = (not tbl_size or not tbl_off or tbl_off % drv.cluster_size or tbl_size > BME_MAX_TABLE_SIZE
+               or not BME_MIN_GRANULARITY_BITS <= gbits <= BME_MAX_GRANULARITY_BITS or flags & BME_RESERVED_FLAGS
+               or name_size > BME_MAX_NAME_SIZE or typ != BT_DIRTY_TRACKING_BITMAP or phys > BME_MAX_PHYS_SIZE
+               or (not flags & L.BITMAP_FLAG_IN_USE and length > (phys * 8) << gbits))
+        name = raw[pos + esize + extra: pos + esize + extra + name_size].split(b"\0", 1)[0]
+        text = name.decode("utf-8", "surrogateescape")
+        if bad:
+            raise QemuError(f"Bitmap '{text}' doesn't satisfy the constraints", errno.EINVAL)
+        out.append(Bitmap(tbl_off, tbl_size, flags, gbits, text))
+        pos += entry_size
+    if len(out) != drv.nb_bitmaps:
+        raise QemuError("Less bitmaps found than specified in header extension", errno.EINVAL)
+    return out
+
+
+async def load_bitmap_table(drv: Qcow2Driver, bm: Bitmap) -> list[int]:
+    """``bitmap_table_load``: the table's entries; EINVAL if any of them is invalid."""
+    raw = await drv._pread(bm.table_offset, bm.table_size * 8)
+    entries = [_ENTRY.unpack_from(raw, i * 8)[0] for i in range(bm.table_size)]
+    if not all(bitmap_table_entry_ok(e, drv.cluster_size) for e in entries):
+        raise BlockError(errno.EINVAL)
+    return entries
+
+
+async def load_bitmaps(drv: Qcow2Driver) -> list[Bitmap]:
+    """``qcow2_load_dirty_bitmaps`` as far as it can fail: the directory, then the table of each
+    bitmap not marked in use and its size against the image length (``load_bitmap_data``)."""
+    bitmaps = await load_bitmap_list(drv)
+    for bm in bitmaps:
+        if bm.flags & L.BITMAP_FLAG_IN_USE:
+            continue
+        try:
+            await load_bitmap_table(drv, bm)
+        except BlockError as e:
+            raise QemuError(f"Could not read bitmap_table table from image for bitmap '{bm.name}': "
+                            f"{os.strerror(e.code)}", e.code) from None
+        bits = -(-drv.total_sectors * 512 // (1 << bm.granularity_bits))
+        serialized = -(-bits // 64) * 8
+        if drv.size_to_clusters(serialized) != bm.table_size:
+            raise QemuError(f"Could not read bitmap '{bm.name}' from image: {os.strerror(errno.EINVAL)}",
+                            errno.EINVAL)
+    return bitmaps
 
 
 class Checker:
@@ -378,7 +486,32 @@ class Checker:
             await self.check_l1(res, imrt, sn.l1_table_offset, sn.l1_size, 0, fix, False)
         await self.inc_refcounts(res, imrt, drv.snapshots_offset, drv.snapshots_size)
         await self.inc_refcounts(res, imrt, drv.refcount_table_offset, drv.refcount_table_size * 8)
+        await self.bitmaps_refcounts(res, imrt)
         return await self.check_refblocks(res, fix, imrt, nb)
+
+    async def bitmaps_refcounts(self, res: CheckResult, imrt: Imrt) -> None:
+        """``qcow2_check_bitmaps_refcounts``: the bitmap directory, each bitmap table and the data
+        clusters it points at are references too; a broken directory or table is one corruption and
+        fails the check (EINVAL), as in QEMU."""
+        drv = self.drv
+        if not drv.nb_bitmaps:
+            return
+        await self.inc_refcounts(res, imrt, drv.bitmap_directory_offset, drv.bitmap_directory_size)
+        try:
+            bitmaps = await load_bitmap_list(drv)
+        except QemuError:
+            res.corruptions += 1
+            raise BlockError(errno.EINVAL) from None
+        for bm in bitmaps:
+            await self.inc_refcounts(res, imrt, bm.table_offset, bm.table_size * 8)
+            try:
+                entries = await load_bitmap_table(drv, bm)
+            except BlockError:
+                res.corruptions += 1
+                raise
+            for entry in entries:
+                if entry & BME_TABLE_ENTRY_OFFSET_MASK:
+                    await self.inc_refcounts(res, imrt, entry & BME_TABLE_ENTRY_OFFSET_MASK, drv.cluster_size)
 
     async def compare(self, res: CheckResult, fix: int, imrt: Imrt, nb: int) -> tuple[bool, int]:
         """``compare_refcounts``: (rebuild needed, highest cluster in use)."""
@@ -547,7 +680,7 @@ class Checker:
             try:
                 await self.rebuild(res, imrt)
             except QemuError as e:
-                self.say(f"qemu-io: {e}\n")
+                report_error(drv.warn, str(e))
                 raise BlockError(e.errno) from None
             nb[0] = imrt.size
             res.corruptions = 0
@@ -581,10 +714,128 @@ class Checker:
         return res.image_end_offset
 
 
+async def read_snapshot_table(drv: Qcow2Driver, res: CheckResult, fix: int) -> None:
+    """``qcow2_check_read_snapshot_table``: the open in check mode skipped the snapshot table, so read
+    it here from the header's pointer -- with ``-r all`` dropping what cannot be kept -- and count
+    v3 entries without the 16 bytes of mandatory extra data as corruptions."""
+    try:
+        raw = await drv._pread(L.OFF_NB_SNAPSHOTS, 12)
+    except BlockError as e:
+        res.check_errors += 1
+        drv._stderr(f"ERROR failed to read the snapshot table pointer from the image header: "
+                    f"{os.strerror(e.code)}\n")
+        raise
+    nb, offset = struct.unpack(">IQ", bytes(raw))
+    drv.snapshots_offset, drv.nb_snapshots = offset, nb
+    reduced = dropped = 0
+    if nb > L.MAX_SNAPSHOTS and fix & FIX_ERRORS:
+        drv._stderr(f"Discarding {nb - L.MAX_SNAPSHOTS} overhanging snapshots\n")
+        reduced += nb - L.MAX_SNAPSHOTS
+        drv.nb_snapshots = nb = L.MAX_SNAPSHOTS
+    try:
+        drv._validate_table(offset, nb, L.SNAPSHOT_HEADER.size, L.SNAPSHOT_HEADER.size * L.MAX_SNAPSHOTS,
+                            "snapshot table")
+    except QemuError as e:
+        res.check_errors += 1
+        report_error(drv.warn, f"ERROR {e}")
+        if nb > L.MAX_SNAPSHOTS:
+            drv._stderr(f"You can force-remove all {nb - L.MAX_SNAPSHOTS} overhanging snapshots with qemu-img "
+                        "check -r all\n")
+        drv.snapshots_offset = drv.nb_snapshots = 0
+        raise BlockError(e.errno) from None
+    try:
+        r, dropped = await drv._read_snapshots(bool(fix & FIX_ERRORS))
+    except QemuError as e:
+        res.check_errors += 1
+        report_error(drv.warn, f"ERROR failed to read the snapshot table: {e}")
+        drv.snapshots_offset = drv.nb_snapshots = 0
+        raise BlockError(e.errno) from None
+    reduced += r
+    res.corruptions += reduced + dropped
+    if reduced:
+        try:
+            await drv.pwrite_sync(L.OFF_NB_SNAPSHOTS, struct.pack(">I", drv.nb_snapshots))
+        except BlockError as e:
+            res.check_errors += 1
+            drv._stderr(f"ERROR failed to update the snapshot count in the image header: {os.strerror(e.code)}\n")
+            raise
+        res.corruptions_fixed += reduced
+        res.corruptions -= reduced
+    if drv.qcow_version >= 3:
+        for i, sn in enumerate(drv.snapshots):
+            if sn.extra_data_size < 16:
+                res.corruptions += 1
+                drv._stderr(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} snapshot table entry {i} is "
+                            "incomplete\n")
+
+
+async def write_snapshots(drv: Qcow2Driver) -> None:
+    """``qcow2_write_snapshots``: the whole snapshot table to newly allocated clusters, every entry
+    with at least the 24 bytes of known extra data, then the header pointer; the old table is freed."""
+    from qio.block.qcow2 import DISCARD_ALWAYS, DISCARD_SNAPSHOT
+
+    hsize, esize = L.SNAPSHOT_HEADER.size, L.SNAPSHOT_EXTRA.size
+    pieces: list[tuple[int, bytes]] = []  # (offset in the table, bytes): the padding is never written
+    size = 0
+    for sn in drv.snapshots:
+        ident = sn.id_str.encode("utf-8", "surrogateescape")
+        name = sn.name.encode("utf-8", "surrogateescape")
+        size = _round_up8(size)
+        vm_state = sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0
+        pieces.append((size, L.SNAPSHOT_HEADER.pack(sn.l1_table_offset, sn.l1_size, len(ident), len(name),
+                                                    sn.date_sec, sn.date_nsec, sn.vm_clock_nsec, vm_state,
+                                                    max(esize, sn.extra_data_size))))
+        size += hsize
+        pieces.append((size, L.SNAPSHOT_EXTRA.pack(sn.vm_state_size, sn.disk_size, sn.icount)
+                       + sn.unknown_extra_data))
+        size += max(esize, sn.extra_data_size)
+        pieces.append((size, ident + name))
+        size += len(ident) + len(name)
+        if size > L.MAX_SNAPSHOTS_SIZE:
+            raise BlockError(errno.EFBIG)
+    new_offset = await drv.alloc_clusters(size)
+    try:
+        await io.flush(drv)
+        await drv.pre_write_overlap_check(0, new_offset, size, False)
+        for off, data in pieces:
+            if data:
+                await io.pwritev(drv.file, new_offset + off, len(data), [memoryview(data)])
+        await io.flush(drv)
+        await drv.pwrite_sync(L.OFF_NB_SNAPSHOTS, struct.pack(">IQ", len(drv.snapshots), new_offset))
+    except BlockError:
+        if new_offset > 0:
+            await drv.free_clusters(new_offset, size, DISCARD_ALWAYS)
+        raise
+    await drv.free_clusters(drv.snapshots_offset, drv.snapshots_size, DISCARD_SNAPSHOT)
+    drv.snapshots_offset, drv.snapshots_size = new_offset, size
+
+
+def _round_up8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+async def fix_snapshot_table(drv: Qcow2Driver, res: CheckResult, fix: int) -> None:
+    """``qcow2_check_fix_snapshot_table``: with ``-r all`` rewrite a table found corrupt."""
+    if res.corruptions and fix & FIX_ERRORS:
+        try:
+            await write_snapshots(drv)
+        except BlockError as e:
+            res.check_errors += 1
+            drv._stderr(f"ERROR failed to update snapshot table: {os.strerror(e.code)}\n")
+            raise
+        res.corruptions_fixed += res.corruptions
+        res.corruptions = 0
+
+
 async def check(drv: Qcow2Driver, fix: int) -> CheckResult:
-    """``qcow2_co_check_locked`` (the snapshot table was already read at open)."""
+    """``qcow2_co_check_locked``: the snapshot table, the refcounts, then the snapshot table's repair."""
+    snap = CheckResult()
+    await read_snapshot_table(drv, snap, fix)
     res = CheckResult()
     await Checker(drv).check_refcounts(res, fix)
+    await fix_snapshot_table(drv, snap, fix)
+    for k in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
+        setattr(res, k, getattr(res, k) + getattr(snap, k))
     if fix and res.check_errors == 0 and res.corruptions == 0:
         await drv.mark_clean()
         if drv.incompatible_features & L.INCOMPAT_CORRUPT:

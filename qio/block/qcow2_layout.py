@@ -36,6 +36,7 @@ MIN_HEADER_LENGTH_V3 = 104
 # Field offsets that QEMU updates in place.
 OFF_SIZE = 24  # u64 size
 OFF_L1_SIZE = 36  # u32 l1_size + u64 l1_table_offset (12 bytes, one write)
+OFF_NB_SNAPSHOTS = 60  # u32 nb_snapshots + u64 snapshots_offset
 OFF_REFCOUNT_TABLE_OFFSET = 48  # u64 refcount_table_offset + u32 refcount_table_clusters
 OFF_INCOMPATIBLE_FEATURES = 72
 

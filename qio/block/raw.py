@@ -15,6 +15,7 @@ from qio.block.driver import (
     BLOCK_ALLOCATED,
     BLOCK_DATA,
     BLOCK_OFFSET_VALID,
+    BLOCK_ZERO,
     REQ_FUA,
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
@@ -96,7 +97,7 @@ class RawDriver(BlockDriver):
     async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
         if self.probed and offset < PROBE_BUF and nbytes:
             head = bytes(io.iov_to_bytes(io.iov_slice(qiov, 0, PROBE_BUF)))
-            if probe_format(head, self.filename) != "raw":
+            if probe_format(head, None) != "raw":  # bdrv_probe_all(buf, 512, NULL)
                 raise BlockError(errno.EPERM)
         file = self.file
         if file.has_debug_hooks:
@@ -115,9 +116,18 @@ class RawDriver(BlockDriver):
         await io.truncate(self.file, offset, exact, prealloc)
 
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
-        # BDRV_BLOCK_RAW: the answer is the protocol's (a raw image is allocated wherever it has bytes).
-        _, pnum = await io.block_status(self.file, offset + self.offset, nbytes)
+        # BDRV_BLOCK_RAW: the answer is the protocol's (a raw image is allocated wherever it has bytes,
+        # except where a protocol such as nbd reports a hole that does not read as zeroes).
+        status, pnum = await io.block_status(self.file, offset + self.offset, nbytes)
+        if pnum and not status & (BLOCK_DATA | BLOCK_ZERO):
+            return BLOCK_OFFSET_VALID, pnum
         return BLOCK_DATA | BLOCK_ALLOCATED | BLOCK_OFFSET_VALID, pnum
 
     def get_info(self) -> BlockInfo | None:
-        return BlockInfo()
+        # raw_get_info asks the protocol (nbd has no info: qemu-io's ``info`` then fails silently).
+        node = self.file
+        info = node.get_info()
+        while info is None and node.is_filter and node.children:
+            node = node.children[0].node
+            info = node.get_info()
+        return info

@@ -11,11 +11,14 @@ from qio.block.driver import BlockDriver
 
 _MODULES = {
     "file": ("qio.block.file", "FileDriver"),
+    "host_device": ("qio.block.file", "HostDeviceDriver"),
     "raw": ("qio.block.raw", "RawDriver"),
     "blkdebug": ("qio.block.blkdebug", "BlkdebugDriver"),
+    "nbd": ("qio.block.nbd", "NbdDriver"),
 }
 #: Filename prefixes (``blkdebug:cfg:img``) that select a protocol driver.
-PROTOCOL_PREFIXES = {"file": "file", "blkdebug": "blkdebug"}
+PROTOCOL_PREFIXES = {"file": "file", "host_device": "host_device", "blkdebug": "blkdebug", "nbd": "nbd",
+                     "nbd+tcp": "nbd", "nbd+unix": "nbd"}
 FORMATS: tuple[str, ...] = ("raw",)
 
 

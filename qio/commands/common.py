@@ -59,6 +59,15 @@ def pattern_iov(value: int, count: int) -> list[memoryview]:
     return out
 
 
+def pattern_vector(value: int, sizes: tuple[int, ...]) -> list[memoryview]:
+    """The write vector of ``writev``/``aio_write``: one buffer per length (the count matters: more than
+    IOV_MAX fail), a single length shared as in :func:`pattern_iov`."""
+    total = sum(sizes)
+    if len(sizes) == 1:
+        return pattern_iov(value, total)
+    return split_iov(memoryview(bytes([value]) * total), list(sizes))
+
+
 def split_iov(buf: memoryview, sizes: list[int]) -> list[memoryview]:
     out = []
     pos = 0

@@ -21,7 +21,7 @@ from qio.block.driver import (
     SECTOR,
 )
 from qio.block.errors import BlockError, QemuError
-from qio.commands.common import iovec_sizes, num, pattern, pattern_iov, split_iov, verify
+from qio.commands.common import iovec_sizes, num, pattern, pattern_iov, pattern_vector, split_iov, verify
 from qio.commands.spec import STDERR, STDOUT, Invocation, ParseFailure
 
 if TYPE_CHECKING:
@@ -150,7 +150,8 @@ async def run_writev(sh: Shell, cmd: Vector) -> int:
     blk = sh.require_blk()
     total = sum(cmd.sizes)
     assert cmd.pattern is not None
-    ns = await _timed(sh, blk.pwritev(cmd.offset, total, pattern_iov(cmd.pattern, total), REQ_FUA if cmd.fua else 0),
+    ns = await _timed(sh, blk.pwritev(cmd.offset, total, pattern_vector(cmd.pattern, cmd.sizes),
+                                          REQ_FUA if cmd.fua else 0),
                       "writev", True)
     if ns < 0:
         return ns
@@ -337,7 +338,7 @@ async def run_aio_write(sh: Shell, cmd: AioWrite | AioInvalid) -> int:
     if cmd.zero:
         sh.aio.submit(blk.pwritev(cmd.offset, total, None, cmd.flags | REQ_ZERO_WRITE), done)
     else:
-        sh.aio.submit(blk.pwritev(cmd.offset, total, pattern_iov(cmd.pattern, total), cmd.flags), done)
+        sh.aio.submit(blk.pwritev(cmd.offset, total, pattern_vector(cmd.pattern, cmd.sizes), cmd.flags), done)
     return 0
 
 

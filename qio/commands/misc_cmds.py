@@ -165,8 +165,21 @@ def parse_sleep(inv: Invocation) -> int:
     return ms
 
 
+def sleep_ns(ms: int, now_ns: int) -> int:
+    """How long qemu-io's ``sleep`` really waits: ``now + SCALE_MS * ms`` is computed in wrapping
+    int64 arithmetic on the host clock and a negative deadline is clamped to 0 by ``timer_mod``, so
+    a huge value returns at once instead of sleeping forever."""
+    def wrap(v: int) -> int:
+        return (v + 2**63) % 2**64 - 2**63
+
+    deadline = max(wrap(now_ns + wrap(1_000_000 * ms)), 0)
+    return max(deadline - now_ns, 0)
+
+
 async def run_sleep(sh: Shell, ms: int) -> int:
-    await sh.sleep(ms / 1000)
+    import time
+
+    await sh.sleep(sleep_ns(ms, time.time_ns()) / 1e9)
     return 0
 
 

@@ -56,7 +56,7 @@ async def img_check(ctx: Ctx, argv: list[str]) -> int:
     output: str | None = None
     cache = "writeback"
     fix = 0
-    quiet = force_share = False
+    quiet = force_share = image_opts = False
     flags = OpenFlags()
     flags.read_only = True
     flags.check = True
@@ -83,7 +83,9 @@ async def img_check(ctx: Ctx, argv: list[str]) -> int:
             quiet = True
         elif c == "U":
             force_share = True
-        elif c in ("object", "image-opts"):
+        elif c == "image-opts":
+            image_opts = True
+        elif c == "object":
             return unsupported(ctx, c)
     filename = opts.one_filename()
     ofmt = output_format(ctx, output)
@@ -92,7 +94,7 @@ async def img_check(ctx: Ctx, argv: list[str]) -> int:
     if not parse_cache_mode(cache, flags):
         ctx.out.error_report(f"Invalid source cache option: {cache}")
         return 1
-    blk = open_image(ctx, filename, fmt, flags, force_share=force_share)
+    blk = open_image(ctx, filename, fmt, flags, force_share=force_share, image_opts=image_opts)
     if blk is None:
         return 1
     try:

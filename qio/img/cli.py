@@ -27,10 +27,10 @@ QEMU disk image utility
     '-V', '--version'    output version information and exit
 
 Command syntax:
-  check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
+  check [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
-  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
-  map [-f fmt] [--output=ofmt] [-U] filename
+  info [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
+  map [--image-opts] [-f fmt] [--output=ofmt] [-U] filename
 
 Supported formats: raw qcow2
 """
@@ -84,7 +84,7 @@ class Options:
 
 
 def unsupported(ctx: Ctx, option: str) -> int:
-    """``--object``/``--image-opts``: qemu-img options qio-img does not implement (exit status 1)."""
+    """``--object``: a qemu-img option qio-img does not implement (exit status 1)."""
     ctx.out.error_report(f"--{option} is not supported by qio-img")
     return 1
 
@@ -98,12 +98,51 @@ def output_format(ctx: Ctx, output: str | None) -> str | None:
 
 
 def open_image(ctx: Ctx, filename: str, fmt: str | None, flags: OpenFlags, *, force_share: bool = False,
-               no_backing: bool = False) -> Any:
-    """``img_open``: a BlockBackend, or None after ``Could not open 'FILE': ...``."""
+               no_backing: bool = False, image_opts: bool = False) -> Any:
+    """``img_open``: a BlockBackend, or None after ``Could not open 'FILE': ...``.  With ``image_opts``
+    the file name is an option string (``driver=qcow2,file.filename=x``; a bare first value is
+    ``file``), parsed as qemu-img parses it for its "source" option list."""
+    if image_opts:
+        return _open_image_opts(ctx, filename, fmt, flags, force_share=force_share, no_backing=no_backing)
     try:
         return open_backend(ctx, filename, fmt, flags, force_share=force_share, no_backing=no_backing)
     except QemuError as e:
         ctx.out.error_report(f"Could not open '{filename}': {e}")
+        return None
+
+
+def _open_image_opts(ctx: Ctx, optstr: str, fmt: str | None, flags: OpenFlags, *, force_share: bool,
+                     no_backing: bool) -> Any:
+    """``img_open`` with ``--image-opts`` (``img_open_opts``)."""
+    from qio.block.backend import BlockBackend
+    from qio.qemuopts import parse_qemuopts
+
+    if fmt is not None:
+        ctx.out.error_report("--image-opts and --format are mutually exclusive")
+        return None
+    try:
+        opts: dict[str, Any] = dict(parse_qemuopts(optstr, ctx.out.warn_report, implied="file"))
+    except QemuError as e:
+        ctx.out.error_report(str(e))
+        return None
+    if force_share:
+        if opts.get("force-share", "on") != "on":
+            ctx.out.error_report("--force-share/-U conflicts with image options")
+            return None
+        opts["force-share"] = "on"
+    if no_backing and "backing" not in opts and not any(k.startswith("backing.") for k in opts) \
+            and opts.get("driver") in (None, "qcow2"):
+        opts["backing"] = None
+    try:
+        try:
+            return BlockBackend.open(None, opts, flags, ctx.out.err)
+        except QemuError as e:
+            if opts.get("backing", 0) is not None or "support the option 'backing'" not in str(e):
+                raise
+            del opts["backing"]
+            return BlockBackend.open(None, opts, flags, ctx.out.err)
+    except QemuError as e:
+        ctx.out.error_report(f"Could not open '{optstr}': {e}")
         return None
 
 
@@ -122,12 +161,12 @@ def open_backend(ctx: Ctx, filename: str, fmt: str | None, flags: OpenFlags, *, 
     if no_backing and fmt in (None, "qcow2"):
         opts["backing"] = None
     try:
-        return BlockBackend.open(filename, opts, flags, ctx.out.err)
+        return BlockBackend.open(filename, opts, flags, ctx.out.reporter())
     except QemuError as e:
         if "backing" not in opts or "support the option 'backing'" not in str(e):
             raise
         del opts["backing"]
-        return BlockBackend.open(filename, opts, flags, ctx.out.err)
+        return BlockBackend.open(filename, opts, flags, ctx.out.reporter())
 
 
 async def close_image(ctx: Ctx, blk: Any) -> None:

@@ -23,11 +23,87 @@ _FILE_OPTS: list[tuple[str, str, str | None]] = [
 _ENCRYPT = ["encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
             "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg"]
 _QCOW2_OPTS: list[tuple[str, str, str | None]] = [
-    ("encrypt", BOOL, None), *[(n, STRING, None) for n in _ENCRYPT], ("encrypt.iter-time", NUMBER, None),
+    ("encryption", BOOL, None), *[(n, STRING, None) for n in _ENCRYPT], ("encrypt.iter-time", NUMBER, None),
     ("cluster_size", SIZE, "65536"), ("extended_l2", BOOL, "off"), ("preallocation", STRING, None),
     ("compression_type", STRING, "zlib"), ("size", SIZE, None), ("compat", STRING, None),
     ("backing_file", STRING, None), ("backing_fmt", STRING, None), ("data_file", STRING, None),
     ("data_file_raw", BOOL, None), ("lazy_refcounts", BOOL, "off"), ("refcount_bits", NUMBER, "16")]
+#: The ``.help`` texts of the options (the raw format's ``size`` is the protocol's).
+_HELP = {
+    "size": "Virtual disk size", "nocow": "Turn off copy-on-write (valid only on btrfs)",
+    "extent_size_hint": "Extent size hint for the image file, 0 to disable",
+    "encryption": "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    "encrypt.format": "Encrypt the image, format choices: 'aes', 'luks'",
+    "encrypt.key-secret": "ID of secret providing qcow AES key or LUKS passphrase",
+    "encrypt.cipher-alg": "Name of encryption cipher algorithm",
+    "encrypt.cipher-mode": "Name of encryption cipher mode", "encrypt.ivgen-alg": "Name of IV generator algorithm",
+    "encrypt.ivgen-hash-alg": "Name of IV generator hash algorithm",
+    "encrypt.hash-alg": "Name of encryption hash algorithm",
+    "encrypt.iter-time": "Time to spend in PBKDF in milliseconds", "cluster_size": "qcow2 cluster size",
+    "extended_l2": "Extended L2 tables", "compression_type": "Compression method used for image cluster compression",
+    "compat": "Compatibility level (v2 [0.10] or v3 [1.1])", "backing_file": "File name of a base image",
+    "backing_fmt": "Image format of the base image", "data_file": "File name of an external data file",
+    "data_file_raw": "The external data file must stay valid as a raw image",
+    "lazy_refcounts": "Postpone refcount updates", "refcount_bits": "Width of a reference count entry in bits"}
+_PREALLOC_HELP = {"qcow2": "off, metadata, falloc, full", "file": "off, falloc, full"}
+_TYPE_NAMES = {BOOL: "bool (on/off)", STRING: "str", SIZE: "size", NUMBER: "num"}
+
+
+def _option_help(desc: list[tuple[str, str, str | None]], owner: dict[str, str]) -> str:
+    """``qemu_opts_print_help(list, false)``: ``  name=<type>``, the help text from column 24, sorted."""
+    lines = []
+    for name, typ, _ in desc:
+        line = f"  {name}=<{_TYPE_NAMES[typ]}>"
+        text = f"Preallocation mode (allowed values: {_PREALLOC_HELP[owner[name]]})" if name == "preallocation" \
+            else _HELP[name]
+        lines.append(f"{line:<24} - {text}")
+    return "".join(f"{line}\n" for line in sorted(lines))
+
+
+def has_help_option(text: str) -> bool:
+    """``has_help_option``: an item without ``=`` named ``help`` or ``?``."""
+    i, n = 0, len(text)
+    while i < n:
+        j = i
+        while j < n and text[j] not in "=,":
+            j += 1
+        if j >= n or text[j] != "=":
+            if text[i:j] in ("help", "?"):
+                return True
+            i = j
+        else:
+            i = j + 1
+            while i < n:  # the value: ',,' is an escaped comma
+                if text[i] == ",":
+                    if i + 1 < n and text[i + 1] == ",":
+                        i += 2
+                        continue
+                    break
+                i += 1
+        if i < n and text[i] == ",":
+            i += 1
+    return False
+
+
+def print_option_help(ctx: Ctx, filename: str | None, fmt: str) -> int:
+    """``print_block_option_help``: the format's creation options, merged with the protocol's when a
+    file name is given."""
+    if fmt not in ("raw", "qcow2"):
+        ctx.out.error_report(f"Unknown file format '{fmt}'")
+        return 1
+    desc = _QCOW2_OPTS if fmt == "qcow2" else [_FILE_OPTS[0]]
+    owner = {n: "qcow2" for n, _, _ in desc}
+    if filename is not None:
+        if _has_protocol(filename) and filename.split(":", 1)[0] != "file":
+            ctx.out.error_report(f"Unknown protocol '{filename.split(':', 1)[0]}'")
+            return 1
+        desc = create_opts(fmt)
+        owner.update({n: "file" for n, _, _ in _FILE_OPTS if n not in owner})
+        ctx.out.out("Supported options:\n" + _option_help(desc, owner))
+    else:
+        ctx.out.out(f"Supported {fmt} options:\n" + _option_help(desc, owner) + "\nThe protocol level may support "
+                    "further options.\nSpecify the target filename to include those options.\n")
+    return 0
 
 
 def create_opts(fmt: str) -> list[tuple[str, str, str | None]]:
@@ -126,9 +202,8 @@ async def img_create(ctx: Ctx, argv: list[str]) -> int:
         elif c == "u":
             no_backing = True
     args = opts.args
-    if opt_text is not None and any(p in ("help", "?") for p in opt_text.split(",")):
-        ctx.out.error_report("qio-img does not list creation options (-o help); see docs/qio-img.md")
-        return 1
+    if opt_text is not None and has_help_option(opt_text):
+        return print_option_help(ctx, args[0] if args else None, fmt)
     if not args:
         raise UsageError("Expecting image file name")
     filename = args[0]
@@ -269,7 +344,7 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
         ctype = o.get("compression_type") or "zlib"
         if ctype not in ("zlib", "zstd"):
             raise QemuError(f"Parameter 'compression-type' does not accept value '{ctype}'")
-        unsupported = [name for name in ("encrypt", "encrypt.format", "data_file", "data_file_raw")
+        unsupported = [name for name in ("encryption", "encrypt.format", "data_file", "data_file_raw")
                        if o.get(name) is not None and opt_bool_or_str(o.get(name))]
         if opt_bool({"x": o.get("extended_l2") or "off"}, "x", False):
             unsupported.append("extended_l2")
@@ -285,7 +360,7 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
     await create_async(filename, (size + 511) // 512 * 512, cluster_size=o.num.get("cluster_size", 65536),
                        version=version, refcount_bits=rc - 2**64 if rc >= 2**63 else rc,
                        lazy_refcounts=opt_bool(o.str, "lazy_refcounts", False), backing_file=o.get("backing_file"),
-                       backing_fmt=backing_fmt, preallocation=prealloc, warn=ctx.out.err)
+                       backing_fmt=backing_fmt, preallocation=prealloc, warn=ctx.out.reporter())
 
 
 def opt_bool_or_str(value: str | None) -> bool:
@@ -298,9 +373,10 @@ def create_raw(filename: str, size: int, prealloc: str | None) -> None:
     the ``file`` driver's preallocation."""
     from qio.aio import run_sync
     from qio.block.backend import _close_sync, open_node
+    from qio.block.qcow2_create import PREALLOC_MODES
 
     mode = prealloc or "off"
-    if mode not in ("off", "falloc", "full"):
+    if mode not in PREALLOC_MODES:
         raise QemuError(f"invalid parameter value: {mode}")
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

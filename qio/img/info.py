@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, NamedTuple
 
 from qio import render
@@ -36,13 +37,22 @@ def _read_only() -> OpenFlags:
     return flags
 
 
-def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool
-                         ) -> tuple[str, str | None, str, bool, bool] | None:
-    """The options ``info`` and ``map`` share: (filename, -f, output format, -U, --backing-chain);
-    None after an error was reported."""
+class Query(NamedTuple):
+    """The options ``info`` and ``map`` share."""
+
+    filename: str
+    fmt: str | None
+    ofmt: str
+    force_share: bool
+    chain: bool
+    image_opts: bool
+
+
+def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool) -> Query | None:
+    """The options ``info`` and ``map`` share; None after an error was reported."""
     fmt: str | None = None
     output: str | None = None
-    chain = force_share = False
+    chain = force_share = image_opts = False
     longs = (*_LONG, LongOpt("backing-chain", False, "backing-chain")) if with_chain else _LONG
     opts = Options(ctx, argv, "f:hU", longs)
     for c, arg in opts:
@@ -54,14 +64,16 @@ def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool
             output = arg
         elif c == "backing-chain":
             chain = True
-        elif c in ("object", "image-opts"):
+        elif c == "image-opts":
+            image_opts = True
+        elif c == "object":
             unsupported(ctx, c)
             return None
     filename = opts.one_filename()
     ofmt = output_format(ctx, output)
     if ofmt is None:
         return None
-    return filename, fmt, ofmt, force_share, chain
+    return Query(filename, fmt, ofmt, force_share, chain, image_opts)
 
 
 # ================================================================================== info
@@ -86,10 +98,70 @@ def image_info(root: BlockDriver) -> list[tuple[str, Any]]:
         bfmt = getattr(root, "image_backing_format", None)
         if bfmt:
             info.append(("backing-filename-format", bfmt))
+    snapshots = snapshot_infos(root)
+    if snapshots:
+        info.append(("snapshots", snapshots))
     spec = root.get_specific_info()
     if spec is not None:
         info.append(("format-specific", [("type", root.format_name), ("data", spec)]))
     return info
+
+
+def _s64(v: int) -> int:
+    """A uint64_t stored in a QAPI 'int' (int64_t)."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _cstr(text: str, size: int) -> str:
+    """``pstrcpy`` into a ``char[size]``: at most size - 1 bytes."""
+    return text.encode("utf-8", "surrogateescape")[:size - 1].decode("utf-8", "surrogateescape")
+
+
+def snapshot_infos(root: BlockDriver) -> list[list[tuple[str, Any]]]:
+    """``bdrv_query_snapshot_info_list``: the QAPI SnapshotInfo of each internal snapshot (qcow2 only;
+    other formats answer ENOTSUP, which leaves the list out)."""
+    from qio.block.qcow2 import Qcow2Driver
+
+    if not isinstance(root, Qcow2Driver):
+        return []
+    out = []
+    for sn in root.snapshots:
+        item: list[tuple[str, Any]] = [
+            ("id", _cstr(sn.id_str, 128)), ("name", _cstr(sn.name, 256)), ("vm-state-size", _s64(sn.vm_state_size)),
+            ("date-sec", sn.date_sec), ("date-nsec", sn.date_nsec), ("vm-clock-sec", sn.vm_clock_nsec // 10**9),
+            ("vm-clock-nsec", sn.vm_clock_nsec % 10**9)]
+        if sn.icount != (1 << 64) - 1:
+            item.append(("icount", _s64(sn.icount)))
+        out.append(item)
+    return out
+
+
+def _pad(text: str, width: int, left: bool) -> str:
+    """printf's ``%-Ns``/``%Ns``: padding counts bytes, not characters."""
+    fill = " " * max(0, width - len(text.encode("utf-8", "surrogateescape")))
+    return text + fill if left else fill + text
+
+
+def _c_int(v: int) -> int:
+    """A C cast to ``int``: the low 32 bits, signed."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >> 31 else v
+
+
+def dump_snapshot(sn: dict[str, Any] | None) -> str:
+    """``bdrv_snapshot_dump``: the header line (None) or one snapshot, without the newline."""
+    if sn is None:
+        return "%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
+    clock = (sn["vm-clock-sec"] * 10**9 + sn["vm-clock-nsec"]) & ((1 << 64) - 1)
+    secs = clock // 10**9
+    clock_buf = "%02d:%02d:%02d.%03d" % (_c_int(secs // 3600), _c_int(secs // 60 % 60), _c_int(secs % 60),
+                                         _c_int(clock // 10**6 % 1000))
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn["date-sec"]))
+    icount = str(sn["icount"]) if "icount" in sn else ""
+    return (_pad(sn["id"], 9, True) + " " + _pad(sn["name"], 16, True) + " "
+            + _pad(size_to_str(sn["vm-state-size"] & ((1 << 64) - 1)), 8, False)
+            + "%20s%13s%11s" % (date, clock_buf, icount))
 
 
 def dump_human(info: list[tuple[str, Any]]) -> str:
@@ -109,6 +181,9 @@ def dump_human(info: list[tuple[str, Any]]) -> str:
         out.append(f"backing file: {name}{suffix}\n")
         if "backing-filename-format" in d:
             out.append(f"backing file format: {d['backing-filename-format']}\n")
+    if "snapshots" in d:
+        out.append("Snapshot list:\n" + dump_snapshot(None) + "\n")
+        out += [dump_snapshot(dict(sn)) + "\n" for sn in d["snapshots"]]
     if "format-specific" in d:
         out.append("Format specific information:\n" + render.dump_specific(dict(d["format-specific"])["data"], 1))
     return "".join(out)
@@ -118,7 +193,7 @@ async def img_info(ctx: Ctx, argv: list[str]) -> int:
     parsed = _parse_query_options(ctx, argv, with_chain=True)
     if parsed is None:
         return 1
-    name, fmt, ofmt, force_share, chain = parsed
+    name, fmt, ofmt, force_share, chain, image_opts = parsed
     filename: str | None = name
     infos: list[list[tuple[str, Any]]] = []
     seen: set[str] = set()
@@ -127,7 +202,8 @@ async def img_info(ctx: Ctx, argv: list[str]) -> int:
             ctx.out.error_report(f"Backing file '{filename}' creates an infinite loop.")
             return 1
         seen.add(filename)
-        blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share, no_backing=True)
+        blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share, no_backing=True,
+                         image_opts=image_opts)
         if blk is None:
             return 1
         try:
@@ -136,6 +212,7 @@ async def img_info(ctx: Ctx, argv: list[str]) -> int:
             await close_image(ctx, blk)
         infos.append(info)
         filename = fmt = None
+        image_opts = False
         if chain:
             d = dict(info)
             filename = d.get("full-backing-filename")
@@ -266,8 +343,8 @@ async def img_map(ctx: Ctx, argv: list[str]) -> int:
     parsed = _parse_query_options(ctx, argv, with_chain=False)
     if parsed is None:
         return 1
-    filename, fmt, ofmt, force_share, _ = parsed
-    blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share)
+    filename, fmt, ofmt, force_share, _, image_opts = parsed
+    blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share, image_opts=image_opts)
     if blk is None:
         return 1
     try:

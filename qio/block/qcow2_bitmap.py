@@ -1,0 +1,227 @@
+"""Persistent dirty bitmaps of a qcow2 image opened read-write for ``qemu-img check -r``.
+
+qio's I/O paths do not track dirty bitmaps, so a read-write open of an image with bitmaps is refused --
+except for the check, whose repairs write the file directly, never through the guest write path, so
+the bitmaps' contents cannot change.  QEMU still goes through its bitmap life cycle there, and its
+effects are visible in the image bytes: ``qcow2_load_dirty_bitmaps`` marks every loaded bitmap in use
+in the directory (in place), and ``qcow2_inactivate`` stores each consistent bitmap again on close
+(new data clusters for the chunks with set bits, a new table, a new directory; the old ones freed).
+This module does the same with the serialized bitmap bytes (bit ``i`` of the bitmap is bit ``i % 8``
+of byte ``i // 8``, QEMU's little-endian word serialization).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from qio.block import io
+from qio.block import qcow2_layout as L
+from qio.block.errors import BlockError, QemuError
+from qio.block.qcow2_check import BME_TABLE_ENTRY_OFFSET_MASK, Bitmap, load_bitmap_list, load_bitmap_table
+
+if TYPE_CHECKING:
+    from qio.block.qcow2 import Qcow2Driver
+
+_ENTRY = struct.Struct(">Q")
+
+
+class LoadedBitmap:
+    """A ``BdrvDirtyBitmap`` made from the image: ``bits`` is None for an inconsistent one (it was
+    already in use when loaded), which is never stored again."""
+
+    __slots__ = ("bits", "enabled", "granularity_bits", "name")
+
+    def __init__(self, name: str, granularity_bits: int, enabled: bool, bits: bytearray | None) -> None:
+        self.name = name
+        self.granularity_bits = granularity_bits
+        self.enabled = enabled
+        self.bits = bits
+
+
+def _granules(drv: Qcow2Driver, granularity_bits: int) -> int:
+    return -(-drv.total_sectors * 512 // (1 << granularity_bits))
+
+
+def _serialized_size(granules: int) -> int:
+    """``bdrv_dirty_bitmap_serialization_size`` of a whole bitmap: whole 64-bit words."""
+    return -(-granules // 64) * 8
+
+
+async def _load_data(drv: Qcow2Driver, bm: Bitmap) -> bytearray:
+    """``load_bitmap_data``: data clusters as they are, all-ones entries as set bits."""
+    cs = drv.cluster_size
+    granules = _granules(drv, bm.granularity_bits)
+    bits = bytearray(_serialized_size(granules))
+    per_chunk = cs * 8
+    for i, entry in enumerate(await load_bitmap_table(drv, bm)):
+        start = i * cs
+        offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+        if offset:
+            data = await drv._pread(offset, cs)
+            bits[start:start + cs] = data[:max(0, min(cs, len(bits) - start))]
+        elif entry & 1:
+            first, last = i * per_chunk, min(granules, (i + 1) * per_chunk)
+            for g in range(first, last):
+                bits[g >> 3] |= 1 << (g & 7)
+    return bits
+
+
+def _directory(drv: Qcow2Driver, bitmaps: list[Bitmap]) -> bytes:
+    """``bitmap_list_store``'s directory bytes (no extra data, names padded to 8 bytes)."""
+    out = bytearray()
+    for bm in bitmaps:
+        name = bm.name.encode("utf-8", "surrogateescape")
+        out += L.BITMAP_DIR_ENTRY.pack(bm.table_offset, bm.table_size, bm.flags, 1, bm.granularity_bits,
+                                       len(name), 0) + name
+        out += bytes(-len(out) % 8)
+    return bytes(out)
+
+
+async def _update_header_sync(drv: Qcow2Driver) -> None:
+    await drv.update_header()
+    await io.flush(drv.file)
+
+
+async def load_for_write(drv: Qcow2Driver) -> list[LoadedBitmap]:
+    """``qcow2_load_dirty_bitmaps`` on a writable image: load every bitmap, then set the in-use flag of
+    those that did not have it, rewriting the directory in place
+    (``update_ext_header_and_dir_in_place``)."""
+    from qio.block.qcow2 import OL_BITMAP_DIRECTORY
+
+    bitmaps = await load_bitmap_list(drv)
+    loaded: list[LoadedBitmap] = []
+    needs_update = False
+    for i, bm in enumerate(bitmaps):
+        in_use = bool(bm.flags & L.BITMAP_FLAG_IN_USE)
+        try:
+            bits = None if in_use else await _load_data(drv, bm)
+        except BlockError as e:
+            raise QemuError(f"Could not read bitmap_table table from image for bitmap '{bm.name}': {e}",
+                            e.code) from None
+        loaded.append(LoadedBitmap(bm.name, bm.granularity_bits, bool(bm.flags & L.BITMAP_FLAG_AUTO), bits))
+        if not in_use:
+            bitmaps[i] = bm._replace(flags=bm.flags | L.BITMAP_FLAG_IN_USE)
+            needs_update = True
+    if needs_update:
+        try:
+            drv.autoclear_features &= ~L.AUTOCLEAR_BITMAPS
+            await _update_header_sync(drv)
+            data = _directory(drv, bitmaps)
+            if len(data) != drv.bitmap_directory_size:
+                raise BlockError(22)
+            await drv.pre_write_overlap_check(OL_BITMAP_DIRECTORY, drv.bitmap_directory_offset, len(data), False)
+            await io.pwritev(drv.file, drv.bitmap_directory_offset, len(data), [memoryview(data)])
+            await _update_header_sync(drv)
+            drv.autoclear_features |= L.AUTOCLEAR_BITMAPS
+            await _update_header_sync(drv)
+        except BlockError as e:
+            raise QemuError(f"Can't update bitmap directory: {e}", e.code) from None
+    loaded.reverse()  # bdrv_create_dirty_bitmap inserts at the head of the node's list
+    return loaded
+
+
+async def _store_bitmap(drv: Qcow2Driver, bm: Bitmap, lb: LoadedBitmap) -> Bitmap:
+    """``store_bitmap``: a data cluster for each cluster-sized chunk with a set bit, then the table."""
+    from qio.block.qcow2 import DISCARD_ALWAYS, DISCARD_OTHER
+
+    assert lb.bits is not None
+    cs = drv.cluster_size
+    size = len(lb.bits)
+    tb_size = drv.size_to_clusters(size)
+    table = [0] * tb_size
+    try:
+        for c in range(tb_size):
+            chunk = lb.bits[c * cs:(c + 1) * cs]
+            if not any(chunk):
+                continue
+            off = await drv.alloc_clusters(cs)
+            table[c] = off
+            buf = bytes(chunk) + bytes(cs - len(chunk))
+            await drv.pre_write_overlap_check(0, off, cs, False)
+            await io.pwritev(drv.file, off, cs, [memoryview(buf)])
+        tb_offset = await drv.alloc_clusters(tb_size * 8)
+    except BlockError:
+        for off in table:
+            if off:
+                await drv.free_clusters(off, cs, DISCARD_ALWAYS)
+        raise
+    try:
+        raw = b"".join(_ENTRY.pack(e) for e in table)
+        await drv.pre_write_overlap_check(0, tb_offset, len(raw), False)
+        await io.pwritev(drv.file, tb_offset, len(raw), [memoryview(raw)])
+    except BlockError:
+        for off in table:
+            if off:
+                await drv.free_clusters(off, cs, DISCARD_ALWAYS)
+        await drv.free_clusters(tb_offset, tb_size * 8, DISCARD_OTHER)
+        raise
+    return bm._replace(table_offset=tb_offset, table_size=tb_size)
+
+
+async def _free_bitmap_clusters(drv: Qcow2Driver, bm: Bitmap) -> None:
+    """``free_bitmap_clusters``: the data clusters of a table, then the table."""
+    from qio.block.qcow2 import DISCARD_ALWAYS, DISCARD_OTHER
+
+    try:
+        entries = await load_bitmap_table(drv, bm)
+    except BlockError:
+        return
+    for entry in entries:
+        if entry & BME_TABLE_ENTRY_OFFSET_MASK:
+            await drv.free_clusters(entry & BME_TABLE_ENTRY_OFFSET_MASK, drv.cluster_size, DISCARD_ALWAYS)
+    await drv.free_clusters(bm.table_offset, bm.table_size * 8, DISCARD_OTHER)
+
+
+async def store(drv: Qcow2Driver, loaded: list[LoadedBitmap]) -> None:
+    """``qcow2_store_persistent_dirty_bitmaps``: store every consistent bitmap to new clusters, write a
+    new directory (``update_ext_header_and_dir``) and free the old tables and directory."""
+    from qio.block.qcow2 import DISCARD_OTHER
+
+    bitmaps = await load_bitmap_list(drv) if drv.nb_bitmaps else []
+    by_name = {bm.name: i for i, bm in enumerate(bitmaps)}
+    drop: list[Bitmap] = []
+    todo: dict[int, LoadedBitmap] = {}
+    for lb in loaded:
+        if lb.bits is None:
+            continue
+        i = by_name.get(lb.name)
+        if i is None:
+            continue  # qio never adds bitmaps
+        bm = bitmaps[i]
+        if not bm.flags & L.BITMAP_FLAG_IN_USE:
+            raise QemuError(f"Bitmap '{lb.name}' already exists in the image")
+        drop.append(bm)
+        bitmaps[i] = bm._replace(table_offset=0, table_size=0, granularity_bits=lb.granularity_bits,
+                                 flags=L.BITMAP_FLAG_AUTO if lb.enabled else 0)
+        todo[i] = lb
+    if not todo:
+        return
+    stored: list[int] = []
+    try:
+        for i, bm in enumerate(bitmaps):
+            if i in todo:
+                bitmaps[i] = await _store_bitmap(drv, bm, todo[i])
+                stored.append(i)
+        data = _directory(drv, bitmaps)
+        new_offset = await drv.alloc_clusters(len(data))
+        try:
+            await drv.pre_write_overlap_check(0, new_offset, len(data), False)
+            await io.pwritev(drv.file, new_offset, len(data), [memoryview(data)])
+            await drv.flush_caches()
+        except BlockError:
+            await drv.free_clusters(new_offset, len(data), DISCARD_OTHER)
+            raise
+        old_offset, old_size = drv.bitmap_directory_offset, drv.bitmap_directory_size
+        drv.autoclear_features |= L.AUTOCLEAR_BITMAPS
+        drv.bitmap_directory_offset, drv.bitmap_directory_size = new_offset, len(data)
+        drv.nb_bitmaps = len(bitmaps)
+        await _update_header_sync(drv)
+        if old_size:
+            await drv.free_clusters(old_offset, old_size, DISCARD_OTHER)
+    except BlockError as e:
+        for i in stored:
+            await _free_bitmap_clusters(drv, bitmaps[i])
+        raise QemuError(f"Failed to update bitmap extension: {e}", e.code) from None
+    for bm in drop:
+        await _free_bitmap_clusters(drv, bm)
