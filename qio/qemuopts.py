@@ -27,17 +27,47 @@ def _grammar() -> Any:
 _GRAMMAR: Any = None
 
 
+def _split_plain(text: str) -> list[tuple[str, str | None]] | None:
+    """The grammar's ``key[=value]`` items, scanned by hand for text without white space (the usual
+    case: importing pyparsing costs ~40 ms of start-up); None if the grammar rejects the text."""
+    items: list[tuple[str, str | None]] = []
+    i, n = 0, len(text)
+    while i < n:
+        j = i
+        while j < n and text[j] not in "=,":
+            j += 1
+        if j == i:
+            return None
+        key, value, i = text[i:j], None, j
+        if i < n and text[i] == "=":
+            i = j = i + 1
+            while i < n and (text[i] != "," or text.startswith(",,", i)):
+                i += 2 if text[i] == "," else 1
+            value = text[j:i].replace(",,", ",")
+        items.append((key, value))
+        if i == n:
+            break
+        i += 1  # the ',' after an item (a trailing one is allowed)
+    return items
+
+
 def parse_qemuopts(text: str, warn: Callable[[str], None], implied: str | None = None) -> Options:
     """Parse ``driver=raw,file.filename=x``; ``implied`` names a leading bare value (``file``)."""
     global _GRAMMAR
-    if _GRAMMAR is None:
-        _GRAMMAR = _grammar()
-    import pyparsing as pp
+    items: Any
+    if not any(c in text for c in " \t\n\r"):  # pyparsing's white space: the grammar skips it
+        items = _split_plain(text)
+        if items is None:
+            raise QemuError(f"Invalid parameter '{text}'")
+    else:
+        if _GRAMMAR is None:
+            _GRAMMAR = _grammar()
+        import pyparsing as pp
 
-    try:
-        items = _GRAMMAR.parse_string(text, parse_all=True)
-    except pp.ParseException:
-        raise QemuError(f"Invalid parameter '{text}'") from None
+        try:
+            items = _GRAMMAR.parse_string(text, parse_all=True)
+        except pp.ParseException:
+            raise QemuError(f"Invalid parameter '{text}'") from None
     out: Options = {}
     for i, (k, v) in enumerate(items):
         if v is None:

@@ -13,8 +13,6 @@ import errno
 import re
 from typing import Any, NamedTuple
 
-import pyparsing as pp
-
 from qio.block.errors import QemuError
 from qio.block.events import EVENT_NAMES
 
@@ -30,28 +28,15 @@ _FALSE = ("off", "no", "false", "n")
 
 
 # -- the line grammar ----------------------------------------------------------------------------
-def _grammar() -> tuple[pp.ParserElement, pp.ParserElement, pp.ParserElement]:
-    """Section headers and ``name = "value"`` lines, mirroring QEMU's sscanf formats.
-
-    ``[%63s "%63[^"]"]`` / ``[%63[^]]]`` for headers and `` %63s = "%1023[^"]"`` for assignments: a
-    space in a scanf format matches any run of white space, ``%s`` stops at white space, and the
-    assignment counts as matched once the name was read (an unquoted value reads as empty).
-    """
-    ws = pp.Regex(r"[ \t\n\v\f\r]*").suppress()
-    token = pp.Regex(r"[^ \t\n\v\f\r]{1,63}")
-    group_id = (pp.Literal("[").suppress() + token("group") + ws + pp.Literal('"').suppress()
-                + pp.Regex(r'[^"]{1,63}')("id"))
-    group = pp.Literal("[").suppress() + pp.Regex(r"[^\]]{1,63}")("group")
-    quoted = pp.Literal('"').suppress() + pp.Regex(r'[^"]{0,1023}')("value")
-    assignment = ws + token("name") + pp.Opt(ws + pp.Literal("=").suppress() + ws + pp.Opt(quoted))
-    for g in (group_id, group, assignment):
-        g.leave_whitespace()
-        for e in g.exprs if isinstance(g, pp.ParseExpression) else []:
-            e.leave_whitespace()
-    return group_id, group, assignment
-
-
-_GRAMMAR: tuple[pp.ParserElement, pp.ParserElement, pp.ParserElement] | None = None
+# Section headers and ``name = "value"`` lines, mirroring QEMU's sscanf formats
+# ``[%63s "%63[^"]"]`` / ``[%63[^]]]`` for headers and `` %63s = "%1023[^"]"`` for assignments: a space
+# in a scanf format matches any run of white space, ``%s`` stops at white space, and the assignment
+# counts as matched once the name was read (an unquoted value reads as empty).  Like scanf, each
+# conversion takes what it can and never gives it back: hence the possessive quantifiers.
+_GROUP_ID = re.compile(r'\[([^ \t\n\v\f\r]{1,63}+)[ \t\n\v\f\r]*+"([^"]{1,63}+)')
+_GROUP = re.compile(r"\[([^\]]{1,63}+)")
+_ASSIGNMENT = re.compile(
+    r'[ \t\n\v\f\r]*+([^ \t\n\v\f\r]{1,63}+)(?:[ \t\n\v\f\r]*+=[ \t\n\v\f\r]*+(?:"([^"]{0,1023}+))?)?')
 
 
 class Section(NamedTuple):
@@ -62,10 +47,6 @@ class Section(NamedTuple):
 
 def parse_config_text(text: str) -> list[Section]:
     """``qemu_config_foreach``: the sections of a config file, validated as they complete."""
-    global _GRAMMAR
-    if _GRAMMAR is None:
-        _GRAMMAR = _grammar()
-    group_id, group, assignment = _GRAMMAR
     sections: list[Section] = []
     current: Section | None = None
     ids: set[tuple[str, str]] = set()
@@ -73,25 +54,18 @@ def parse_config_text(text: str) -> list[Section]:
         if raw.startswith("\n") or raw.startswith("#"):
             continue
         if raw.startswith("["):
-            header: pp.ParseResults | None = None
-            for g in (group_id, group):
-                try:
-                    header = g.parse_string(raw)
-                    break
-                except pp.ParseException:
-                    continue
+            header = _GROUP_ID.match(raw) or _GROUP.match(raw)
             if header is not None:
                 if current is not None:
                     sections.append(_validate(current, ids))
-                current = Section(header["group"], {}, header["id"] if "id" in header else None)  # noqa: SIM401
+                current = Section(header[1], {}, header[2] if header.re is _GROUP_ID else None)
                 continue
-        try:
-            m = assignment.parse_string(raw)
-        except pp.ParseException:
-            raise QemuError("parse error") from None
+        m = _ASSIGNMENT.match(raw)
+        if m is None:
+            raise QemuError("parse error")
         if current is None:
             raise QemuError("no group defined")
-        current.values[m["name"]] = m["value"] if "value" in m else ""  # noqa: SIM401
+        current.values[m[1]] = m[2] or ""
     if current is not None:
         sections.append(_validate(current, ids))
     return sections

@@ -16,8 +16,7 @@ import mmap
 import os
 import stat
 import struct
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qio.aio import AIO, AioContext, in_aio_request
 from qio.block.driver import (
@@ -41,12 +40,18 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
 _pool: ThreadPoolExecutor | None = None
 
 
 def _executor() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
+        # imported on first use: only large transfers need threads, and qio's start-up should not pay
+        from concurrent.futures import ThreadPoolExecutor
+
         _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qio-io")
     return _pool
 
