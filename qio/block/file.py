@@ -19,7 +19,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from qio.aio import AIO, AioContext, in_aio_request
+from qio.aio import AIO, AioContext, current_co, in_aio_request
 from qio.block.driver import (
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
@@ -66,6 +66,13 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     if _libc().fallocate(fd, mode, offset, length) != 0:
         return ctypes.get_errno()
     return 0
+
+
+async def _checked(fut: Any) -> Any:
+    try:
+        return await fut
+    except OSError as e:
+        raise BlockError(e.errno or errno.EIO) from None
 
 
 def _pread_all(fd: int, bufs: IOVec, offset: int) -> None:
@@ -240,22 +247,31 @@ class FileDriver(BlockDriver):
         if end > self.size:
             self.size = end
 
-    async def _run(self, nbytes: int, fn: Any, *args: Any) -> Any:
-        """Do one host I/O: inline when small, in the thread pool when large (see module docstring)."""
+    async def _run(self, nbytes: int, fn: Any, *args: Any, slow: bool = False) -> Any:
+        """Do one host I/O: inline when small, in a real thread when large (see module docstring).
+
+        While a blkdebug node exists, an inline transfer still waits for the simulated thread pool's
+        completion (``raw_thread_pool_submit``), so requests interleave as in QEMU; ``slow`` marks an
+        ``fdatasync``, which finishes after the page-cache transfers submitted with it.
+        """
         AIO.yields += 1
-        try:
-            if nbytes <= INLINE_MAX or AIO.inline:
-                result = fn(*args)
-            else:
+        if nbytes > INLINE_MAX and not AIO.inline:
+            fut = asyncio.get_running_loop().run_in_executor(_executor(), fn, *args)
+            if current_co() is None:
                 AIO.busy += 1
                 try:
-                    return await asyncio.get_running_loop().run_in_executor(_executor(), fn, *args)
+                    return await _checked(fut)
                 finally:
                     AIO.busy -= 1
+            return await _checked(fut)
+        try:
+            result = fn(*args)
         except OSError as e:
+            if AIO.yield_on_io:
+                await AioContext.current().pool.submit(slow)
             raise BlockError(e.errno or errno.EIO) from None
         if AIO.yield_on_io:
-            await AioContext.current().io_yield()
+            await AioContext.current().pool.submit(slow)
         return result
 
     def _direct_io(self, write: bool, qiov: IOVec, offset: int) -> None:
@@ -321,7 +337,7 @@ class FileDriver(BlockDriver):
         if in_aio_request.get() and not AIO.yield_on_io:
             AioContext.current().defer_fdatasync(self.fd)
             return True  # deferred: the node is not clean yet
-        await self._run(0, os.fdatasync, self.fd)
+        await self._run(0, os.fdatasync, self.fd, slow=True)
         return False
 
     async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
@@ -363,6 +379,8 @@ class FileDriver(BlockDriver):
         else:
             raise QemuError(f"Unsupported preallocation mode: {prealloc}", errno.ENOTSUP)
         self.size = offset
+        if AIO.yield_on_io:
+            await AioContext.current().pool.submit(False)  # handle_aiocb_truncate runs in the pool
 
     def get_info(self) -> BlockInfo | None:
         return BlockInfo()
