@@ -214,6 +214,48 @@ class WaitQueue:
             pass
 
 
+class TaskPool:
+    """``AioTaskPool`` (``block/aio_task.c``): the parts of one request run as parallel coroutines.
+
+    ``start`` enters the part's coroutine at once (``qemu_coroutine_enter``), so it runs until its first
+    wait, and the request carries on with its next part; at most ``max_busy`` parts are in flight."""
+
+    __slots__ = ("busy", "main", "max_busy", "status", "waiting")
+
+    def __init__(self, max_busy: int) -> None:
+        self.main = _running
+        self.max_busy = max_busy
+        self.busy = 0
+        self.status: Exception | None = None
+        self.waiting = False
+
+    async def _wait_one(self) -> None:
+        self.waiting = True
+        await YIELD
+
+    async def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self.busy >= self.max_busy:
+            await self._wait_one()
+
+        async def task() -> None:
+            self.busy += 1
+            try:
+                await coro
+            except Exception as e:
+                if self.status is None:
+                    self.status = e
+            self.busy -= 1
+            if self.waiting and self.main is not None:
+                self.waiting = False
+                wake(self.main)
+
+        enter(Co(task(), contextvars.copy_context()))
+
+    async def wait_all(self) -> None:
+        while self.busy > 0:
+            await self._wait_one()
+
+
 # -- bottom halves -------------------------------------------------------------------------------
 class BH:
     """``QEMUBH``: scheduling an already pending BH keeps its place in the list (``aio_bh_enqueue``)."""
