@@ -10,11 +10,11 @@ model").  In short:
 * Bottom halves (:class:`BH`) are a LIFO list; one event-loop pass (:meth:`AioContext.poll`) runs the
   bottom halves that were scheduled when it started, newest first (``aio_bh_poll``).
 * Host I/O goes to a thread pool (:class:`ThreadPool`, ``util/thread-pool.c``).  While a blkdebug node
-  exists, qio simulates the pool deterministically: the syscall is done inline at submission, and the
-  request waits for the pool's completion bottom half as in QEMU.  Without blkdebug nothing can observe
-  the interleaving, so small host I/O simply runs on inline (much cheaper, see "Why small I/O is
-  inline"); :meth:`AioContext.order_after` and the write-through group commit keep the few orders that
-  remain observable.
+  exists, qio simulates the pool deterministically on a simulated clock: the syscall is done inline
+  at submission, and the request waits for the pool's completion bottom half as in QEMU.  Without
+  blkdebug nothing can observe the interleaving, so small host I/O simply runs on inline (much
+  cheaper, see "Why small I/O is inline"); :meth:`AioContext.order_after` and the write-through group
+  commit keep the few orders that remain observable.
 """
 
 from __future__ import annotations
@@ -143,29 +143,36 @@ def current_co() -> Co | None:
 
 def enter(co: Co) -> None:
     """``qemu_aio_coroutine_enter``: run ``co`` until it yields, then the coroutines it woke (depth first)."""
+    _step(co)
+    if co.wakeup:
+        pending: deque[Co] = deque(co.wakeup)
+        co.wakeup = []
+        while pending:
+            to = pending.popleft()
+            if to.finished:
+                continue
+            _step(to)
+            if to.wakeup:
+                pending.extendleft(reversed(to.wakeup))
+                to.wakeup = []
+
+
+def _step(to: Co) -> None:
     global _running
-    pending: deque[Co] = deque((co,))
-    while pending:
-        to = pending.popleft()
-        if to.finished:
-            continue
-        to.waiting = False
-        prev, _running = _running, to
-        try:
-            value = to.context.run(to.coro.send, None)
-        except StopIteration as stop:
-            to._finish(None, stop.value)
-        except BaseException as e:  # the request's failure is its result
-            to._finish(e, None)
-        else:
-            to.waiting = True
-            if isinstance(value, asyncio.Future):
-                _await_thread(to, value)
-        finally:
-            _running = prev
-        if to.wakeup:
-            pending.extendleft(reversed(to.wakeup))
-            to.wakeup = []
+    to.waiting = False
+    prev, _running = _running, to
+    try:
+        value = to.context.run(to.coro.send, None)
+    except StopIteration as stop:
+        to._finish(None, stop.value)
+    except BaseException as e:  # the request's failure is its result
+        to._finish(e, None)
+    else:
+        to.waiting = True
+        if isinstance(value, asyncio.Future):
+            _await_thread(to, value)
+    finally:
+        _running = prev
 
 
 def wake(co: Co) -> None:
@@ -273,66 +280,116 @@ class BH:
 QUEUED, ACTIVE, DONE = 0, 1, 2
 MAX_THREADS = 64  # THREAD_POOL_MAX_THREADS_DEFAULT
 
+# The simulated clock (microseconds): typical costs on a quiet machine, which decide the races the
+# way qemu-io decides them there.
+COMMAND_TIME = 20  # qemu-io reading and running a command that does no I/O
+WAKE_TIME = 30  # an idle worker thread woken by a submission
+SPAWN_TIME = 50  # a new worker thread starting up
+MAIN_WAKE_TIME = 5  # the main loop woken by a completion while it blocks in ppoll
+COST_TRANSFER = 2  # a page-cache read or write (plus COST_PER_BYTE per byte)
+COST_PER_BYTE = 1 / 10000
+COST_FALLOCATE = 15  # zero write, discard, truncate
+COST_SYNC = 500  # fdatasync
+
 
 class PoolReq:
-    __slots__ = ("co", "fut", "slow", "state")
+    __slots__ = ("co", "cost", "end", "fut", "state", "submit")
 
-    def __init__(self, co: Co, slow: bool, fut: asyncio.Future[Any] | None = None) -> None:
-        self.co, self.slow, self.fut = co, slow, fut
+    def __init__(self, co: Co, cost: float, submit: float, fut: asyncio.Future[Any] | None = None) -> None:
+        self.co, self.cost, self.submit, self.fut = co, cost, submit, fut
+        self.end = 0.0
         self.state = QUEUED
 
 
 class ThreadPool:
-    """``util/thread-pool.c`` with deterministic workers.
+    """``util/thread-pool.c`` with deterministic workers on a simulated clock.
 
     Submission adds the request to the list the completion BH walks (newest first) and, when no worker
-    is idle, asks for a new thread, which only the ``new_thread_bh`` bottom half creates.  Before each
-    poll every idle worker takes the oldest queued request: a page-cache transfer (read, write,
-    discard, zero write) is then done, an ``fdatasync`` keeps the worker busy until a poll that would
-    otherwise block.  Transfers in real threads (large requests) are done when their thread says so.
+    is idle, asks for a new thread, which only the ``new_thread_bh`` bottom half creates.  Workers take
+    queued requests in order; an idle worker needs ``WAKE_TIME`` to start, a busy one goes straight on
+    to the next request.  The clock advances by ``COMMAND_TIME`` per command; a poll completes what
+    has finished by then, and if nothing can run it blocks: the clock jumps to the next completion.
+    Transfers in real threads (large requests) are done when their thread says so.
     """
 
     def __init__(self, ctx: AioContext) -> None:
         self.ctx = ctx
+        self.now = 0.0
         self.elems: list[PoolReq] = []  # submission order; QEMU's list head is the newest
         self.queue: deque[PoolReq] = deque()  # request_list: waiting for a worker, FIFO
-        self.workers = 0  # created threads
+        self.running: list[PoolReq] = []  # taken by a worker, finishing at .end
+        self.workers: list[float] = []  # per created thread: busy until
         self.cur_threads = 0  # created or asked for
         self.new_threads = 0
-        self.slow_active = 0
         self.completion_bh = BH(self._completion_bh)
         self.new_thread_bh = BH(self._new_thread_bh)
 
     def opened(self) -> None:
         """Open-time I/O (``bdrv_open`` of a format reads through the pool) leaves an idle worker."""
         if self.cur_threads == 0:
-            self.workers = self.cur_threads = 1
+            self.workers.append(self.now)
+            self.cur_threads = 1
 
-    def _spawn_if_busy(self) -> None:
-        idle = self.workers - self.slow_active - len(self.queue)
-        if idle <= 0 and self.cur_threads < MAX_THREADS:
-            self.cur_threads += 1
-            self.new_threads += 1
-            self.ctx.bh_schedule(self.new_thread_bh)
+    def tick(self) -> None:
+        """A command boundary: time passes."""
+        self.now += COMMAND_TIME
+        if self.queue or self.running:
+            self._complete(self.now)
 
     def _new_thread_bh(self) -> None:
-        self.workers += self.new_threads
+        for _ in range(self.new_threads):
+            self.workers.append(self.now + SPAWN_TIME)
         self.new_threads = 0
 
-    async def submit(self, slow: bool) -> None:
+    def _assign(self, limit: float) -> None:
+        """Workers take the queued requests they can start by ``limit``, in order."""
+        queue, workers = self.queue, self.workers
+        while queue and workers:
+            req = queue[0]
+            best, start = 0, -1.0
+            for i, busy in enumerate(workers):
+                s = busy if busy >= req.submit else req.submit + WAKE_TIME
+                if start < 0 or s < start:
+                    best, start = i, s
+            if start > limit:
+                break
+            queue.popleft()
+            req.end = start + req.cost
+            req.state = ACTIVE
+            workers[best] = req.end
+            self.running.append(req)
+
+    def _complete(self, t: float) -> bool:
+        self._assign(t)
+        done = [r for r in self.running if r.end <= t]
+        if not done:
+            return False
+        for req in done:
+            req.state = DONE
+            self.running.remove(req)
+        self.ctx.bh_schedule(self.completion_bh)
+        return True
+
+    async def submit(self, cost: float) -> None:
         """``thread_pool_submit_co``: the calling coroutine waits for the completion BH."""
         co = _running
         if co is None:
             return
-        req = PoolReq(co, slow)
-        self._spawn_if_busy()
+        t = self.now
+        self._assign(t)
+        idle = sum(1 for busy in self.workers if busy <= t) - len(self.queue)
+        if idle <= 0 and self.cur_threads < MAX_THREADS:  # spawn_thread
+            self.cur_threads += 1
+            self.new_threads += 1
+            self.ctx.bh_schedule(self.new_thread_bh)
+        req = PoolReq(co, cost, t)
         self.elems.append(req)
         self.queue.append(req)
         self.ctx.notify()
         await YIELD
 
     def real(self, co: Co, fut: asyncio.Future[Any]) -> None:
-        req = PoolReq(co, False, fut)
+        req = PoolReq(co, 0, self.now, fut)
         self.elems.append(req)
         AIO.busy += 1
 
@@ -345,33 +402,17 @@ class ThreadPool:
 
     def busy(self) -> bool:
         """Simulated work that the next polls will complete."""
-        return bool(self.queue) or self.slow_active > 0
+        return bool(self.queue) or bool(self.running)
 
     def advance(self, blocking: bool) -> None:
-        """Let the workers run before a poll: each idle worker takes the oldest queued request and
-        finishes it if it is a page-cache transfer; an ``fdatasync`` keeps its worker busy until a poll
-        that would otherwise block (``blocking``) ends it."""
-        done = False
-        if blocking:
-            for req in self.elems:
-                if req.state == ACTIVE:
-                    req.state = DONE
-            self.slow_active = 0
-            done = True
-        else:
-            free = self.workers - self.slow_active
-            queue = self.queue
-            while queue and free > 0:
-                req = queue.popleft()
-                free -= 1
-                if req.slow:
-                    req.state = ACTIVE
-                    self.slow_active += 1
-                else:
-                    req.state = DONE
-                    done = True
-        if done:
-            self.ctx.bh_schedule(self.completion_bh)
+        """Before a poll: complete what has finished by now; ``blocking`` (nothing else can run): the
+        clock jumps to the next completion, and the main loop needs a moment to wake up."""
+        if self._complete(self.now) or not blocking:
+            return
+        self._assign(float("inf"))
+        if self.running:
+            self.now = max(self.now, min(r.end for r in self.running) + MAIN_WAKE_TIME)
+            self._complete(self.now)
 
     def _completion_bh(self) -> None:
         """``thread_pool_completion_bh``: enter the finished requests newest first, each until it yields."""
@@ -548,15 +589,13 @@ class AioContext:
             err = next((results[fd] for fd in fds if results[fd] is not None), None)
             self.schedule(lambda c=complete, e=err: c(e), seq=seq)  # type: ignore[misc]
 
-    async def poll(self) -> bool:
-        """One ``aio_poll``: the pool's workers run (blocking only if nothing else is ready), then the
-        bottom halves scheduled so far run, newest first (``aio_bh_poll``)."""
+    async def poll(self, blocking: bool = True) -> bool:
+        """One ``aio_poll``: the pool's workers run (if ``blocking``, waiting for them when nothing else
+        is ready), then the bottom halves scheduled so far run, newest first (``aio_bh_poll``)."""
         self.polls += 1
         pool = self.pool
-        if pool.queue or pool.slow_active:
-            pool.advance(False)
-            if pool.slow_active and not any(bh.scheduled for bh in self._bh):
-                pool.advance(True)
+        if pool.queue or pool.running:
+            pool.advance(blocking and not any(bh.scheduled for bh in self._bh))
         if not self._bh:
             return False
         batch, self._bh = self._bh, []

@@ -46,6 +46,7 @@ class Shell:
         words = [w for w in line.split(" ") if w]
         if not words:
             return 0
+        self.aio.pool.tick()
         ret = await self._dispatch(words)
         if ret < 0:
             self.last_error = ret
@@ -106,12 +107,15 @@ class Shell:
         as ``readv``.
         """
         before = AIO.yields
-        co = Co(coro, contextvars.copy_context(), lambda _: self.aio.notify())
+        co = Co(coro, contextvars.copy_context())
         enter(co)
         if co.finished:
             if always_poll or AIO.yields != before:
                 await self.aio.poll()
-            return co.value()
+            if co.exc is not None:
+                raise co.exc
+            return co.result
+        co.on_finish = lambda _: self.aio.notify()
         self.aio.sync_task = co
         try:
             await self.run_until(lambda: co.finished, "the command")

@@ -19,7 +19,16 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from qio.aio import AIO, AioContext, current_co, in_aio_request
+from qio.aio import (
+    AIO,
+    COST_FALLOCATE,
+    COST_PER_BYTE,
+    COST_SYNC,
+    COST_TRANSFER,
+    AioContext,
+    current_co,
+    in_aio_request,
+)
 from qio.block.driver import (
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
@@ -247,12 +256,12 @@ class FileDriver(BlockDriver):
         if end > self.size:
             self.size = end
 
-    async def _run(self, nbytes: int, fn: Any, *args: Any, slow: bool = False) -> Any:
+    async def _run(self, nbytes: int, fn: Any, *args: Any, cost: float = 0) -> Any:
         """Do one host I/O: inline when small, in a real thread when large (see module docstring).
 
         While a blkdebug node exists, an inline transfer still waits for the simulated thread pool's
-        completion (``raw_thread_pool_submit``), so requests interleave as in QEMU; ``slow`` marks an
-        ``fdatasync``, which finishes after the page-cache transfers submitted with it.
+        completion (``raw_thread_pool_submit``), so requests interleave as in QEMU; ``cost`` is its
+        time in the pool (a transfer's by default, see qio.aio).
         """
         AIO.yields += 1
         if nbytes > INLINE_MAX and not AIO.inline:
@@ -268,10 +277,10 @@ class FileDriver(BlockDriver):
             result = fn(*args)
         except OSError as e:
             if AIO.yield_on_io:
-                await AioContext.current().pool.submit(slow)
+                await AioContext.current().pool.submit(cost or COST_TRANSFER + nbytes * COST_PER_BYTE)
             raise BlockError(e.errno or errno.EIO) from None
         if AIO.yield_on_io:
-            await AioContext.current().pool.submit(slow)
+            await AioContext.current().pool.submit(cost or COST_TRANSFER + nbytes * COST_PER_BYTE)
         return result
 
     def _direct_io(self, write: bool, qiov: IOVec, offset: int) -> None:
@@ -320,7 +329,7 @@ class FileDriver(BlockDriver):
             raise BlockError(err)
 
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
-        await self._run(0, self._zero, offset, nbytes, flags)
+        await self._run(0, self._zero, offset, nbytes, flags, cost=COST_FALLOCATE)
         self.grow_to(offset + nbytes)
 
     def _punch(self, offset: int, nbytes: int) -> None:
@@ -331,13 +340,13 @@ class FileDriver(BlockDriver):
             raise BlockError(err)
 
     async def co_pdiscard(self, offset: int, nbytes: int) -> None:
-        await self._run(0, self._punch, offset, nbytes)
+        await self._run(0, self._punch, offset, nbytes, cost=COST_FALLOCATE)
 
     async def co_flush_to_disk(self) -> bool:
         if in_aio_request.get() and not AIO.yield_on_io:
             AioContext.current().defer_fdatasync(self.fd)
             return True  # deferred: the node is not clean yet
-        await self._run(0, os.fdatasync, self.fd, slow=True)
+        await self._run(0, os.fdatasync, self.fd, cost=COST_SYNC)
         return False
 
     async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
@@ -380,7 +389,7 @@ class FileDriver(BlockDriver):
             raise QemuError(f"Unsupported preallocation mode: {prealloc}", errno.ENOTSUP)
         self.size = offset
         if AIO.yield_on_io:
-            await AioContext.current().pool.submit(False)  # handle_aiocb_truncate runs in the pool
+            await AioContext.current().pool.submit(COST_FALLOCATE)  # handle_aiocb_truncate runs in the pool
 
     def get_info(self) -> BlockInfo | None:
         return BlockInfo()
