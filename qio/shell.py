@@ -204,6 +204,9 @@ class Shell:
 
     async def sleep(self, seconds: float) -> None:
         """``sleep``: at least one event-loop pass; a non-zero sleep lets everything that can run finish."""
+        # qemu-io's sleep polls through the glib main loop (main_loop_wait), which takes longer to get
+        # to the bottom halves than the aio_poll of the other waiting commands.
+        self.aio.pool.tick()
         if seconds <= 0:
             await self.aio.poll()
             return
