@@ -283,7 +283,7 @@ MAX_THREADS = 64  # THREAD_POOL_MAX_THREADS_DEFAULT
 # The simulated clock (microseconds): typical costs on a quiet machine, which decide the races the
 # way qemu-io decides them there.
 COMMAND_TIME = 20  # qemu-io reading and running a command that does no I/O
-WAKE_TIME = 30  # an idle worker thread woken by a submission
+WAKE_TIME = 15  # an idle worker thread woken by a submission
 SPAWN_TIME = 50  # a new worker thread starting up
 MAIN_WAKE_TIME = 5  # the main loop woken by a completion while it blocks in ppoll
 COST_TRANSFER = 2  # a page-cache read or write (plus COST_PER_BYTE per byte)
