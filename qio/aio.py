@@ -1,25 +1,20 @@
-"""Requests in flight and their completions, modelled on QEMU's AIO context.
+"""Requests in flight and their completions: a deterministic model of QEMU 7.2's AioContext.
 
-QEMU's observable rules, and how qio reproduces them:
+The rules, each with the QEMU source it comes from, are listed in docs/architecture.md ("The event-loop
+model").  In short:
 
-* A request coroutine is entered *at submission*: it runs until it first waits.  qio starts request
-  coroutines eagerly (:meth:`AioContext.submit`), so e.g. ``blkdebug: Suspended request`` can print
-  inside the ``aio_write`` command, as in QEMU.
-* A request that completes before the submitting call returns reports its completion through a bottom
-  half; bottom halves run LIFO when the event loop runs.  qio queues such completions
-  (:meth:`schedule`) and runs them newest-first in :meth:`poll`.
-* A request that completes later calls its completion callback directly, wherever it is running: that
-  is how a completion line appears *inside* ``resume``.
-* A request that did host I/O while holding a driver lock (qcow2's ``s->lock``: metadata writes, host
-  discards) keeps a later request that takes the same lock waiting in QEMU until that I/O completes, so
-  the two complete in submission order.  qio's inline I/O never makes the second wait, so the lock
-  records the dependency (:meth:`AioContext.order_after`) and :meth:`poll` runs the second's completion
-  after the first's.
-* Host I/O goes through a thread pool in QEMU, so a coroutine always waits there and continues in a
-  later event-loop iteration.  qio does small I/O inline (far cheaper); when a blkdebug node is in the
-  graph the file driver then calls :meth:`io_yield`, which parks the request until the next
-  :meth:`poll` -- exactly where QEMU's thread-pool completion would resume it.  Without blkdebug
-  nothing can observe the difference, so the request simply runs on.
+* Requests are *coroutines* in QEMU's sense (:class:`Co`): entering one runs it until it yields, right
+  there (``qemu_aio_coroutine_enter``); waking one from inside another coroutine only queues it until
+  the waker yields or terminates (``aio_co_wake``/``aio_co_enter``).  qio drives the Python coroutines
+  itself (``coro.send``) instead of through asyncio Tasks, so this order is exact.
+* Bottom halves (:class:`BH`) are a LIFO list; one event-loop pass (:meth:`AioContext.poll`) runs the
+  bottom halves that were scheduled when it started, newest first (``aio_bh_poll``).
+* Host I/O goes to a thread pool (:class:`ThreadPool`, ``util/thread-pool.c``).  While a blkdebug node
+  exists, qio simulates the pool deterministically on a simulated clock: the syscall is done inline
+  at submission, and the request waits for the pool's completion bottom half as in QEMU.  Without
+  blkdebug nothing can observe the interleaving, so small host I/O simply runs on inline (much
+  cheaper, see "Why small I/O is inline"); :meth:`AioContext.order_after` and the write-through group
+  commit keep the few orders that remain observable.
 """
 
 from __future__ import annotations
@@ -27,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
@@ -48,10 +44,11 @@ class AioStats:
 
     ``yields`` counts the points where QEMU's coroutine would have waited for the event loop: QEMU's
     synchronous commands poll (printing pending completions) only if their request waited.
-    ``busy`` counts requests running in the thread pool (they complete without help).
-    ``yield_on_io`` is set while a blkdebug node is in the graph (see the module docstring).
+    ``busy`` counts requests running in real threads (large transfers; they complete without help).
+    ``yield_on_io`` is set while a blkdebug node is in the graph: host I/O then goes through the
+    simulated thread pool.
     ``inline`` is set while open-time I/O is driven without an event loop: even large host I/O then
-    runs inline, since a thread-pool future could not be waited for.
+    runs inline, since nothing could wait for a thread.
     """
 
     yields = 0
@@ -72,6 +69,8 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
     I/O runs inline and a pending future (blkdebug's delayed error injection) resumes at once."""
     saved = AIO.yield_on_io, AIO.inline
     AIO.yield_on_io, AIO.inline = False, True
+    if AioContext._current is not None:
+        AioContext._current.pool.opened()
     try:
         value = coro.send(None)
         while True:
@@ -85,77 +84,377 @@ def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
         coro.close()
 
 
-class _Continue:
-    """Awaitable that resumes an already-started coroutine inside a Task."""
+# -- coroutines ------------------------------------------------------------------------------------
+class _Yield:
+    """``qemu_coroutine_yield()``: hand control back to whoever entered the coroutine."""
 
-    __slots__ = ("coro", "first")
+    __slots__ = ()
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
-        self.coro, self.first = coro, first
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro, value = self.coro, self.first
-        if isinstance(value, asyncio.Future):
-            value._asyncio_future_blocking = True  # hand the eagerly-awaited future to the Task
-        while True:
-            try:
-                sent = yield value
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:
-                try:
-                    value = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
+    def __await__(self) -> Generator[None, None, None]:
+        yield None
 
 
-async def _tail(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
-    return await _Continue(coro, first)
+YIELD = _Yield()
 
 
-def start(coro: Coroutine[Any, Any, Any]) -> tuple[bool, Any, asyncio.Task[Any] | None]:
-    """Enter ``coro`` now.  ``(True, result, None)`` if it finished (exceptions propagate), else
-    ``(False, None, task)`` with a Task that continues it on the event loop (in the current context)."""
+class Co:
+    """A QEMU coroutine: a Python coroutine entered explicitly (see :func:`enter`)."""
+
+    __slots__ = ("context", "coro", "exc", "finished", "on_finish", "result", "waiting", "wakeup")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context,
+                 on_finish: Callable[[Co], None] | None = None) -> None:
+        self.coro = coro
+        self.context = context
+        self.wakeup: list[Co] = []  # co_queue_wakeup: woken by us, run when we yield or terminate
+        self.finished = False
+        self.waiting = False
+        self.result: Any = None
+        self.exc: BaseException | None = None
+        self.on_finish = on_finish
+
+    def value(self) -> Any:
+        if self.exc is not None:
+            raise self.exc
+        return self.result
+
+    def cancel(self, exc: BaseException) -> None:
+        """Abandon a coroutine that can never be woken (a qio bug): it fails with ``exc``."""
+        if self.finished:
+            return
+        self.waiting = False
+        self.coro.close()
+        self._finish(exc, None)
+
+    def _finish(self, exc: BaseException | None, result: Any) -> None:
+        self.finished = True
+        self.exc, self.result = exc, result
+        if self.on_finish is not None:
+            self.on_finish(self)
+
+
+_running: Co | None = None
+
+
+def current_co() -> Co | None:
+    """The coroutine running now (``qemu_coroutine_self``); None outside qio's scheduler."""
+    return _running
+
+
+def enter(co: Co) -> None:
+    """``qemu_aio_coroutine_enter``: run ``co`` until it yields, then the coroutines it woke (depth first)."""
+    _step(co)
+    if co.wakeup:
+        pending: deque[Co] = deque(co.wakeup)
+        co.wakeup = []
+        while pending:
+            to = pending.popleft()
+            if to.finished:
+                continue
+            _step(to)
+            if to.wakeup:
+                pending.extendleft(reversed(to.wakeup))
+                to.wakeup = []
+
+
+def _step(to: Co) -> None:
+    global _running
+    to.waiting = False
+    prev, _running = _running, to
     try:
-        first = coro.send(None)
+        value = to.context.run(to.coro.send, None)
     except StopIteration as stop:
-        return True, stop.value, None
-    if isinstance(first, asyncio.Future):
-        # Until the Task takes it over (see _Continue), nobody is blocked on it: other requests must be
-        # able to await the same future meanwhile (C futures refuse a second blocking await).
-        first._asyncio_future_blocking = False
-    ctx = contextvars.copy_context()
-    return False, None, asyncio.get_running_loop().create_task(_tail(coro, first), context=ctx)
+        to._finish(None, stop.value)
+    except BaseException as e:  # the request's failure is its result
+        to._finish(e, None)
+    else:
+        to.waiting = True
+        if isinstance(value, asyncio.Future):
+            _await_thread(to, value)
+    finally:
+        _running = prev
+
+
+def wake(co: Co) -> None:
+    """``aio_co_wake``: inside a coroutine, queue ``co`` until the current one yields; else enter it."""
+    if not co.waiting:
+        return  # already woken (queued to run)
+    if _running is not None:
+        co.waiting = False
+        _running.wakeup.append(co)
+    else:
+        enter(co)
+
+
+def _await_thread(co: Co, fut: asyncio.Future[Any]) -> None:
+    """The coroutine awaits a real thread (a large transfer): its completion goes through the pool."""
+    fut._asyncio_future_blocking = False
+    AioContext.current().pool.real(co, fut)
+
+
+class WaitQueue:
+    """``CoQueue`` without a lock: coroutines waiting for an event, woken in FIFO order."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        self.waiters: deque[Co] = deque()
+
+    async def wait(self) -> None:
+        co = _running
+        if co is None:
+            return  # not under the scheduler (open-time or qio-img I/O): nothing can be in the way
+        self.waiters.append(co)
+        await YIELD
+
+    def next(self) -> bool:
+        """``qemu_co_queue_next``: wake the first waiter."""
+        while self.waiters:
+            co = self.waiters.popleft()
+            if co.waiting:
+                wake(co)
+                return True
+        return False
+
+    def restart_all(self) -> None:
+        while self.next():
+            pass
+
+
+class TaskPool:
+    """``AioTaskPool`` (``block/aio_task.c``): the parts of one request run as parallel coroutines.
+
+    ``start`` enters the part's coroutine at once (``qemu_coroutine_enter``), so it runs until its first
+    wait, and the request carries on with its next part; at most ``max_busy`` parts are in flight."""
+
+    __slots__ = ("busy", "main", "max_busy", "status", "waiting")
+
+    def __init__(self, max_busy: int) -> None:
+        self.main = _running
+        self.max_busy = max_busy
+        self.busy = 0
+        self.status: Exception | None = None
+        self.waiting = False
+
+    async def _wait_one(self) -> None:
+        self.waiting = True
+        await YIELD
+
+    async def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if self.busy >= self.max_busy:
+            await self._wait_one()
+
+        async def task() -> None:
+            self.busy += 1
+            try:
+                await coro
+            except Exception as e:
+                if self.status is None:
+                    self.status = e
+            self.busy -= 1
+            if self.waiting and self.main is not None:
+                self.waiting = False
+                wake(self.main)
+
+        enter(Co(task(), contextvars.copy_context()))
+
+    async def wait_all(self) -> None:
+        while self.busy > 0:
+            await self._wait_one()
+
+
+# -- bottom halves -------------------------------------------------------------------------------
+class BH:
+    """``QEMUBH``: scheduling an already pending BH keeps its place in the list (``aio_bh_enqueue``)."""
+
+    __slots__ = ("cb", "pending", "scheduled", "seq")
+
+    def __init__(self, cb: Callable[[], Any], seq: int | None = None) -> None:
+        self.cb = cb
+        self.seq = seq  # the request whose completion a one-shot BH reports
+        self.pending = False
+        self.scheduled = False
+
+
+# -- the thread pool -----------------------------------------------------------------------------
+QUEUED, ACTIVE, DONE = 0, 1, 2
+MAX_THREADS = 64  # THREAD_POOL_MAX_THREADS_DEFAULT
+
+# The simulated clock (microseconds): typical costs on a quiet machine, which decide the races the
+# way qemu-io decides them there.
+COMMAND_TIME = 20  # qemu-io reading and running a command that does no I/O
+WAKE_TIME = 15  # an idle worker thread woken by a submission
+SPAWN_TIME = 50  # a new worker thread starting up
+MAIN_WAKE_TIME = 5  # the main loop woken by a completion while it blocks in ppoll
+COST_TRANSFER = 2  # a page-cache read or write (plus COST_PER_BYTE per byte)
+COST_PER_BYTE = 1 / 10000
+COST_FALLOCATE = 15  # zero write, discard, truncate
+COST_SYNC = 500  # fdatasync
+
+
+class PoolReq:
+    __slots__ = ("co", "cost", "end", "fut", "state", "submit")
+
+    def __init__(self, co: Co, cost: float, submit: float, fut: asyncio.Future[Any] | None = None) -> None:
+        self.co, self.cost, self.submit, self.fut = co, cost, submit, fut
+        self.end = 0.0
+        self.state = QUEUED
+
+
+class ThreadPool:
+    """``util/thread-pool.c`` with deterministic workers on a simulated clock.
+
+    Submission adds the request to the list the completion BH walks (newest first) and, when no worker
+    is idle, asks for a new thread, which only the ``new_thread_bh`` bottom half creates.  Workers take
+    queued requests in order; an idle worker needs ``WAKE_TIME`` to start, a busy one goes straight on
+    to the next request.  The clock advances by ``COMMAND_TIME`` per command; a poll completes what
+    has finished by then, and if nothing can run it blocks: the clock jumps to the next completion.
+    Transfers in real threads (large requests) are done when their thread says so.
+    """
+
+    def __init__(self, ctx: AioContext) -> None:
+        self.ctx = ctx
+        self.now = 0.0
+        self.elems: list[PoolReq] = []  # submission order; QEMU's list head is the newest
+        self.queue: deque[PoolReq] = deque()  # request_list: waiting for a worker, FIFO
+        self.running: list[PoolReq] = []  # taken by a worker, finishing at .end
+        self.workers: list[float] = []  # per created thread: busy until
+        self.cur_threads = 0  # created or asked for
+        self.new_threads = 0
+        self.completion_bh = BH(self._completion_bh)
+        self.new_thread_bh = BH(self._new_thread_bh)
+
+    def opened(self) -> None:
+        """Open-time I/O (``bdrv_open`` of a format reads through the pool) leaves an idle worker."""
+        if self.cur_threads == 0:
+            self.workers.append(self.now)
+            self.cur_threads = 1
+
+    def tick(self) -> None:
+        """A command boundary: time passes."""
+        self.now += COMMAND_TIME
+        if self.queue or self.running:
+            self._complete(self.now)
+
+    def _new_thread_bh(self) -> None:
+        for _ in range(self.new_threads):
+            self.workers.append(self.now + SPAWN_TIME)
+        self.new_threads = 0
+
+    def _assign(self, limit: float) -> None:
+        """Workers take the queued requests they can start by ``limit``, in order."""
+        queue, workers = self.queue, self.workers
+        while queue and workers:
+            req = queue[0]
+            best, start = 0, -1.0
+            for i, busy in enumerate(workers):
+                s = busy if busy >= req.submit else req.submit + WAKE_TIME
+                if start < 0 or s < start:
+                    best, start = i, s
+            if start > limit:
+                break
+            queue.popleft()
+            req.end = start + req.cost
+            req.state = ACTIVE
+            workers[best] = req.end
+            self.running.append(req)
+
+    def _complete(self, t: float) -> bool:
+        self._assign(t)
+        done = [r for r in self.running if r.end <= t]
+        if not done:
+            return False
+        for req in done:
+            req.state = DONE
+            self.running.remove(req)
+        self.ctx.bh_schedule(self.completion_bh)
+        return True
+
+    async def submit(self, cost: float) -> None:
+        """``thread_pool_submit_co``: the calling coroutine waits for the completion BH."""
+        co = _running
+        if co is None:
+            return
+        t = self.now
+        self._assign(t)
+        idle = sum(1 for busy in self.workers if busy <= t) - len(self.queue)
+        if idle <= 0 and self.cur_threads < MAX_THREADS:  # spawn_thread
+            self.cur_threads += 1
+            self.new_threads += 1
+            self.ctx.bh_schedule(self.new_thread_bh)
+        req = PoolReq(co, cost, t)
+        self.elems.append(req)
+        self.queue.append(req)
+        self.ctx.notify()
+        await YIELD
+
+    def real(self, co: Co, fut: asyncio.Future[Any]) -> None:
+        req = PoolReq(co, 0, self.now, fut)
+        self.elems.append(req)
+        AIO.busy += 1
+
+        def done(_: asyncio.Future[Any]) -> None:
+            AIO.busy -= 1
+            req.state = DONE
+            self.ctx.bh_schedule(self.completion_bh)
+
+        fut.add_done_callback(done)
+
+    def busy(self) -> bool:
+        """Simulated work that the next polls will complete."""
+        return bool(self.queue) or bool(self.running)
+
+    def advance(self, blocking: bool) -> None:
+        """Before a poll: complete what has finished by now; ``blocking`` (nothing else can run): the
+        clock jumps to the next completion, and the main loop needs a moment to wake up."""
+        if self._complete(self.now) or not blocking:
+            return
+        self._assign(float("inf"))
+        if self.running:
+            self.now = max(self.now, min(r.end for r in self.running) + MAIN_WAKE_TIME)
+            self._complete(self.now)
+
+    def _completion_bh(self) -> None:
+        """``thread_pool_completion_bh``: enter the finished requests newest first, each until it yields."""
+        elems = self.elems
+        while True:
+            for i in range(len(elems) - 1, -1, -1):
+                if elems[i].state == DONE:
+                    req = elems.pop(i)
+                    break
+            else:
+                return
+            self.ctx.bh_schedule(self.completion_bh)
+            if req.co.waiting:
+                enter(req.co)
+            self.completion_bh.scheduled = False  # qemu_bh_cancel
 
 
 class AioContext:
-    """In-flight requests, the bottom-half queue, parked I/O continuations and a wake-up for pollers."""
+    """In-flight requests, the bottom-half list, the thread pool and a wake-up for pollers."""
 
     _current: AioContext | None = None
 
     def __init__(self) -> None:
-        self.inflight: set[asyncio.Task[Any]] = set()
+        #: AIO requests whose completion has not been reported yet (QEMU's ``blk->in_flight``).
+        self.inflight: set[int] = set()
+        self._cos: dict[int, Co] = {}
         #: The request of the running synchronous command, once it had to wait.
-        self.sync_task: asyncio.Task[Any] | None = None
-        self._bh: list[tuple[Callable[[], Any], bool, int | None]] = []
-        self._scheduled: list[asyncio.Future[None]] = []
-        self._io: list[asyncio.Future[None]] = []
+        self.sync_task: Co | None = None
+        self._bh: list[BH] = []  # oldest first; QEMU's list head is the newest
+        self._scheduled: list[Co] = []
+        self.co_schedule_bh = BH(self._co_schedule_bh)
+        self.pool = ThreadPool(self)
         self._after_sync: list[tuple[tuple[int, ...], Callable[[BaseException | None], None], int]] = []
         self._wake: asyncio.Event | None = None
         #: Bumped whenever a request makes visible progress; pollers compare it to detect a standstill.
         self.progress = 0
-        #: Event-loop passes so far: host I/O done inline counts as completed once the loop has run.
+        #: Event-loop passes so far.
         self.polls = 0
         self._seq = 0
         self._after: dict[int, int] = {}  # request -> the earlier request it must complete after
         self._undelivered: set[int] = set()  # requests whose completion has not been reported yet
-        self._held: dict[int, list[tuple[Callable[[], Any], bool, int | None]]] = {}
+        self._held: dict[int, list[BH]] = {}
         #: AIO.yields when each recently finished request finished (its I/O after a lock's release).
         self.finished_yields: dict[int, int] = {}
         AioContext._current = self
@@ -171,55 +470,67 @@ class AioContext:
         if self._wake is not None:
             self._wake.set()
 
-    def schedule(self, cb: Callable[[], Any], is_async: bool = False, seq: int | None = None) -> None:
-        """Queue a bottom half (``is_async``: a coroutine function, awaited when it runs; ``seq``: the
-        request whose completion it reports)."""
-        self._bh.append((cb, is_async, seq))
+    def bh_schedule(self, bh: BH) -> None:
+        """``qemu_bh_schedule``."""
+        bh.scheduled = True
+        if not bh.pending:
+            bh.pending = True
+            self._bh.append(bh)
         self.notify()
 
+    def schedule(self, cb: Callable[[], Any], seq: int | None = None) -> None:
+        """A one-shot bottom half (``seq``: the request whose completion it reports)."""
+        self.bh_schedule(BH(cb, seq))
+
     def order_after(self, later: int, earlier: int) -> None:
-        """Request ``later`` waited (in QEMU) for I/O of request ``earlier``: complete it afterwards."""
+        """Request ``later`` waited (in QEMU) for I/O of request ``earlier``: complete it afterwards.
+
+        Only used without blkdebug, where host I/O is inline and the lock never made ``later`` wait."""
         self._after[later] = earlier
 
     async def co_schedule(self) -> None:
-        """``aio_co_schedule(self)`` + yield: continue from the context's one co-schedule bottom half,
-        which enters the scheduled coroutines in the order they were scheduled."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if not self._scheduled:
-            self.schedule(self._enter_scheduled, is_async=True)
-        self._scheduled.append(fut)
-        await fut
+        """``aio_co_schedule(ctx, self)`` + yield: continue from the context's co-schedule bottom half."""
+        co = _running
+        if co is None:
+            return
+        self._scheduled.append(co)
+        self.bh_schedule(self.co_schedule_bh)
+        await YIELD
 
-    async def _enter_scheduled(self) -> None:
+    def _co_schedule_bh(self) -> None:
+        """``co_schedule_bh_cb``: enter the scheduled coroutines in the order they were scheduled."""
         scheduled, self._scheduled = self._scheduled, []
-        for fut in scheduled:
-            if not fut.done():
-                fut.set_result(None)
-                await self.step()  # QEMU enters each coroutine right here, in turn
-
-    async def io_yield(self) -> None:
-        """Wait, like a thread-pool request, until the event loop next polls."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._io.append(fut)
-        self.notify()
-        await fut
+        for co in scheduled:
+            if co.waiting:
+                enter(co)
 
     def defer_fdatasync(self, fd: int) -> None:
-        """Write-through group commit for an AIO request: its ``fdatasync`` joins the next batch.
+        """Write-through group commit for an AIO request without blkdebug: its ``fdatasync`` joins the
+        next batch.
 
         QEMU's concurrent write-through requests share flushes (a flush waits for the one in progress,
-        then finds nothing left to do).  qio's AIO requests run one after another, so instead the
+        then finds nothing left to do).  qio's inline AIO requests run one after another, so instead the
         request finishes at once and its completion is held back until one ``fdatasync`` per file
         covers every request of the batch; a failing sync fails all of them.
         """
         pending_sync.set((*pending_sync.get(), fd))
 
     def submit(self, coro: Coroutine[Any, Any, Any], done: Callable[[BaseException | None, Any], None]) -> None:
-        """Start a request now; report ``done(exc, result)`` as QEMU's blk_aio_* would."""
-        early = True
+        """``blk_aio_prwv``: enter the request now; report ``done(exc, result)`` as QEMU's callback.
+
+        A request that finished before submission returned reports through a one-shot bottom half,
+        any later one calls ``done`` right where it finishes (``blk_aio_complete``)."""
         self._seq += 1
         seq = self._seq
         self._undelivered.add(seq)
+        self.inflight.add(seq)
+        early = True
+
+        def deliver(exc: BaseException | None, result: Any) -> None:
+            self.inflight.discard(seq)
+            self._cos.pop(seq, None)
+            self.notify()
+            done(exc, result)
 
         async def request() -> None:
             in_aio_request.set(True)
@@ -233,28 +544,31 @@ class AioContext:
             self.finished_yields[seq] = AIO.yields
             fds = pending_sync.get()
             if fds:
-                self._after_sync.append((fds, lambda err: done(err or exc, result), seq))
+                self._after_sync.append((fds, lambda err: deliver(err or exc, result), seq))
             elif early:
-                self.schedule(lambda: done(exc, result), seq=seq)
+                self.schedule(lambda: deliver(exc, result), seq=seq)
             else:
-                self._bh.extend(self._delivered(seq))
-                done(exc, result)
+                for bh in self._delivered(seq):
+                    self.bh_schedule(bh)
+                deliver(exc, result)
 
-        ctx = contextvars.copy_context()
-        finished, _, task = ctx.run(start, request())
+        def finished(co: Co) -> None:
+            if co.exc is not None and seq in self.inflight:  # cancelled: a qio bug, reported by the shell
+                deliver(co.exc, None)
+
+        co = Co(request(), contextvars.copy_context(), finished)
+        self._cos[seq] = co
+        enter(co)
         early = False
-        if not finished:
-            assert task is not None
-            self.inflight.add(task)
-            task.add_done_callback(self._retire)
 
-    def _retire(self, task: asyncio.Task[Any]) -> None:
-        self.inflight.discard(task)
-        self.notify()
+    def abandon(self, exc: BaseException) -> None:
+        """Fail every AIO request still waiting (see ``Shell._abandon_stuck``)."""
+        for co in list(self._cos.values()):
+            co.cancel(exc)
 
     def has_pending(self) -> bool:
-        """Bottom halves or parked I/O continuations that the next poll will run."""
-        return bool(self._bh) or bool(self._io)
+        """Bottom halves or simulated pool work that the next polls will run."""
+        return any(bh.scheduled for bh in self._bh) or self.pool.busy()
 
     def flush_pending(self) -> bool:
         return bool(self._after_sync)
@@ -275,60 +589,60 @@ class AioContext:
             err = next((results[fd] for fd in fds if results[fd] is not None), None)
             self.schedule(lambda c=complete, e=err: c(e), seq=seq)  # type: ignore[misc]
 
-    async def poll(self) -> bool:
-        """One event-loop pass: release parked I/O, run bottom halves newest first."""
-        ran = False
+    async def poll(self, blocking: bool = True) -> bool:
+        """One ``aio_poll``: the pool's workers run (if ``blocking``, waiting for them when nothing else
+        is ready), then the bottom halves scheduled so far run, newest first (``aio_bh_poll``)."""
         self.polls += 1
-        if self._io:
-            io, self._io = self._io, []
-            for fut in reversed(io):  # QEMU's thread pool usually completes the newest request first
-                if not fut.done():
-                    fut.set_result(None)
-            ran = True
-        while self._bh:
-            batch, self._bh = self._bh, []
-            for cb, is_async in self._ordered(batch):
-                if is_async:
-                    await cb()
-                else:
-                    cb()
-            ran = True
+        pool = self.pool
+        if pool.queue or pool.running:
+            pool.advance(blocking and not any(bh.scheduled for bh in self._bh))
+        if not self._bh:
+            return False
+        batch, self._bh = self._bh, []
+        ran = False
+        for bh in self._ordered(batch):
+            bh.pending = False
+            if bh.scheduled:
+                bh.scheduled = False
+                bh.cb()
+                ran = True
         return ran
 
-    def _ordered(self, batch: list[tuple[Callable[[], Any], bool, int | None]]) -> list[tuple[Callable[[], Any], bool]]:
+    def _ordered(self, batch: list[BH]) -> list[BH]:
         """Newest first, except that a completion ordered after another request's waits for it: to
         later in this batch, or, if that one has not completed yet, to when it does."""
-        out: list[tuple[Callable[[], Any], bool]] = []
+        if not self._after:
+            batch.reverse()
+            return batch
+        out: list[BH] = []
 
-        def emit(entry: tuple[Callable[[], Any], bool, int | None]) -> None:
-            out.append((entry[0], entry[1]))
-            if entry[2] is not None:
-                for follower in self._delivered(entry[2]):
+        def emit(bh: BH) -> None:
+            out.append(bh)
+            if bh.seq is not None:
+                for follower in self._delivered(bh.seq):
                     emit(follower)
 
-        for entry in reversed(batch):
-            earlier = self._after.get(entry[2]) if entry[2] is not None else None
+        for bh in reversed(batch):
+            earlier = self._after.get(bh.seq) if bh.seq is not None else None
             if earlier is not None and earlier in self._undelivered:
-                self._held.setdefault(earlier, []).insert(0, entry)  # they queued for the lock in order
+                bh.pending = False
+                self._held.setdefault(earlier, []).insert(0, bh)  # they queued for the lock in order
             else:
-                emit(entry)
+                emit(bh)
         return out
 
-    def _delivered(self, seq: int) -> list[tuple[Callable[[], Any], bool, int | None]]:
+    def _delivered(self, seq: int) -> list[BH]:
         """Request ``seq`` reported its completion: the completions held back for it are due now."""
         self._undelivered.discard(seq)
         self.finished_yields.pop(seq, None)
         self._after.pop(seq, None)
-        followers = self._held.pop(seq, [])
-        if followers and not self._bh:
-            self.notify()
-        return followers
+        return self._held.pop(seq, [])
 
     async def wait(self, timeout: float | None = None) -> None:
         """Let the event loop run until something happens or ``timeout`` passes."""
         if self._wake is None:
             self._wake = asyncio.Event()
-        if self._bh or self._io:
+        if self.has_pending():
             await asyncio.sleep(0)
             return
         self._wake.clear()
@@ -336,13 +650,3 @@ class AioContext:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except TimeoutError:
             pass
-
-    async def step(self) -> None:
-        """Let coroutines that were just made runnable (a resumed request) run until they next wait.
-
-        A woken Task needs up to three loop iterations (its first step if it was created since the loop
-        last ran, the wake-up callback, the step itself); requests only ever park on futures that qio
-        resolves explicitly, so extra iterations cannot run them further than QEMU would.
-        """
-        for _ in range(3):
-            await asyncio.sleep(0)

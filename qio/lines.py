@@ -100,7 +100,7 @@ async def pipe_loop(sh: Shell) -> None:
     while not sh.quit:
         sh.out.out(prompt)
         sh.out.flush()
-        await sh.aio.poll()
+        await sh.aio.poll(blocking=False)  # stdin is readable: ppoll does not wait
         line = await reader.fetchline(sh)
         if line is None:
             break

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from qio.aio import AIO, AioContext, start
+from qio.aio import AIO, AioContext, Co, enter
 from qio.block.errors import QemuError
 from qio.commands.spec import GLOBAL, NOFILE_OK, STDERR, Invocation, ParseFailure
 from qio.commands.table import build_table
@@ -46,6 +46,7 @@ class Shell:
         words = [w for w in line.split(" ") if w]
         if not words:
             return 0
+        self.aio.pool.tick()
         ret = await self._dispatch(words)
         if ret < 0:
             self.last_error = ret
@@ -99,90 +100,87 @@ class Shell:
 
     # -- waiting, with qemu-io's polling rules -----------------------------------------------------
     async def sync(self, coro: Coroutine[Any, Any, Any], always_poll: bool = False) -> Any:
-        """Run a request of a synchronous command.
+        """Run a request of a synchronous command (``bdrv_co_*`` entered, then ``BDRV_POLL_WHILE``).
 
-        Pending completions print only if QEMU would have polled its event loop: when the request had
-        to wait for I/O (or always, for commands built on the AIO interface such as ``readv``).
+        A request that finished inline without blkdebug polls once if it did host I/O (QEMU's coroutine
+        would have waited for the thread pool) or always, for commands built on the AIO interface such
+        as ``readv``.
         """
         before = AIO.yields
-        try:
-            finished, result, task = contextvars.copy_context().run(start, coro)
-        except BaseException:
+        co = Co(coro, contextvars.copy_context())
+        enter(co)
+        if co.finished:
             if always_poll or AIO.yields != before:
                 await self.aio.poll()
-            raise
-        if finished:
-            if always_poll or AIO.yields != before:
-                await self.aio.poll()
-            return result
-        assert task is not None
-        task.add_done_callback(lambda _: self.aio.notify())
-        self.aio.sync_task = task
+            if co.exc is not None:
+                raise co.exc
+            return co.result
+        co.on_finish = lambda _: self.aio.notify()
+        self.aio.sync_task = co
         try:
-            await self.run_until(task.done, "the command")
+            await self.run_until(lambda: co.finished, "the command")
         finally:
             self.aio.sync_task = None
-        await self.aio.poll()
-        if task.cancelled():
+        if not co.finished:
             from qio.block.errors import BlockError
 
-            raise BlockError(errno.EIO)
-        return task.result()
+            co.cancel(BlockError(errno.EIO))
+        return co.value()
 
     async def run_until(self, done: Callable[[], bool], what: str, deadline: float | None = None,
                         on_standstill: Callable[[], bool] | None = None) -> bool:
-        """Run the event loop, printing completions, until ``done()``; False at ``deadline``.
+        """Run the event loop, printing completions, until ``done()`` (``AIO_WAIT_WHILE``); False at
+        ``deadline``.
 
-        When nothing can progress any more (every request left is parked at a blkdebug breakpoint),
-        qemu-io would hang.  qio asks ``on_standstill`` (True: give up) or, by default, reports the
-        parked requests and resumes them.
+        Simulated work runs to completion first, whatever the deadline (it takes no time).  When nothing
+        can progress any more (every request left is parked at a blkdebug breakpoint) qemu-io would hang:
+        qio asks ``on_standstill`` (True: give up) or, by default, reports the parked requests and
+        resumes them.
         """
-        while True:
-            await self.aio.poll()
-            if done():
-                return True
-            if self.aio.flush_pending():
-                self.aio.run_flushes()
+        aio = self.aio
+        while not done():
+            if aio.has_pending():
+                await aio.poll()
+                continue
+            if aio.flush_pending():
+                aio.run_flushes()
                 continue
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            if self.aio.has_pending() or AIO.busy:
-                await self.aio.wait(left)
+            if AIO.busy:  # a real thread will complete
+                if left is not None and left <= 0:
+                    return False
+                await aio.wait(left)
+                await aio.poll()
                 continue
-            marker = self.aio.progress
-            await self.aio.step()
-            if self.aio.progress != marker or self.aio.has_pending() or done():
-                continue
+            # Nothing can move by itself any more.
             node = self.debug_node()
             parked = node.debug_suspended_tags() if node is not None else []
-            if not parked:
-                if not self.aio.inflight and self.aio.sync_task is None:
-                    if on_standstill is not None and on_standstill():
-                        return False
-                    if deadline is None:
-                        return done()
-                await self.aio.wait(left if left is not None else 1.0)
-                if deadline is None and self.aio.progress == marker and not self.aio.has_pending():
-                    self._abandon_stuck(what)
-                continue
             if on_standstill is not None and on_standstill():
                 return False
-            if deadline is not None and on_standstill is not None:
-                await self.aio.wait(left)  # sleep: the parked requests simply stay parked
+            if deadline is not None:
+                if left is None or left <= 0:
+                    return False
+                marker = aio.progress
+                await aio.wait(left)  # sleep: parked requests simply stay parked
+                if aio.progress != marker:
+                    await aio.poll()
                 continue
-            self.report_stuck(what)
-            await self.aio.step()
+            if parked:
+                self.report_stuck(what)
+                continue
+            if aio.inflight or aio.sync_task is not None:
+                self._abandon_stuck(what)
+            return done()
+        return True
 
     def _abandon_stuck(self, what: str) -> None:
         """Requests that wait for nothing qio knows about can only be a qio bug: fail them, never hang."""
-        stuck = [t for t in (*self.aio.inflight, self.aio.sync_task) if t is not None and not t.done()]
-        if not stuck or AIO.busy:
-            return
-        self.out.error_report(f"internal error: {what}: {len(stuck)} request(s) can make no progress; "
-                              "cancelling them")
-        for t in stuck:
-            t.cancel()
+        from qio.block.errors import BlockError
+
+        self.out.error_report(f"internal error: {what}: request(s) can make no progress; cancelling them")
+        if self.aio.sync_task is not None:
+            self.aio.sync_task.cancel(BlockError(errno.EIO))
+        self.aio.abandon(BlockError(errno.EIO))
 
     def debug_node(self) -> BlockDriver | None:
         from qio.commands.debug_cmds import debug_node
@@ -202,14 +200,20 @@ class Shell:
 
     async def drain(self, what: str = "draining") -> None:
         """``bdrv_drain_all``: run until nothing is in flight, printing completions as they come."""
-        await self.run_until(lambda: not self.aio.inflight and not self.aio.flush_pending(), what)
+        await self.run_until(lambda: not self.aio.inflight, what)
 
     async def sleep(self, seconds: float) -> None:
+        """``sleep``: at least one event-loop pass; a non-zero sleep lets everything that can run finish."""
+        # qemu-io's sleep polls through the glib main loop (main_loop_wait), which takes longer to get
+        # to the bottom halves than the aio_poll of the other waiting commands.
+        self.aio.pool.tick()
+        if seconds <= 0:
+            await self.aio.poll()
+            return
         await self.run_until(lambda: False, "sleep", time.monotonic() + seconds, on_standstill=lambda: False)
 
     async def settle(self) -> None:
-        """Run resumed requests until they next wait (QEMU re-enters them inside ``resume``)."""
-        await self.aio.step()
+        """Nothing to do: ``resume`` enters the request directly, which runs until it next waits."""
 
     async def wait_for(self, pred: Callable[[], bool], timeout: float | None) -> str:
         """``wait_break``: poll until ``pred()``.  Returns "ok", "timeout", or "standstill" (nothing left

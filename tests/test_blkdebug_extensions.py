@@ -145,3 +145,57 @@ def test_unaligned_discard_with_align_does_not_crash(img: Path) -> None:
               args=("--image-opts",))
     assert res.returncode == 0, res.stderr
     assert "discard 100/100 bytes at offset 100" in res.stdout
+
+
+def test_sync_write_behind_a_parked_flush_is_reported(img: Path) -> None:
+    """race-repros F2: the sync write's write-through flush queues behind the flush parked at A
+    (bdrv_co_flush serialises flushes of a node): qemu-io hangs; qio reports it and resumes A."""
+    res = qio(img, "break flush_to_os A", "aio_write -P 1 0 512", "wait_break A", "write -P 2 4k 512",
+              "resume A", "aio_flush")
+    assert res.returncode == 1  # the resume of the already resumed request fails
+    assert res.stderr == ("qio: the command would wait forever: request(s) 'A' suspended at blkdebug "
+                          "breakpoints; resuming them\n")
+    assert res.stdout.splitlines()[:3] == ["blkdebug: Suspended request 'A'", "blkdebug: Resuming request 'A'",
+                                           "wrote 512/512 bytes at offset 0"]
+    data = img.read_bytes()
+    assert data[:512] == b"\x01" * 512 and data[4096:4608] == b"\x02" * 512
+
+
+# Races that qemu-io 7.2 decides the same way on a quiet machine (20/20 runs in
+# /work/shared/reference/race-repros.md) but not under load, so they cannot be differential cases.
+# qio's model is deterministic: it must give qemu-io's quiet-machine answer every time.
+def test_race_for_one_breakpoint_newest_first(img: Path) -> None:
+    """D1: the thread pool's completion BH walks its list newest first."""
+    res = qio(img, "break pwritev_done A", "aio_write -P 0x66 1536 4k", "aio_write -P 0x02 64k 512",
+              "wait_break A", "resume A", args=("-t", "writeback", "-f", "raw"))
+    lines = [ln for ln in res.stdout.splitlines() if " ops; " not in ln]
+    assert lines == ["blkdebug: Suspended request 'A'", "wrote 4096/4096 bytes at offset 1536",
+                     "blkdebug: Resuming request 'A'", "wrote 512/512 bytes at offset 65536"]
+
+
+def test_lock_handoff_once_error_hits_first_data_write(tmp_path: Path) -> None:
+    """L3: after the lock hand-off the resumed request reaches its data write (and the one-shot error)
+    first; the other request's data is written."""
+    img = tmp_path / "t.qcow2"
+    subprocess.run([sys.executable, "-m", "qio.img", "create", "-q", "-f", "qcow2", str(img), "16M"], check=True)
+    qio(img, "write -P 0xaa 4194304 512", args=("-f", "qcow2"), image=str(img))
+    cfg = tmp_path / "c.cfg"
+    cfg.write_text('[inject-error]\nevent = "write_aio"\nonce = "on"\n')
+    res = qio(img, "break refblock_load A", "aio_write -P 0x11 15M 512", "aio_write -P 0x66 64k 4k",
+              "wait_break A", "remove_break A", "remove_break B", args=("-t", "writeback", "-f", "qcow2"),
+              image=f"blkdebug:{cfg}:{img}")
+    lines = [ln for ln in res.stdout.splitlines() if " ops; " not in ln]
+    assert lines[-2:] == ["aio_write failed: Input/output error", "wrote 4096/4096 bytes at offset 65536"]
+    check = qio(img, "read -P 0x66 64k 4k", "read -P 0 15M 512", args=("-f", "qcow2"), image=str(img))
+    assert "Pattern verification failed" not in check.stdout
+
+
+def test_fdatasync_finishes_after_a_later_discard(img: Path) -> None:
+    """T4: the zero write's fdatasync is still running when the later discard completes, and the other
+    write's write-through flush waits for it (so it never reaches flush_to_disk while A is armed)."""
+    res = qio(img, "break pwritev_done A", "aio_write -z 8k 64k", "wait_break A", "break flush_to_disk A",
+              "resume A", "break pwritev_rmw_head A", "aio_write -P 0xcd 0 1k", "discard 8k 8k", "remove_break A")
+    lines = [ln for ln in res.stdout.splitlines() if " ops; " not in ln]
+    assert lines == ["blkdebug: Suspended request 'A'", "blkdebug: Resuming request 'A'",
+                     "discard 8192/8192 bytes at offset 8192", "wrote 65536/65536 bytes at offset 8192",
+                     "wrote 1024/1024 bytes at offset 0"]

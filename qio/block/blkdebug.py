@@ -15,13 +15,12 @@ show each event with the request that raised it; the shell never hangs on a susp
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 from typing import Any, ClassVar
 
 from qio import trace
-from qio.aio import AIO, AioContext, current_request
+from qio.aio import AIO, YIELD, AioContext, current_co, current_request, enter
 from qio.block import io
 from qio.block.blkdebug_config import RuleSpec, inline_sections, make_rule, parse_config_text
 from qio.block.driver import (
@@ -82,28 +81,27 @@ class Rule:
 
 
 class Parker:
-    """Where a suspended request waits; one per event that suspended it."""
+    """Where a suspended request waits; one per event that suspended it (``suspend_request``)."""
 
-    __slots__ = ("fut", "wakeups")
+    __slots__ = ("co", "wakeups")
 
     def __init__(self) -> None:
-        self.fut: asyncio.Future[None] | None = None
+        self.co = current_co()
         self.wakeups = 0
 
     async def park(self) -> None:
-        if self.wakeups:
-            self.wakeups -= 1
+        """``qemu_coroutine_yield`` once per suspend rule that fired."""
+        if self.wakeups or self.co is None:
+            self.wakeups = max(self.wakeups - 1, 0)
             return
-        self.fut = asyncio.get_running_loop().create_future()
         AioContext.current().notify()  # a poller (wait_break) may be waiting for exactly this
-        try:
-            await self.fut
-        finally:
-            self.fut = None
+        await YIELD
 
     def wake(self) -> None:
-        if self.fut is not None and not self.fut.done():
-            self.fut.set_result(None)
+        """``resume_req_by_tag``: enter the suspended coroutine right now (``qemu_coroutine_enter``)."""
+        co = self.co
+        if co is not None and co.waiting:
+            enter(co)
         else:
             self.wakeups += 1
 

@@ -70,11 +70,20 @@ class Child:
 class NodeState:
     """Per-node bookkeeping that the generic layer (not the driver) owns."""
 
-    __slots__ = ("flushed_gen", "write_gen")
+    __slots__ = ("flush_active", "flush_queue", "flushed_gen", "write_gen")
 
     def __init__(self) -> None:
         self.write_gen = 0
         self.flushed_gen = 0
+        self.flush_active = False  # active_flush_req
+        self.flush_queue: Any = None  # qio.aio.WaitQueue of flushes waiting for it, made on demand
+
+    def flush_waiters(self) -> Any:
+        if self.flush_queue is None:
+            from qio.aio import WaitQueue
+
+            self.flush_queue = WaitQueue()
+        return self.flush_queue
 
 
 class BlockDriver:

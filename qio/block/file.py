@@ -18,7 +18,16 @@ import stat
 import struct
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from qio.aio import AIO, AioContext, in_aio_request
+from qio.aio import (
+    AIO,
+    COST_FALLOCATE,
+    COST_PER_BYTE,
+    COST_SYNC,
+    COST_TRANSFER,
+    AioContext,
+    current_co,
+    in_aio_request,
+)
 from qio.block.driver import (
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
@@ -72,6 +81,13 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     if _libc().fallocate(fd, mode, offset, length) != 0:
         return ctypes.get_errno()
     return 0
+
+
+async def _checked(fut: Any) -> Any:
+    try:
+        return await fut
+    except OSError as e:
+        raise BlockError(e.errno or errno.EIO) from None
 
 
 def _pread_all(fd: int, bufs: IOVec, offset: int) -> None:
@@ -279,22 +295,31 @@ class FileDriver(BlockDriver):
         if end > self.size:
             self.size = end
 
-    async def _run(self, nbytes: int, fn: Any, *args: Any) -> Any:
-        """Do one host I/O: inline when small, in the thread pool when large (see module docstring)."""
+    async def _run(self, nbytes: int, fn: Any, *args: Any, cost: float = 0) -> Any:
+        """Do one host I/O: inline when small, in a real thread when large (see module docstring).
+
+        While a blkdebug node exists, an inline transfer still waits for the simulated thread pool's
+        completion (``raw_thread_pool_submit``), so requests interleave as in QEMU; ``cost`` is its
+        time in the pool (a transfer's by default, see qio.aio).
+        """
         AIO.yields += 1
-        try:
-            if nbytes <= INLINE_MAX or AIO.inline:
-                result = fn(*args)
-            else:
+        if nbytes > INLINE_MAX and not AIO.inline:
+            fut = asyncio.get_running_loop().run_in_executor(_executor(), fn, *args)
+            if current_co() is None:
                 AIO.busy += 1
                 try:
-                    return await asyncio.get_running_loop().run_in_executor(_executor(), fn, *args)
+                    return await _checked(fut)
                 finally:
                     AIO.busy -= 1
+            return await _checked(fut)
+        try:
+            result = fn(*args)
         except OSError as e:
+            if AIO.yield_on_io:
+                await AioContext.current().pool.submit(cost or COST_TRANSFER + nbytes * COST_PER_BYTE)
             raise BlockError(e.errno or errno.EIO) from None
         if AIO.yield_on_io:
-            await AioContext.current().io_yield()
+            await AioContext.current().pool.submit(cost or COST_TRANSFER + nbytes * COST_PER_BYTE)
         return result
 
     def _direct_io(self, write: bool, qiov: IOVec, offset: int) -> None:
@@ -352,7 +377,7 @@ class FileDriver(BlockDriver):
             raise BlockError(err)
 
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
-        await self._run(0, self._zero, offset, nbytes, flags)
+        await self._run(0, self._zero, offset, nbytes, flags, cost=COST_FALLOCATE)
         self.grow_to(offset + nbytes)
 
     def _punch(self, offset: int, nbytes: int) -> None:
@@ -363,13 +388,13 @@ class FileDriver(BlockDriver):
             raise BlockError(err)
 
     async def co_pdiscard(self, offset: int, nbytes: int) -> None:
-        await self._run(0, self._punch, offset, nbytes)
+        await self._run(0, self._punch, offset, nbytes, cost=COST_FALLOCATE)
 
     async def co_flush_to_disk(self) -> bool:
         if in_aio_request.get() and not AIO.yield_on_io:
             AioContext.current().defer_fdatasync(self.fd)
             return True  # deferred: the node is not clean yet
-        await self._run(0, os.fdatasync, self.fd)
+        await self._run(0, os.fdatasync, self.fd, cost=COST_SYNC)
         return False
 
     async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
@@ -411,6 +436,8 @@ class FileDriver(BlockDriver):
         else:
             raise QemuError(f"Unsupported preallocation mode: {prealloc}", errno.ENOTSUP)
         self.size = offset
+        if AIO.yield_on_io:
+            await AioContext.current().pool.submit(COST_FALLOCATE)  # handle_aiocb_truncate runs in the pool
 
     def get_info(self) -> BlockInfo | None:
         return BlockInfo()

@@ -9,10 +9,9 @@ blkdebug events (``pwritev``, ``pwritev_zero``, ``pwritev_done``, ``pwritev_rmw_
 
 from __future__ import annotations
 
-import asyncio
 import errno
 
-from qio.aio import AIO
+from qio.aio import AIO, WaitQueue, current_co
 from qio.block.driver import (
     BDRV_MAX_LENGTH,
     BDRV_REQUEST_MAX_BYTES,
@@ -90,7 +89,7 @@ class Tracked:
     def __init__(self, node: BlockDriver, offset: int, nbytes: int) -> None:
         self.node, self.offset, self.end = node, offset, offset + nbytes
         self.serialising = False
-        self.done: asyncio.Future[None] | None = None
+        self.done: WaitQueue | None = None  # the requests waiting for this one (wait_queue)
         self.waiting_for: Tracked | None = None
 
 
@@ -108,8 +107,8 @@ def _begin(node: BlockDriver, offset: int, nbytes: int) -> Tracked:
 
 def _end(req: Tracked) -> None:
     req.node.tracked.remove(req)
-    if req.done is not None and not req.done.done():
-        req.done.set_result(None)
+    if req.done is not None:
+        req.done.restart_all()  # tracked_request_end: qemu_co_queue_restart_all
 
 
 async def _wait_serialising(req: Tracked) -> None:
@@ -125,10 +124,10 @@ async def _wait_serialising(req: Tracked) -> None:
         else:
             return
         if other.done is None:
-            other.done = asyncio.get_running_loop().create_future()
+            other.done = WaitQueue()
         req.waiting_for = other
         try:
-            await other.done
+            await other.done.wait()
         finally:
             req.waiting_for = None
 
@@ -493,28 +492,42 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
 
 
 async def flush(node: BlockDriver) -> None:
-    """``bdrv_co_flush``: write back to the OS, then to the disk if written since, then children."""
+    """``bdrv_co_flush``: write back to the OS, then to the disk if written since, then children.
+
+    Flushes of one node are serialised: a flush waits while another is in progress on the node
+    (``active_flush_req``/``flush_queue``), and the write generation it will mark clean is the one
+    from before it waited."""
     if node.read_only:
         return
+    st = node.gen
+    current = st.write_gen
+    while st.flush_active and current_co() is not None:
+        await st.flush_waiters().wait()
+    st.flush_active = True
+    try:
+        await _flush_locked(node, current)
+    finally:
+        st.flush_active = False
+        if st.flush_queue is not None:
+            st.flush_queue.next()
+
+
+async def _flush_locked(node: BlockDriver, current: int) -> None:
+    primary = node.primary_child()
     if node.has_co_flush:
-        # blkdebug's flush is QEMU's bdrv_co_flush_to_disk: only called when the node was written
-        # since its last successful flush, and never with cache.no-flush.
-        current = node.gen.write_gen
+        # blkdebug's flush is QEMU's bdrv_co_flush_to_disk; its flush events go to its own child,
+        # which has no debug hooks.
         if not node.flags.no_flush and node.gen.flushed_gen != current:
             await node.co_flush()
-            node.gen.flushed_gen = current
-        return
-    current = node.gen.write_gen
-    primary = node.primary_child()
-    if primary is not None and primary.has_debug_hooks:
-        await primary.debug_event(Event.FLUSH_TO_OS)
-    await node.co_flush_to_os()
-    if not node.flags.no_flush and node.gen.flushed_gen != current:
+    else:
         if primary is not None and primary.has_debug_hooks:
-            await primary.debug_event(Event.FLUSH_TO_DISK)
-        if await node.co_flush_to_disk():
-            current = node.gen.flushed_gen  # deferred: a later flush must still sync
-    node.gen.flushed_gen = current
+            await primary.debug_event(Event.FLUSH_TO_OS)
+        await node.co_flush_to_os()
+        if not node.flags.no_flush and node.gen.flushed_gen != current:
+            if primary is not None and primary.has_debug_hooks:
+                await primary.debug_event(Event.FLUSH_TO_DISK)
+            if await node.co_flush_to_disk():
+                current = node.gen.flushed_gen  # deferred: a later flush must still sync
     first: BlockError | None = None
     for c in node.children:
         if c.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED):
@@ -524,6 +537,7 @@ async def flush(node: BlockDriver) -> None:
                 first = first or e
     if first is not None:
         raise first
+    node.gen.flushed_gen = current
 
 
 async def truncate(node: BlockDriver, offset: int, exact: bool, prealloc: str) -> None:

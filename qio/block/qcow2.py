@@ -31,7 +31,7 @@ import stat
 import zlib
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from qio.aio import run_sync
+from qio.aio import AIO, TaskPool, current_co, run_sync
 from qio.block import io
 from qio.block import qcow2_layout as L
 from qio.block.driver import (
@@ -107,6 +107,17 @@ def cx(v: int) -> str:
 def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
+
+
+QCOW2_MAX_WORKERS = 8
+
+
+def _task_pool(parts: bool) -> TaskPool | None:
+    """A request with more than one part gets an ``AioTaskPool`` (only modelled with blkdebug, where the
+    parallel parts are observable; without it host I/O is inline and the parts run in turn)."""
+    if parts and AIO.yield_on_io and current_co() is not None:
+        return TaskPool(QCOW2_MAX_WORKERS)
+    return None
 
 class RuntimeOptions(NamedTuple):
     """``Qcow2ReopenState``: the checked runtime options, applied together by ``_commit_options``."""
@@ -2093,23 +2104,32 @@ class Qcow2Driver(BlockDriver):
         await self._preadv_part(offset, nbytes, qiov)
 
     async def _preadv_part(self, offset: int, nbytes: int, qiov: IOVec) -> None:
-        """``qcow2_co_preadv_part``."""
+        """``qcow2_co_preadv_part``; with blkdebug the parts run in parallel (``_task_pool``)."""
         qoff = 0
-        while nbytes:
-            cur = min(nbytes, INT_MAX)
-            await self.lock.lock()
-            try:
-                cur, host, ctype = await self.get_host_offset(offset, cur)
-            finally:
-                self.lock.unlock()
-            if ctype in (L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC) or \
-                    (ctype == L.CLUSTER_UNALLOCATED and self.backing is None):
-                io.iov_memset(qiov, qoff, cur)
-            else:
-                await self._preadv_task(ctype, host, offset, cur, io.iov_slice(qiov, qoff, cur))
-            nbytes -= cur
-            offset += cur
-            qoff += cur
+        pool: TaskPool | None = None
+        try:
+            while nbytes and (pool is None or pool.status is None):
+                cur = min(nbytes, INT_MAX)
+                await self.lock.lock()
+                try:
+                    cur, host, ctype = await self.get_host_offset(offset, cur)
+                finally:
+                    self.lock.unlock()
+                if ctype in (L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC) or \
+                        (ctype == L.CLUSTER_UNALLOCATED and self.backing is None):
+                    io.iov_memset(qiov, qoff, cur)
+                else:
+                    pool = pool or _task_pool(cur != nbytes)
+                    task = self._preadv_task(ctype, host, offset, cur, io.iov_slice(qiov, qoff, cur))
+                    await (pool.start(task) if pool is not None else task)
+                nbytes -= cur
+                offset += cur
+                qoff += cur
+        finally:
+            if pool is not None:
+                await pool.wait_all()
+        if pool is not None and pool.status is not None:
+            raise pool.status
 
     async def _preadv_task(self, ctype: int, host: int, offset: int, nbytes: int, qiov: IOVec) -> None:
         if ctype == L.CLUSTER_UNALLOCATED:
@@ -2145,26 +2165,38 @@ class Qcow2Driver(BlockDriver):
             await self._pwritev_part(offset, nbytes, qiov)
 
     async def _pwritev_part(self, offset: int, nbytes: int, qiov: IOVec) -> None:
-        """``qcow2_co_pwritev_part``."""
+        """``qcow2_co_pwritev_part``; with blkdebug the parts run in parallel (``_task_pool``)."""
         qoff = 0
-        while nbytes:
-            metas: list[L2Meta] = []
-            cur = min(nbytes, INT_MAX)
-            await self.lock.lock()
-            try:
-                cur, host = await self.alloc_host_offset(offset, cur, metas)
-                await self.pre_write_overlap_check(0, host, cur, True)
-            except BaseException:
+        pool: TaskPool | None = None
+        try:
+            while nbytes and (pool is None or pool.status is None):
+                metas: list[L2Meta] = []
+                cur = min(nbytes, INT_MAX)
+                await self.lock.lock()
                 try:
-                    await self.handle_l2meta(metas, False)
-                finally:
-                    self.lock.unlock()
-                raise
-            self.lock.unlock()
-            await self._pwritev_task(host, offset, cur, io.iov_slice(qiov, qoff, cur), metas)
-            nbytes -= cur
-            offset += cur
-            qoff += cur
+                    cur, host = await self.alloc_host_offset(offset, cur, metas)
+                    await self.pre_write_overlap_check(0, host, cur, True)
+                except BaseException:
+                    try:
+                        await self.handle_l2meta(metas, False)
+                    finally:
+                        self.lock.unlock()
+                    raise
+                self.lock.unlock()
+                pool = pool or _task_pool(cur != nbytes)
+                task = self._pwritev_task(host, offset, cur, io.iov_slice(qiov, qoff, cur), metas)
+                await (pool.start(task) if pool is not None else task)
+                nbytes -= cur
+                offset += cur
+                qoff += cur
+            if AIO.yield_on_io:
+                await self.lock.lock()  # QEMU takes the lock once more to drop an unused l2meta
+                self.lock.unlock()
+        finally:
+            if pool is not None:
+                await pool.wait_all()
+        if pool is not None and pool.status is not None:
+            raise pool.status
 
     async def _pwritev_task(self, host: int, offset: int, nbytes: int, qiov: IOVec, metas: list[L2Meta]) -> None:
         """``qcow2_co_pwritev_task``: data (merged with the COW when possible), then the L2 update."""

@@ -10,14 +10,13 @@ and flushed first) or on a flush of the file.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import errno
 import heapq
 from collections import deque
 from typing import TYPE_CHECKING
 
-from qio.aio import AIO, AioContext, request_seq
+from qio.aio import AIO, YIELD, AioContext, Co, WaitQueue, current_co, request_seq, wake
 from qio.block import io
 from qio.block.errors import BlockError
 from qio.block.events import Event
@@ -29,14 +28,19 @@ if TYPE_CHECKING:
 class CoMutex:
     """``CoMutex``: uncontended lock and unlock never yield; waiters are served in FIFO order.
 
-    It also remembers the last AIO request that did host I/O while holding it: in QEMU that I/O
-    would still be running when the next request asks for the lock (see :mod:`qio.aio`)."""
+    ``unlock`` hands the lock to the first waiter and wakes it with ``aio_co_wake``: from inside a
+    coroutine the waiter only runs once the unlocking coroutine yields or terminates
+    (``qemu_co_mutex_unlock``), so the unlocking request runs on to its next I/O first.
+
+    Without blkdebug, where host I/O is inline and the lock never makes anyone wait, it also remembers
+    the last AIO request that did host I/O while holding it: in QEMU that I/O would still be running
+    when the next request asks for the lock (see :mod:`qio.aio`)."""
 
     __slots__ = ("io_holder", "io_poll", "io_yields", "locked", "waiters", "yields_at_lock")
 
     def __init__(self) -> None:
         self.locked = False
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[Co] = deque()
         self.io_holder: int | None = None
         self.io_poll = -1
         self.io_yields = 0
@@ -46,9 +50,12 @@ class CoMutex:
         if not self.locked:
             self.locked = True
         else:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.waiters.append(fut)
-            await fut  # ownership is handed over by unlock()
+            co = current_co()
+            assert co is not None, "CoMutex contended outside a request"
+            self.waiters.append(co)
+            await YIELD  # ownership is handed over by unlock()
+        if AIO.yield_on_io:
+            return
         if self.io_holder is not None:
             seq = request_seq.get()
             if seq is not None and seq != self.io_holder:
@@ -60,14 +67,14 @@ class CoMutex:
         self.yields_at_lock = AIO.yields
 
     def unlock(self) -> None:
-        if AIO.yields != self.yields_at_lock:
+        if not AIO.yield_on_io and AIO.yields != self.yields_at_lock:
             seq = request_seq.get()
             if seq is not None:
                 self.io_holder, self.io_poll, self.io_yields = seq, AioContext.current().polls, AIO.yields
         while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
+            co = self.waiters.popleft()
+            if co.waiting:
+                wake(co)
                 return
         self.locked = False
 
@@ -75,23 +82,24 @@ class CoMutex:
 class CoQueue:
     """``CoQueue``: requests waiting for an in-flight allocation to complete."""
 
-    __slots__ = ("waiters",)
+    __slots__ = ("queue",)
 
     def __init__(self) -> None:
-        self.waiters: list[asyncio.Future[None]] = []
+        self.queue = WaitQueue()
 
     async def wait(self, mutex: CoMutex) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
+        """``qemu_co_queue_wait``: queue, release the lock, yield; take the lock again when woken."""
+        queue = self.queue
+        co = current_co()
+        if co is not None:
+            queue.waiters.append(co)
         mutex.unlock()
-        await fut
+        if co is not None:
+            await YIELD
         await mutex.lock()
 
     def restart_all(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        self.queue.restart_all()
 
 
 class Qcow2Cache:
