@@ -44,7 +44,7 @@ BLOCK_ALLOCATED = 0x10
 
 SECTOR = 512
 BDRV_REQUEST_MAX_BYTES = 0x7FFFFE00
-BDRV_MAX_LENGTH = 2**63 - 1 - (2**63 - 1) % 0x80000000  # QEMU: QEMU_ALIGN_DOWN(INT64_MAX, 2 GiB)
+BDRV_MAX_LENGTH = 2**63 - 2**30  # QEMU: QEMU_ALIGN_DOWN(INT64_MAX, BDRV_MAX_ALIGNMENT = 1 GiB)
 
 IOVec = list[memoryview]
 
@@ -201,7 +201,8 @@ class BlockDriver:
     async def co_flush(self) -> None:
         return None
 
-    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
+        """Resize; ``flags`` may hold ``REQ_ZERO_WRITE`` (the new area must read as zeroes)."""
         raise BlockError(errno.ENOTSUP, "Image format driver does not support resize")
 
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:

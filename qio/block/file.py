@@ -324,7 +324,7 @@ class FileDriver(BlockDriver):
         await self._run(0, os.fdatasync, self.fd)
         return False
 
-    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
         """``handle_aiocb_truncate`` for a regular file, with file-posix's messages."""
         AIO.yields += 1
 

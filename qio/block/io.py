@@ -491,16 +491,22 @@ async def flush(node: BlockDriver) -> None:
         raise first
 
 
-async def truncate(node: BlockDriver, offset: int, exact: bool, prealloc: str) -> None:
-    """``bdrv_co_truncate``; failures are QemuError with QEMU's message."""
+async def truncate(node: BlockDriver, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
+    """``bdrv_co_truncate``; failures are QemuError with QEMU's message.
+
+    Growing a node whose backing file reaches past the old end adds ``REQ_ZERO_WRITE``: the driver must
+    make the new area read as zeroes, else the backing file's bytes would show through it."""
     if offset < 0:
         raise QemuError("Image size cannot be negative", errno.EINVAL)
     if offset > BDRV_MAX_LENGTH:
-        raise QemuError(f"Required too big image size, it must be not greater than {BDRV_MAX_LENGTH}",
-                        errno.EFBIG)
+        raise QemuError(f"offset({offset}) exceeds maximum({BDRV_MAX_LENGTH})", errno.EIO)
+    old_size = getlength(node)
     if node.read_only:
         raise QemuError("Image is read-only", errno.EACCES)
-    await node.co_truncate(offset, exact, prealloc)
+    backing = node.child("backing")
+    if offset > old_size and backing is not None and getlength(backing.node) > old_size:
+        flags |= REQ_ZERO_WRITE
+    await node.co_truncate(offset, exact, prealloc, flags)
     node.gen.write_gen += 1
 
 
