@@ -31,6 +31,7 @@ from qio.block.events import Event
 from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
 
 MAX_BOUNCE = 1 << 20
+INT64_MAX = 2**63 - 1
 MAX_COR_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER for copy-on-read
 
 
@@ -440,19 +441,36 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
         raise BlockError(errno.EPERM)
     if not node.flags.unmap:
         return
-    align = max(node.request_alignment, node.pdiscard_alignment)
-    start = -(-offset // align) * align
-    end = (offset + nbytes) // align * align
-    step = node.max_pdiscard or end - start
+    # Discard is advisory, but the driver decides what an unaligned piece means (qcow2 frees the partial
+    # last cluster of an unaligned image, a file punches exactly the bytes asked for): everything is passed
+    # down, cut at the alignment boundaries as bdrv_co_pdiscard cuts it.
+    ralign = node.request_alignment
+    align = max(ralign, node.pdiscard_alignment)
+    head = offset % align
+    tail = (offset + nbytes) % align
+    max_pdiscard = (node.max_pdiscard or INT64_MAX) // align * align
     try:
-        while end > start:
-            n = min(step, end - start)
+        while nbytes > 0:
+            num = nbytes
+            if head:
+                num = min(nbytes, align - head)
+                if num % ralign:
+                    num %= ralign
+                head = (head + num) % align
+            elif tail:
+                if num > align:
+                    num -= tail
+                elif tail % ralign and tail > ralign:
+                    tail %= ralign
+                    num -= tail
+            num = min(num, max_pdiscard)
             try:
-                await node.co_pdiscard(start, n)
+                await node.co_pdiscard(offset, num)
             except BlockError as e:
                 if e.code != errno.ENOTSUP:
                     raise
-            start += n
+            offset += num
+            nbytes -= num
     finally:
         node.gen.write_gen += 1
 
