@@ -25,7 +25,7 @@ from qio.block.driver import (
 )
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
-from qio.block.perms import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
+from qio.block.perms import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
 from qio.block.probe import probe_format
 from qio.qemuopts import Options, opt_bool, parse_json_filename, sub_options
 
@@ -212,6 +212,11 @@ def _close_sync(node: BlockDriver) -> None:
 def _apply_perms(node: BlockDriver, perm: int, shared: int) -> None:
     if node.flags.force_share:
         shared = PERM_ALL
+    if perm & (PERM_WRITE | PERM_WRITE_UNCHANGED) and not perm & PERM_RESIZE \
+            and io.getlength(node) % node.request_alignment:
+        # padding an unaligned request could write past the end, which needs the resize permission
+        raise QemuError("Cannot get 'write' permission without 'resize': "
+                        "Image size is not a multiple of request alignment", errno.EPERM)
     node.perm, node.shared = perm, shared
     for c in node.children:
         c.perm, c.shared = node.child_perm(c, perm, shared)

@@ -32,6 +32,7 @@ from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
 
 MAX_BOUNCE = 1 << 20
 INT64_MAX = 2**63 - 1
+INT_MAX = 2**31 - 1
 MAX_COR_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER for copy-on-read
 
 
@@ -185,12 +186,21 @@ async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
             return
     total = getlength(node)
     max_bytes = -(-max(0, total - offset) // align) * align
-    if nbytes <= max_bytes:
+    max_transfer = min(node.max_transfer or INT_MAX, INT_MAX) // align * align
+    if nbytes <= max_bytes and nbytes <= max_transfer:
         await node.co_preadv(offset, nbytes, qiov)
         return
-    if max_bytes > 0:
-        await node.co_preadv(offset, max_bytes, iov_slice(qiov, 0, max_bytes))
-    iov_memset(qiov, max(max_bytes, 0), nbytes - max(max_bytes, 0))
+    # bdrv_aligned_preadv: fragments of max_transfer up to the end of the node, zeroes past it
+    done = 0
+    while done < nbytes:
+        if max_bytes:
+            num = min(nbytes - done, max_bytes, max_transfer)
+            await node.co_preadv(offset + done, num, iov_slice(qiov, done, num))
+            max_bytes -= num
+        else:
+            num = nbytes - done
+            iov_memset(qiov, done, num)
+        done += num
 
 
 def _info_cluster_size(node: BlockDriver) -> int:
@@ -374,14 +384,19 @@ async def _aligned_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IO
 
 async def _driver_pwritev_split(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec,
                                 flags: int) -> None:
-    mt = node.max_transfer
-    if not mt or nbytes <= mt:
+    """``bdrv_aligned_pwritev``'s fragmenting: chunks of ``max_transfer`` (aligned down to the request
+    alignment); an emulated FUA is kept for the last chunk only, a native one goes with every chunk."""
+    align = node.request_alignment
+    mt = min(node.max_transfer or INT_MAX, INT_MAX) // align * align
+    if nbytes <= mt:
         await _driver_pwritev(node, offset, nbytes, qiov, flags)
         return
     done = 0
     while done < nbytes:
         n = min(mt, nbytes - done)
-        f = flags if done + n == nbytes else flags & ~REQ_FUA
+        f = flags
+        if done + n < nbytes and flags & REQ_FUA and not node.supported_write_flags & REQ_FUA:
+            f &= ~REQ_FUA
         await _driver_pwritev(node, offset + done, n, iov_slice(qiov, done, n), f)
         done += n
 
@@ -398,11 +413,9 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
     if flags & ~node.supported_zero_flags & REQ_NO_FALLBACK:
         raise BlockError(errno.ENOTSUP)  # the node cannot promise a fast zero write (e.g. qcow2 v2)
     alignment = max(node.pwrite_zeroes_alignment, node.request_alignment)
-    max_zero = node.max_pwrite_zeroes or (2**31 - 1) // alignment * alignment
-    max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE) // alignment * alignment or alignment
-    need_flush = bool(flags & REQ_FUA) and not (node.supported_zero_flags & REQ_FUA)
-    if need_flush:
-        flags &= ~REQ_FUA
+    max_zero = min(node.max_pwrite_zeroes or INT64_MAX, INT64_MAX) // alignment * alignment
+    max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE)  # not aligned, as in QEMU 7.2
+    need_flush = False
     head = offset % alignment
     tail = (offset + nbytes) % alignment
     zeros: memoryview | None = None
@@ -417,12 +430,21 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
         try:
             await node.co_pwrite_zeroes(offset, num, flags & node.supported_zero_flags)
         except BlockError as e:
-            if e.code != errno.ENOTSUP or flags & REQ_NO_FALLBACK:
+            if e.code != errno.ENOTSUP:
                 raise
+            if flags & REQ_NO_FALLBACK:
+                raise
+            write_flags = flags & ~REQ_ZERO_WRITE
+            if flags & REQ_FUA and not node.supported_write_flags & REQ_FUA:
+                write_flags &= ~REQ_FUA  # one flush at the end instead of one per chunk
+                need_flush = True
             num = min(num, max_transfer)
             if zeros is None or len(zeros) < num:
                 zeros = memoryview(bytes(num))
-            await _driver_pwritev(node, offset, num, [zeros[:num]], flags & ~(REQ_ZERO_WRITE | REQ_NO_FALLBACK))
+            await _driver_pwritev(node, offset, num, [zeros[:num]], write_flags & ~REQ_NO_FALLBACK)
+        else:
+            if flags & REQ_FUA and not node.supported_zero_flags & REQ_FUA:
+                need_flush = True
         offset += num
         nbytes -= num
     if need_flush:

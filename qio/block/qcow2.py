@@ -487,7 +487,7 @@ class Qcow2Driver(BlockDriver):
         self.supported_write_flags = 0
         self.request_alignment = 1
         self.pwrite_zeroes_alignment = self.cluster_size
-        self.pdiscard_alignment = max(self.pdiscard_alignment, self.cluster_size)
+        self.pdiscard_alignment = self.cluster_size  # qcow2_refresh_limits overrides the child's
 
     @staticmethod
     def _take_backing_options(options: dict[str, Any]) -> dict[str, Any] | None:
@@ -961,6 +961,9 @@ class Qcow2Driver(BlockDriver):
             raise QemuError(f"Could not open backing file: {e}", e.errno) from None
         self.backing = node
         self.children.append(Child("backing", node, role_primary=False))
+        # bdrv_set_backing_hd refreshes the limits: a COW child's transfer limit counts too
+        if node.max_transfer and (not self.max_transfer or node.max_transfer < self.max_transfer):
+            self.max_transfer = node.max_transfer
 
     def _full_backing_filename(self, name: str) -> str:
         if name.startswith("/") or name.startswith("json:") or _has_protocol(name):
@@ -2735,7 +2738,7 @@ class Qcow2Driver(BlockDriver):
         super().refresh_limits()
         if self.l2_cache is not None:
             self.pwrite_zeroes_alignment = self.cluster_size
-            self.pdiscard_alignment = max(self.pdiscard_alignment, self.cluster_size)
+            self.pdiscard_alignment = self.cluster_size  # qcow2_refresh_limits overrides the child's
 
     def get_info(self) -> BlockInfo | None:
         return BlockInfo(self.cluster_size, self.vm_state_offset())
