@@ -55,6 +55,19 @@ def _node_flags(options: Options, flags: OpenFlags) -> OpenFlags:
     return f
 
 
+def parse_detect_zeroes(value: Any, flags: OpenFlags) -> str:
+    """``bdrv_parse_detect_zeroes``: off (default), on or unmap; unmap needs discard=unmap on the node."""
+    if value is None:
+        mode = "off"
+    else:
+        mode = {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+        if mode not in ("off", "on", "unmap"):
+            raise QemuError(f"invalid parameter value: {mode}")
+    if mode == "unmap" and not flags.unmap:
+        raise QemuError("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
+    return mode
+
+
 _node_ids = itertools.count()
 
 
@@ -120,7 +133,10 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         if cls is None:
             raise QemuError("Must specify either driver or file")
         raise QemuError('A block device must be specified for "file"')
-    file = open_node(child_opts, flags, warn, protocol=True)
+    # bdrv_inherited_options: children default to discard=unmap whatever the parent's policy
+    cflags = flags.copy()
+    cflags.unmap = True
+    file = open_node(child_opts, cflags, warn, protocol=True)
     probed = False
     try:
         if cls is None:
@@ -135,6 +151,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         node.children.append(Child("file", file))
         _name_node(node, options)
         node.refresh_limits()
+        node.detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes"), flags)
         node.open(options, flags)
         _check_leftovers(node, options)
     except BaseException:
@@ -170,6 +187,7 @@ def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, w
         node.open_children(options, flags, warn)
         _name_node(node, options)
         node.refresh_limits()
+        node.detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes"), flags)
         node.open(options, flags)
         _check_leftovers(node, options)
     except BaseException:
@@ -358,6 +376,7 @@ class BlockBackend:
         if flags.read_only and self.root.copy_on_read:
             raise QemuError(f"Can't set node '{self.root.node_name}' to r/o with copy-on-read enabled")
         root_opts = {k: v for k, v in options.items() if k in self.root.reopen_opts}
+        detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes", self.root.detect_zeroes), flags)
         self.root.check_reopen(flags, root_opts)
         for key, value in options.items():
             if key in root_opts or (key in GENERIC_OPTS and key not in ("driver", "filename", "node-name")):
@@ -371,6 +390,7 @@ class BlockBackend:
             node.reopen(flags if any(node is n for n in primary) else backing_flags,
                         root_opts if node is self.root else {})
         _apply_perms(self.root, perm, self.shared)
+        self.root.detect_zeroes = detect_zeroes
         self.perm = perm
         self.flags = flags
         self.writethrough = flags.writethrough

@@ -116,6 +116,8 @@ class BlockDriver:
         self.max_pwrite_zeroes = 0
         self.supported_write_flags = 0
         self.supported_zero_flags = 0
+        #: ``detect-zeroes`` (off, on, unmap): the generic write path turns buffers of zeroes into zero writes.
+        self.detect_zeroes = "off"
         self.gen = NodeState()
         self.perm = 0
         self.shared = PERM_ALL

@@ -18,6 +18,7 @@ from qio.block.driver import (
     BDRV_REQUEST_MAX_BYTES,
     BLOCK_ALLOCATED,
     REQ_FUA,
+    REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
     REQ_WRITE_COMPRESSED,
     REQ_WRITE_UNCHANGED,
@@ -75,6 +76,11 @@ def iov_from_bytes(qiov: IOVec, start: int, data: bytes | memoryview) -> None:
     for buf in iov_slice(qiov, start, len(data)):
         buf[:] = data[pos : pos + len(buf)]
         pos += len(buf)
+
+
+def _iov_is_zero(qiov: IOVec) -> bool:
+    """``qemu_iovec_is_zero``."""
+    return not any(any(buf) for buf in qiov)
 
 
 def _check_request(offset: int, nbytes: int) -> None:
@@ -353,6 +359,10 @@ async def _padding_rmw_read(node: BlockDriver, start: int, total: int, buf: memo
 async def _aligned_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | None,
                            flags: int) -> None:
     err: BlockError | None = None
+    if node.detect_zeroes != "off" and not flags & REQ_ZERO_WRITE and qiov is not None \
+            and type(node).co_pwrite_zeroes is not BlockDriver.co_pwrite_zeroes and _iov_is_zero(qiov):
+        # detect-zeroes: a buffer of zeroes becomes a zero write (unmapping with detect-zeroes=unmap)
+        flags |= REQ_ZERO_WRITE | (REQ_MAY_UNMAP if node.detect_zeroes == "unmap" else 0)
     if flags & REQ_ZERO_WRITE:
         if node.has_debug_hooks:
             await node.debug_event(Event.PWRITEV_ZERO)
