@@ -230,6 +230,8 @@ def _close_sync(node: BlockDriver) -> None:
 def _apply_perms(node: BlockDriver, perm: int, shared: int) -> None:
     if node.flags.force_share:
         shared = PERM_ALL
+    if perm & (PERM_WRITE | PERM_WRITE_UNCHANGED) and node.read_only:
+        raise QemuError("Block node is read-only", errno.EPERM)  # e.g. read-only=on under a writer
     if perm & (PERM_WRITE | PERM_WRITE_UNCHANGED) and not perm & PERM_RESIZE \
             and io.getlength(node) % node.request_alignment:
         # padding an unaligned request could write past the end, which needs the resize permission
@@ -278,6 +280,7 @@ class BlockBackend:
                     options.setdefault(k, v)
             else:
                 options["filename"] = filename
+        want_write = not flags.read_only  # blk_new_open: the BlockBackend's permissions follow the flags
         flags = _node_flags(options, flags)
         if flags.force_share and not flags.read_only:
             raise QemuError("force-share=on can only be used with read-only images")
@@ -298,6 +301,8 @@ class BlockBackend:
             root = open_node(options, flags, warn)
         root.copy_on_read = flags.copy_on_read
         blk = cls(root, flags)
+        if want_write:
+            blk.perm |= PERM_WRITE  # a read-only=on node then refuses it, as in QEMU
         try:
             _apply_perms(root, blk.perm, blk.shared)
         except BaseException:
@@ -322,6 +327,9 @@ class BlockBackend:
 
     # -- requests --------------------------------------------------------------------------------
     def getlength(self) -> int:
+        """``blk_getlength``: ENOMEDIUM once the root lost its driver."""
+        if not self.root.is_inserted():
+            raise BlockError(errno.ENOMEDIUM)
         return io.getlength(self.root)
 
     def _check(self, offset: int, nbytes: int) -> None:
@@ -353,6 +361,8 @@ class BlockBackend:
         await io.flush(self.root)
 
     async def truncate(self, offset: int, prealloc: str) -> None:
+        if not self.root.is_inserted():
+            raise QemuError("No medium inserted", errno.ENOMEDIUM)
         await io.truncate(self.root, offset, False, prealloc)
 
     async def is_allocated(self, offset: int, nbytes: int) -> tuple[bool, int]:

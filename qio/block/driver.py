@@ -170,6 +170,15 @@ class BlockDriver:
     def closed(self) -> None:
         """Release OS resources after the node and its children are done."""
 
+    def has_driver(self) -> bool:
+        """False once QEMU would have set ``bs->drv = NULL`` (a qcow2 image marked corrupt)."""
+        return True
+
+    def is_inserted(self) -> bool:
+        """``bdrv_is_inserted``: false once this node or a child lost its driver; every BlockBackend
+        request then fails with ENOMEDIUM."""
+        return self.has_driver() and all(c.node.is_inserted() for c in self.children)
+
     # -- I/O (implemented by drivers) --------------------------------------------------------
     def getlength(self) -> int:
         """Length in bytes; the generic layer rounds it up to whole sectors."""

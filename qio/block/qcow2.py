@@ -297,6 +297,9 @@ class Qcow2Driver(BlockDriver):
     def _need_accurate_refcounts(self) -> bool:
         return not self.incompatible_features & L.INCOMPAT_DIRTY
 
+    def has_driver(self) -> bool:
+        return not self.broken
+
     def _check_usable(self) -> None:
         if self.broken:
             raise BlockError(errno.ENOMEDIUM)
