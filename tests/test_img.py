@@ -215,6 +215,11 @@ CORRUPTIONS: dict[str, list[tuple[int, int, int]]] = {
     "no-reftable": [(56, 4, 0)],
     "no-reftable-no-offset": [(48, 8, 0), (56, 4, 0)],
     "leak-and-copied": [(REFBLOCK + 5 * 2, 2, 3), (REFBLOCK + 8 * 2, 2, 1), (8 * 0x10000 + 0xFFF8, 8, 0)],
+    # a refblock past the end: -r all grows the file to cover it, which fails past the file size limit
+    # (EFBIG), past BDRV_MAX_LENGTH (EIO) or past INT64_MAX (EINVAL), each with QEMU's report
+    "refblock-past-file-limit": [(0x10008, 8, 0x0004000000000000)],
+    "refblock-past-max-length": [(0x10008, 8, 0x7FFFFFFFC0000000)],
+    "refblock-past-int64": [(0x10008, 8, 0x7FFFFFFFFFFF0000)],
 }
 
 

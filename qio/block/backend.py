@@ -25,7 +25,7 @@ from qio.block.driver import (
 )
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
-from qio.block.perms import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE
+from qio.block.perms import PERM_ALL, PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
 from qio.block.probe import probe_format
 from qio.qemuopts import Options, opt_bool, parse_json_filename, sub_options
 
@@ -64,6 +64,19 @@ def _node_flags(options: Options, flags: OpenFlags, opening: bool = True) -> Ope
             raise QemuError("setting detect-zeroes to unmap is not allowed without setting discard operation "
                             "to unmap")
     return f
+
+
+def parse_detect_zeroes(value: Any, flags: OpenFlags) -> str:
+    """``bdrv_parse_detect_zeroes``: off (default), on or unmap; unmap needs discard=unmap on the node."""
+    if value is None:
+        mode = "off"
+    else:
+        mode = {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+        if mode not in ("off", "on", "unmap"):
+            raise QemuError(f"invalid parameter value: {mode}")
+    if mode == "unmap" and not flags.unmap:
+        raise QemuError("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
+    return mode
 
 
 _node_ids = itertools.count()
@@ -149,7 +162,10 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     for key in ("read-only", "cache.direct", "cache.no-flush", "force-share"):
         if key in options:
             child_opts.setdefault(key, options[key])
-    file = open_node(child_opts, flags, warn, protocol=True)
+    # bdrv_inherited_options: children default to discard=unmap whatever the parent's policy
+    cflags = flags.copy()
+    cflags.unmap = True
+    file = open_node(child_opts, cflags, warn, protocol=True)
     probed = False
     try:
         if cls is None:
@@ -164,6 +180,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         node.children.append(Child("file", file))
         _name_node(node, options)
         node.refresh_limits()
+        node.detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes"), flags)
         node.open(options, flags)
         _check_leftovers(node, options, positional)
     except BaseException:
@@ -205,6 +222,7 @@ def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, w
         node.open_children(options, flags, warn)
         _name_node(node, options)
         node.refresh_limits()
+        node.detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes"), flags)
         node.open(options, flags)
         _check_leftovers(node, options)
     except BaseException:
@@ -247,6 +265,13 @@ def _close_sync(node: BlockDriver) -> None:
 def _apply_perms(node: BlockDriver, perm: int, shared: int) -> None:
     if node.flags.force_share:
         shared = PERM_ALL
+    if perm & (PERM_WRITE | PERM_WRITE_UNCHANGED) and node.read_only:
+        raise QemuError("Block node is read-only", errno.EPERM)  # e.g. read-only=on under a writer
+    if perm & (PERM_WRITE | PERM_WRITE_UNCHANGED) and not perm & PERM_RESIZE \
+            and io.getlength(node) % node.request_alignment:
+        # padding an unaligned request could write past the end, which needs the resize permission
+        raise QemuError("Cannot get 'write' permission without 'resize': "
+                        "Image size is not a multiple of request alignment", errno.EPERM)
     node.perm, node.shared = perm, shared
     for c in node.children:
         c.perm, c.shared = node.child_perm(c, perm, shared)
@@ -340,6 +365,9 @@ class BlockBackend:
 
     # -- requests --------------------------------------------------------------------------------
     def getlength(self) -> int:
+        """``blk_getlength``: ENOMEDIUM once the root lost its driver."""
+        if not self.root.is_inserted():
+            raise BlockError(errno.ENOMEDIUM)
         return io.getlength(self.root)
 
     def _check(self, offset: int, nbytes: int) -> None:
@@ -371,6 +399,8 @@ class BlockBackend:
         await io.flush(self.root)
 
     async def truncate(self, offset: int, prealloc: str) -> None:
+        if not self.root.is_inserted():
+            raise QemuError("No medium inserted", errno.ENOMEDIUM)
         await io.truncate(self.root, offset, False, prealloc)
 
     async def is_allocated(self, offset: int, nbytes: int) -> tuple[bool, int]:
@@ -394,6 +424,7 @@ class BlockBackend:
         if flags.read_only and self.root.copy_on_read:
             raise QemuError(f"Can't set node '{self.root.node_name}' to r/o with copy-on-read enabled")
         root_opts = {k: v for k, v in options.items() if k in self.root.reopen_opts}
+        detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes", self.root.detect_zeroes), flags)
         self.root.check_reopen(flags, root_opts)
         for node in _primary_nodes(self.root)[1:]:
             if not node.is_format:  # protocols may refuse the new flags (a read-only nbd export)
@@ -411,6 +442,7 @@ class BlockBackend:
             node.reopen(flags if any(node is n for n in primary) else backing_flags,
                         root_opts if node is self.root else {})
         _apply_perms(self.root, perm, self.shared)
+        self.root.detect_zeroes = detect_zeroes
         self.perm = perm
         self.flags = flags
         self.writethrough = flags.writethrough

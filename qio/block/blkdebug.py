@@ -376,8 +376,8 @@ class BlkdebugDriver(BlockDriver):
         await self._check(offset, nbytes, "block-status")
         return await io.block_status(self.file, offset, nbytes)  # BDRV_BLOCK_RAW: the child answers
 
-    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
-        await io.truncate(self.file, offset, exact, prealloc)  # filters pass resizes through
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
+        await io.truncate(self.file, offset, exact, prealloc, flags)  # filters pass resizes through
 
     def child_perm(self, child: Child, perm: int, shared: int) -> tuple[int, int]:
         return perm | self.take_perms, shared & ~self.unshare_perms

@@ -44,7 +44,7 @@ BLOCK_ALLOCATED = 0x10
 
 SECTOR = 512
 BDRV_REQUEST_MAX_BYTES = 0x7FFFFE00
-BDRV_MAX_LENGTH = 2**63 - 1 - (2**63 - 1) % 0x80000000  # QEMU: QEMU_ALIGN_DOWN(INT64_MAX, 2 GiB)
+BDRV_MAX_LENGTH = 2**63 - 2**30  # QEMU: QEMU_ALIGN_DOWN(INT64_MAX, BDRV_MAX_ALIGNMENT = 1 GiB)
 
 IOVec = list[memoryview]
 
@@ -125,6 +125,8 @@ class BlockDriver:
         self.max_pwrite_zeroes = 0
         self.supported_write_flags = 0
         self.supported_zero_flags = 0
+        #: ``detect-zeroes`` (off, on, unmap): the generic write path turns buffers of zeroes into zero writes.
+        self.detect_zeroes = "off"
         self.gen = NodeState()
         self.perm = 0
         self.shared = PERM_ALL
@@ -177,6 +179,15 @@ class BlockDriver:
     def closed(self) -> None:
         """Release OS resources after the node and its children are done."""
 
+    def has_driver(self) -> bool:
+        """False once QEMU would have set ``bs->drv = NULL`` (a qcow2 image marked corrupt)."""
+        return True
+
+    def is_inserted(self) -> bool:
+        """``bdrv_is_inserted``: false once this node or a child lost its driver; every BlockBackend
+        request then fails with ENOMEDIUM."""
+        return self.has_driver() and all(c.node.is_inserted() for c in self.children)
+
     # -- I/O (implemented by drivers) --------------------------------------------------------
     def getlength(self) -> int:
         """Length in bytes; the generic layer rounds it up to whole sectors."""
@@ -210,7 +221,8 @@ class BlockDriver:
     async def co_flush(self) -> None:
         return None
 
-    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
+        """Resize; ``flags`` may hold ``REQ_ZERO_WRITE`` (the new area must read as zeroes)."""
         raise BlockError(errno.ENOTSUP, "Image format driver does not support resize")
 
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:

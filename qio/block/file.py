@@ -397,7 +397,7 @@ class FileDriver(BlockDriver):
         await self._run(0, os.fdatasync, self.fd, cost=COST_SYNC)
         return False
 
-    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
         """``handle_aiocb_truncate`` for a regular file, with file-posix's messages."""
         AIO.yields += 1
 
@@ -455,7 +455,7 @@ class HostDeviceDriver(FileDriver):
             raise QemuError(f"'{self.format_name}' driver requires '{self.filename}' to be either "
                             "a character or block device")
 
-    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
         """``raw_co_truncate`` on a device: it can only keep (or, inexactly, shrink below) its length."""
         if prealloc != "off":
             raise QemuError(f"Preallocation mode '{prealloc}' unsupported for this non-regular file",

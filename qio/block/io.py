@@ -17,6 +17,7 @@ from qio.block.driver import (
     BDRV_REQUEST_MAX_BYTES,
     BLOCK_ALLOCATED,
     REQ_FUA,
+    REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
     REQ_WRITE_COMPRESSED,
     REQ_WRITE_UNCHANGED,
@@ -30,6 +31,8 @@ from qio.block.events import Event
 from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
 
 MAX_BOUNCE = 1 << 20
+INT64_MAX = 2**63 - 1
+INT_MAX = 2**31 - 1
 MAX_COR_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER for copy-on-read
 
 
@@ -72,6 +75,11 @@ def iov_from_bytes(qiov: IOVec, start: int, data: bytes | memoryview) -> None:
     for buf in iov_slice(qiov, start, len(data)):
         buf[:] = data[pos : pos + len(buf)]
         pos += len(buf)
+
+
+def _iov_is_zero(qiov: IOVec) -> bool:
+    """``qemu_iovec_is_zero``."""
+    return not any(any(buf) for buf in qiov)
 
 
 def _check_request(offset: int, nbytes: int) -> None:
@@ -216,12 +224,21 @@ async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
             return
     total = getlength(node)
     max_bytes = -(-max(0, total - offset) // align) * align
-    if nbytes <= max_bytes:
+    max_transfer = min(node.max_transfer or INT_MAX, INT_MAX) // align * align
+    if nbytes <= max_bytes and nbytes <= max_transfer:
         await node.co_preadv(offset, nbytes, qiov)
         return
-    if max_bytes > 0:
-        await node.co_preadv(offset, max_bytes, iov_slice(qiov, 0, max_bytes))
-    iov_memset(qiov, max(max_bytes, 0), nbytes - max(max_bytes, 0))
+    # bdrv_aligned_preadv: fragments of max_transfer up to the end of the node, zeroes past it
+    done = 0
+    while done < nbytes:
+        if max_bytes:
+            num = min(nbytes - done, max_bytes, max_transfer)
+            await node.co_preadv(offset + done, num, iov_slice(qiov, done, num))
+            max_bytes -= num
+        else:
+            num = nbytes - done
+            iov_memset(qiov, done, num)
+        done += num
 
 
 def _info_cluster_size(node: BlockDriver) -> int:
@@ -376,6 +393,10 @@ async def _padding_rmw_read(node: BlockDriver, start: int, total: int, buf: memo
 async def _aligned_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | None,
                            flags: int) -> None:
     err: BlockError | None = None
+    if node.detect_zeroes != "off" and not flags & REQ_ZERO_WRITE and qiov is not None \
+            and type(node).co_pwrite_zeroes is not BlockDriver.co_pwrite_zeroes and _iov_is_zero(qiov):
+        # detect-zeroes: a buffer of zeroes becomes a zero write (unmapping with detect-zeroes=unmap)
+        flags |= REQ_ZERO_WRITE | (REQ_MAY_UNMAP if node.detect_zeroes == "unmap" else 0)
     if flags & REQ_ZERO_WRITE:
         if node.has_debug_hooks:
             await node.debug_event(Event.PWRITEV_ZERO)
@@ -407,14 +428,19 @@ async def _aligned_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IO
 
 async def _driver_pwritev_split(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec,
                                 flags: int) -> None:
-    mt = node.max_transfer
-    if not mt or nbytes <= mt:
+    """``bdrv_aligned_pwritev``'s fragmenting: chunks of ``max_transfer`` (aligned down to the request
+    alignment); an emulated FUA is kept for the last chunk only, a native one goes with every chunk."""
+    align = node.request_alignment
+    mt = min(node.max_transfer or INT_MAX, INT_MAX) // align * align
+    if nbytes <= mt:
         await _driver_pwritev(node, offset, nbytes, qiov, flags)
         return
     done = 0
     while done < nbytes:
         n = min(mt, nbytes - done)
-        f = flags if done + n == nbytes else flags & ~REQ_FUA
+        f = flags
+        if done + n < nbytes and flags & REQ_FUA and not node.supported_write_flags & REQ_FUA:
+            f &= ~REQ_FUA
         await _driver_pwritev(node, offset + done, n, iov_slice(qiov, done, n), f)
         done += n
 
@@ -431,11 +457,9 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
     if flags & ~node.supported_zero_flags & REQ_NO_FALLBACK:
         raise BlockError(errno.ENOTSUP)  # the node cannot promise a fast zero write (e.g. qcow2 v2)
     alignment = max(node.pwrite_zeroes_alignment, node.request_alignment)
-    max_zero = node.max_pwrite_zeroes or (2**31 - 1) // alignment * alignment
-    max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE) // alignment * alignment or alignment
-    need_flush = bool(flags & REQ_FUA) and not (node.supported_zero_flags & REQ_FUA)
-    if need_flush:
-        flags &= ~REQ_FUA
+    max_zero = min(node.max_pwrite_zeroes or INT64_MAX, INT64_MAX) // alignment * alignment
+    max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE)  # not aligned, as in QEMU 7.2
+    need_flush = False
     head = offset % alignment
     tail = (offset + nbytes) % alignment
     zeros: memoryview | None = None
@@ -450,12 +474,21 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
         try:
             await node.co_pwrite_zeroes(offset, num, flags & node.supported_zero_flags)
         except BlockError as e:
-            if e.code != errno.ENOTSUP or flags & REQ_NO_FALLBACK:
+            if e.code != errno.ENOTSUP:
                 raise
+            if flags & REQ_NO_FALLBACK:
+                raise
+            write_flags = flags & ~REQ_ZERO_WRITE
+            if flags & REQ_FUA and not node.supported_write_flags & REQ_FUA:
+                write_flags &= ~REQ_FUA  # one flush at the end instead of one per chunk
+                need_flush = True
             num = min(num, max_transfer)
             if zeros is None or len(zeros) < num:
                 zeros = memoryview(bytes(num))
-            await _driver_pwritev(node, offset, num, [zeros[:num]], flags & ~(REQ_ZERO_WRITE | REQ_NO_FALLBACK))
+            await _driver_pwritev(node, offset, num, [zeros[:num]], write_flags & ~REQ_NO_FALLBACK)
+        else:
+            if flags & REQ_FUA and not node.supported_zero_flags & REQ_FUA:
+                need_flush = True
         offset += num
         nbytes -= num
     if need_flush:
@@ -474,19 +507,36 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
         raise BlockError(errno.EPERM)
     if not node.flags.unmap:
         return
-    align = max(node.request_alignment, node.pdiscard_alignment)
-    start = -(-offset // align) * align
-    end = (offset + nbytes) // align * align
-    step = node.max_pdiscard or end - start
+    # Discard is advisory, but the driver decides what an unaligned piece means (qcow2 frees the partial
+    # last cluster of an unaligned image, a file punches exactly the bytes asked for): everything is passed
+    # down, cut at the alignment boundaries as bdrv_co_pdiscard cuts it.
+    ralign = node.request_alignment
+    align = max(ralign, node.pdiscard_alignment)
+    head = offset % align
+    tail = (offset + nbytes) % align
+    max_pdiscard = (node.max_pdiscard or INT64_MAX) // align * align
     try:
-        while end > start:
-            n = min(step, end - start)
+        while nbytes > 0:
+            num = nbytes
+            if head:
+                num = min(nbytes, align - head)
+                if num % ralign:
+                    num %= ralign
+                head = (head + num) % align
+            elif tail:
+                if num > align:
+                    num -= tail
+                elif tail % ralign and tail > ralign:
+                    tail %= ralign
+                    num -= tail
+            num = min(num, max_pdiscard)
             try:
-                await node.co_pdiscard(start, n)
+                await node.co_pdiscard(offset, num)
             except BlockError as e:
                 if e.code != errno.ENOTSUP:
                     raise
-            start += n
+            offset += num
+            nbytes -= num
     finally:
         node.gen.write_gen += 1
 
@@ -540,16 +590,22 @@ async def _flush_locked(node: BlockDriver, current: int) -> None:
     node.gen.flushed_gen = current
 
 
-async def truncate(node: BlockDriver, offset: int, exact: bool, prealloc: str) -> None:
-    """``bdrv_co_truncate``; failures are QemuError with QEMU's message."""
+async def truncate(node: BlockDriver, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
+    """``bdrv_co_truncate``; failures are QemuError with QEMU's message.
+
+    Growing a node whose backing file reaches past the old end adds ``REQ_ZERO_WRITE``: the driver must
+    make the new area read as zeroes, else the backing file's bytes would show through it."""
     if offset < 0:
         raise QemuError("Image size cannot be negative", errno.EINVAL)
     if offset > BDRV_MAX_LENGTH:
-        raise QemuError(f"Required too big image size, it must be not greater than {BDRV_MAX_LENGTH}",
-                        errno.EFBIG)
+        raise QemuError(f"offset({offset}) exceeds maximum({BDRV_MAX_LENGTH})", errno.EIO)
+    old_size = getlength(node)
     if node.read_only:
         raise QemuError("Image is read-only", errno.EACCES)
-    await node.co_truncate(offset, exact, prealloc)
+    backing = node.child("backing")
+    if offset > old_size and backing is not None and getlength(backing.node) > old_size:
+        flags |= REQ_ZERO_WRITE
+    await node.co_truncate(offset, exact, prealloc, flags)
     node.gen.write_gen += 1
 
 

@@ -816,7 +816,7 @@ class NbdDriver(BlockDriver):
             await self._request(P.CMD_FLUSH, 0, 0, 0)
         return False
 
-    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
         if offset != self.info.size and exact:
             raise QemuError("Cannot resize NBD nodes", errno.ENOTSUP)
         if offset > self.info.size:

@@ -43,6 +43,7 @@ from qio.block.driver import (
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
     REQ_WRITE_COMPRESSED,
+    REQ_ZERO_WRITE,
     SECTOR,
     BlockDriver,
     BlockInfo,
@@ -318,6 +319,9 @@ class Qcow2Driver(BlockDriver):
     def _need_accurate_refcounts(self) -> bool:
         return not self.incompatible_features & L.INCOMPAT_DIRTY
 
+    def has_driver(self) -> bool:
+        return not self.broken
+
     def _check_usable(self) -> None:
         if self.broken:
             raise BlockError(errno.ENOMEDIUM)
@@ -511,7 +515,7 @@ class Qcow2Driver(BlockDriver):
         self.supported_write_flags = 0
         self.request_alignment = 1
         self.pwrite_zeroes_alignment = self.cluster_size
-        self.pdiscard_alignment = max(self.pdiscard_alignment, self.cluster_size)
+        self.pdiscard_alignment = self.cluster_size  # qcow2_refresh_limits overrides the child's
 
     @staticmethod
     def _take_backing_options(options: dict[str, Any]) -> dict[str, Any] | None:
@@ -1012,6 +1016,9 @@ class Qcow2Driver(BlockDriver):
             raise QemuError(f"Could not open backing file: {e}", e.errno) from None
         self.backing = node
         self.children.append(Child("backing", node, role_primary=False))
+        # bdrv_set_backing_hd refreshes the limits: a COW child's transfer limit counts too
+        if node.max_transfer and (not self.max_transfer or node.max_transfer < self.max_transfer):
+            self.max_transfer = node.max_transfer
 
     def _full_backing_filename(self, name: str) -> str:
         if name.startswith("/") or name.startswith("json:") or _has_protocol(name):
@@ -2480,7 +2487,9 @@ class Qcow2Driver(BlockDriver):
             self._commit_options(new)
 
     # ========================================================================== truncate
-    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
+        """``qcow2_co_truncate``.  With ``REQ_ZERO_WRITE`` (a backing file reaches into the new area) the
+        new clusters become zero clusters and a partial old last cluster gets explicit zeroes."""
         self._check_usable()
         if prealloc not in ("off", "metadata", "falloc", "full"):
             raise QemuError(f"Unsupported preallocation mode '{prealloc}'", errno.ENOTSUP)
@@ -2504,8 +2513,9 @@ class Qcow2Driver(BlockDriver):
             if prealloc == "metadata":
                 await self._preallocate(old_length, offset, prealloc)
             elif prealloc != "off":
-                raise QemuError(f"qio does not support preallocation mode '{prealloc}' for qcow2 images",
-                                errno.ENOTSUP)
+                flags = await self._preallocate_data(old_length, offset, prealloc, flags)
+            if flags & REQ_ZERO_WRITE and offset > old_length:
+                await self._zero_new_area(old_length, offset)
             if prealloc != "off":
                 try:
                     await self.write_caches()
@@ -2522,6 +2532,79 @@ class Qcow2Driver(BlockDriver):
             await self._recreate_caches()
         finally:
             self.lock.unlock()
+
+    async def _zero_new_area(self, old_length: int, offset: int) -> None:
+        """The ``BDRV_REQ_ZERO_WRITE`` tail of ``qcow2_co_truncate`` (lock held): zero clusters from the
+        first cluster boundary on, explicit zeroes (a normal write, lock dropped) before it."""
+        zero_start = _round_up(old_length, self.cluster_size)
+        if offset > zero_start:
+            try:
+                await self.subcluster_zeroize(zero_start, offset - zero_start, 0)
+            except BlockError as e:
+                raise QemuError(f"Failed to zero out new clusters: {e}", e.code) from None
+        if zero_start > old_length:
+            n = min(zero_start, offset) - old_length
+            self.lock.unlock()
+            try:
+                await self._pwritev_part(old_length, n, [memoryview(bytearray(n))])
+            except BlockError as e:
+                raise QemuError(f"Failed to zero out the new area: {e}", e.code) from None
+            finally:
+                await self.lock.lock()
+
+    async def _preallocate_data(self, old_length: int, offset: int, mode: str, flags: int) -> int:
+        """The ``falloc``/``full`` case of ``qcow2_co_truncate`` (lock held): reserve refcount room for
+        the new data clusters and their L2 tables after the image, allocate the data clusters in one
+        run, extend the file with the protocol's preallocation, then link them into the L2 tables.
+        Returns ``flags`` without ``REQ_ZERO_WRITE`` when the protocol already zeroed the area."""
+        cs, cb = self.cluster_size, self.cluster_bits
+        old_file_size = io.getlength(self.file)
+        try:
+            old_file_size = (await self._get_last_cluster(old_file_size) + 1) * cs
+        except BlockError:
+            old_file_size = _round_up(old_file_size, cs)
+        nb_data = (_round_up(offset, cs) - (old_length & ~(cs - 1))) >> cb
+        nb_l2 = -(-nb_data // (cs // 8)) + 1
+        try:
+            start = await self.refcount_area(old_file_size, nb_data + nb_l2, True, 0, 0)
+        except BlockError as e:
+            raise QemuError(f"Failed to resize refcount structures: {e}", e.code) from None
+        try:
+            await self.alloc_clusters_at(start, nb_data)
+        except BlockError as e:
+            raise QemuError(f"Failed to allocate data clusters: {e}", e.code) from None
+        new_file_size = start + nb_data * cs
+        done = False
+        if flags & REQ_ZERO_WRITE:
+            try:
+                await io.truncate(self.file, new_file_size, False, mode, REQ_ZERO_WRITE)
+            except QemuError:
+                pass
+            else:
+                flags &= ~REQ_ZERO_WRITE
+                done = True
+        if not done:
+            try:
+                await io.truncate(self.file, new_file_size, False, mode)
+            except QemuError as e:
+                await self.free_clusters(start, nb_data * cs, DISCARD_OTHER)
+                raise QemuError(f"Failed to resize underlying file: {e}", e.errno) from None
+        host, guest = start, old_length
+        while nb_data:
+            n = min(nb_data, self.l2_slice_size - ((guest >> cb) & (self.l2_slice_size - 1)))
+            cow_start = guest & (cs - 1)
+            guest -= cow_start
+            m = L2Meta(guest, host, n, False, (0, cow_start), (n << cb, 0))
+            m.prealloc = True
+            try:
+                await self.alloc_cluster_link_l2(m)
+            except BlockError as e:
+                await self.free_clusters(host, nb_data * cs, DISCARD_OTHER)
+                raise QemuError(f"Failed to update L2 tables: {e}", e.code) from None
+            guest += n * cs
+            host += n * cs
+            nb_data -= n
+        return flags
 
     async def _shrink(self, offset: int, old_length: int, new_l1_size: int) -> None:
         """The shrinking part of ``qcow2_co_truncate``."""
@@ -2740,7 +2823,7 @@ class Qcow2Driver(BlockDriver):
         super().refresh_limits()
         if self.l2_cache is not None:
             self.pwrite_zeroes_alignment = self.cluster_size
-            self.pdiscard_alignment = max(self.pdiscard_alignment, self.cluster_size)
+            self.pdiscard_alignment = self.cluster_size  # qcow2_refresh_limits overrides the child's
 
     def get_info(self) -> BlockInfo | None:
         return BlockInfo(self.cluster_size, self.vm_state_offset())

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from qio.block.qcow2 import Qcow2Driver
 
 FIX_LEAKS = 1
+INT64_MAX = 2**63 - 1
 FIX_ERRORS = 2
 CHECK_FRAG_INFO = 0x2
 _ENTRY = L.ENTRY
@@ -442,7 +443,14 @@ class Checker:
                 self.say(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} refcount block {i} is outside image\n")
                 if fix & FIX_ERRORS:
                     try:
-                        await io.truncate(drv.file, offset + cs, False, "off")
+                        if offset > INT64_MAX - cs:
+                            raise BlockError(errno.EINVAL)
+                        try:
+                            await io.truncate(drv.file, offset + cs, False, "off")
+                        except QemuError as e:  # error_report_err(local_err), then the resize_fail message
+                            if drv.report is not None:
+                                drv.report(str(e))
+                            raise
                         size = io.getlength(drv.file)
                         new_nb = drv.size_to_clusters(size)
                         imrt.realloc(new_nb)

@@ -12,7 +12,7 @@ import errno
 import os
 import tempfile
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qio.aio import run_sync
 from qio.block import io
@@ -20,9 +20,6 @@ from qio.block import qcow2_layout as L
 from qio.block.driver import BlockDriver, Child
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
-
-if TYPE_CHECKING:
-    from qio.block.qcow2 import Qcow2Driver
 
 Warn = Callable[[str], None]
 
@@ -128,9 +125,7 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
             raise QemuError(f"Could not update qcow2 header: {e}", e.code) from None
         try:
             try:
-                await node.co_truncate(size, False, "metadata" if preallocation == "metadata" else "off")
-                if preallocation in ("falloc", "full"):
-                    await preallocate_data(node, 0, size, preallocation)
+                await node.co_truncate(size, False, preallocation)
             except BlockError as e:
                 raise QemuError(str(e), e.code) from None
         except QemuError as e:
@@ -151,47 +146,6 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
         raise QemuError(f"Could not create '{filename}': {e}", e.code) from None
     finally:
         _close_sync(node)
-
-
-async def preallocate_data(node: Qcow2Driver, old_length: int, offset: int, mode: str) -> None:
-    """The ``falloc``/``full`` case of ``qcow2_co_truncate``: reserve refcount room for the new data
-    clusters and their L2 tables after the image, allocate the data clusters in one run, extend the
-    file with the protocol's preallocation, then link them into the L2 tables."""
-    from qio.block.qcow2 import L2Meta
-
-    cs, cb = node.cluster_size, node.cluster_bits
-    old_file_size = io.getlength(node.file)
-    last_cluster = await node._get_last_cluster(old_file_size)
-    old_file_size = (last_cluster + 1) * cs
-    nb_data = (-(-offset // cs) * cs - (old_length // cs) * cs) >> cb
-    nb_l2 = -(-nb_data // (cs // 8)) + 1
-    try:
-        start = await node.refcount_area(old_file_size, nb_data + nb_l2, True, 0, 0)
-    except BlockError as e:
-        raise QemuError(f"Failed to resize refcount structures: {e}", e.code) from None
-    try:
-        await node.alloc_clusters_at(start, nb_data)
-    except BlockError as e:
-        raise QemuError(f"Failed to allocate data clusters: {e}", e.code) from None
-    await io.truncate(node.file, start + nb_data * cs, False, mode)
-    host, guest = start, old_length
-    while nb_data:
-        n = min(nb_data, node.l2_slice_size - ((guest >> cb) & (node.l2_slice_size - 1)))
-        cow_start = guest & (cs - 1)
-        guest -= cow_start
-        m = L2Meta(guest, host, n, False, (0, cow_start), (n << cb, 0))
-        m.prealloc = True
-        try:
-            await node.alloc_cluster_link_l2(m)
-        except BlockError as e:
-            raise QemuError(f"Failed to update L2 tables: {e}", e.code) from None
-        guest += n * cs
-        host += n * cs
-        nb_data -= n
-    try:
-        await node.write_caches()
-    except BlockError as e:
-        raise QemuError(f"Failed to flush the preallocated area to disk: {e}", e.code) from None
 
 
 def temp_overlay(base: BlockDriver, flags: OpenFlags, warn: Warn) -> BlockDriver:

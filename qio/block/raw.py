@@ -31,6 +31,7 @@ from qio.block.probe import probe_format
 from qio.qemuopts import opt_size
 
 PROBE_BUF = 512
+INT64_MAX = 2**63 - 1
 
 
 class RawDriver(BlockDriver):
@@ -110,10 +111,13 @@ class RawDriver(BlockDriver):
     async def co_pdiscard(self, offset: int, nbytes: int) -> None:
         await io.pdiscard(self.file, offset + self.offset, nbytes)
 
-    async def co_truncate(self, offset: int, exact: bool, prealloc: str) -> None:
-        if self.offset or self.size is not None:
+    async def co_truncate(self, offset: int, exact: bool, prealloc: str, flags: int = 0) -> None:
+        """``raw_co_truncate``: only an explicit ``size`` fixes the length; an ``offset`` moves the end."""
+        if self.size is not None:
             raise QemuError("Cannot resize fixed-size raw disks", errno.ENOTSUP)
-        await io.truncate(self.file, offset, exact, prealloc)
+        if INT64_MAX - offset < self.offset:
+            raise QemuError("Disk size too large for the chosen offset", errno.EINVAL)
+        await io.truncate(self.file, offset + self.offset, exact, prealloc, flags)
 
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
         # BDRV_BLOCK_RAW: the answer is the protocol's (a raw image is allocated wherever it has bytes,

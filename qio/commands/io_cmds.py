@@ -439,12 +439,19 @@ async def run_truncate(sh: Shell, cmd: Truncate) -> int:
 
 
 async def run_length(sh: Shell, cmd: object) -> int:
-    sh.out.out(render.cvtstr(sh.require_blk().getlength()) + "\n")
+    try:
+        size = sh.require_blk().getlength()
+    except BlockError as e:
+        sh.out.out(f"getlength: {e}\n")
+        return -e.code
+    sh.out.out(render.cvtstr(size) + "\n")
     return 0
 
 
 async def run_info(sh: Shell, cmd: object) -> int:
     root = sh.require_blk().root
+    if not root.has_driver():  # bs->drv is NULL: no format name, bdrv_get_info fails silently
+        return -errno.ENOMEDIUM
     sh.out.out(f"format name: {root.format_name}\n")
     if root.protocol_name:
         sh.out.out(f"format name: {root.protocol_name}\n")
@@ -452,6 +459,8 @@ async def run_info(sh: Shell, cmd: object) -> int:
     info = node.get_info()
     while info is None and node.is_filter and node.children:
         node = node.children[0].node
+        if not node.has_driver():
+            return -errno.ENOMEDIUM
         info = node.get_info()
     if info is None:
         return -errno.ENOTSUP
@@ -497,7 +506,11 @@ async def run_alloc(sh: Shell, cmd: Alloc) -> int:
 
 async def run_map(sh: Shell, cmd: object) -> int:
     blk = sh.require_blk()
-    offset, remaining = 0, blk.getlength()
+    try:
+        offset, remaining = 0, blk.getlength()
+    except BlockError as e:
+        sh.out.error_report(f"Failed to query image length: {e}")
+        return -e.code
     while remaining:
         try:
             first, n = await sh.sync(blk.is_allocated(offset, remaining))

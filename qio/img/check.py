@@ -104,7 +104,7 @@ async def img_check(ctx: Ctx, argv: list[str]) -> int:
         await close_image(ctx, blk)
 
 
-async def _collect(blk: Any, fix: int) -> CheckResult:
+async def _collect(blk: Any, fix: int, report: Any = None) -> CheckResult:
     """``bdrv_check`` of the top node; ENOTSUP for formats without a check."""
     from qio.block.qcow2 import Qcow2Driver
     from qio.block.qcow2_check import check
@@ -114,6 +114,8 @@ async def _collect(blk: Any, fix: int) -> CheckResult:
         raise BlockError(errno.ENOMEDIUM)
     if not isinstance(root, Qcow2Driver):
         raise BlockError(95)
+    if report is not None:
+        root.report = report  # error_report() of a failed repair step
     return await check(root, fix)
 
 
@@ -122,7 +124,7 @@ async def _check(ctx: Ctx, blk: Any, filename: str, fix: int, ofmt: str, quiet: 
     ret = 0
     res = CheckResult()
     try:
-        res = await _collect(blk, fix)
+        res = await _collect(blk, fix, ctx.out.error_report)
     except BlockError as e:
         ret = -e.code
     except QemuError as e:
