@@ -30,7 +30,7 @@ from qio.block.errors import BlockError, QemuError
 from qio.block.events import Event
 from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
 
-MAX_BOUNCE = 1 << 20
+MAX_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER: largest zero-write fallback chunk
 MAX_COR_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER for copy-on-read
 
 
@@ -398,7 +398,7 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
         raise BlockError(errno.ENOTSUP)  # the node cannot promise a fast zero write (e.g. qcow2 v2)
     alignment = max(node.pwrite_zeroes_alignment, node.request_alignment)
     max_zero = node.max_pwrite_zeroes or (2**31 - 1) // alignment * alignment
-    max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE) // alignment * alignment or alignment
+    max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE)  # not aligned, as in QEMU
     need_flush = bool(flags & REQ_FUA) and not (node.supported_zero_flags & REQ_FUA)
     if need_flush:
         flags &= ~REQ_FUA
