@@ -397,7 +397,7 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
     if flags & ~node.supported_zero_flags & REQ_NO_FALLBACK:
         raise BlockError(errno.ENOTSUP)  # the node cannot promise a fast zero write (e.g. qcow2 v2)
     alignment = max(node.pwrite_zeroes_alignment, node.request_alignment)
-    max_zero = node.max_pwrite_zeroes or (2**31 - 1) // alignment * alignment
+    max_zero = (node.max_pwrite_zeroes or 2**63 - 1) // alignment * alignment
     max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE)  # not aligned, as in QEMU
     need_flush = bool(flags & REQ_FUA) and not (node.supported_zero_flags & REQ_FUA)
     if need_flush:
