@@ -336,8 +336,7 @@ async def _pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | No
     try:
         await _padding_rmw_read(node, start, total, buf, head, tail, merge)
     except BlockError:
-        if not zero:
-            raise  # QEMU ignores a failed padding read for zero writes (and writes what it has)
+        pass  # bdrv_co_pwritev_part drops bdrv_padding_rmw_read's result: the write goes on with what it has
     if not zero:
         assert qiov is not None
         parts: IOVec = [buf[:head]] if head else []
