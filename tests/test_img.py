@@ -154,6 +154,7 @@ INFO_CASES = [
     "check --output=json top.qcow2", "check -q base.qcow2", "check v2.qcow2", "check meta.qcow2",
     "check --output=json small.qcow2", "check -r bad base.qcow2", "check -T bogus base.qcow2", "check nope",
     "foo", "", "check -x base.qcow2", "check -f", "check --output json base.qcow2",
+    "info blkdebug::base.qcow2", "info --output=json blkdebug::base.qcow2",
 ]
 
 

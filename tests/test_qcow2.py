@@ -475,6 +475,23 @@ EVENT_SCENARIOS = [
      "aio_write -z 1M 4k"),
     ("zero-partial-data", "qemu-img create -q -f qcow2 t.qcow2 64M; qemu-io -c 'write -P 1 0 64k' t.qcow2", [],
      [], "aio_write -z 4k 4k"),
+    # zero writes of every alignment (bdrv_co_do_pwrite_zeroes splits at cluster boundaries; qcow2 zeroes a
+    # partial cluster only when the rest reads as zeroes, else the part falls back to a data write)
+    ("zero-subcluster-empty", "qemu-img create -q -f qcow2 t.qcow2 64M", ["-t", "writeback"], [],
+     "aio_write -z 4k 8k"),
+    ("zero-unaligned-spanning", "qemu-img create -q -f qcow2 t.qcow2 64M; qemu-io -c 'write -P 1 0 192k' "
+     "t.qcow2", ["-t", "writeback"], [], "aio_write -z 60k 72k"),
+    ("zero-unmap-unaligned", "qemu-img create -q -f qcow2 t.qcow2 64M; qemu-io -c 'write -P 1 0 192k' t.qcow2",
+     [], [], "aio_write -z -u 60k 72k"),
+    ("zero-subcluster-backing", "qemu-img create -q -f qcow2 b.qcow2 64M; qemu-io -c 'write -P 0x11 0 128k' "
+     "-c 'write -z 256k 64k' b.qcow2; qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 t.qcow2", [], [],
+     "aio_write -z 130k 130k"),
+    ("zero-subcluster-v2", "qemu-img create -q -f qcow2 -o compat=0.10 t.qcow2 64M; "
+     "qemu-io -c 'write -P 1 0 64k' t.qcow2", [], [], "aio_write -z 60k 8k"),
+    ("zero-image-end", "qemu-img create -q -f qcow2 t.qcow2 65k; qemu-io -c 'write -P 1 0 4k' t.qcow2", [], [],
+     "aio_write -z 60k 5k"),
+    ("zero-subcluster-c512", "qemu-img create -q -f qcow2 -o cluster_size=512 t.qcow2 64M; "
+     "qemu-io -c 'write -P 1 0 8k' t.qcow2", ["-t", "writeback"], [], "aio_write -z 4000 1000"),
     ("compressed-read", "qemu-img create -q -f qcow2 t.qcow2 64M; qemu-io -c 'write -c -P 1 0 64k' t.qcow2", [],
      [], "aio_read -P 1 0 4k"),
     ("compressed-overwrite", "qemu-img create -q -f qcow2 t.qcow2 64M; qemu-io -c 'write -c -P 1 0 64k' t.qcow2",

@@ -90,6 +90,10 @@ async def _checked(fut: Any) -> Any:
         raise BlockError(e.errno or errno.EIO) from None
 
 
+def _einval() -> None:
+    raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+
 def _pread_all(fd: int, bufs: IOVec, offset: int) -> None:
     """Fill ``bufs`` from ``offset``; bytes past the end of the file read as zeroes."""
     for i in range(0, len(bufs), IOV_MAX):
@@ -344,23 +348,23 @@ class FileDriver(BlockDriver):
         finally:
             bounce.close()
 
-    def _check_niov(self, qiov: IOVec) -> None:
+    def _too_many(self, qiov: IOVec) -> bool:
         """A vector of more than IOV_MAX buffers handed to preadv/pwritev fails with EINVAL (unless
         O_DIRECT bounces a misaligned one through one buffer, as file-posix does)."""
-        if len(qiov) > IOV_MAX and not (
-                self.direct and any(len(b) % self.request_alignment for b in qiov)):
-            raise BlockError(errno.EINVAL)
+        return len(qiov) > IOV_MAX and not (self.direct and any(len(b) % self.request_alignment for b in qiov))
 
     async def co_preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
-        self._check_niov(qiov)
-        if self.direct:
+        if self._too_many(qiov):
+            await self._run(nbytes, _einval)  # the syscall fails in the worker thread, after the hand-off
+        elif self.direct:
             await self._run(nbytes, self._direct_io, False, qiov, offset)
         else:
             await self._run(nbytes, _pread_all, self.fd, qiov, offset)
 
     async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
-        self._check_niov(qiov)
-        if self.direct:
+        if self._too_many(qiov):
+            await self._run(nbytes, _einval)
+        elif self.direct:
             await self._run(nbytes, self._direct_io, True, qiov, offset)
         else:
             await self._run(nbytes, _pwrite_all, self.fd, qiov, offset)

@@ -30,7 +30,7 @@ from qio.block.errors import BlockError, QemuError, assert_fail
 from qio.block.events import Event
 from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
 
-MAX_BOUNCE = 1 << 20
+MAX_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER: largest zero-write fallback chunk
 INT64_MAX = 2**63 - 1
 INT_MAX = 2**31 - 1
 MAX_COR_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER for copy-on-read
@@ -336,8 +336,7 @@ async def _pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | No
     try:
         await _padding_rmw_read(node, start, total, buf, head, tail, merge)
     except BlockError:
-        if not zero:
-            raise  # QEMU ignores a failed padding read for zero writes (and writes what it has)
+        pass  # bdrv_co_pwritev_part drops bdrv_padding_rmw_read's result: the write goes on with what it has
     if not zero:
         assert qiov is not None
         parts: IOVec = [buf[:head]] if head else []
@@ -458,7 +457,7 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
         raise BlockError(errno.ENOTSUP)  # the node cannot promise a fast zero write (e.g. qcow2 v2)
     alignment = max(node.pwrite_zeroes_alignment, node.request_alignment)
     max_zero = min(node.max_pwrite_zeroes or INT64_MAX, INT64_MAX) // alignment * alignment
-    max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE)  # not aligned, as in QEMU 7.2
+    max_transfer = min(node.max_transfer or MAX_BOUNCE, MAX_BOUNCE)  # not aligned, as in QEMU
     need_flush = False
     head = offset % alignment
     tail = (offset + nbytes) % alignment

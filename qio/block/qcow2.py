@@ -2342,7 +2342,10 @@ class Qcow2Driver(BlockDriver):
 
     async def _detect_metadata_preallocation(self) -> bool:
         file_length = io.getlength(self.file)
-        real_clusters = _allocated_file_size(self.file) // self.cluster_size
+        real_allocation = allocated_file_size(self.file)
+        if real_allocation is None:
+            raise BlockError(errno.ENOTSUP)  # e.g. blkdebug: QEMU then reads no refcount block
+        real_clusters = real_allocation // self.cluster_size
         threshold = max(real_clusters * 10 // 9, real_clusters + 2)
         end_cluster = self.size_to_clusters(file_length)
         count = 0
@@ -2884,14 +2887,29 @@ def _has_protocol(name: str) -> bool:
     return False
 
 
-def _allocated_file_size(node: BlockDriver) -> int:
-    fd = getattr(_protocol_node(node), "fd", -1)
-    if not isinstance(fd, int) or fd < 0:
-        return 0
-    try:
-        return os.fstat(fd).st_blocks * 512
-    except OSError:
-        return 0
+def allocated_file_size(node: BlockDriver) -> int | None:
+    """``bdrv_get_allocated_file_size``; None where QEMU fails (-ENOTSUP).
+
+    Only the file protocol knows its size; any other protocol driver (blkdebug, even though it
+    filters) has no size, and a format node sums its children except the backing file.
+    """
+    if node.protocol_name is not None:
+        fd = getattr(node, "fd", -1)
+        if node.children or not isinstance(fd, int) or fd < 0:
+            return None
+        try:
+            return int(os.fstat(fd).st_blocks) * 512
+        except OSError:
+            return None
+    total = 0
+    for c in node.children:
+        if c.name == "backing":
+            continue
+        size = allocated_file_size(c.node)
+        if size is None:
+            return None
+        total += size
+    return total
 
 
 def _file_status(node: BlockDriver, offset: int, nbytes: int) -> tuple[int, int]:

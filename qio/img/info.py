@@ -79,13 +79,16 @@ def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool) -> Query |
 # ================================================================================== info
 def image_info(root: BlockDriver) -> list[tuple[str, Any]]:
     """``bdrv_query_image_info``: the QAPI ImageInfo members, in field order, absent ones left out."""
-    from qio.block.qcow2 import _allocated_file_size
+    from qio.block.qcow2 import allocated_file_size
 
     info: list[tuple[str, Any]] = [("filename", root.filename), ("format", root.format_name)]
     bdi = root.get_info()
     if bdi is not None:
         info.append(("dirty-flag", bool(getattr(root, "incompatible_features", 0) & 1)))
-    info += [("actual-size", _allocated_file_size(root)), ("virtual-size", io.getlength(root))]
+    actual = allocated_file_size(root)
+    if actual is not None:
+        info.append(("actual-size", actual))
+    info.append(("virtual-size", io.getlength(root)))
     if bdi is not None and bdi.cluster_size:
         info.append(("cluster-size", bdi.cluster_size))
     backing = getattr(root, "image_backing_file", None)
@@ -169,7 +172,7 @@ def dump_human(info: list[tuple[str, Any]]) -> str:
     d = dict(info)
     out = [f"image: {d['filename']}\nfile format: {d['format']}\n"
            f"virtual size: {size_to_str(d['virtual-size'])} ({d['virtual-size']} bytes)\n"
-           f"disk size: {size_to_str(d['actual-size'])}\n"]
+           f"disk size: {size_to_str(d['actual-size']) if 'actual-size' in d else 'unavailable'}\n"]
     if "cluster-size" in d:
         out.append(f"cluster_size: {d['cluster-size']}\n")
     if d.get("dirty-flag"):
