@@ -471,6 +471,13 @@ class HostDeviceDriver(FileDriver):
             raise QemuError("Cannot grow device files", errno.EINVAL)
 
 
+
+class HostCdromDriver(HostDeviceDriver):
+    """``host_cdrom``: the same checks on Linux (qemu-iotests 226); qio has no medium handling."""
+
+    format_name = "host_cdrom"
+    protocol_name = "host_cdrom"
+
 def is_host_device(filename: str) -> bool:
     """``find_hdev_driver``: a ``/dev/cdrom*`` name or an existing character/block device."""
     if filename.startswith("/dev/cdrom"):

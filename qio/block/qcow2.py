@@ -448,8 +448,10 @@ class Qcow2Driver(BlockDriver):
             return OL_REFCOUNT_BLOCK
         if chk & OL_INACTIVE_L2:
             for sn in self.snapshots:
-                if sn.l1_size > L.MAX_L1_SIZE // 8 or sn.l1_table_offset & (cs - 1):
-                    raise BlockError(errno.EINVAL)
+                try:
+                    self._validate_table(sn.l1_table_offset, sn.l1_size, 8, L.MAX_L1_SIZE, "")
+                except QemuError as e:
+                    raise BlockError(e.errno) from None  # EFBIG for a size, EINVAL for an offset
                 raw = await self._pread(sn.l1_table_offset, sn.l1_size * 8)
                 for j in range(sn.l1_size):
                     l2 = _unpack_entry(raw, j * 8)[0] & L.L1E_OFFSET_MASK

@@ -12,13 +12,14 @@ from qio.block.driver import BlockDriver
 _MODULES = {
     "file": ("qio.block.file", "FileDriver"),
     "host_device": ("qio.block.file", "HostDeviceDriver"),
+    "host_cdrom": ("qio.block.file", "HostCdromDriver"),
     "raw": ("qio.block.raw", "RawDriver"),
     "blkdebug": ("qio.block.blkdebug", "BlkdebugDriver"),
     "nbd": ("qio.block.nbd", "NbdDriver"),
 }
 #: Filename prefixes (``blkdebug:cfg:img``) that select a protocol driver.
-PROTOCOL_PREFIXES = {"file": "file", "host_device": "host_device", "blkdebug": "blkdebug", "nbd": "nbd",
-                     "nbd+tcp": "nbd", "nbd+unix": "nbd"}
+PROTOCOL_PREFIXES = {"file": "file", "host_device": "host_device", "host_cdrom": "host_cdrom", "blkdebug": "blkdebug",
+                     "nbd": "nbd", "nbd+tcp": "nbd", "nbd+unix": "nbd"}
 FORMATS: tuple[str, ...] = ("raw",)
 
 
