@@ -86,18 +86,21 @@ def cvtnum(s: str) -> tuple[int, int, bool]:
 _STRTOL = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 
 
+def _base0(body: str) -> int:
+    """The digits of a base-0 C number: hex after 0x, octal after a leading 0, else decimal."""
+    if body.startswith(("0x", "0X")):
+        return int(body, 16)
+    if body.startswith("0") and len(body) > 1:
+        return int(body, 8)
+    return int(body)
+
+
 def strtol0(s: str) -> int | None:
     """C ``strtol(s, &end, 0)`` requiring the whole string to be consumed; None if not."""
     m = _STRTOL.fullmatch(s)
     if m is None:
         return None
-    body = m.group(2)
-    if body.startswith(("0x", "0X")):
-        v = int(body, 16)
-    elif body.startswith("0") and len(body) > 1:
-        v = int(body, 8)
-    else:
-        v = int(body)
+    v = _base0(m.group(2))
     v = -v if m.group(1) == "-" else v
     return max(min(v, INT64_MAX), -(2**63))
 
@@ -108,14 +111,7 @@ def strtou64(s: str) -> str | None:
     m = _STRTOL.fullmatch(s)
     if m is None:
         return "invalid"
-    body = m.group(2)
-    if body.startswith(("0x", "0X")):
-        v = int(body, 16)
-    elif body.startswith("0") and len(body) > 1:
-        v = int(body, 8)
-    else:
-        v = int(body)
-    return "range" if v >= 2**64 else None
+    return "range" if _base0(m.group(2)) >= 2**64 else None
 
 
 def parse_pattern(s: str) -> int | None:
