@@ -288,7 +288,7 @@ SPAWN_TIME = 50  # a new worker thread starting up
 MAIN_WAKE_TIME = 5  # the main loop woken by a completion while it blocks in ppoll
 COST_TRANSFER = 2  # a page-cache read or write (plus COST_PER_BYTE per byte)
 COST_PER_BYTE = 1 / 10000
-COST_FALLOCATE = 15  # zero write, discard, truncate
+COST_FALLOCATE = 5  # zero write, discard, truncate: one fallocate, a few times a page-cache copy
 COST_SYNC = 500  # fdatasync
 
 
