@@ -16,6 +16,25 @@ ROOT = Path(__file__).resolve().parent.parent
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
+def _session(img: Path, state: Path, lines: tuple[str, ...]) -> tuple[list[str], int | None]:
+    """Type ``lines`` at qio's prompts on a pty; returns what came before each prompt and after the
+    last line, and the exit status."""
+    env = dict(os.environ, XDG_STATE_HOME=str(state), PYTHONPATH=str(ROOT), TERM="dumb")
+    child = pexpect.spawn(sys.executable, ["-m", "qio", "-f", "raw", str(img)], env=env, encoding="utf-8",
+                          timeout=20)
+    seen = []
+    try:
+        for line in lines:
+            child.expect_exact("qio> ")
+            seen.append(child.before)
+            child.sendline(line)
+        child.expect(pexpect.EOF)
+        seen.append(child.before)
+    finally:
+        child.close(force=True)
+    return seen, child.exitstatus
+
+
 @pytest.mark.parametrize("kind", ["directory", "parent-is-file", "unwritable"])
 def test_unusable_history_warns_once(tmp_path: Path, kind: str) -> None:
     img = tmp_path / "t.img"
@@ -33,21 +52,9 @@ def test_unusable_history_warns_once(tmp_path: Path, kind: str) -> None:
         hist.parent.mkdir()
         hist.symlink_to("/proc/version")  # readable, but writing it fails even for root
         reason = ""
-    env = dict(os.environ, XDG_STATE_HOME=str(state), PYTHONPATH=str(ROOT), TERM="dumb")
-    child = pexpect.spawn(sys.executable, ["-m", "qio", "-f", "raw", str(img)], env=env, encoding="utf-8",
-                          timeout=20)
-    seen = []
-    try:
-        for line in ("length", "write -q 0 512", "length", "quit"):
-            child.expect_exact("qio> ")
-            seen.append(child.before)
-            child.sendline(line)
-        child.expect(pexpect.EOF)
-        seen.append(child.before)
-    finally:
-        child.close(force=True)
+    seen, status = _session(img, state, ("length", "write -q 0 512", "length", "quit"))
     text = ANSI.sub("", "".join(seen))
-    assert child.exitstatus == 0
+    assert status == 0
     assert "Traceback" not in text and "Press ENTER" not in text and "Exception" not in text
     warnings = re.findall(r"qio: warning: history file '([^']*)' is not usable \(([^)]*)\)", text)
     assert len(warnings) == 1, text
@@ -63,18 +70,6 @@ def test_usable_history_is_written(tmp_path: Path) -> None:
     img = tmp_path / "t.img"
     img.write_bytes(bytes(1 << 20))
     state = tmp_path / "state"
-    env = dict(os.environ, XDG_STATE_HOME=str(state), PYTHONPATH=str(ROOT), TERM="dumb")
-    child = pexpect.spawn(sys.executable, ["-m", "qio", "-f", "raw", str(img)], env=env, encoding="utf-8",
-                          timeout=20)
-    out = []
-    try:
-        for line in ("length", "quit"):
-            child.expect_exact("qio> ")
-            out.append(child.before)
-            child.sendline(line)
-        child.expect(pexpect.EOF)
-        out.append(child.before)
-    finally:
-        child.close(force=True)
+    out, _ = _session(img, state, ("length", "quit"))
     assert "warning" not in "".join(out)
     assert "+length" in (state / "qio" / "history").read_text()

@@ -437,6 +437,15 @@ def _bad_block_size(c: Conn) -> None:
         c.reply(opt, 0x80000001)
 
 
+def _serve_simple(c: Conn) -> None:
+    """Answer every request with a simple reply (reads return 0x2A bytes) until the client disconnects."""
+    while True:
+        typ, _, handle, _, length = c.request()
+        if typ == 2:
+            return
+        c.send(struct.pack(">IIQ", SIMPLE, 0, handle) + (bytes([0x2A]) * length if typ == 0 else b""))
+
+
 def _old_server(c: Conn) -> None:
     """Non-fixed newstyle: only EXPORT_NAME, then size, flags and 124 zero bytes."""
     c.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 0))
@@ -444,11 +453,7 @@ def _old_server(c: Conn) -> None:
     _, _, length = struct.unpack(">QII", c.read(16))
     c.read(length)
     c.send(struct.pack(">QH", 1 << 20, 0x0001 | 0x0004) + bytes(124))
-    while True:
-        typ, _, handle, _, length = c.request()
-        if typ == 2:
-            return
-        c.send(struct.pack(">IIQ", SIMPLE, 0, handle) + (bytes([0x2A]) * length if typ == 0 else b""))
+    _serve_simple(c)
 
 
 @oracle
@@ -753,11 +758,7 @@ def test_reconnect_delay(tmp_path: Path, delay: str) -> None:
 def _oldstyle(c: Conn) -> None:
     """The old-style greeting: size and flags at once, no options, simple replies."""
     c.send(struct.pack(">QQQI", NBDMAGIC, 0x0000420281861253, 1 << 20, 0x0001 | 0x0004) + bytes(124))
-    while True:
-        typ, _, handle, _, length = c.request()
-        if typ == 2:
-            return
-        c.send(struct.pack(">IIQ", SIMPLE, 0, handle) + (bytes([0x2A]) * length if typ == 0 else b""))
+    _serve_simple(c)
 
 
 @oracle
