@@ -430,6 +430,60 @@ class ThreadPool:
             self.completion_bh.scheduled = False  # qemu_bh_cancel
 
 
+class _AioRequest:
+    """One request of :meth:`AioContext.submit`: its coroutine body and completion callbacks.
+
+    One object with bound methods rather than a set of closures: a long queue of small AIO requests
+    pays for this once per request."""
+
+    __slots__ = ("coro", "ctx", "done", "early", "exc", "result", "seq")
+
+    def __init__(self, ctx: AioContext, seq: int, coro: Coroutine[Any, Any, Any],
+                 done: Callable[[BaseException | None, Any], None]) -> None:
+        self.ctx, self.seq, self.coro, self.done = ctx, seq, coro, done
+        self.early = True  # still inside submit()
+        self.exc: BaseException | None = None
+        self.result: Any = None
+
+    def deliver(self, exc: BaseException | None, result: Any) -> None:
+        ctx, seq = self.ctx, self.seq
+        ctx.inflight.discard(seq)
+        ctx._cos.pop(seq, None)
+        ctx.notify()
+        self.done(exc, result)
+
+    def deliver_result(self) -> None:
+        """The one-shot bottom half of a request that finished during submission."""
+        self.deliver(self.exc, self.result)
+
+    def deliver_synced(self, err: BaseException | None) -> None:
+        """After the group commit's ``fdatasync`` (``err``: its failure)."""
+        self.deliver(err or self.exc, self.result)
+
+    async def run(self) -> None:
+        seq, ctx = self.seq, self.ctx
+        in_aio_request.set(True)
+        request_seq.set(seq)
+        try:
+            self.result = await self.coro
+        except Exception as e:
+            self.exc = e
+        ctx.finished_yields[seq] = AIO.yields
+        fds = pending_sync.get()
+        if fds:
+            ctx._after_sync.append((fds, self.deliver_synced, seq))
+        elif self.early:
+            ctx.bh_schedule(BH(self.deliver_result, seq))
+        else:
+            for bh in ctx._delivered(seq):
+                ctx.bh_schedule(bh)
+            self.deliver(self.exc, self.result)
+
+    def finished(self, co: Co) -> None:
+        if co.exc is not None and self.seq in self.ctx.inflight:  # cancelled: a qio bug, reported by the shell
+            self.deliver(co.exc, None)
+
+
 class AioContext:
     """In-flight requests, the bottom-half list, the thread pool and a wake-up for pollers."""
 
@@ -524,42 +578,11 @@ class AioContext:
         seq = self._seq
         self._undelivered.add(seq)
         self.inflight.add(seq)
-        early = True
-
-        def deliver(exc: BaseException | None, result: Any) -> None:
-            self.inflight.discard(seq)
-            self._cos.pop(seq, None)
-            self.notify()
-            done(exc, result)
-
-        async def request() -> None:
-            in_aio_request.set(True)
-            request_seq.set(seq)
-            exc: BaseException | None = None
-            result: Any = None
-            try:
-                result = await coro
-            except Exception as e:
-                exc = e
-            self.finished_yields[seq] = AIO.yields
-            fds = pending_sync.get()
-            if fds:
-                self._after_sync.append((fds, lambda err: deliver(err or exc, result), seq))
-            elif early:
-                self.schedule(lambda: deliver(exc, result), seq=seq)
-            else:
-                for bh in self._delivered(seq):
-                    self.bh_schedule(bh)
-                deliver(exc, result)
-
-        def finished(co: Co) -> None:
-            if co.exc is not None and seq in self.inflight:  # cancelled: a qio bug, reported by the shell
-                deliver(co.exc, None)
-
-        co = Co(request(), contextvars.copy_context(), finished)
+        req = _AioRequest(self, seq, coro, done)
+        co = Co(req.run(), contextvars.copy_context(), req.finished)
         self._cos[seq] = co
         enter(co)
-        early = False
+        req.early = False
 
     def abandon(self, exc: BaseException) -> None:
         """Fail every AIO request still waiting (see ``Shell._abandon_stuck``)."""

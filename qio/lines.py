@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+from collections import deque
 from typing import TYPE_CHECKING
 
 from qio.aio import AIO
@@ -21,6 +22,9 @@ class LineReader:
     def __init__(self, fd: int = 0) -> None:
         self.fd = fd
         self.buf = bytearray()
+        #: Complete lines already split off ``buf``, without their newline: a script's lines are split
+        #: a buffer at a time instead of one search and copy each.
+        self.ready: deque[bytearray] = deque()
         self.eof = False
         try:
             self.pollable = not stat.S_ISREG(os.fstat(fd).st_mode)
@@ -42,6 +46,24 @@ class LineReader:
             self.buf.clear()
             return line
         return None
+
+    def _next(self) -> bytes | bytearray | None:
+        """The next ``fgets`` piece without its newline, if one is complete."""
+        ready = self.ready
+        if ready:
+            return ready.popleft()
+        buf = self.buf
+        last = buf.rfind(b"\n")
+        if last >= 0:
+            lines = buf[:last].split(b"\n")
+            if max(map(len, lines)) < MAXLINE - 1:  # each line is one fgets: split them all now
+                del buf[: last + 1]
+                ready.extend(lines)
+                return ready.popleft()
+        line = self._take()
+        if line is not None and line.endswith(b"\n"):
+            line = line[:-1]
+        return line
 
     async def readable(self) -> None:
         loop = asyncio.get_running_loop()
@@ -66,10 +88,8 @@ class LineReader:
     async def fetchline(self, sh: Shell) -> str | None:
         """Next line without its newline (cut at a NUL, as C strings are), or None at EOF."""
         while True:
-            line = self._take()
+            line = self._next()
             if line is not None:
-                if line.endswith(b"\n"):
-                    line = line[:-1]
                 nul = line.find(b"\0")
                 if nul >= 0:
                     line = line[:nul]
@@ -98,8 +118,7 @@ async def pipe_loop(sh: Shell) -> None:
     reader = LineReader(0)
     prompt = f"{sh.prgname}> "
     while not sh.quit:
-        sh.out.out(prompt)
-        sh.out.flush()
+        sh.out.prompt(prompt)
         await sh.aio.poll(blocking=False)  # stdin is readable: ppoll does not wait
         line = await reader.fetchline(sh)
         if line is None:

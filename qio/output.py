@@ -21,7 +21,7 @@ BLOCK = 4096
 
 def _writer(fd: int) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
-        view = memoryview(data)
+        view: bytes | memoryview = data
         while view:
             try:
                 n = os.write(fd, view)
@@ -29,7 +29,9 @@ def _writer(fd: int) -> Callable[[bytes], None]:
                 return
             except InterruptedError:
                 continue
-            view = view[n:]
+            if n == len(view):  # the usual case: no view to make
+                return
+            view = memoryview(view)[n:]
 
     return write
 
@@ -86,6 +88,16 @@ class Output:
     def err(self, text: str) -> None:
         """One unbuffered write to stderr."""
         self._w_err(text.encode("utf-8", "surrogateescape"))
+
+    def prompt(self, text: str) -> None:
+        """``printf(prompt); fflush(stdout)``, as :meth:`out` then :meth:`flush` (the piped loop does
+        this for every line: with nothing buffered, that is one write of the text)."""
+        data = text.encode("utf-8", "surrogateescape")
+        if self._buf or len(data) > BLOCK:
+            self.out(text)
+            self.flush()
+        else:
+            self._w_out(data)
 
     def flush(self) -> None:
         if self._buf:

@@ -140,9 +140,15 @@ class BlockDriver:
 
     @property
     def file(self) -> BlockDriver:
-        c = self.child("file") or self.child("image")
-        assert c is not None, f"{self.format_name} has no file child"
-        return c.node
+        # child("file") or child("image"), written out: every request of a format node passes here
+        children = self.children
+        for c in children:
+            if c.name == "file":
+                return c.node
+        for c in children:
+            if c.name == "image":
+                return c.node
+        raise AssertionError(f"{self.format_name} has no file child")
 
     def primary_child(self) -> BlockDriver | None:
         for c in self.children:

@@ -123,6 +123,12 @@ def _skip(bufs: IOVec, n: int) -> IOVec:
 
 
 def _pwrite_all(fd: int, bufs: IOVec, offset: int) -> None:
+    if len(bufs) == 1:  # the common request, written the same way without the grouping
+        want = len(bufs[0])
+        done = os.pwritev(fd, bufs, offset)
+        while done < want:
+            done += os.pwritev(fd, _skip(bufs, done), offset + done)
+        return
     for i in range(0, len(bufs), IOV_MAX):
         group = bufs[i : i + IOV_MAX]
         want = sum(len(b) for b in group)

@@ -10,6 +10,8 @@ blkdebug events (``pwritev``, ``pwritev_zero``, ``pwritev_done``, ``pwritev_rmw_
 from __future__ import annotations
 
 import errno
+from collections.abc import Coroutine
+from typing import Any
 
 from qio.aio import AIO, WaitQueue, current_co
 from qio.block.driver import (
@@ -300,7 +302,11 @@ async def pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | Non
         raise BlockError(errno.EPERM)
     if flags & REQ_WRITE_COMPRESSED and not node.can_compress:
         raise BlockError(errno.ENOTSUP)
-    if qiov is not None:
+    if node.request_alignment == 1:  # nothing to pad (the common case: skip the padding machinery)
+        if not (AIO.yield_on_io and node.copy_on_read):  # not _tracking(node)
+            await _aligned_pwritev(node, offset, nbytes, qiov, flags)
+            return
+    elif qiov is not None:
         _check_padded_niov(node, offset, nbytes, qiov)
     if not _tracking(node):
         await _pwritev(node, offset, nbytes, qiov, flags, None)
@@ -425,15 +431,23 @@ async def _aligned_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IO
     node.grow_to(offset + nbytes)
 
 
-async def _driver_pwritev_split(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec,
-                                flags: int) -> None:
+def _driver_pwritev_split(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec,
+                          flags: int) -> Coroutine[Any, Any, None]:
     """``bdrv_aligned_pwritev``'s fragmenting: chunks of ``max_transfer`` (aligned down to the request
-    alignment); an emulated FUA is kept for the last chunk only, a native one goes with every chunk."""
+    alignment); an emulated FUA is kept for the last chunk only, a native one goes with every chunk.
+
+    Like :func:`_driver_pwritev`, not a coroutine itself: it returns the one to await, so that a
+    request that needs neither splitting nor a FUA flush awaits the driver directly (every frame on
+    the way costs, for each request and each node)."""
     align = node.request_alignment
     mt = min(node.max_transfer or INT_MAX, INT_MAX) // align * align
     if nbytes <= mt:
-        await _driver_pwritev(node, offset, nbytes, qiov, flags)
-        return
+        return _driver_pwritev(node, offset, nbytes, qiov, flags)
+    return _driver_pwritev_chunks(node, offset, nbytes, qiov, flags, mt)
+
+
+async def _driver_pwritev_chunks(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, flags: int,
+                                 mt: int) -> None:
     done = 0
     while done < nbytes:
         n = min(mt, nbytes - done)
@@ -444,11 +458,18 @@ async def _driver_pwritev_split(node: BlockDriver, offset: int, nbytes: int, qio
         done += n
 
 
-async def _driver_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
-    emulate_fua = bool(flags & REQ_FUA) and not (node.supported_write_flags & REQ_FUA)
+def _driver_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec,
+                    flags: int) -> Coroutine[Any, Any, None]:
+    """``bdrv_driver_pwritev``: the driver's write, then a flush when it cannot do FUA itself (returns
+    the coroutine to await: without FUA that is the driver's own)."""
+    if flags & REQ_FUA and not node.supported_write_flags & REQ_FUA:
+        return _driver_pwritev_fua(node, offset, nbytes, qiov, flags)
+    return node.co_pwritev(offset, nbytes, qiov, flags & node.supported_write_flags)
+
+
+async def _driver_pwritev_fua(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
     await node.co_pwritev(offset, nbytes, qiov, flags & node.supported_write_flags)
-    if emulate_fua:
-        await flush(node)
+    await flush(node)
 
 
 async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: int) -> None:

@@ -47,8 +47,21 @@ def iovec_sizes(inv: Invocation, args: list[str]) -> list[int]:
     return sizes
 
 
+#: Small pattern buffers by (byte, length): read-only, so requests can share them (a long queue of
+#: ``aio_write``s of one size then fills no buffer per request).
+_SMALL_PATTERNS: dict[tuple[int, int], memoryview] = {}
+SMALL_PATTERN_MAX = 64 * 1024
+
+
 def pattern_iov(value: int, count: int) -> list[memoryview]:
     """A write buffer of ``count`` pattern bytes; large ones reuse one 1 MiB block many times."""
+    if count <= SMALL_PATTERN_MAX:
+        buf = _SMALL_PATTERNS.get((value, count))
+        if buf is None:
+            if len(_SMALL_PATTERNS) >= 64:
+                _SMALL_PATTERNS.clear()
+            buf = _SMALL_PATTERNS[value, count] = memoryview(bytes([value]) * count)
+        return [buf]
     if count <= PATTERN_CHUNK:
         return [memoryview(bytes([value]) * count)]
     block = memoryview(bytes([value]) * PATTERN_CHUNK)
