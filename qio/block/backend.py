@@ -112,7 +112,7 @@ def _check_leftovers(node: BlockDriver, options: Options, positional: bool = Tru
     for key in options:
         if (key in GENERIC_OPTS and (positional or key != "filename")) or key in node.runtime_opts:
             continue
-        if node.is_format:
+        if node.is_format or node.protocol_name is None:  # bdrv_open_common: a driver without protocol
             raise QemuError(f"Block format '{node.format_name}' does not support the option '{key}'")
         raise QemuError(f"Block protocol '{node.format_name}' doesn't support the option '{key}'")
 
