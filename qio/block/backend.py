@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -346,6 +347,9 @@ class BlockBackend:
         except BaseException:
             _close_sync(root)
             raise
+        pf = sys.modules.get("qio.block.powerfail")
+        if pf is not None and pf.session_armed:  # the session's disk has a volatile write cache
+            pf.arm(root)
         return blk
 
     def set_perm(self, perm: int) -> None:
