@@ -221,24 +221,25 @@ class BlkdebugDriver(BlockDriver):
         self.request_rules: list[Rule] = []  # corrupt and bad-blocks rules, in the order added
 
     # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
+        """``blkdebug:CONFIG:IMAGE``, or a plain file name that is the image itself."""
+        options.pop("filename", None)
+        if not filename.startswith("blkdebug:"):
+            options["x-image"] = filename
+            return
+        cfg, colon, img = filename[len("blkdebug:"):].partition(":")
+        if not colon:
+            raise QemuError("blkdebug requires both config file and image path")
+        if cfg:
+            options["config"] = cfg
+        options["x-image"] = img
+
     def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
         """Parse ``blkdebug:CONFIG:IMAGE``, read the rules, then open the ``image`` child."""
         from qio.block.backend import open_node
         from qio.qemuopts import sub_options
 
-        filename = options.pop("filename", None)
-        if filename is not None:
-            filename = str(filename)
-            if filename.startswith("blkdebug:"):
-                rest = filename[len("blkdebug:"):]
-                cfg, colon, img = rest.partition(":")
-                if not colon:
-                    raise QemuError("blkdebug requires both config file and image path")
-                if cfg:
-                    options["config"] = cfg
-                options["x-image"] = img
-            else:
-                options["x-image"] = filename
         cfg_opt = options.get("config")
         self.config = None if cfg_opt is None else str(cfg_opt)
         seed = options.get("seed")
@@ -252,13 +253,14 @@ class BlkdebugDriver(BlockDriver):
         self.unshare_perms = _perm_list(options, "unshare-child-perms")
         child_opts = sub_options(options, "image")
         x_image = options.get("x-image")
-        if x_image is not None:
-            child_opts.setdefault("filename", x_image)
+        positional = x_image is not None and "filename" not in child_opts
+        if positional:
+            child_opts["filename"] = x_image
         if "image" in options and isinstance(options["image"], str):
             raise QemuError("Node references are not supported by qio; give the image's options instead")
         if not child_opts:
             raise QemuError('A block device must be specified for "image"')
-        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True)))
+        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True, positional=positional)))
 
     def _read_config(self, options: dict[str, Any]) -> None:
         sections: list[tuple[str, dict[str, Any]]] = []
