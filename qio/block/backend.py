@@ -471,3 +471,11 @@ class BlockBackend:
                 await node.close()
         finally:
             _close_sync(self.root)
+
+
+def debug_node(root: BlockDriver) -> BlockDriver | None:
+    """``bdrv_find_debug_node``: follow primary children to the first node with debug hooks."""
+    node: BlockDriver | None = root
+    while node is not None and not node.has_debug_hooks:
+        node = node.primary_child()
+    return node

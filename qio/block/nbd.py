@@ -857,7 +857,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 async def _wait_net(fut: asyncio.Future[None]) -> None:
     """The one integration point with :mod:`qio.aio`: a request waiting for the server is like a
     thread-pool request, it completes without help, so ``AIO.busy`` tells the shell to wait for it
-    (``Shell.run_until`` sleeps on ``AioContext.notify`` rather than declaring a standstill).
+    (``Session.run_until`` sleeps on ``AioContext.notify`` rather than declaring a standstill).
 
     With a scheduler that drives request coroutines itself (a Co awaiting an asyncio future is then
     treated as waiting for a real thread), this becomes a plain ``await fut``; the reader task would
