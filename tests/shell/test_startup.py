@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from oracle import ROOT as REPO
 
 #: Never needed by ``-c``/piped runs of the plain commands below; each costs measurable start-up time.
 HEAVY = {
@@ -33,9 +33,8 @@ HEAVY = {
 
 PROBE = (
     "import sys\n"
-    "sys.path.insert(0, sys.argv[1])\n"
     "from qio.cli import main\n"
-    "rc = main(['qio', *sys.argv[2:]])\n"
+    "rc = main(['qio', *sys.argv[1:]])\n"
     "sys.stdout.flush()\n"
     "print('\\nMODULES', ' '.join(sorted(sys.modules)))\n"
     "raise SystemExit(rc)\n"
@@ -44,7 +43,8 @@ PROBE = (
 
 def loaded_modules(args: list[str], stdin: str = "") -> set[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    res = subprocess.run([sys.executable, "-S", "-c", PROBE, str(REPO), *args], input=stdin,
+    # ``-c`` puts the cwd first on sys.path: this tree's qio, not an installed one
+    res = subprocess.run([sys.executable, "-S", "-c", PROBE, *args], input=stdin, cwd=REPO,
                          capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
@@ -111,10 +111,10 @@ def test_qcow2_open_quit_loads_nothing_heavy(tmp_path: Path) -> None:
 
 def test_ssl_still_importable_after_main() -> None:
     """qio imports asyncio without ssl, but leaves ``import ssl`` working for code that runs later."""
-    code = ("import sys\nsys.path.insert(0, sys.argv[1])\nfrom qio.cli import main\n"
+    code = ("import sys\nfrom qio.cli import main\n"
             "rc = main(['qio', '-c', 'quit'])\nassert 'ssl' not in sys.modules\n"
             "import ssl\nprint(rc, ssl.OPENSSL_VERSION.split()[0])\n")
-    res = subprocess.run([sys.executable, "-S", "-c", code, str(REPO)], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["0", "OpenSSL"]
 

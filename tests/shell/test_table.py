@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
-from qio_helpers import InProc
 
 from qio.commands.spec import EXTENSION, GLOBAL, NOFILE_OK
 from qio.commands.table import COMMANDS, build_table
 from qio.interactive import CommandCompleter
+from qio_helpers import InProc
 
 # Verbatim from spec §5.1 (real qemu-io 7.2 `qemu-io -c help`).
 HELP = """\
