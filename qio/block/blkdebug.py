@@ -155,13 +155,17 @@ class BlkdebugDriver(BlockDriver):
         self.unshare_perms = _perm_list(options, "unshare-child-perms")
         child_opts = sub_options(options, "image")
         x_image = options.get("x-image")
-        if x_image is not None:
-            child_opts.setdefault("filename", x_image)
+        positional = x_image is not None  # bdrv_open_file_child(x-image): a file name, parsed as such
+        if positional:
+            if "filename" in child_opts:
+                raise QemuError("Can't specify 'file' and 'filename' options at the same time")
+            child_opts["filename"] = x_image
         if "image" in options and isinstance(options["image"], str):
             raise QemuError("Node references are not supported by qio; give the image's options instead")
         if not child_opts:
             raise QemuError('A block device must be specified for "image"')
-        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True)))
+        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True,
+                                                         positional=positional)))
 
     def _read_config(self, options: dict[str, Any]) -> None:
         sections: list[tuple[str, dict[str, Any]]] = []
