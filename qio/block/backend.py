@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -112,7 +113,7 @@ def _check_leftovers(node: BlockDriver, options: Options, positional: bool = Tru
     for key in options:
         if (key in GENERIC_OPTS and (positional or key != "filename")) or key in node.runtime_opts:
             continue
-        if node.is_format:
+        if node.is_format or node.protocol_name is None:  # bdrv_open_common: a driver without protocol
             raise QemuError(f"Block format '{node.format_name}' does not support the option '{key}'")
         raise QemuError(f"Block protocol '{node.format_name}' doesn't support the option '{key}'")
 
@@ -369,6 +370,9 @@ class BlockBackend:
         except BaseException:
             _close_sync(root)
             raise
+        pf = sys.modules.get("qio.block.powerfail")
+        if pf is not None and pf.session_armed:  # the session's disk has a volatile write cache
+            pf.arm(root)
         return blk
 
     def set_perm(self, perm: int) -> None:
