@@ -599,7 +599,7 @@ class AioContext:
         early = False
 
     def abandon(self, exc: BaseException) -> None:
-        """Fail every AIO request still waiting (see ``Shell._abandon_stuck``)."""
+        """Fail every AIO request still waiting (see ``Session._abandon_stuck``)."""
         for co in list(self._cos.values()):
             co.cancel(exc)
 
