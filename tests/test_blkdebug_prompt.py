@@ -195,3 +195,21 @@ def test_aio_discard_races_a_write_under_a_breakpoint(img: Path) -> None:
     out = lines(res)
     assert "discard 4096/4096 bytes at offset 0" in out and "read 4096/4096 bytes at offset 0" in out
     assert res.stderr.startswith("qio: aio_flush would wait forever")
+
+
+def test_completion_knows_the_rule_keys() -> None:
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    from qio.commands.table import build_table
+    from qio.interactive import CommandCompleter
+
+    def complete(text: str) -> list[str]:
+        return [c.text for c in CommandCompleter(build_table()).get_completions(Document(text), CompleteEvent())]
+
+    assert complete("inject e") == ["errno=", "event="]
+    assert complete("delay event=write_aio j") == ["jitter="]
+    assert complete("corrupt ") == ["after=", "bit=", "count=", "length=", "offset=", "once=", "probability=",
+                                    "state="]
+    assert complete("set_state new") == ["new_state="]
+    assert complete("inject event=wr") == []
