@@ -115,6 +115,13 @@ class Session:
             if parked:
                 self.report_stuck(what)
                 continue
+            gate = self.blk.gate if self.blk is not None else None
+            if gate is not None and gate.held:  # qio's pause: release rather than wait forever
+                self.out.error_report(f"{what} would wait forever: {gate.held} request(s) held by pause; "
+                                      "unpausing")
+                self.blk.gate = None  # type: ignore[union-attr]
+                gate.release()
+                continue
             if aio.inflight or aio.sync_task is not None:
                 self._abandon_stuck(what)
             return done()
