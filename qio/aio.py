@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import heapq
 import os
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
@@ -323,6 +324,9 @@ class ThreadPool:
         self.new_threads = 0
         self.completion_bh = BH(self._completion_bh)
         self.new_thread_bh = BH(self._new_thread_bh)
+        #: Coroutines sleeping on the simulated clock (blkdebug's delay rules): (deadline, order, co).
+        self.timers: list[tuple[float, int, Co]] = []
+        self._timer_seq = 0
 
     def opened(self) -> None:
         """Open-time I/O (``bdrv_open`` of a format reads through the pool) leaves an idle worker."""
@@ -333,8 +337,35 @@ class ThreadPool:
     def tick(self) -> None:
         """A command boundary: time passes."""
         self.now += COMMAND_TIME
-        if self.queue or self.running:
+        if self.queue or self.running or self.timers:
             self._complete(self.now)
+
+    async def sleep(self, us: float) -> None:
+        """``qemu_co_sleep_ns``: the calling coroutine waits ``us`` microseconds of simulated time, so
+        what a delay changes (the order of completions) is the same in every run."""
+        co = _running
+        if co is None or us <= 0:
+            return
+        self._timer_seq += 1
+        heapq.heappush(self.timers, (self.now + us, self._timer_seq, co))
+        self.ctx.notify()
+        await YIELD
+
+    def _expire(self, t: float) -> bool:
+        """Timers due by ``t`` wake their coroutines from a bottom half, in deadline order."""
+        due: list[Co] = []
+        while self.timers and self.timers[0][0] <= t:
+            due.append(heapq.heappop(self.timers)[2])
+        if not due:
+            return False
+
+        def wake_due() -> None:
+            for co in due:
+                if co.waiting:
+                    enter(co)
+
+        self.ctx.schedule(wake_due)
+        return True
 
     def _new_thread_bh(self) -> None:
         for _ in range(self.new_threads):
@@ -360,6 +391,9 @@ class ThreadPool:
             self.running.append(req)
 
     def _complete(self, t: float) -> bool:
+        if self.timers and self._expire(t):
+            self._complete(t)
+            return True
         self._assign(t)
         done = [r for r in self.running if r.end <= t]
         if not done:
@@ -402,7 +436,7 @@ class ThreadPool:
 
     def busy(self) -> bool:
         """Simulated work that the next polls will complete."""
-        return bool(self.queue) or bool(self.running)
+        return bool(self.queue) or bool(self.running) or bool(self.timers)
 
     def advance(self, blocking: bool) -> None:
         """Before a poll: complete what has finished by now; ``blocking`` (nothing else can run): the
@@ -410,8 +444,11 @@ class ThreadPool:
         if self._complete(self.now) or not blocking:
             return
         self._assign(float("inf"))
-        if self.running:
-            self.now = max(self.now, min(r.end for r in self.running) + MAIN_WAKE_TIME)
+        if self.running or self.timers:
+            nxt = min((r.end + MAIN_WAKE_TIME for r in self.running), default=float("inf"))
+            if self.timers:
+                nxt = min(nxt, self.timers[0][0])  # a timer ends ppoll's timeout: no wake-up cost
+            self.now = max(self.now, nxt)
             self._complete(self.now)
 
     def _completion_bh(self) -> None:
@@ -594,7 +631,7 @@ class AioContext:
         is ready), then the bottom halves scheduled so far run, newest first (``aio_bh_poll``)."""
         self.polls += 1
         pool = self.pool
-        if pool.queue or pool.running:
+        if pool.queue or pool.running or pool.timers:
             pool.advance(blocking and not any(bh.scheduled for bh in self._bh))
         if not self._bh:
             return False

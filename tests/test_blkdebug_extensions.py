@@ -111,10 +111,13 @@ def test_debug_state_shows_everything(img: Path, tmp_path: Path) -> None:
               args=("-f", "raw", "-t", "writeback"))
     out = res.stdout
     # write_aio fired: the set-state rule moved the state to 2 and the breakpoint suspended A.
-    first = out[out.index("blkdebug state: "): out.index("blkdebug: Resuming")]
-    assert first.splitlines() == [
-        "blkdebug state: 2", "breakpoints:", "    pwritev B", "suspended requests:", "    A", "rules:",
-        "    inject-error event=read_aio errno=28 once=on", "    set-state event=write_aio state=1 new_state=2",
+    first = out[out.index("blkdebug state: "): out.index("blkdebug: Resuming")].splitlines()
+    seed = first[1].split()[1]  # none given: one is chosen and shown
+    assert first[1] == f"seed: {seed} (chosen at open; give seed={seed} to reproduce)"
+    assert first[:1] + first[2:] == [
+        "blkdebug state: 2", "breakpoints:", "    #3 pwritev B (hits 0)", "suspended requests:", "    A", "rules:",
+        "    #1 inject-error event=read_aio errno=28 once=on (matched 0, fired 0)",
+        "    #2 set-state event=write_aio state=1 new_state=2 (matched 1, fired 1)",
         "active inject-error rules: none"]
     second = out[out.index("blkdebug: Resuming"):]
     assert "suspended requests:\n    B\n" in second and "breakpoints: none" in second

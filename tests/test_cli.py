@@ -32,7 +32,7 @@ def test_object_is_refused_clearly() -> None:
 def test_trace_help_lists_qio_events() -> None:
     res = run("-T", "help")
     assert res.returncode == 0
-    assert res.stdout.split() == ["blkdebug_event", "blkdebug_rule"]
+    assert res.stdout.split() == ["blkdebug_event", "blkdebug_rule", "blkdebug_fire"]
 
 
 def test_trace_unknown_event_warns_like_qemu() -> None:

@@ -144,14 +144,15 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         if cls is None:
             raise QemuError(f"Unknown driver '{drvname}'")
     elif protocol:
-        cls = _protocol_class(filename)
+        cls = _protocol_class(filename, positional)
     if cls is not None and not cls.is_format:
-        return _open_protocol(cls, options, flags, warn)
+        return _open_protocol(cls, options, flags, warn, positional)
     # A format node (given or to be probed) over a "file" child.
     ref = options.pop("file", None)  # bdrv_open_child_bs consumes "file" whatever its type
     child_opts = sub_options(options, "file")
-    if filename is not None and positional:
-        child_opts.setdefault("filename", filename)
+    child_positional = filename is not None and positional and "filename" not in child_opts
+    if child_positional:
+        child_opts["filename"] = filename
     if isinstance(ref, str):  # a node reference; qemu-io has no other nodes
         if child_opts:
             raise QemuError("Cannot reference an existing block device with additional options or a new filename")
@@ -166,7 +167,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     # bdrv_inherited_options: children default to discard=unmap whatever the parent's policy
     cflags = flags.copy()
     cflags.unmap = True
-    file = open_node(child_opts, cflags, warn, protocol=True)
+    file = open_node(child_opts, cflags, warn, protocol=True, positional=child_positional)
     probed = False
     try:
         if cls is None:
@@ -195,8 +196,11 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     return node
 
 
-def _protocol_class(filename: Any) -> type[BlockDriver]:
-    """``bdrv_find_protocol``: the driver a ``proto:`` prefix names, else ``file``."""
+def _protocol_class(filename: Any, positional: bool) -> type[BlockDriver]:
+    """``bdrv_find_protocol``: the driver a ``proto:`` prefix names, else ``file``.
+
+    Only a file name given as such has its prefix looked at, never a ``filename`` option.
+    """
     name = "file"
     if isinstance(filename, str):
         from qio.block.file import is_host_device
@@ -205,7 +209,7 @@ def _protocol_class(filename: Any) -> type[BlockDriver]:
             cls = registry.find("host_device")
             assert cls is not None
             return cls
-        proto = _protocol_of(filename)
+        proto = _protocol_of(filename) if positional else None
         if proto is not None:
             if proto not in registry.PROTOCOL_PREFIXES:
                 raise QemuError(f"Unknown protocol '{proto}'")
@@ -215,7 +219,11 @@ def _protocol_class(filename: Any) -> type[BlockDriver]:
     return cls
 
 
-def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, warn: Warn) -> BlockDriver:
+def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, warn: Warn,
+                   positional: bool) -> BlockDriver:
+    filename = options.get("filename")
+    if positional and isinstance(filename, str):
+        cls.parse_filename(filename, options)
     node = cls()
     node.flags = flags
     node.read_only = flags.read_only
@@ -225,7 +233,7 @@ def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, w
         node.refresh_limits()
         node.detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes"), flags)
         node.open(options, flags)
-        _check_leftovers(node, options)
+        _check_leftovers(node, options, positional)
     except BaseException:
         _close_sync(node)
         raise

@@ -181,7 +181,7 @@ class BlkLogWritesDriver(BlockDriver):
                 raise QemuError(f'A block device must be specified for "{name}"')
             cflags = flags.copy()
             cflags.unmap = True  # bdrv_inherited_options: children default to discard=unmap
-            self.children.append(Child(name, open_node(child_opts, cflags, warn, protocol=True)))
+            self.children.append(Child(name, open_node(child_opts, cflags, warn, protocol=True, positional=False)))
         if append:
             if size_given:
                 raise QemuError("log-append and log-sector-size are mutually exclusive")

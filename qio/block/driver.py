@@ -164,6 +164,16 @@ class BlockDriver:
         return perm, shared
 
     # -- life cycle --------------------------------------------------------------------------
+    @classmethod
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
+        """``bdrv_parse_filename``: turn a file name given as such into options.
+
+        Called only for a file name passed to the open as a string (the command line's image, a
+        format's file name handed to its ``file`` child, a backing file name from the header); a
+        ``filename`` *option* (``json:``, ``--image-opts``, ``file.filename``) is never parsed, as
+        in QEMU's ``bdrv_fill_options``.
+        """
+
     def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
         """Protocol-level filters (blkdebug) open their own child here, before ``open``."""
 
