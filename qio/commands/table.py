@@ -8,6 +8,7 @@ from qio.commands import debug_cmds as debug
 from qio.commands import help_texts as H
 from qio.commands import io_cmds as io
 from qio.commands import misc_cmds as misc
+from qio.commands import nbd_cmds as nbd
 from qio.commands.spec import EXTENSION, GLOBAL, NOFILE_OK, CommandSpec, CommandTable
 
 C = CommandSpec
@@ -89,6 +90,12 @@ COMMANDS = (
     C("powerfail", "simulates a power failure of the disk under the image (writes since the last flush lost)",
       crash.parse_powerfail, crash.run_powerfail, args="[-a] [-m all|random|torn] [-s seed] [-v]", argmin=0,
       argmax=-1, optstring="am:s:v", flags=EXTENSION),
+    C("nbd_server_start", "serves the open image over NBD while commands go on (clients' requests hit breakpoints)",
+      nbd.parse_nbd_server_start, nbd.run_nbd_server_start, args="[-r] [-n export] unix:PATH|HOST:PORT", argmin=1,
+      argmax=-1, optstring="n:r", flags=EXTENSION),
+    C("nbd_server_stop", "stops the NBD server: requests in flight finish and are answered",
+      nbd.parse_nbd_server_stop, nbd.run_nbd_server_stop, args="[-c clients]", argmin=0, argmax=2,
+      optstring="c:", flags=NOFILE_OK | EXTENSION),
     C("abort", "simulate a program crash using abort(3)",
       None, misc.run_abort, flags=NOFILE_OK),
     C("sleep", "waits for the given value in milliseconds",
