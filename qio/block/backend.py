@@ -150,9 +150,12 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     # A format node (given or to be probed) over a "file" child.
     ref = options.pop("file", None)  # bdrv_open_child_bs consumes "file" whatever its type
     child_opts = sub_options(options, "file")
-    child_positional = filename is not None and positional and "filename" not in child_opts
-    if child_positional:
+    child_positional = False
+    if filename is not None and positional:
+        if "filename" in child_opts:  # bdrv_fill_options of the child
+            raise QemuError("Can't specify 'file' and 'filename' options at the same time")
         child_opts["filename"] = filename
+        child_positional = True
     if isinstance(ref, str):  # a node reference; qemu-io has no other nodes
         if child_opts:
             raise QemuError("Cannot reference an existing block device with additional options or a new filename")
@@ -196,11 +199,9 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     return node
 
 
-def _protocol_class(filename: Any, positional: bool) -> type[BlockDriver]:
-    """``bdrv_find_protocol``: the driver a ``proto:`` prefix names, else ``file``.
-
-    Only a file name given as such has its prefix looked at, never a ``filename`` option.
-    """
+def _protocol_class(filename: Any, positional: bool = True) -> type[BlockDriver]:
+    """``bdrv_find_protocol``: the driver a ``proto:`` prefix names, else ``file``; only a file name
+    given as such (not a ``filename`` option) may carry a prefix (``allow_protocol_prefix``)."""
     name = "file"
     if isinstance(filename, str):
         from qio.block.file import is_host_device
@@ -220,10 +221,10 @@ def _protocol_class(filename: Any, positional: bool) -> type[BlockDriver]:
 
 
 def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, warn: Warn,
-                   positional: bool) -> BlockDriver:
+                   positional: bool = True) -> BlockDriver:
     filename = options.get("filename")
-    if positional and isinstance(filename, str):
-        cls.parse_filename(filename, options)
+    if positional and isinstance(filename, str) and cls.parse_filename(filename, options):
+        del options["filename"]  # bdrv_parse_filename consumed it (drivers without bdrv_needs_filename)
     node = cls()
     node.flags = flags
     node.read_only = flags.read_only

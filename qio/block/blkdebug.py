@@ -224,18 +224,18 @@ class BlkdebugDriver(BlockDriver):
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
         """``blkdebug:CONFIG:IMAGE``, or a plain file name that is the image itself."""
-        options.pop("filename", None)
         if not filename.startswith("blkdebug:"):
             options["x-image"] = filename
-            return
+            return True
         cfg, colon, img = filename[len("blkdebug:"):].partition(":")
         if not colon:
             raise QemuError("blkdebug requires both config file and image path")
         if cfg:
             options["config"] = cfg
         options["x-image"] = img
+        return True
 
     def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
         """Parse ``blkdebug:CONFIG:IMAGE``, read the rules, then open the ``image`` child."""
@@ -256,14 +256,17 @@ class BlkdebugDriver(BlockDriver):
         self.unshare_perms = _perm_list(options, "unshare-child-perms")
         child_opts = sub_options(options, "image")
         x_image = options.get("x-image")
-        positional = x_image is not None and "filename" not in child_opts
+        positional = x_image is not None  # bdrv_open_file_child(x-image): a file name, parsed as such
         if positional:
+            if "filename" in child_opts:
+                raise QemuError("Can't specify 'file' and 'filename' options at the same time")
             child_opts["filename"] = x_image
         if "image" in options and isinstance(options["image"], str):
             raise QemuError("Node references are not supported by qio; give the image's options instead")
         if not child_opts:
             raise QemuError('A block device must be specified for "image"')
-        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True, positional=positional)))
+        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True,
+                                                         positional=positional)))
 
     def _read_config(self, options: dict[str, Any]) -> None:
         sections: list[tuple[str, dict[str, Any]]] = []

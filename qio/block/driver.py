@@ -167,14 +167,10 @@ class BlockDriver:
 
     # -- life cycle --------------------------------------------------------------------------
     @classmethod
-    def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
-        """``bdrv_parse_filename``: turn a file name given as such into options.
-
-        Called only for a file name passed to the open as a string (the command line's image, a
-        format's file name handed to its ``file`` child, a backing file name from the header); a
-        ``filename`` *option* (``json:``, ``--image-opts``, ``file.filename``) is never parsed, as
-        in QEMU's ``bdrv_fill_options``.
-        """
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
+        """``bdrv_parse_filename`` of a file name given as such (not an option): raise QemuError for a
+        malformed one; True when the driver consumed it (``filename`` is then no option of the node)."""
+        return False
 
     def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
         """Protocol-level filters (blkdebug) open their own child here, before ``open``."""

@@ -321,9 +321,9 @@ class NbdDriver(BlockDriver):
 
     # -- open --------------------------------------------------------------------------------
     @classmethod
-    def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
-        options.pop("filename", None)
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
         parse_filename(filename, options)
+        return True
 
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         opts = {k: options.pop(k) for k in _RUNTIME_KEYS if k in options}
