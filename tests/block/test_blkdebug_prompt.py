@@ -187,6 +187,12 @@ def test_aio_discard_errors(img: Path) -> None:
     assert res.returncode == 1
 
 
+def test_aio_discard_help(img: Path) -> None:
+    res = qio(img, "help aio_discard")
+    assert res.stdout.startswith("aio_discard [-Ciq] off len -- asynchronously discards a number of bytes\n\n"
+                                 " asynchronously discards a range of bytes from the given offset\n")
+
+
 def test_aio_discard_races_a_write_under_a_breakpoint(img: Path) -> None:
     """The discard-versus-write race aio_discard exists for: the order is chosen with a breakpoint."""
     img.write_bytes(b"\x11" * (1 << 20))
