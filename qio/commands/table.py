@@ -75,6 +75,8 @@ COMMANDS = (
       debug.parse_corrupt, debug.run_corrupt, args="key=value...", argmin=0, argmax=-1, flags=EXTENSION),
     C("set_state", "adds a blkdebug set-state rule (the keys of a [set-state] section)",
       debug.parse_set_state, debug.run_set_state, args="key=value...", argmin=0, argmax=-1, flags=EXTENSION),
+    C("bad_blocks", "adds a blkdebug bad-blocks range (the keys of a [bad-blocks] section)",
+      debug.parse_bad_blocks, debug.run_bad_blocks, args="key=value...", argmin=0, argmax=-1, flags=EXTENSION),
     C("rules", "lists the blkdebug rules and breakpoints with their ids and counters",
       debug.parse_rules, debug.run_rules, flags=EXTENSION),
     C("unrule", "removes the blkdebug rule or breakpoint with the given id",
