@@ -8,6 +8,7 @@ drivers are imported only when an image needs them.  ``main`` imports asyncio wi
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import sys
 from typing import Any
@@ -176,6 +177,7 @@ async def _amain(args: Args, out: Output) -> int:
             options["force-share"] = "on"
         if session.open_image(path, args.flags, options):
             return 1
+    _end_of_startup()
     if args.cmds:
         for cmd in args.cmds:
             if session.quit:
@@ -211,7 +213,34 @@ def _import_asyncio() -> None:
         del sys.modules["ssl"]
 
 
+_gc_paused = False
+
+
+def _end_of_startup() -> None:
+    """Start-up (parsing, imports, the command table, opening the image) allocates only objects that
+    live as long as the process: garbage collections there are wasted work (~2.5 ms of a ~30 ms start).
+    :func:`main` disables the collector; here the start-up objects are frozen out of later collections
+    and collection resumes before the first command."""
+    global _gc_paused
+    if _gc_paused:
+        _gc_paused = False
+        gc.freeze()
+        gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _gc_paused
+    _gc_paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        if _gc_paused:
+            _gc_paused = False
+            gc.enable()
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv if argv is None else argv)
     out = Output(prgname(argv[0]))
     parsed = parse_args(argv, out)
