@@ -13,7 +13,7 @@ import os
 
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
-from qio.img.cli import Ctx, Options, UsageError
+from qio.img.common import Ctx, Options, UsageError
 from qio.numbers import INT64_MAX, qemu_strtosz, strtol0
 from qio.qemuopts import opt_bool, opt_size
 
@@ -289,7 +289,7 @@ async def img_create_file(ctx: Ctx, filename: str, fmt: str, base_filename: str 
 def _probe_backing(ctx: Ctx, filename: str, backing_file: str, backing_fmt: str | None, size: int) -> int:
     """Open the backing image (read-only, shared, without its own backing) to check it and take its size."""
     from qio.block.backend import _close_sync
-    from qio.img.cli import open_backend
+    from qio.img.common import open_backend
 
     full = backing_file
     if not (backing_file.startswith("/") or _has_protocol(backing_file)) and "/" in filename:
