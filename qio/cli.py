@@ -2,7 +2,7 @@
 
 Start-up stays light: ``-c`` and piped modes never import prompt_toolkit, and the qcow2/blkdebug
 drivers are imported only when an image needs them.  ``main`` imports asyncio without ``ssl`` (see
-:func:`_import_asyncio`); ``tests/test_startup.py`` checks which modules a ``-c quit`` run loads.
+:func:`_import_asyncio`); ``tests/shell/test_startup.py`` checks which modules a ``-c quit`` run loads.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ class Session:
                 aio.run_flushes()
                 continue
             left = None if deadline is None else deadline - time.monotonic()
-            if AIO.busy:  # a real thread will complete
+            if AIO.busy or aio.has_timers():  # a real thread will complete, a timer will expire
                 if left is not None and left <= 0:
                     return False
                 await aio.wait(left)

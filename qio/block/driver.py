@@ -166,6 +166,12 @@ class BlockDriver:
         return perm, shared
 
     # -- life cycle --------------------------------------------------------------------------
+    @classmethod
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
+        """``bdrv_parse_filename`` of a file name given as such (not an option): raise QemuError for a
+        malformed one; True when the driver consumed it (``filename`` is then no option of the node)."""
+        return False
+
     def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
         """Protocol-level filters (blkdebug) open their own child here, before ``open``."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qio.block.perms import PERM_RESIZE, PERM_WRITE
+from qio.commands import crash_cmds as crash
 from qio.commands import debug_cmds as debug
 from qio.commands import help_texts as H
 from qio.commands import io_cmds as io
@@ -65,6 +66,9 @@ COMMANDS = (
       None, debug.run_debug_state, flags=EXTENSION),
     C("trace", "prints blkdebug events as they fire (PATTERN enables, -PATTERN disables)",
       debug.parse_trace, debug.run_trace, args="[[-]pattern]", argmin=0, argmax=1, flags=NOFILE_OK | EXTENSION),
+    C("powerfail", "simulates a power failure of the disk under the image (writes since the last flush lost)",
+      crash.parse_powerfail, crash.run_powerfail, args="[-a] [-m all|random|torn] [-s seed] [-v]", argmin=0,
+      argmax=-1, optstring="am:s:v", flags=EXTENSION),
     C("abort", "simulate a program crash using abort(3)",
       None, misc.run_abort, flags=NOFILE_OK),
     C("sleep", "waits for the given value in milliseconds",
