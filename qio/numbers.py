@@ -125,7 +125,7 @@ def strtou64(s: str) -> str | None:
 
 def strtou64_value(s: str) -> int:
     """The value ``qemu_strtou64`` gives a string ``strtou64`` accepted (a negative wraps modulo 2^64)."""
-    m = _STRTOL.fullmatch(s)
+    m = _re(_STRTOL).fullmatch(s)
     assert m is not None
     v = _base0(m.group(2))
     return (-v if m.group(1) == "-" else v) % 2**64
