@@ -6,6 +6,8 @@ import errno
 import functools
 import re
 
+#: C's limits, which QEMU's checks and clamps are written in.
+INT_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 U64 = 2**64
 # Patterns, compiled on first use (:func:`_re`): compiling them all costs ~0.5 ms of every start.

@@ -6,13 +6,10 @@ Each command runs as one coroutine on one asyncio loop, as qio's block layer exp
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import os
 import sys
 from collections.abc import Awaitable, Callable
 
-from qio import __version__
+from qio import __version__, program
 from qio.img import check, create, info
 from qio.img.common import HELP, Ctx, UsageError
 from qio.output import Output
@@ -21,11 +18,6 @@ Command = Callable[[Ctx, list[str]], Awaitable[int]]
 COMMANDS: dict[str, Command] = {
     "create": create.img_create, "check": check.img_check, "info": info.img_info, "map": info.img_map,
 }
-
-
-def prgname(argv0: str) -> str:
-    base = os.path.basename(argv0)
-    return "qio-img" if base in ("__main__.py", "") else base
 
 
 async def _run(ctx: Ctx, argv: list[str]) -> int:
@@ -56,24 +48,20 @@ async def _run(ctx: Ctx, argv: list[str]) -> int:
     return await cmd(ctx, argv[i:])
 
 
+async def _main(ctx: Ctx, argv: list[str]) -> int:
+    """``_run`` with qemu-img's ``error_exit`` for usage errors; ``--help`` inside a command exits 0."""
+    try:
+        return await _run(ctx, argv)
+    except UsageError as e:
+        ctx.out.flush()
+        ctx.out.error_report(str(e))
+        ctx.out.err(f"Try '{ctx.prg} --help' for more information\n")
+        return 1
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
-    out = Output(prgname(argv[0]))
-    ctx = Ctx(out)
-    try:
-        rc = asyncio.run(_run(ctx, argv))
-    except UsageError as e:
-        out.flush()
-        out.error_report(str(e))
-        out.err(f"Try '{ctx.prg} --help' for more information\n")
-        rc = 1
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    except KeyboardInterrupt:
-        rc = 130
-    except OSError as e:
-        out.flush()
-        out.error_report(os.strerror(e.errno or errno.EIO))
-        rc = 1
-    out.flush()
-    return rc
+    out = Output(program.prgname(argv[0], "qio-img"))
+    return program.run(out, _main(Ctx(out), argv))
