@@ -58,6 +58,16 @@ class CommandCompleter(Completer):
             for w in self.table.words():
                 if w.startswith(cur):
                     yield Completion(w, -len(cur))
+        elif spec.name in _RULE_SECTIONS and "=" not in cur:  # qio's rule commands: their section's keys
+            from qio.block.blkdebug_config import rule_keys
+
+            for key in rule_keys(_RULE_SECTIONS[spec.name]):
+                if key.startswith(cur):
+                    yield Completion(key + "=", -len(cur))
+
+
+#: qio's rule commands and the configuration section whose keys they take (docs/blkdebug.md)
+_RULE_SECTIONS = {"inject": "inject-error", "delay": "delay", "corrupt": "corrupt", "set_state": "set-state"}
 
 
 class SafeFileHistory(FileHistory):

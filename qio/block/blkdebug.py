@@ -408,6 +408,8 @@ class BlkdebugDriver(BlockDriver):
         rule.fired += 1
         if "blkdebug_fire" in trace.enabled:
             trace.emit("blkdebug_fire", f"{rule.describe()}: {what}")
+        if rule.probability < 1.0 and rule in self.active:
+            self.active.remove(rule)  # drawn per event: one request per successful draw
         if rule.limit and rule.fired >= rule.limit:
             if rule in self.active:
                 self.active.remove(rule)

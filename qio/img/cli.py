@@ -10,13 +10,14 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from qio import __version__, program
-from qio.img import check, create, info
+from qio.img import check, crashcheck, create, info
 from qio.img.common import HELP, Ctx, UsageError
 from qio.output import Output
 
 Command = Callable[[Ctx, list[str]], Awaitable[int]]
 COMMANDS: dict[str, Command] = {
     "create": create.img_create, "check": check.img_check, "info": info.img_info, "map": info.img_map,
+    "crashcheck": crashcheck.img_crashcheck, "replay": crashcheck.img_replay,
 }
 
 

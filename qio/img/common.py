@@ -25,6 +25,11 @@ Command syntax:
   info [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--image-opts] [-f fmt] [--output=ofmt] [-U] filename
 
+qio extensions:
+  crashcheck [-f fmt] [--limit N] [--samples N] [--seed S] [--no-torn] [--oracle] [--all-entries]
+             [--output=ofmt] log base
+  replay [--end N | --end-mark NAME | --entries SPEC] [--all-entries] log base output
+
 Supported formats: raw qcow2
 """
 
