@@ -48,7 +48,7 @@ FORMATS = ("raw", "qcow2")
 CACHES = ("writethrough", "writeback")
 RECORDS_PATH = _TESTS_DIR / "aio_fuzz_records.json"
 DEFAULT_TIMEOUT = 10.0
-# What qio prints when it detects that qemu-io would stand still (see qio/shell.py).
+# What qio prints when it detects that qemu-io would stand still (see qio/session.py).
 STANDSTILL_RE = re.compile(r"would wait forever|wait_break: no request can reach")
 
 # Events that requests of raw over blkdebug really pass (block/io.c, block/raw-format.c).

@@ -28,7 +28,6 @@ HEAVY = {
     "random",  # node names use os.urandom
     "qio.interactive",
     "qio.trace",  # -T only
-    "qio.commands.io_cmds",  # command handlers load on first use: `quit` needs none of the I/O commands
     "qio.block.blkdebug",
 }
 
@@ -71,6 +70,7 @@ def test_quit_without_image_loads_nothing_heavy() -> None:
     assert "asyncio" in mods  # the probe really ran qio's event loop
     assert heavy(mods) == set()
     assert "qio.block.backend" not in mods  # no image: no block layer
+    assert "qio.qemuopts" not in mods  # nor its option parsing
 
 
 def test_raw_open_quit_loads_nothing_heavy(raw_image: str) -> None:
@@ -83,20 +83,20 @@ def test_raw_open_quit_loads_nothing_heavy(raw_image: str) -> None:
 
 def test_probed_open_and_small_read_load_nothing_heavy(raw_image: str) -> None:
     mods = loaded_modules(["-c", "read -q 0 4k", raw_image])
-    assert "qio.commands.io_cmds" in mods
-    assert heavy(mods - {"qio.commands.io_cmds"}) == set()
+    assert "qio.block.raw" in mods
+    assert heavy(mods) == set()
 
 
 def test_piped_commands_load_nothing_heavy(raw_image: str) -> None:
     mods = loaded_modules(["-f", "raw", raw_image], stdin="write -q 0 4k\nquit\n")
     assert "qio.lines" in mods
-    assert heavy(mods - {"qio.commands.io_cmds"}) == set()
+    assert heavy(mods) == set()
 
 
 def test_blkdebug_without_config_file_needs_no_pyparsing(raw_image: str) -> None:
     mods = loaded_modules(["-c", "read -q 0 4k", f"blkdebug::{raw_image}"])
     assert "qio.block.blkdebug" in mods
-    assert heavy(mods - {"qio.commands.io_cmds", "qio.block.blkdebug", "qio.trace"}) == set()  # trace: its events
+    assert heavy(mods - {"qio.block.blkdebug", "qio.trace"}) == set()  # trace: its events
 
 
 def test_qcow2_open_quit_loads_nothing_heavy(tmp_path: Path) -> None:
