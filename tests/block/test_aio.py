@@ -50,9 +50,9 @@ def test_enter_runs_until_the_first_yield_and_again_from_there() -> None:
 
     c = co(body())
     enter(c)
-    assert log == ["a"] and c.waiting and not c.finished
+    assert log == ["a"] and [c.waiting, c.finished] == [True, False]
     enter(c)
-    assert log == ["a", "b"] and c.finished and c.value() == 7
+    assert log == ["a", "b"] and [c.waiting, c.finished] == [False, True] and c.value() == 7
 
 
 def test_a_failing_coroutine_keeps_its_exception_as_its_result() -> None:
