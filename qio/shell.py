@@ -8,6 +8,7 @@ qemu-io's observable output (see :mod:`qio.aio`).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import errno
 import time
@@ -119,6 +120,9 @@ class Shell:
         self.aio.sync_task = co
         try:
             await self.run_until(lambda: co.finished, "the command")
+        except asyncio.CancelledError:
+            self.aio.adopt(co)  # Ctrl-C at the prompt: the request runs on, drains wait for it
+            raise
         finally:
             self.aio.sync_task = None
         if not co.finished:
