@@ -121,7 +121,11 @@ def parse_args(argv: list[str], out: Output) -> Args | int:
                     "Copyright (c) 2026 the qio developers\n")
             return 0
         elif c == "h":
-            out.out(USAGE.format(prg))
+            text = USAGE.format(prg)
+            if os.isatty(1):  # a person reading: no option that qio refuses (piped, qemu-io's text)
+                text = text.replace("  --object OBJECTDEF   define an object such as 'secret' for\n"
+                                    "                       passwords and/or encryption keys\n", "")
+            out.out(text)
             return 0
         elif c == "U":
             a.flags.force_share = True
@@ -181,6 +185,11 @@ async def _amain(args: Args, out: Output) -> int:
                 break
             await sh.execute(cmd)
     elif os.isatty(0):
+        if os.isatty(1) and os.environ.get("TERM", "dumb") != "dumb":
+            # The prompt is visible at once; the line editor (whose import takes most of the start-up
+            # time) then draws it again in place.
+            sh.out.flush()
+            os.write(1, f"{sh.prgname}> \r".encode())
         from qio.interactive import interactive_loop
 
         await interactive_loop(sh)

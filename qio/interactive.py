@@ -20,6 +20,8 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.lexers import Lexer
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from qio.commands import record_cmds
+
 if TYPE_CHECKING:
     from qio.commands.spec import CommandTable
     from qio.shell import Shell
@@ -455,6 +457,9 @@ async def _run_command(sh: Shell, line: str, state: _State) -> None:
     import signal
     import time
 
+    rec = record_cmds.active(sh)
+    if rec is not None and line.split(" ")[0:1] != ["record"] and line.strip():
+        rec.command(line)
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(sh.execute(line))
     interrupts: list[float] = []
@@ -592,12 +597,16 @@ async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None)
         finally:
             poller.cancel()
             sh.out.restore()
+            rec = record_cmds.active(sh)
+            if rec is not None:  # leaving qio ends the recording (the files are complete)
+                record_cmds.record(sh, ["stop"])
 
 
 def _direct(fd: int) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
         for p in _progress:
             p.clear()
+        record_cmds.output(data)
         while data:
             data = data[os.write(fd, data):]
 
@@ -612,6 +621,7 @@ def _writer(stream: TextIO) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
         for p in _progress:
             p.clear()
+        record_cmds.output(data)
         stream.write(data.decode("utf-8", "surrogateescape"))
         stream.flush()
 

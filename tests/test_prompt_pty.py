@@ -190,3 +190,47 @@ def test_colouring_honours_no_color(term, no_color: bool) -> None:  # type: igno
         assert colours == {"default"}
     else:
         assert row[5].fg == "green" and row[10].fg == "cyan" and row[13].fg == "brown"
+
+
+def test_record_writes_a_replayable_script(term, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from pty_screen import ROOT
+
+    args = ["--image-opts", "driver=null-co,size=1M,read-zeroes=on"]
+    t = term(*args)
+    lines = ["write -P 5 0 512", "read -P 5 0 512", "aio_read -P 0 0 4k", "aio_flush", "length", "map"]
+    t.sendline("record rec.qio")
+    t.wait("record: writing the commands to rec.qio")
+    for n, line in enumerate(lines, 3):
+        t.sendline(line)
+        ready(t, n)
+    t.sendline("record stop")
+    t.wait("record: stopped")
+    assert (tmp_path / "rec.qio").read_text() == "".join(f"{line}\n" for line in lines)
+    expected = (tmp_path / "rec.qio.out").read_text()
+    assert "X ops; XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)" in expected
+    assert "Pattern verification failed at offset 0, 512 bytes" in expected  # null-co stores nothing
+    with open(tmp_path / "rec.qio", "rb") as script:
+        res = subprocess.run([sys.executable, "-m", "qio", *args], stdin=script, capture_output=True,
+                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd=tmp_path, timeout=60)
+    replayed = re.sub(r"[0-9]* ops; [0-9/:. sec]* \([0-9/.inf]* [EPTGMKiBbytes]*/sec and [0-9/.inf]* ops/sec\)",
+                      "X ops; XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)", res.stdout.decode()).replace("qio> ", "")
+    assert replayed == expected
+
+
+def test_prompt_is_written_before_the_line_editor_loads(term) -> None:  # type: ignore[no-untyped-def]
+    """Start-up: the first bytes on the screen are the prompt itself (prompt_toolkit's import, most of
+    the start-up time, comes after); the editor then redraws it in place."""
+    t = term("--image-opts", SLOW)
+    assert t.raw.startswith(b"qio> \r")
+    assert t.lines()[0] == "qio>"
+
+
+def test_help_at_a_terminal_lists_no_refused_option(tmp_path: Path) -> None:
+    t = Term(["-h"], tmp_path, rows=80)
+    t.wait("QEMU Disk exerciser")
+    t.wait("--image-opts")
+    t.close()
+    assert "--object" not in t.text()

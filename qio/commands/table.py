@@ -55,6 +55,8 @@ COMMANDS = (
     C("powerfail", "simulates a power failure of the disk under the image (writes since the last flush lost)",
       "crash_cmds.powerfail", args="[-a] [-m all|random|torn] [-s seed] [-v]", argmin=0, argmax=-1,
       optstring="am:s:v", flags=EXTENSION),
+    C("record", "records the commands typed from now on as a replayable script (record stop ends)",
+      "record_cmds.record", args="FILE | stop", argmin=1, argmax=1, flags=NOFILE_OK | EXTENSION),
     C("abort", "simulate a program crash using abort(3)", "misc_cmds.abort", flags=NOFILE_OK),
     C("sleep", "waits for the given value in milliseconds", "misc_cmds.sleep", argmin=1, argmax=1,
       flags=NOFILE_OK),
