@@ -24,6 +24,7 @@ from qio.commands import record_cmds
 
 if TYPE_CHECKING:
     from qio.commands.spec import CommandTable
+    from qio.session import Session
     from qio.shell import Shell
 
 
@@ -61,7 +62,7 @@ class CommandCompleter(Completer):
     """Context completion from the command table and the live session: command names (with their
     one-line help), option letters, option values, blkdebug event names and tags, ``-o`` keys, paths."""
 
-    def __init__(self, table: CommandTable, sh: Shell | None = None) -> None:
+    def __init__(self, table: CommandTable, sh: Session | None = None) -> None:
         self.table = table
         self.sh = sh
         self.paths = PathCompleter(expanduser=True)
@@ -107,6 +108,12 @@ class CommandCompleter(Completer):
                 yield Completion(sign + c.text, -len(cur), display=c.display, display_meta=c.display_meta)
         elif spec.name in ("resume", "wait_break", "remove_break") and not [a for a in args if a[:1] != "-"]:
             yield from self._tags(cur)
+        elif spec.name in _RULE_SECTIONS and "=" not in cur:  # qio's rule commands: their section's keys
+            from qio.block.blkdebug_config import rule_keys
+
+            for key in rule_keys(_RULE_SECTIONS[spec.name]):
+                if key.startswith(cur):
+                    yield Completion(key + "=", -len(cur))
 
     def _tags(self, cur: str) -> Iterable[Completion]:
         """Suspended requests first, then armed breakpoints (a request may still stop there)."""
@@ -140,6 +147,10 @@ class CommandCompleter(Completer):
                 yield Completion(f"{prefix}{k}=", -len(cur), display=k, display_meta=meta)
 
 
+#: qio's rule commands and the configuration section whose keys they take (docs/blkdebug.md)
+_RULE_SECTIONS = {"inject": "inject-error", "delay": "delay", "corrupt": "corrupt", "set_state": "set-state"}
+
+
 def _from(values: dict[str, str], cur: str) -> Iterable[Completion]:
     for v, meta in values.items():
         if v.startswith(cur):
@@ -154,7 +165,7 @@ def _events(cur: str) -> Iterable[Completion]:
             yield Completion(ev.value, -len(cur), display_meta="blkdebug event")
 
 
-def _nodes(sh: Shell | None) -> list[Any]:
+def _nodes(sh: Session | None) -> list[Any]:
     """The open image's nodes along primary children (format, filters, protocol)."""
     if sh is None or sh.blk is None:
         return []
@@ -166,7 +177,7 @@ def _nodes(sh: Shell | None) -> list[Any]:
     return out
 
 
-def chain_keys(sh: Shell | None, cmd: str, cur: str) -> dict[str, str]:
+def chain_keys(sh: Session | None, cmd: str, cur: str) -> dict[str, str]:
     """Options of the drivers in the chain: the open image's for ``reopen``; for ``open``, those of a
     ``driver=`` already typed (else of the usual ones)."""
     from qio.block import registry
@@ -191,7 +202,7 @@ def chain_keys(sh: Shell | None, cmd: str, cur: str) -> dict[str, str]:
     return keys
 
 
-def session_tags(sh: Shell | None) -> tuple[list[str], list[tuple[str, str]]]:
+def session_tags(sh: Session | None) -> tuple[list[str], list[tuple[str, str]]]:
     """(suspended tags, [(armed tag, event)]) of the image's blkdebug node."""
     if sh is None or sh.blk is None:
         return [], []
@@ -278,7 +289,7 @@ def make_session(sh: Shell, history: History | None = None, **kw: object) -> Pro
     color = "NO_COLOR" not in os.environ and os.environ.get("TERM", "") != "dumb"
     toolbar = StatusLine(sh)
     session: PromptSession[str] = PromptSession(
-        completer=CommandCompleter(sh.table, sh), history=history, complete_while_typing=False,
+        completer=CommandCompleter(sh.table, sh.session), history=history, complete_while_typing=False,
         auto_suggest=AutoSuggestFromHistory(), key_bindings=_bindings(state, toolbar),
         bottom_toolbar=toolbar if state.toolbar else None, lexer=CommandLexer(sh.table) if color else None,
         **kw)  # type: ignore[arg-type]
@@ -349,10 +360,10 @@ class StatusLine:
         problem = check_line(self.sh.table, line)
         if problem:
             return [("class:bottom-toolbar.error", f" {problem} ")]
-        return status_text(self.sh)
+        return status_text(self.sh.session)
 
 
-def status_text(sh: Shell) -> str:
+def status_text(sh: Session) -> str:
     """``qcow2 > blkdebug > file  t.qcow2  rw writeback  in flight 1  suspended A  armed B``."""
     if sh.blk is None:
         return " no image open (open PATH)   F2: hide"
@@ -457,7 +468,7 @@ async def _run_command(sh: Shell, line: str, state: _State) -> None:
     import signal
     import time
 
-    rec = record_cmds.active(sh)
+    rec = record_cmds.active(sh.session)
     if rec is not None and line.split(" ")[0:1] != ["record"] and line.strip():
         rec.command(line)
     loop = asyncio.get_running_loop()
@@ -498,7 +509,7 @@ async def _run_command(sh: Shell, line: str, state: _State) -> None:
                 task.result()
             except asyncio.CancelledError:
                 sh.last_error = -4  # EINTR
-                left = len(sh.aio.inflight)
+                left = len(sh.session.aio.inflight)
                 sh.out.out(f"^C\ninterrupted: {line}" + (f" ({left} request(s) still in flight; their completions "
                                                           "print when they finish)" if left else "") + "\n")
     finally:
@@ -523,7 +534,7 @@ class Progress:
         from qio import render
 
         size = f" {render.cvtstr(self.total)}" if self.total else ""
-        text = f"{self.line}:{size} running {elapsed:.1f} s, {len(self.sh.aio.inflight)} aio in flight"
+        text = f"{self.line}:{size} running {elapsed:.1f} s, {len(self.sh.session.aio.inflight)} aio in flight"
         os.write(1, f"\r\x1b[2K\x1b[7m{text}\x1b[0m".encode())
         self.shown = True
         if self not in _progress:
@@ -556,15 +567,15 @@ async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None)
     session = session or make_session(sh)
     session.app.qio_session = session  # type: ignore[attr-defined]
     state: _State = getattr(session, "qio_state", None) or _State()
-    sh.interactive = True
+    sh.session.interactive = True
     prompt = f"{sh.prgname}> "
 
     async def background() -> None:
         from prompt_toolkit.application import get_app_or_none
 
         while True:
-            await sh.aio.wait()
-            await sh.aio.poll()
+            await sh.session.aio.wait()
+            await sh.session.aio.poll()
             sh.out.flush()
             app = get_app_or_none()
             if app is not None and app.is_running:
@@ -574,10 +585,10 @@ async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None)
         sh.out.redirect(_writer(sys.stdout), _writer(sys.stderr))
         poller = asyncio.ensure_future(background())
         try:
-            while not sh.quit:
-                if sh.aio.flush_pending():
-                    sh.aio.run_flushes()
-                await sh.aio.poll()
+            while not sh.session.quit:
+                if sh.session.aio.flush_pending():
+                    sh.session.aio.run_flushes()
+                await sh.session.aio.poll()
                 sh.out.flush()
                 try:
                     line = await session.prompt_async(prompt)
@@ -597,9 +608,9 @@ async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None)
         finally:
             poller.cancel()
             sh.out.restore()
-            rec = record_cmds.active(sh)
+            rec = record_cmds.active(sh.session)
             if rec is not None:  # leaving qio ends the recording (the files are complete)
-                record_cmds.record(sh, ["stop"])
+                record_cmds.record(sh.session, ["stop"])
 
 
 def _direct(fd: int) -> Callable[[bytes], None]:

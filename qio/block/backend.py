@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from qio.aio import current_request, run_sync
+from qio.aio import AioContext, WaitQueue, current_co, current_request, run_sync
 from qio.block import io, registry
 from qio.block.driver import (
     REQ_FUA,
@@ -305,6 +305,27 @@ def _primary_nodes(node: BlockDriver) -> list[BlockDriver]:
     return out
 
 
+class PauseGate:
+    """qio's ``pause`` (nbdkit's pause filter): requests arriving while paused wait in submission order."""
+
+    def __init__(self) -> None:
+        self.queue = WaitQueue()
+        self.held = 0
+
+    async def hold(self) -> None:
+        if current_co() is None:
+            return  # not under the scheduler (open/close-time I/O): nothing to hold
+        self.held += 1
+        AioContext.current().notify()
+        await self.queue.wait()
+
+    def release(self) -> int:
+        """Let the held requests go, oldest first, each running until it next waits."""
+        n, self.held = self.held, 0
+        self.queue.restart_all()
+        return n
+
+
 class BlockBackend:
     """The image as qemu-io sees it: byte-range checks, write-through FUA, permissions."""
 
@@ -314,6 +335,8 @@ class BlockBackend:
         self.writethrough = flags.writethrough
         self.perm = PERM_CONSISTENT_READ | (0 if flags.read_only else PERM_WRITE)
         self.shared = PERM_ALL
+        #: qio's ``pause``: new requests wait here, at the top of the graph, until ``unpause``
+        self.gate: PauseGate | None = None
 
     @classmethod
     def open(cls, filename: str | None, options: Options, flags: OpenFlags, warn: Warn) -> BlockBackend:
@@ -392,11 +415,15 @@ class BlockBackend:
 
     async def preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
         current_request.set(("read", offset, nbytes))
+        if self.gate is not None:
+            await self.gate.hold()
         self._check(offset, nbytes)
         await io.preadv(self.root, offset, nbytes, qiov)
 
     async def pwritev(self, offset: int, nbytes: int, qiov: IOVec | None, flags: int = 0) -> None:
         current_request.set(("write-zeroes" if qiov is None else "write", offset, nbytes))
+        if self.gate is not None:
+            await self.gate.hold()
         self._check(offset, nbytes)
         if self.writethrough:
             flags |= REQ_FUA
@@ -404,11 +431,15 @@ class BlockBackend:
 
     async def pdiscard(self, offset: int, nbytes: int) -> None:
         current_request.set(("discard", offset, nbytes))
+        if self.gate is not None:
+            await self.gate.hold()
         self._check(offset, nbytes)
         await io.pdiscard(self.root, offset, nbytes)
 
     async def flush(self) -> None:
         current_request.set(("flush", 0, 0))
+        if self.gate is not None:
+            await self.gate.hold()
         await io.flush(self.root)
 
     async def truncate(self, offset: int, prealloc: str) -> None:
@@ -472,3 +503,11 @@ class BlockBackend:
                 await node.close()
         finally:
             _close_sync(self.root)
+
+
+def debug_node(root: BlockDriver) -> BlockDriver | None:
+    """``bdrv_find_debug_node``: follow primary children to the first node with debug hooks."""
+    node: BlockDriver | None = root
+    while node is not None and not node.has_debug_hooks:
+        node = node.primary_child()
+    return node

@@ -64,6 +64,10 @@ class LogEntry(NamedTuple):
     #: byte offset of the entry's data in the log file (0 for flushes and discards)
     data_offset: int
     sectorsize: int
+    #: byte offset of the entry's header sector in the log file
+    header_offset: int = 0
+    #: bytes of inline data after the header (a dm-log-writes mark's name)
+    data_len: int = 0
 
     @property
     def offset(self) -> int:
@@ -120,7 +124,7 @@ def read_log(path: str, *, all_entries: bool = False) -> Log:
             if idx < nr:
                 raise LogError(f"'{path}': log entry {idx} is past the end of the file")
             break
-        sector, nsec, flags, _dlen = ENTRY.unpack_from(data, pos)
+        sector, nsec, flags, dlen = ENTRY.unpack_from(data, pos)
         if flags & ~LOG_FLAG_MASK:
             if idx < nr:
                 raise LogError(f"'{path}': Invalid flags 0x{flags:x} in log entry {idx}")
@@ -129,7 +133,8 @@ def read_log(path: str, *, all_entries: bool = False) -> Log:
         end = pos + ss + (nsec * ss if has_data else 0)
         if idx >= nr and (end > len(data) or (flags == 0 and nsec == 0 and sector == 0)):
             break  # beyond the count: stop at the first entry that is not plausibly a real one
-        entries.append(LogEntry(idx, sector, nsec, flags, pos + ss if has_data and nsec else 0, ss))
+        entries.append(LogEntry(idx, sector, nsec, flags, pos + ss if has_data and nsec else 0, ss, pos,
+                                min(dlen, ss - ENTRY.size)))
         sec += 1 + (0 if flags & LOG_DISCARD else nsec)
         idx += 1
     return Log(ss, nr, entries)
@@ -176,7 +181,7 @@ class BlkLogWritesDriver(BlockDriver):
                 raise QemuError(f'A block device must be specified for "{name}"')
             cflags = flags.copy()
             cflags.unmap = True  # bdrv_inherited_options: children default to discard=unmap
-            self.children.append(Child(name, open_node(child_opts, cflags, warn, protocol=True)))
+            self.children.append(Child(name, open_node(child_opts, cflags, warn, protocol=True, positional=False)))
         if append:
             if size_given:
                 raise QemuError("log-append and log-sector-size are mutually exclusive")

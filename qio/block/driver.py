@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from qio.block.errors import BlockError
-from qio.block.events import Event
 from qio.block.modes import OpenFlags
 from qio.block.perms import (  # noqa: F401  (re-exported for drivers)
     PERM_ALL,
@@ -27,6 +26,9 @@ from qio.block.perms import (  # noqa: F401  (re-exported for drivers)
     PERM_WRITE,
     PERM_WRITE_UNCHANGED,
 )
+
+if TYPE_CHECKING:
+    from qio.block.events import Event
 
 # Request flags (BDRV_REQ_*).
 REQ_ZERO_WRITE = 0x02

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     from qio.commands.spec import Invocation
-    from qio.shell import Shell
+    from qio.session import Session
 
 _STATS = re.compile(r"[0-9]* ops; [0-9/:. sec]* \([0-9/.inf]* [EPTGMKiBbytes]*/sec and [0-9/.inf]* ops/sec\)")
 _STATS_REPL = "X ops; XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)"
@@ -51,7 +51,7 @@ class Recorder:
 _active: dict[int, Recorder] = {}
 
 
-def active(sh: Shell) -> Recorder | None:
+def active(sh: Session) -> Recorder | None:
     return _active.get(id(sh))
 
 
@@ -64,11 +64,11 @@ def parse_record(inv: Invocation) -> list[str]:
     return inv.argv[1:]
 
 
-async def run_record(sh: Shell, args: list[str]) -> int:
+async def run_record(sh: Session, args: list[str]) -> int:
     return record(sh, args)
 
 
-def record(sh: Shell, args: list[str]) -> int:
+def record(sh: Session, args: list[str]) -> int:
     rec = _active.get(id(sh))
     if args == ["stop"]:
         if rec is None:

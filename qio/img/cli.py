@@ -32,6 +32,11 @@ Command syntax:
   info [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [--image-opts] [-f fmt] [--output=ofmt] [-U] filename
 
+qio extensions:
+  crashcheck [-f fmt] [--limit N] [--samples N] [--seed S] [--no-torn] [--oracle] [--all-entries]
+             [--output=ofmt] log base
+  replay [--end N | --end-mark NAME | --entries SPEC] [--all-entries] log base output
+
 Supported formats: raw qcow2
 """
 
@@ -177,9 +182,10 @@ Command = Callable[[Ctx, list[str]], Awaitable[int]]
 
 
 def _commands() -> dict[str, Command]:
-    from qio.img import check, create, info
+    from qio.img import check, crashcheck, create, info
 
-    return {"create": create.img_create, "check": check.img_check, "info": info.img_info, "map": info.img_map}
+    return {"create": create.img_create, "check": check.img_check, "info": info.img_info, "map": info.img_map,
+            "crashcheck": crashcheck.img_crashcheck, "replay": crashcheck.img_replay}
 
 
 def prgname(argv0: str) -> str:

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import difftest
 
-QEMU_IO = difftest.qemu_io_path()
 COUNT = int(os.environ.get("QIO_GEOMETRY_COUNT", "16"))
 SEED = int(os.environ.get("QIO_GEOMETRY_SEED", "100"))
 CRASH_STATUSES = (128 + 6, 128 + 8)  # SIGABRT (assertion), SIGFPE
@@ -105,8 +101,7 @@ def test_make_script_is_deterministic() -> None:
     assert make_script(SEED) != make_script(SEED + 1)
 
 
-@pytest.mark.oracle
-@pytest.mark.skipif(QEMU_IO is None, reason="qemu-io not installed (apt-get install qemu-utils)")
+@pytest.mark.oracle("qemu-io")
 @pytest.mark.parametrize("seed", range(SEED, SEED + COUNT))
 def test_random_geometry(tmp_path: Path, seed: int) -> None:
     case_file = tmp_path / f"{seed}-geometry.qio"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from oracle import ROOT as REPO
 
 #: Never needed by ``-c``/piped runs of the plain commands below; each costs measurable start-up time.
 HEAVY = {
@@ -28,15 +28,13 @@ HEAVY = {
     "random",  # node names use os.urandom
     "qio.interactive",
     "qio.trace",  # -T only
-    "qio.commands.io_cmds",  # command handlers load on first use: `quit` needs none of the I/O commands
     "qio.block.blkdebug",
 }
 
 PROBE = (
     "import sys\n"
-    "sys.path.insert(0, sys.argv[1])\n"
     "from qio.cli import main\n"
-    "rc = main(['qio', *sys.argv[2:]])\n"
+    "rc = main(['qio', *sys.argv[1:]])\n"
     "sys.stdout.flush()\n"
     "print('\\nMODULES', ' '.join(sorted(sys.modules)))\n"
     "raise SystemExit(rc)\n"
@@ -45,7 +43,8 @@ PROBE = (
 
 def loaded_modules(args: list[str], stdin: str = "") -> set[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    res = subprocess.run([sys.executable, "-S", "-c", PROBE, str(REPO), *args], input=stdin,
+    # ``-c`` puts the cwd first on sys.path: this tree's qio, not an installed one
+    res = subprocess.run([sys.executable, "-S", "-c", PROBE, *args], input=stdin, cwd=REPO,
                          capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
@@ -71,6 +70,7 @@ def test_quit_without_image_loads_nothing_heavy() -> None:
     assert "asyncio" in mods  # the probe really ran qio's event loop
     assert heavy(mods) == set()
     assert "qio.block.backend" not in mods  # no image: no block layer
+    assert "qio.qemuopts" not in mods  # nor its option parsing
 
 
 def test_raw_open_quit_loads_nothing_heavy(raw_image: str) -> None:
@@ -83,20 +83,20 @@ def test_raw_open_quit_loads_nothing_heavy(raw_image: str) -> None:
 
 def test_probed_open_and_small_read_load_nothing_heavy(raw_image: str) -> None:
     mods = loaded_modules(["-c", "read -q 0 4k", raw_image])
-    assert "qio.commands.io_cmds" in mods
-    assert heavy(mods - {"qio.commands.io_cmds"}) == set()
+    assert "qio.block.raw" in mods
+    assert heavy(mods) == set()
 
 
 def test_piped_commands_load_nothing_heavy(raw_image: str) -> None:
     mods = loaded_modules(["-f", "raw", raw_image], stdin="write -q 0 4k\nquit\n")
     assert "qio.lines" in mods
-    assert heavy(mods - {"qio.commands.io_cmds"}) == set()
+    assert heavy(mods) == set()
 
 
 def test_blkdebug_without_config_file_needs_no_pyparsing(raw_image: str) -> None:
     mods = loaded_modules(["-c", "read -q 0 4k", f"blkdebug::{raw_image}"])
     assert "qio.block.blkdebug" in mods
-    assert heavy(mods - {"qio.commands.io_cmds", "qio.block.blkdebug", "qio.trace"}) == set()  # trace: its events
+    assert heavy(mods - {"qio.block.blkdebug", "qio.trace"}) == set()  # trace: its events
 
 
 def test_qcow2_open_quit_loads_nothing_heavy(tmp_path: Path) -> None:
@@ -111,10 +111,10 @@ def test_qcow2_open_quit_loads_nothing_heavy(tmp_path: Path) -> None:
 
 def test_ssl_still_importable_after_main() -> None:
     """qio imports asyncio without ssl, but leaves ``import ssl`` working for code that runs later."""
-    code = ("import sys\nsys.path.insert(0, sys.argv[1])\nfrom qio.cli import main\n"
+    code = ("import sys\nfrom qio.cli import main\n"
             "rc = main(['qio', '-c', 'quit'])\nassert 'ssl' not in sys.modules\n"
             "import ssl\nprint(rc, ssl.OPENSSL_VERSION.split()[0])\n")
-    res = subprocess.run([sys.executable, "-S", "-c", code, str(REPO)], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["0", "OpenSSL"]
 

@@ -93,6 +93,26 @@ def test_probability_zero_and_one(img: Path) -> None:
     assert failures(always, 4) == [0, 1, 2, 3]
 
 
+def test_probabilistic_rule_fails_one_request_per_draw(img: Path) -> None:
+    """Armed by the write's event, the rule fails the next read only: QEMU's rules stay armed."""
+    rule = ("file.inject-error.0.event=write_aio,file.inject-error.0.iotype=read,"
+            "file.inject-error.0.probability=0.999999")
+    res = qio("write 0 512", "read 0 512", "read 0 512", "rules", image=opts(img, rule))
+    assert lines(res)[1:] == ["read failed: Input/output error", "read 512/512 bytes at offset 0",
+                              "#1 inject-error event=write_aio errno=5 iotype=read probability=0.999999"
+                              " (matched 1, fired 1)"]
+    plain = qio("write 0 512", "read 0 512", "read 0 512", image=opts(
+        img, "file.inject-error.0.event=write_aio,file.inject-error.0.iotype=read"))
+    assert lines(plain)[1:] == ["read failed: Input/output error", "read failed: Input/output error"]
+
+
+def test_trace_rule_lines_carry_the_rule_id(img: Path) -> None:
+    res = qio("break write_aio A", "write 0 512", args=("-T", "blkdebug_rule"), image=opts(
+        img, "file.set-state.0.event=write_aio,file.set-state.0.new_state=2"))
+    assert res.stderr.splitlines()[:2] == ["blkdebug_rule write_aio: #2 break write_aio A",
+                                           "blkdebug_rule write_aio: #1 set-state event=write_aio new_state=2"]
+
+
 # -- after / count / once ---------------------------------------------------------------------------
 def test_after_and_count(img: Path) -> None:
     res = qio(*WRITES[:8], "debug_state", image=opts(

@@ -22,42 +22,15 @@ from pathlib import Path
 
 import pytest
 
+import qcow2_trace
+from oracle import QEMU_IO, ROOT, env_with_root, qemu_img, qemu_io, qio_img, qio_wrapper, sh
 from qio.aio import AioContext
 from qio.block.backend import BlockBackend
 from qio.block.driver import REQ_MAY_UNMAP, REQ_WRITE_COMPRESSED, REQ_ZERO_WRITE
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import qcow2_trace
-
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
-HAVE_QEMU = QEMU_IMG is not None and QEMU_IO is not None
 oracle = pytest.mark.oracle
-needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason="qemu-img/qemu-io not installed (apt-get install qemu-utils)")
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def sh(cmd: list[str], cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this tree's qio, whatever the cwd
-    return subprocess.run(cmd, cwd=cwd, check=check, capture_output=True, text=True, timeout=300, env=env)
-
-
-def qemu_img(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    assert QEMU_IMG is not None
-    return sh([QEMU_IMG, *args], cwd=cwd, check=check)
-
-
-def qemu_io(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    assert QEMU_IO is not None
-    return sh([QEMU_IO, *args], cwd=cwd, check=check)
-
-
-def qio_img(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """This tree's ``qio-img``: the same creation and check code whatever made the image."""
-    return sh([sys.executable, "-m", "qio.img", *args], check=check)
 
 
 def create(path: Path, size: str | int, *opts: str, tool: str = "qemu") -> Path:
@@ -160,7 +133,6 @@ def _fixture_cmds() -> list[tuple[str, list[str], list[str]]]:
 
 
 @oracle
-@needs_qemu
 @pytest.mark.parametrize("name,opts,cmds", _fixture_cmds(), ids=[f[0] for f in _fixture_cmds()])
 def test_read_images_made_by_qemu(tmp_path: Path, name: str, opts: list[str], cmds: list[str]) -> None:
     img = create(tmp_path / "f.qcow2", "8M", *opts)
@@ -178,7 +150,6 @@ def test_read_images_made_by_qemu(tmp_path: Path, name: str, opts: list[str], cm
 
 
 @oracle
-@needs_qemu
 def test_backing_chain_and_short_backing(tmp_path: Path) -> None:
     base = tmp_path / "base.raw"
     base.write_bytes(pattern(1, 8 << 20))
@@ -210,7 +181,6 @@ def test_backing_chain_and_short_backing(tmp_path: Path) -> None:
 
 
 @oracle
-@needs_qemu
 def test_missing_backing_file_message(tmp_path: Path) -> None:
     create(tmp_path / "b.qcow2", "1M")
     create(tmp_path / "t.qcow2", "1M", "backing_file=b.qcow2", "backing_fmt=qcow2")
@@ -222,7 +192,6 @@ def test_missing_backing_file_message(tmp_path: Path) -> None:
 
 
 @oracle
-@needs_qemu
 def test_backing_without_format_is_probed(tmp_path: Path) -> None:
     base = create(tmp_path / "base.qcow2", "4M")
     qemu_io("-c", "write -P 0x5a 0 1M", str(base))
@@ -237,7 +206,6 @@ def test_backing_without_format_is_probed(tmp_path: Path) -> None:
 
 
 @oracle
-@needs_qemu
 def test_unknown_header_extension_kept(tmp_path: Path) -> None:
     (tmp_path / "base.raw").write_bytes(bytes(4 << 20))
     img = create(tmp_path / "u.qcow2", "4M", "backing_file=base.raw", "backing_fmt=raw")
@@ -272,7 +240,6 @@ def _norm(text: str) -> str:
 
 
 @oracle
-@needs_qemu
 @pytest.mark.parametrize("opts", CREATE_OPTS, ids=[",".join(o) or "default" for o in CREATE_OPTS])
 def test_same_image_bytes_as_qemu_io(tmp_path: Path, opts: list[str]) -> None:
     """The same commands through qemu-io and qio leave byte-identical images (QEMU's allocator,
@@ -308,8 +275,6 @@ def test_random_workload_against_model(tmp_path: Path, variant: str, tool: str) 
     """Thousands of random writes, zero writes, discards, compressed writes and grows, checked against
     an in-memory model; QEMU then finds no errors and no leaks and reads the same bytes.  With
     ``tool="qio"`` qio-img makes and checks the image: the whole loop runs on a machine without QEMU."""
-    if tool == "qemu" and not HAVE_QEMU:
-        pytest.skip("qemu-img/qemu-io not installed (apt-get install qemu-utils)")
     if tool == "qio" and variant == "snapshot":
         pytest.skip("internal snapshots are made with qemu-img snapshot")
     rng = random.Random(zlib.crc32(variant.encode()))
@@ -398,7 +363,6 @@ def test_random_workload_against_model(tmp_path: Path, variant: str, tool: str) 
 
 
 @oracle
-@needs_qemu
 def test_refcount_table_growth_and_new_refblocks(tmp_path: Path) -> None:
     """512-byte clusters: thousands of allocations need new refcount blocks and a bigger table."""
     img = create(tmp_path / "g.qcow2", "64M", "cluster_size=512")
@@ -414,7 +378,6 @@ def test_refcount_table_growth_and_new_refblocks(tmp_path: Path) -> None:
 
 
 @oracle
-@needs_qemu
 def test_grow_and_large_sparse(tmp_path: Path) -> None:
     img = create(tmp_path / "big.qcow2", "64M")
     q = Img(img)
@@ -432,7 +395,6 @@ def test_grow_and_large_sparse(tmp_path: Path) -> None:
 
 
 @oracle
-@needs_qemu
 def test_write_after_internal_snapshot_keeps_snapshot(tmp_path: Path) -> None:
     img = create(tmp_path / "s.qcow2", "8M")
     qemu_io("-c", "write -P 0x11 0 256k", str(img))
@@ -525,19 +487,7 @@ EVENT_SCENARIOS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def qio_as_qemu_io(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """qio under the program name qemu-io (its prompt and messages carry the name)."""
-    d = tmp_path_factory.mktemp("bin")
-    wrapper = d / "qemu-io"
-    wrapper.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                       "from qio.cli import main\nraise SystemExit(main())\n")
-    wrapper.chmod(0o755)
-    return str(wrapper)
-
-
 @oracle
-@needs_qemu
 @pytest.mark.parametrize("name,prep,args,setup,command", EVENT_SCENARIOS, ids=[s[0] for s in EVENT_SCENARIOS])
 def test_event_sequence_equals_qemu_io(tmp_path: Path, qio_as_qemu_io: str, name: str, prep: str,
                                        args: list[str], setup: list[str], command: str) -> None:
@@ -598,7 +548,6 @@ HEADER_PATCHES = [
 
 
 @oracle
-@needs_qemu
 @pytest.mark.parametrize("name,offset,data", HEADER_PATCHES, ids=[p[0] for p in HEADER_PATCHES])
 @pytest.mark.parametrize("ro", [False, True], ids=["rw", "ro"])
 def test_bad_headers_fail_like_qemu_io(tmp_path: Path, name: str, offset: int, data: bytes, ro: bool) -> None:
@@ -618,7 +567,6 @@ def test_bad_headers_fail_like_qemu_io(tmp_path: Path, name: str, offset: int, d
 
 
 @oracle
-@needs_qemu
 def test_corrupt_bit_refuses_writes_allows_reads(tmp_path: Path) -> None:
     img = create(tmp_path / "c.qcow2", "8M")
     qemu_io("-c", "write -P 7 0 64k", str(img))
@@ -631,7 +579,6 @@ def test_corrupt_bit_refuses_writes_allows_reads(tmp_path: Path) -> None:
 
 
 @oracle
-@needs_qemu
 @pytest.mark.parametrize("entry,message", [
     (0x8000000000050200, "Cluster allocation offset 0x50200 unaligned (L2 offset: 0x40000, L2 index: 0)"),
     (0x8000000000030000, None),
@@ -656,7 +603,6 @@ def test_corrupt_l2_entries(tmp_path: Path, entry: int, message: str | None) -> 
 
 
 @oracle
-@needs_qemu
 def test_zero_flag_in_v2_image(tmp_path: Path) -> None:
     img = create(tmp_path / "z.qcow2", "8M", "compat=0.10")
     qemu_io("-c", "write -P 1 0 64k", str(img))
@@ -691,7 +637,6 @@ def _mutations(seed: int, data: bytes, cs: int) -> Iterator[bytes]:
 
 
 @oracle
-@needs_qemu
 def test_fuzzed_images_fail_cleanly(tmp_path: Path) -> None:
     """Mutated headers and tables: every open and I/O works or fails with a message, within a time
     and memory bound (never a traceback)."""
@@ -699,19 +644,19 @@ def test_fuzzed_images_fail_cleanly(tmp_path: Path) -> None:
     qemu_io("-c", "write -P 1 0 64k", "-c", "write -P 2 1M 64k", str(img))
     good = img.read_bytes()
     prog = [sys.executable, "-c", "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
-            f"sys.path.insert(0, {str(ROOT)!r}); from qio.cli import main; sys.argv[0] = 'qemu-io'; "
+            "from qio.cli import main; sys.argv[0] = 'qemu-io'; "
             "raise SystemExit(main())"]
     for n, mutated in enumerate(_mutations(11, good, 65536)):
         case = tmp_path / f"m{n}.qcow2"
         case.write_bytes(mutated)
         res = subprocess.run([*prog, "-c", "read 0 64k", "-c", "write -P 3 0 4k", "-c", "write -P 4 2M 4k",
-                              "-c", "map", "-c", "info", str(case)], capture_output=True, text=True, timeout=60)
+                              "-c", "map", "-c", "info", str(case)], capture_output=True, text=True, timeout=60,
+                             env=env_with_root())
         assert "Traceback" not in res.stderr, (n, res.stderr)
         assert res.returncode in (0, 1), (n, res.returncode, res.stderr)
 
 
 @oracle
-@needs_qemu
 @pytest.mark.parametrize("opts,cmds", [
     (["lazy_refcounts=on"], ["write -P 0x11 0 128k", "write -P 0x12 1M 64k"]),
     (["lazy_refcounts=on", "cluster_size=512"], ["write -P 0x11 0 300k", "write -P 0x12 1M 64k"]),
@@ -740,7 +685,6 @@ def test_dirty_image_repaired_like_qemu(tmp_path: Path, opts: list[str], cmds: l
 
 
 @oracle
-@needs_qemu
 @pytest.mark.parametrize("size,opts", [("64M", []), ("1T", []), ("64M", ["cluster_size=512"]),
                                        ("64M", ["compat=0.10"])])
 def test_shrink_like_qemu(tmp_path: Path, size: str, opts: list[str]) -> None:
@@ -764,7 +708,6 @@ CREATE_CASES = [((), "64M"), ((), "1T"), ((), "1000000"), (("compat=0.10",), "1G
 
 
 @oracle
-@needs_qemu
 @pytest.mark.parametrize("opts,size", CREATE_CASES, ids=[",".join(o) + "-" + s for o, s in CREATE_CASES])
 def test_create_identical_to_qemu_img(tmp_path: Path, opts: tuple[str, ...], size: str) -> None:
     from qio.block.qcow2_create import create as qio_create
@@ -787,7 +730,6 @@ def test_create_identical_to_qemu_img(tmp_path: Path, opts: tuple[str, ...], siz
 
 
 @oracle
-@needs_qemu
 def test_snapshot_mode_overlay(tmp_path: Path) -> None:
     """-s: writes go to a temporary qcow2 overlay (deleted at once), the image stays unchanged."""
     base = create(tmp_path / "b.qcow2", "4M")
@@ -856,7 +798,6 @@ INJECT_VARIANTS = {
 
 
 @oracle
-@needs_qemu
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("variant", list(INJECT_VARIANTS))
@@ -899,7 +840,6 @@ def test_error_injection_like_qemu_io(tmp_path: Path, qio_as_qemu_io: str, varia
 
 
 @oracle
-@needs_qemu
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_qemu_iotests_qcow2() -> None:
@@ -911,9 +851,7 @@ def test_qemu_iotests_qcow2() -> None:
     tests = ["001", "002", "003", "004", "005", "008", "026", "046"]
     wrapper = Path(os.environ.get("TMPDIR", "/tmp")) / f"qio-iotests-{os.getpid()}" / "qemu-io"
     wrapper.parent.mkdir(exist_ok=True)
-    wrapper.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                       "from qio.cli import main\nraise SystemExit(main())\n")
-    wrapper.chmod(0o755)
+    qio_wrapper(wrapper)
     res = subprocess.run(["bash", str(runner), str(wrapper), "qcow2", *tests], capture_output=True, text=True,
                          timeout=1700)
     assert res.returncode == 0, res.stdout + res.stderr

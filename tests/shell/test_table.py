@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
-from qio_helpers import InProc
 
 from qio.commands.spec import EXTENSION, GLOBAL, NOFILE_OK
 from qio.commands.table import COMMANDS, build_table
 from qio.interactive import CommandCompleter
+from qio_helpers import InProc
 
 # Verbatim from spec §5.1 (real qemu-io 7.2 `qemu-io -c help`).
 HELP = """\
@@ -121,9 +121,10 @@ reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options
 ALIASES = {"r": "read", "w": "write", "c": "close", "o": "open", "q": "quit", "f": "flush", "t": "truncate",
            "l": "length", "i": "info", "d": "discard", "a": "alloc", "?": "help"}
 
-# spec §2.4 (wait_break is 1/1 in qemu-io; qio adds "-t SECONDS" and checks the count in its parser)
+# spec §2.4 (wait_break is 1/1 and break 2/2 in qemu-io; qio adds "-t SECONDS" and "-o/-i/-n" predicates and
+# checks the counts in their parsers, with qemu-io's messages: tests/test_blkdebug_prompt.py)
 LIMITS = {"abort": (0, 0), "aio_flush": (0, 0), "aio_read": (2, -1), "aio_write": (2, -1), "alloc": (1, 2),
-          "break": (2, 2), "close": (0, 0), "discard": (2, -1), "flush": (0, 0), "help": (0, 1), "info": (0, 0),
+          "break": (0, -1), "close": (0, 0), "discard": (2, -1), "flush": (0, 0), "help": (0, 1), "info": (0, 0),
           "length": (0, 0), "map": (0, 0), "open": (1, -1), "quit": (-1, -1), "read": (2, -1), "readv": (2, -1),
           "remove_break": (1, 1), "reopen": (0, -1), "resume": (1, 1), "sigraise": (1, 1), "sleep": (1, 1),
           "truncate": (1, 3), "write": (2, -1), "writev": (2, -1)}
@@ -304,7 +305,7 @@ def complete(text: str, completer: CommandCompleter | None = None) -> list[tuple
 
 def test_complete_command_names() -> None:
     assert complete("re") == [(w, -2) for w in ("read", "readv", "record", "remove_break", "reopen", "resume")]
-    assert complete("aio_") == [(w, -4) for w in ("aio_flush", "aio_read", "aio_write")]
+    assert complete("aio_") == [(w, -4) for w in ("aio_discard", "aio_flush", "aio_read", "aio_write")]
     assert complete("zz") == []
 
 

@@ -5,8 +5,6 @@ modified (the autoclear bit cleared): the driver warns at open time."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -14,11 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
-pytestmark = pytest.mark.skipif(QEMU_IMG is None or QEMU_IO is None, reason="qemu-img/qemu-io not installed")
-RUN_QIO_IMG = "import sys; from qio.img.cli import main; sys.exit(main(['qemu-img'] + sys.argv[1:]))"
+from oracle import QEMU_IMG, QEMU_IO, RUN_QIO_IMG, qio_wrapper, run
+
+pytestmark = pytest.mark.oracle
 
 
 def _bitmap_image(path: Path) -> bytes:
@@ -33,18 +29,10 @@ def _bitmap_image(path: Path) -> bytes:
     return bytes(data)
 
 
-def _run(argv: list[str], cwd: Path) -> tuple[str, str, int]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60, env=env)
-    return p.stdout, p.stderr, p.returncode
-
-
 def test_qio_warning_carries_its_argv0_name(tmp_path: Path) -> None:
     img = tmp_path / "bm.qcow2"
     data = _bitmap_image(img)
-    wrapper = tmp_path / "qio-wrapper"
-    wrapper.write_text(f"#!{sys.executable}\nimport sys\nfrom qio.cli import main\nsys.exit(main())\n")
-    wrapper.chmod(0o755)
+    wrapper = qio_wrapper(tmp_path / "qio-wrapper")
     results = []
     for target in (QEMU_IO, str(wrapper)):
         assert target is not None
@@ -53,7 +41,7 @@ def test_qio_warning_carries_its_argv0_name(tmp_path: Path) -> None:
         link.unlink(missing_ok=True)
         link.symlink_to(target)
         img.write_bytes(data)
-        results.append(_run([str(link), "-c", "read -q 0 512", img.name], tmp_path))
+        results.append(run([str(link), "-c", "read -q 0 512", img.name], tmp_path))
     assert results[0] == results[1]
     assert results[0][1].startswith("my-io: warning: a program lacking bitmap support modified this file")
 
@@ -62,8 +50,8 @@ def test_qio_img_warning_says_qemu_img(tmp_path: Path) -> None:
     img = tmp_path / "bm.qcow2"
     data = _bitmap_image(img)
     assert QEMU_IMG is not None
-    ref = _run([QEMU_IMG, "info", img.name], tmp_path)
+    ref = run([QEMU_IMG, "info", img.name], tmp_path)
     img.write_bytes(data)
-    ours = _run([sys.executable, "-c", RUN_QIO_IMG, "info", img.name], tmp_path)
+    ours = run([sys.executable, "-c", RUN_QIO_IMG, "info", img.name], tmp_path)
     assert ours == ref
     assert ref[1].startswith("qemu-img: warning: a program lacking bitmap support")

@@ -18,22 +18,10 @@ from pathlib import Path
 
 import pytest
 
-QEMU_IMG = shutil.which("qemu-img")
-QEMU_IO = shutil.which("qemu-io")
-ROOT = Path(__file__).resolve().parent.parent
-oracle = pytest.mark.oracle
-needs_qemu = pytest.mark.skipif(QEMU_IMG is None or QEMU_IO is None,
-                                reason="qemu-img/qemu-io not installed (apt-get install qemu-utils)")
-RUN_QIO_IMG = "import sys; from qio.img.cli import main; sys.exit(main(['qemu-img'] + sys.argv[1:]))"
+from oracle import QEMU_IMG, QEMU_IO, ROOT, RUN_QIO_IMG, run
 
 
-def run(argv: list[str], cwd: Path, timeout: float = 60) -> tuple[str, str, int]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, errors="surrogateescape", timeout=timeout,
-                       env=env)
-    return p.stdout, p.stderr, p.returncode
-
-
+# list-argument forms returning (stdout, stderr, status), for comparing the two programs
 def qio_img(args: list[str], cwd: Path) -> tuple[str, str, int]:
     return run([sys.executable, "-c", RUN_QIO_IMG, *args], cwd)
 
@@ -118,8 +106,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@oracle
-@needs_qemu
+@pytest.mark.oracle
 @pytest.mark.parametrize("case", CREATE_CASES)
 def test_create_same_output_and_bytes(images: Path, tmp_path: Path, case: str) -> None:
     for name in ("base.raw", "base.qcow2"):
@@ -179,8 +166,7 @@ IMAGE_OPTS_CASES = [
 ]
 
 
-@oracle
-@needs_qemu
+@pytest.mark.oracle
 @pytest.mark.parametrize("case", IMAGE_OPTS_CASES)
 def test_image_opts_same(images: Path, case: str) -> None:
     """``--image-opts``: the file name is an option string (a bare first value is ``file``, a node
@@ -188,8 +174,7 @@ def test_image_opts_same(images: Path, case: str) -> None:
     same(case.split(), images)
 
 
-@oracle
-@needs_qemu
+@pytest.mark.oracle
 @pytest.mark.parametrize("case", INFO_CASES)
 def test_info_map_check_same(images: Path, case: str) -> None:
     same(case.split(), images)
@@ -246,8 +231,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@oracle
-@needs_qemu
+@pytest.mark.oracle
 @pytest.mark.parametrize("mode", [[], ["--output=json"], ["-r", "leaks", "--output=json"], ["-r", "all"]],
                          ids=["human", "json", "leaks-json", "all"])
 @pytest.mark.parametrize("name", ["clean", *CORRUPTIONS, "dirty"])
@@ -265,8 +249,7 @@ def test_check_corpus(corpus: Path, tmp_path: Path, name: str, mode: list[str]) 
         assert (tmp_path / "ours.qcow2").read_bytes() == (tmp_path / "ref.qcow2").read_bytes()
 
 
-@oracle
-@needs_qemu
+@pytest.mark.oracle
 def test_check_huge_sparse_image(tmp_path: Path) -> None:
     """16 TiB virtual, three clusters of data: check must not allocate per virtual cluster."""
     qemu_img(["create", "-q", "-f", "qcow2", "huge.qcow2", "16T"], tmp_path)
@@ -409,8 +392,7 @@ BITMAP_IMAGES = ["one", "many", "v3", "leak", "in-use", "all-ones", "bad-granula
                  "ext-magic-lost", "odd-name", "snap"]
 
 
-@oracle
-@needs_qemu
+@pytest.mark.oracle
 @pytest.mark.parametrize("cmd", [["check"], ["check", "--output=json"], ["info"], ["info", "--output=json"],
                                  ["map", "--output=json"]], ids=["check", "check-json", "info", "info-json", "map"])
 @pytest.mark.parametrize("name", BITMAP_IMAGES)
@@ -420,8 +402,7 @@ def test_bitmap_images(bitmaps: Path, name: str, cmd: list[str]) -> None:
     same([*cmd, f"{name}.qcow2"], bitmaps)
 
 
-@oracle
-@needs_qemu
+@pytest.mark.oracle
 @pytest.mark.parametrize("mode", [[], ["-r", "leaks"], ["-r", "all"]], ids=["plain", "leaks", "all"])
 def test_check_rebuilds_zero_size_reftable(tmp_path: Path, mode: list[str]) -> None:
     """refcount_table_clusters = 0: qemu-img opens the image for the check anyway (BDRV_O_CHECK),
@@ -497,8 +478,7 @@ SNAPSHOT_IMAGES = ["s", "v2", "more-entries", "truncated", "moved-past-eof", "ex
                    "misaligned", "no-extra", "v2-more-entries", "far-away", "count-overlap"]
 
 
-@oracle
-@needs_qemu
+@pytest.mark.oracle
 @pytest.mark.parametrize("mode", [[], ["--output=json"], ["-r", "leaks"], ["-r", "all"],
                                   ["-r", "all", "--output=json"]], ids=["human", "json", "leaks", "all", "all-json"])
 @pytest.mark.parametrize("name", SNAPSHOT_IMAGES)
@@ -540,8 +520,7 @@ def snapinfo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@oracle
-@needs_qemu
+@pytest.mark.oracle
 @pytest.mark.parametrize("args", ["info i.qcow2", "info --output=json i.qcow2", "info patched.qcow2",
                                   "info --output=json patched.qcow2", "info v2.qcow2", "info --output=json v2.qcow2",
                                   "info --backing-chain top.qcow2", "info --backing-chain --output=json top.qcow2"])
@@ -553,8 +532,7 @@ def test_info_snapshot_list(snapinfo: Path, args: str, tz: str, monkeypatch: pyt
     same(args.split(), snapinfo)
 
 
-@oracle
-@needs_qemu
+@pytest.mark.oracle
 @pytest.mark.parametrize("mode", [["-r", "leaks"], ["-r", "all"], ["-r", "all", "--output=json"]],
                          ids=["leaks", "all", "all-json"])
 @pytest.mark.parametrize("name", BITMAP_IMAGES)

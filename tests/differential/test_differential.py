@@ -8,20 +8,13 @@ for readable diffs.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import difftest
 
 CORPUS = difftest.corpus_files()
-
-
-# qemu_io_path() is $QEMU_IO_PROG if set, else shutil.which("qemu-io").
-QEMU_IO = difftest.qemu_io_path()
 
 
 def _param(path: Path) -> object:
@@ -30,8 +23,7 @@ def _param(path: Path) -> object:
     return pytest.param(path, id=str(path.relative_to(difftest.CORPUS_DIR)), marks=marks)
 
 
-@pytest.mark.oracle
-@pytest.mark.skipif(QEMU_IO is None, reason="qemu-io not installed (apt-get install qemu-utils)")
+@pytest.mark.oracle("qemu-io")
 @pytest.mark.parametrize("path", [_param(p) for p in CORPUS])
 def test_differential(path: Path) -> None:
     result = difftest.run_case(path)

@@ -18,22 +18,17 @@ import os
 import pty
 import re
 import select
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-QEMU_IO = shutil.which("qemu-io") or "/usr/bin/qemu-io"
-QEMU_IMG = shutil.which("qemu-img") or "/usr/bin/qemu-img"
+from oracle import QEMU_IO, qio_wrapper
 
 pytestmark = [
     pytest.mark.oracle,
-    pytest.mark.skipif(not (os.access(QEMU_IO, os.X_OK) and os.access(QEMU_IMG, os.X_OK)),
-                       reason="needs real qemu-io and qemu-img (apt-get install qemu-utils)"),
     pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs Linux /proc/locks"),
 ]
 
@@ -48,11 +43,9 @@ def progs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """``qio`` (a wrapper running this checkout's qio) and ``qemu-io`` (a symlink to it, so qio's program
     name is qemu-io), plus the real binary."""
     bindir = tmp_path_factory.mktemp("bin")
-    wrapper = bindir / "qio"
-    wrapper.write_text(f"#!{sys.executable}\nimport sys\nfrom qio.cli import main\nsys.exit(main())\n")
-    wrapper.chmod(0o755)
+    wrapper = qio_wrapper(bindir / "qio")
     (bindir / "qemu-io").symlink_to("qio")
-    return {"qio": str(wrapper), "qio-as-qemu-io": str(bindir / "qemu-io"), "real": QEMU_IO}
+    return {"qio": str(wrapper), "qio-as-qemu-io": str(bindir / "qemu-io"), "real": QEMU_IO or "qemu-io"}
 
 
 def locks_of(path: Path) -> list[Lock]:
@@ -108,21 +101,6 @@ def lock_error(prgname: str, name: str, shared: bool) -> str:
     what = 'shared "write"' if shared else '"write"'
     return (f"{prgname}: can't open device {name}: Failed to get {what} lock\n"
             f"Is another process using the image [{name}]?\n")
-
-
-@pytest.fixture
-def raw_img(tmp_path: Path) -> Path:
-    img = tmp_path / "disk.raw"
-    with open(img, "wb") as f:
-        f.truncate(1 << 20)
-    return img
-
-
-@pytest.fixture
-def qcow2_img(tmp_path: Path) -> Path:
-    img = tmp_path / "disk.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(img), "1M"], check=True, timeout=TIMEOUT)
-    return img
 
 
 # -- (a) the same byte ranges as qemu-io ------------------------------------------------------------------

@@ -44,7 +44,7 @@ class Session:
         self.fd = os.open(tmp_path / "fd.out", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.fd_path = tmp_path / "fd.out"
         self.sh = Shell(Output("qio", self.fd, self.fd), "qio")
-        assert not self.sh.open_image(str(self.img), OpenFlags(), {"driver": "raw"})
+        assert not self.sh.session.open_image(str(self.img), OpenFlags(), {"driver": "raw"})
 
     def run(self, keys: str, history: History | None = None, use_default_history: bool = False) -> str:
         """Type ``keys`` into a fresh prompt session; return everything qio printed."""
@@ -59,13 +59,13 @@ class Session:
                     session = make_session(self.sh, history=history or InMemoryHistory(), input=inp,
                                            output=DummyOutput())
                 await asyncio.wait_for(interactive_loop(self.sh, session), timeout=30)
-            await self.sh.drain()
+            await self.sh.session.drain()
 
         asyncio.run(main())
         return captured.getvalue()
 
     def close(self) -> None:
-        asyncio.run(self.sh.close_image())
+        asyncio.run(self.sh.session.close_image())
         os.close(self.fd)
 
 
@@ -86,7 +86,7 @@ def test_write_read_quit(s: Session) -> None:
     assert "read 512/512 bytes at offset 0" in lines
     assert len([line for line in lines if line.startswith(STATS) and line.endswith(" ops/sec)")]) == 2
     assert len(lines) == 4
-    assert s.sh.quit is True
+    assert s.sh.session.quit is True
     assert s.sh.last_error == 0
     assert s.fd_path.read_bytes() == b""
 
@@ -118,7 +118,7 @@ def test_ctrl_d_ends_the_loop(s: Session) -> None:
     # EOF prints a newline, as qemu-io's readline does (it can overtake the lines above, see the docstring)
     assert out.count("\n") == 3
     assert "\n\n" in out or out.startswith("\n")
-    assert s.sh.quit is False
+    assert s.sh.session.quit is False
 
 
 def test_ctrl_d_at_once(s: Session) -> None:
@@ -160,7 +160,7 @@ def test_history_file_in_xdg_state_home(s: Session, tmp_path: Path, monkeypatch:
     assert path.is_file()
     assert list(FileHistory(str(path)).load_history_strings()) == ["quit", "read 0 1", "length"]
     # a second session sees the first one's history
-    s.sh.quit = False
+    s.sh.session.quit = False
     s.run("\x1b[A\x1b[A\x1b[A\r\x04", use_default_history=True)
     entries = list(FileHistory(str(path)).load_history_strings())
     assert entries[0] == "length"  # the recalled line was executed and appended again
@@ -193,7 +193,7 @@ def test_completion_drained_after_eof_is_not_lost(tmp_path: Path) -> None:
     fd_path = tmp_path / "fd.out"
     fd = os.open(fd_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     sh = Shell(Output("qio", fd, fd), "qio")
-    assert not sh.open_image(str(img), OpenFlags(), {"driver": "raw"})
+    assert not sh.session.open_image(str(img), OpenFlags(), {"driver": "raw"})
     # Requests above 8 MiB go to the file driver's thread pool: occupy its workers so the write
     # deterministically stays in flight until the prompt loop has ended.
     release = threading.Event()
@@ -207,11 +207,11 @@ def test_completion_drained_after_eof_is_not_lost(tmp_path: Path) -> None:
                 inp.send_text("aio_write -P 0x41 0 9M\r\x04")
                 session = make_session(sh, history=InMemoryHistory(), input=inp, output=DummyOutput())
                 await asyncio.wait_for(interactive_loop(sh, session), timeout=30)
-            assert len(sh.aio.inflight) == 1
+            assert len(sh.session.aio.inflight) == 1
         finally:
             release.set()
-        await sh.drain()  # what qio.cli does after the loop
-        await sh.close_image()
+        await sh.session.drain()  # what qio.cli does after the loop
+        await sh.session.close_image()
         sh.out.flush()
 
     try:

@@ -18,28 +18,17 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.filters import filter_qemu_io
+from filters import filter_qemu_io
+from oracle import QEMU_IMG, QEMU_IO, QEMU_NBD, qio_wrapper
 
-ROOT = Path(__file__).resolve().parent.parent
-QEMU_IO = shutil.which("qemu-io")
-QEMU_NBD = shutil.which("qemu-nbd")
-QEMU_IMG = shutil.which("qemu-img")
-oracle = pytest.mark.skipif(not (QEMU_IO and QEMU_NBD and QEMU_IMG), reason="needs qemu-io, qemu-nbd, qemu-img")
+oracle = pytest.mark.oracle("qemu-io", "qemu-nbd", "qemu-img")
 TIMEOUT = 60
-
-_WRAPPER = f"""#!{sys.executable}
-import sys
-sys.path.insert(0, {str(ROOT)!r})
-from qio.cli import main
-raise SystemExit(main())
-"""
 
 Result = tuple[str, str, int]
 
@@ -49,8 +38,7 @@ def _qio_prog(base: Path) -> str:
     bindir.mkdir(exist_ok=True)
     prog = bindir / "qemu-io"
     if not prog.exists():
-        prog.write_text(_WRAPPER)
-        prog.chmod(0o755)
+        qio_wrapper(prog)
     return str(prog)
 
 
@@ -161,7 +149,6 @@ RAW_SCRIPT = ["-c", "read -P 5 0 64k", "-c", "map", "-c", "alloc 0 1M", "-c", "w
 
 
 @oracle
-@pytest.mark.oracle
 def test_raw_export(tmp_path: Path, servers: list[NbdServer]) -> None:
     (out, _, rc), _ = differential(tmp_path, servers, ["-f", "raw", *RAW_SCRIPT, "URL"],
                                      fill=["write -P 5 0 64k"])
@@ -170,21 +157,18 @@ def test_raw_export(tmp_path: Path, servers: list[NbdServer]) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 def test_probed_export_warns_with_refreshed_filename(tmp_path: Path, servers: list[NbdServer]) -> None:
     (_, err, _), _ = differential(tmp_path, servers, ["-c", "read 0 512", "-c", "write 0 512", "URL"])
     assert "'nbd+unix://?socket=SOCK' and probing guessed raw" in err
 
 
 @oracle
-@pytest.mark.oracle
 def test_tcp_export(tmp_path: Path, servers: list[NbdServer]) -> None:
     differential(tmp_path, servers, ["-f", "raw", "-c", "write -P 1 0 4k", "-c", "read -P 1 0 4k", "-c", "map",
                                      "URL"], tcp=True)
 
 
 @oracle
-@pytest.mark.oracle
 @pytest.mark.parametrize("args", [
     ["-c", "read 0 512", "-c", "write 0 512", "URL"],
     ["-r", "-c", "read 0 512", "-c", "write 0 512", "-c", "discard 0 4k", "URL"],
@@ -195,7 +179,6 @@ def test_read_only_export(tmp_path: Path, servers: list[NbdServer], args: list[s
 
 
 @oracle
-@pytest.mark.oracle
 def test_qcow2_over_nbd(tmp_path: Path, servers: list[NbdServer]) -> None:
     script = ["-f", "qcow2", "-c", "read -P 1 0 64k", "-c", "write -P 2 1M 128k", "-c", "write -z 2M 64k",
               "-c", "map", "-c", "alloc 0 4M", "-c", "discard 0 64k", "-c", "read -P 0 0 64k", "-c", "info",
@@ -204,7 +187,6 @@ def test_qcow2_over_nbd(tmp_path: Path, servers: list[NbdServer]) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 @pytest.mark.parametrize("args", [
     ["--image-opts", "-c", "read 0 512", "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=SOCK"],
     ["--image-opts", "-c", "read 0 512", "-c", "info", "driver=nbd,path=SOCK"],
@@ -237,7 +219,6 @@ OPTION_ERRORS = [
 
 
 @oracle
-@pytest.mark.oracle
 @pytest.mark.parametrize("form", ERROR_FORMS)
 def test_bad_file_names(tmp_path: Path, form: str) -> None:
     assert QEMU_IO is not None
@@ -249,7 +230,6 @@ def test_bad_file_names(tmp_path: Path, form: str) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 @pytest.mark.parametrize("opts", OPTION_ERRORS)
 def test_bad_options(tmp_path: Path, opts: str) -> None:
     assert QEMU_IO is not None
@@ -259,7 +239,6 @@ def test_bad_options(tmp_path: Path, opts: str) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 def test_url_with_export_option(tmp_path: Path) -> None:
     assert QEMU_IO is not None
     args = ["-c", "open -o export=x nbd+unix:///?socket=/s"]
@@ -267,7 +246,6 @@ def test_url_with_export_option(tmp_path: Path) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 def test_refused_connection(tmp_path: Path) -> None:
     """A socket file nobody listens on: ``Connection refused``."""
     assert QEMU_IO is not None
@@ -457,7 +435,6 @@ def _old_server(c: Conn) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 @pytest.mark.parametrize("script", [_bad_initial_magic, _bad_server_magic, _truncated_hello, _go_denied,
                                     _bad_block_size],
                          ids=["initial-magic", "server-magic", "truncated", "go-denied", "block-size"])
@@ -467,7 +444,6 @@ def test_hostile_handshake(tmp_path: Path, script: Callable[[Conn], None]) -> No
 
 
 @oracle
-@pytest.mark.oracle
 def test_old_server_fallback(tmp_path: Path) -> None:
     out, _, rc = fake_differential(tmp_path, _old_server, ["-f", "raw", "-c", "read -P 42 0 4k", "-c", "map",
                                                            "-c", "write 0 512", "nbd:unix:SOCK"])
@@ -527,7 +503,6 @@ def _error_chunk(c: Conn, typ: int, handle: int, offset: int, length: int) -> No
 
 
 @oracle
-@pytest.mark.oracle
 @pytest.mark.parametrize("action", [_bad_reply_magic, _unknown_handle, _simple_reply_to_read,
                                     _oversized_error_chunk, _data_outside, _truncated_chunk, _error_chunk,
                                     _huge_data_header],
@@ -547,7 +522,6 @@ def _die_with_two_in_flight(c: Conn) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 def test_server_dies_with_aio_in_flight(tmp_path: Path) -> None:
     out, _, _ = fake_differential(tmp_path, _die_with_two_in_flight,
                                   ["-f", "raw", "-c", "aio_read 0 512", "-c", "aio_read 512 512", "-c", "aio_flush",
@@ -573,7 +547,6 @@ def _read_pty(fd: int, until: bytes | None) -> bytes:
 
 
 @oracle
-@pytest.mark.oracle
 def test_qemu_nbd_killed(tmp_path: Path, servers: list[NbdServer]) -> None:
     """qemu-nbd is killed between two commands of a piped session: requests fail with EIO until it is back.
 
@@ -622,7 +595,6 @@ def test_qemu_nbd_killed(tmp_path: Path, servers: list[NbdServer]) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 def test_stalled_server_times_out(tmp_path: Path) -> None:
     """qemu-io would wait forever; qio gives up after QIO_NBD_TIMEOUT seconds with EIO."""
     def stall(c: Conn) -> None:
@@ -636,7 +608,6 @@ def test_stalled_server_times_out(tmp_path: Path) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 def test_stalled_handshake_times_out(tmp_path: Path) -> None:
     def stall(c: Conn) -> None:
         c.sock.recv(1)
@@ -701,7 +672,6 @@ WIRE_SCRIPT = ["-c", "write -P 1 512 512", "-c", "read -P 1 512 512", "-c", "rea
 
 
 @oracle
-@pytest.mark.oracle
 @pytest.mark.parametrize("kind", ["default", "block-4k", "no-sr", "writeback", "no-trim-zero", "size-1000"])
 def test_wire_requests(tmp_path: Path, kind: str) -> None:
     """The requests qio sends equal qemu-io's: alignment, splitting, FUA/NO_HOLE/FAST_ZERO flags."""
@@ -737,7 +707,6 @@ def _drop_on_first_request(c: Conn) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 @pytest.mark.parametrize("delay", ["0", "5", "1-gone"])
 def test_reconnect_delay(tmp_path: Path, delay: str) -> None:
     """The connection drops under a write; with reconnect-delay it is sent again on a new connection
@@ -762,7 +731,6 @@ def _oldstyle(c: Conn) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 @pytest.mark.parametrize("name", ["nbd:unix:SOCK", "nbd:unix:SOCK:exportname=x"])
 def test_oldstyle_server(tmp_path: Path, name: str) -> None:
     fake_differential(tmp_path, _oldstyle, ["-f", "raw", "-c", "read -P 42 0 4k", "-c", "map", "-c", "write 0 512",
@@ -770,7 +738,6 @@ def test_oldstyle_server(tmp_path: Path, name: str) -> None:
 
 
 @oracle
-@pytest.mark.oracle
 def test_open_timeout_retries(tmp_path: Path) -> None:
     """open-timeout: the connection is retried for that long, then the last error is reported."""
     assert QEMU_IO is not None
@@ -824,7 +791,6 @@ _ACK = (1, b"")
 
 
 @oracle
-@pytest.mark.oracle
 @pytest.mark.parametrize("meta, go", [
     ([(4, struct.pack(">I", 0) + b"qemu:other"), _ACK], [_EXPORT, _ACK]),
     ([_CTX, _CTX, _ACK], [_EXPORT, _ACK]),
@@ -852,7 +818,6 @@ def test_hostile_options(tmp_path: Path, meta: list[tuple[int, bytes]], go: list
 
 
 @oracle
-@pytest.mark.oracle
 def test_x_dirty_bitmap_allocation_depth(tmp_path: Path, servers: list[NbdServer]) -> None:
     """``x-dirty-bitmap=qemu:allocation-depth`` (qemu-nbd -A): its flags are read as base:allocation's."""
     differential(tmp_path, servers, ["--image-opts", "-c", "map", "-c", "alloc 0 1M",

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from qio_helpers import InProc
 
 from qio.commands.table import build_table
 from qio.numbers import cvtnum
+from qio_helpers import InProc
 
 SCALE = int(os.environ.get("QIO_FUZZ_SCALE", "1"))
 FORBIDDEN = ("abort", "sigraise", "sleep")

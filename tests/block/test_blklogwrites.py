@@ -4,19 +4,16 @@ with ``log-append=on`` and the result is byte-identical), and ``read_log`` parse
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from oracle import QEMU_IO, ROOT
 from qio.block.blklogwrites import LOG_DISCARD, LOG_FLUSH, LogError, read_log
 
-ROOT = Path(__file__).resolve().parent.parent
-QEMU_IO = shutil.which("qemu-io")
-pytestmark = pytest.mark.skipif(QEMU_IO is None or shutil.which("qemu-img") is None,
-                                reason="needs real qemu-io and qemu-img")
+pytestmark = pytest.mark.oracle
 
 
 def _tool(name: str) -> list[str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 pexpect = pytest.importorskip("pexpect")
-ROOT = Path(__file__).resolve().parent.parent
+from oracle import ROOT  # noqa: E402  (after the importorskip)
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from oracle import ROOT, qio_wrapper
+
 # beside the repository: a checkout at /work/main or a worktree at /work/wt/NAME share /work/shared
 RUNNER = next((d / "shared" / "tools" / "run-qemu-iotests.sh" for d in ROOT.parents
                if (d / "shared" / "tools" / "run-qemu-iotests.sh").exists()),
@@ -48,15 +47,6 @@ def _batches() -> list[tuple[str, list[str]]]:
             for i in range(0, len(tests), BATCH)]
 
 
-def _qemu_io_script(where: Path) -> Path:
-    """An executable ``qemu-io`` running this checkout's qio under the current interpreter."""
-    script = where / "qemu-io"
-    script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                      "from qio.cli import main\nsys.exit(main())\n")
-    script.chmod(0o755)
-    return script
-
-
 @contextlib.contextmanager
 def _fetch_lock() -> Iterator[None]:
     """Held by the batch that fetches QEMU's source, so that parallel test workers (pytest -n) do not
@@ -69,15 +59,15 @@ def _fetch_lock() -> Iterator[None]:
         yield
 
 
-@pytest.mark.oracle
+@pytest.mark.oracle("qemu-img")  # qemu-io is replaced by qio
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize(("fmt", "tests"), _batches(), ids=lambda v: v if isinstance(v, str) else "-".join(v))
 def test_qemu_iotests(tmp_path: Path, fmt: str, tests: list[str]) -> None:
-    if not RUNNER.exists() or shutil.which("qemu-img") is None:
-        pytest.skip("qemu-iotests runner or qemu-img not available")
+    if not RUNNER.exists():
+        pytest.skip("qemu-iotests runner not available")
     with _fetch_lock():
-        res = subprocess.run(["bash", str(RUNNER), str(_qemu_io_script(tmp_path)), fmt, *tests],
+        res = subprocess.run(["bash", str(RUNNER), str(qio_wrapper(tmp_path / "qemu-io")), fmt, *tests],
                              capture_output=True, text=True, timeout=1700)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"iotests {fmt}: {len(tests)} passed, 0 failed" in res.stdout
