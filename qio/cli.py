@@ -186,14 +186,22 @@ async def _amain(args: Args, out: Output) -> int:
                 break
             await sh.execute(cmd)
     elif os.isatty(0):
+        saved = None
         if os.isatty(1) and os.environ.get("TERM", "dumb") != "dumb":
             # The prompt is visible at once; the line editor (whose import takes most of the start-up
-            # time) then draws it again in place.
+            # time) then draws it again in place.  Keys typed meanwhile wait unechoed for it.
             sh.out.flush()
+            saved = _no_echo()
             os.write(1, f"{sh.prgname}> \r".encode())
-        from qio.interactive import interactive_loop
+        try:
+            from qio.interactive import interactive_loop
 
-        await interactive_loop(sh)
+            await interactive_loop(sh)
+        finally:
+            if saved is not None:
+                import termios
+
+                termios.tcsetattr(0, termios.TCSANOW, saved)
     else:
         from qio.lines import pipe_loop
 
@@ -240,3 +248,17 @@ def main(argv: list[str] | None = None) -> int:
         rc = 1
     out.flush()
     return rc
+
+
+def _no_echo() -> list[Any] | None:
+    """Turn the terminal's echo off; returns the settings to restore at exit (None if impossible)."""
+    try:
+        import termios
+
+        old = termios.tcgetattr(0)
+        new = list(old)
+        new[3] &= ~termios.ECHO
+        termios.tcsetattr(0, termios.TCSANOW, new)
+    except (ImportError, OSError):
+        return None
+    return old

@@ -93,6 +93,7 @@ def test_history_suggestion_accepted_with_right_arrow(term) -> None:  # type: ig
     t = term("--image-opts", SLOW)
     t.sendline("alloc 0 4096")
     t.wait("0/4096 bytes allocated")
+    ready(t, 2)
     t.send("al")
     t.wait(lambda t: t.prompt_line() == "qio> alloc 0 4096")  # the suggestion (grey)
     y = len(t.lines()) - 1 - t.lines()[::-1].index("qio> alloc 0 4096")  # the prompt, not the first run
