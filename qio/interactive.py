@@ -508,6 +508,7 @@ async def _run_command(sh: Shell, line: str, state: _State) -> None:
             try:
                 task.result()
             except asyncio.CancelledError:
+                state.last_empty_ctrl_c = time.monotonic()  # another Ctrl-C soon: say how to leave
                 sh.last_error = -4  # EINTR
                 left = len(sh.session.aio.inflight)
                 sh.out.out(f"^C\ninterrupted: {line}" + (f" ({left} request(s) still in flight; their completions "

@@ -134,12 +134,15 @@ def test_ctrl_c_interrupts_the_wait_not_the_request(term) -> None:  # type: igno
     t.send("\x03")
     t.wait("interrupted: aio_flush (1 request(s) still in flight")
     ready(t, 3)
+    t.send("\x03")  # a second Ctrl-C right after: how to quit
+    t.wait("to leave qio, type quit")
+    ready(t, 4)
     t.sendline("length")
     t.wait("1 MiB")
     t.wait("wrote 512/512 bytes at offset 0")  # the request completes later, at the prompt
     t.send("\x03")
     t.send("\x03")  # twice at an empty prompt: how to quit
-    t.wait("to leave qio, type quit")
+    t.wait(lambda t: t.text().count("to leave qio, type quit") == 2)
     t.sendline("quit")
     t.child.expect(__import__("pexpect").EOF)
     t.child.close()
