@@ -640,6 +640,21 @@ class AioContext:
         enter(co)
         early = False
 
+    def adopt(self, co: Co) -> None:
+        """A synchronous command's request whose wait was interrupted (Ctrl-C at the prompt) keeps
+        running; it counts as in flight until it ends, so draining (close, exit) waits for it."""
+        if co.finished:
+            return
+        self._seq += 1
+        key = -self._seq
+
+        def done(_: Co) -> None:
+            self.inflight.discard(key)
+            self.notify()
+
+        self.inflight.add(key)
+        co.on_finish = done
+
     def abandon(self, exc: BaseException) -> None:
         """Fail every AIO request still waiting (see ``Session._abandon_stuck``)."""
         for co in list(self._cos.values()):

@@ -7,6 +7,7 @@ asynchronous requests are printed, which is part of qemu-io's observable output 
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import errno
 import time
@@ -69,6 +70,9 @@ class Session:
         self.aio.sync_task = co
         try:
             await self.run_until(lambda: co.finished, "the command")
+        except asyncio.CancelledError:
+            self.aio.adopt(co)  # Ctrl-C at the prompt: the request runs on, drains wait for it
+            raise
         finally:
             self.aio.sync_task = None
         if not co.finished:

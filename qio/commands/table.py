@@ -9,6 +9,7 @@ from qio.commands import help_texts as H
 from qio.commands import io_cmds as io
 from qio.commands import misc_cmds as misc
 from qio.commands import nbd_cmds as nbd
+from qio.commands import record_cmds as record
 from qio.commands.spec import EXTENSION, GLOBAL, NOFILE_OK, CommandSpec, CommandTable
 
 C = CommandSpec
@@ -99,6 +100,8 @@ COMMANDS = (
     C("nbd_server_stop", "stops the NBD server: requests in flight finish and are answered",
       nbd.parse_nbd_server_stop, nbd.run_nbd_server_stop, args="[-c clients]", argmin=0, argmax=2,
       optstring="c:", flags=NOFILE_OK | EXTENSION),
+    C("record", "records the commands typed from now on as a replayable script (record stop ends)",
+      record.parse_record, record.run_record, args="FILE | stop", argmin=1, argmax=1, flags=NOFILE_OK | EXTENSION),
     C("abort", "simulate a program crash using abort(3)",
       None, misc.run_abort, flags=NOFILE_OK),
     C("sleep", "waits for the given value in milliseconds",
