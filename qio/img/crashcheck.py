@@ -377,7 +377,7 @@ async def img_crashcheck(ctx: Ctx, argv: list[str]) -> int:
         ctx.out.error_report(f"Could not open '{base}': No such file or directory")
         return 1
     states = enumerate_states(log, samples=samples, seed=seed, limit=limit, torn=torn)
-    report = await explore(ctx, log_path, log, base, fmt, states, oracle=oracle)
+    report = await explore(ctx, log_path, log, base, fmt, states, oracle=oracle, all_entries=all_entries)
     report["seed"] = seed
     if output == "json":
         ctx.out.out(json.dumps(report, indent=4) + "\n")
@@ -390,11 +390,12 @@ async def img_crashcheck(ctx: Ctx, argv: list[str]) -> int:
 
 
 async def explore(ctx: Ctx, log_path: str, log: Log, base: str, fmt: str, states: list[State], *,
-                  oracle: bool = False) -> dict[str, Any]:
+                  oracle: bool = False, all_entries: bool = False) -> dict[str, Any]:
     """Build and check every state; the report as a dict (the JSON output)."""
     counts = {"tried": 0, "clean": 0, "leaks": 0, "corrupt": 0}
     kinds: dict[str, int] = {}
-    first: dict[str, Any] | None = None
+    first: dict[str, Any] | None = None  # the simplest corrupt state (see _rank)
+    first_rank: tuple[int, int] = (0, 0)
     disagreements: list[dict[str, str]] = []
     tty = sys.stderr.isatty()
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -414,10 +415,12 @@ async def explore(ctx: Ctx, log_path: str, log: Log, base: str, fmt: str, states
                     if ref.result != verdict.result:
                         disagreements.append({"entries": state.spec(), "qio": verdict.result,
                                               "qemu-img": ref.result, "qemu-img-detail": ref.detail})
-                if verdict.result == "corrupt" and first is None:
+                if verdict.result == "corrupt" and (first is None or _rank(state) < first_rank):
+                    first_rank = _rank(state)
                     first = {"kind": state.kind, "entries": state.spec(), "check": verdict.detail,
                              "replayed": _describe(log, state),
-                             "command": f"qio-img replay --entries {state.spec()} {log_path} {base} state.img"}
+                             "command": f"qio-img replay{' --all-entries' if all_entries else ''} "
+                                        f"--entries {state.spec()} {log_path} {base} state.img"}
                 if tty and (i % 8 == 0 or i + 1 == len(states)):
                     rate = (i + 1) / max(time.monotonic() - start, 1e-9)
                     sys.stderr.write(f"\rcrashcheck: {i + 1}/{len(states)} states ({rate:.1f}/s)")
@@ -440,11 +443,21 @@ async def explore(ctx: Ctx, log_path: str, log: Log, base: str, fmt: str, states
     return report
 
 
+_KIND_RANK = {"flush": 0, "prefix": 1, "subset": 2, "torn": 3}
+
+
+def _rank(state: State) -> tuple[int, int]:
+    """Which corrupt state to report: flush boundaries before ordered prefixes before subsets before
+    torn writes, then the one with the fewest out-of-order entries (the easiest to understand)."""
+    return _KIND_RANK[state.kind], len(state.extras)
+
+
 def _describe(log: Log, state: State) -> list[str]:
     lines = []
     if state.prefix:
-        lines.append(f"entries 0-{state.prefix - 1} in order (up to {'and including ' if state.kind == 'flush' else ''}"
-                     f"entry {state.prefix - 1}, {log.entries[state.prefix - 1].kind})")
+        last = log.entries[state.prefix - 1]
+        lines.append(f"entries 0-{state.prefix - 1} in order, the last one entry {last.seq}: {last.kind}"
+                     + (f" offset {last.offset} length {last.nbytes}" if last.kind != "flush" else ""))
     for idx, sectors in state.extras:
         e = log.entries[idx]
         what = f"entry {idx}: {e.kind} offset {e.offset} length {e.nbytes}"
