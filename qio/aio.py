@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import heapq
+import itertools
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
@@ -494,6 +496,9 @@ class AioContext:
         self._held: dict[int, list[BH]] = {}
         #: AIO.yields when each recently finished request finished (its I/O after a lock's release).
         self.finished_yields: dict[int, int] = {}
+        #: Real-time timers (``QEMU_CLOCK_REALTIME``): (deadline in ns of time.monotonic_ns, order, callback).
+        self._timers: list[tuple[int, int, Callable[[], Any]]] = []
+        self._timer_ids = itertools.count()
         AioContext._current = self
 
     @classmethod
@@ -518,6 +523,35 @@ class AioContext:
     def schedule(self, cb: Callable[[], Any], seq: int | None = None) -> None:
         """A one-shot bottom half (``seq``: the request whose completion it reports)."""
         self.bh_schedule(BH(cb, seq))
+
+    # -- timers ------------------------------------------------------------------------------------
+    def timer_add(self, delay_ns: int, cb: Callable[[], Any]) -> None:
+        """``timer_mod_ns(now + delay_ns)`` on the real-time clock: ``cb`` runs in the first event-loop
+        pass after the deadline, after that pass's bottom halves (``aio_poll``); the loop blocks
+        until the earliest deadline when nothing else can run (``aio_compute_timeout``)."""
+        heapq.heappush(self._timers, (time.monotonic_ns() + delay_ns, next(self._timer_ids), cb))
+        self.notify()
+
+    def has_timers(self) -> bool:
+        return bool(self._timers)
+
+    def timer_timeout(self) -> float | None:
+        """Seconds until the earliest timer expires (0 if one has), None without timers."""
+        if not self._timers:
+            return None
+        return max(0.0, (self._timers[0][0] - time.monotonic_ns()) / 1e9)
+
+    def _timers_due(self) -> bool:
+        return bool(self._timers) and self._timers[0][0] <= time.monotonic_ns()
+
+    def run_timers(self) -> bool:
+        """``timerlistgroup_run_timers``: the callbacks of the timers expired by now, earliest first."""
+        if not self._timers_due():
+            return False
+        now = time.monotonic_ns()
+        while self._timers and self._timers[0][0] <= now:
+            heapq.heappop(self._timers)[2]()
+        return True
 
     def order_after(self, later: int, earlier: int) -> None:
         """Request ``later`` waited (in QEMU) for I/O of request ``earlier``: complete it afterwards.
@@ -599,13 +633,13 @@ class AioContext:
         early = False
 
     def abandon(self, exc: BaseException) -> None:
-        """Fail every AIO request still waiting (see ``Shell._abandon_stuck``)."""
+        """Fail every AIO request still waiting (see ``Session._abandon_stuck``)."""
         for co in list(self._cos.values()):
             co.cancel(exc)
 
     def has_pending(self) -> bool:
-        """Bottom halves or simulated pool work that the next polls will run."""
-        return any(bh.scheduled for bh in self._bh) or self.pool.busy()
+        """Bottom halves, simulated pool work or expired timers that the next polls will run."""
+        return any(bh.scheduled for bh in self._bh) or self.pool.busy() or self._timers_due()
 
     def flush_pending(self) -> bool:
         return bool(self._after_sync)
@@ -634,7 +668,7 @@ class AioContext:
         if pool.queue or pool.running or pool.timers:
             pool.advance(blocking and not any(bh.scheduled for bh in self._bh))
         if not self._bh:
-            return False
+            return self.run_timers() if self._timers else False
         batch, self._bh = self._bh, []
         ran = False
         for bh in self._ordered(batch):
@@ -643,6 +677,8 @@ class AioContext:
                 bh.scheduled = False
                 bh.cb()
                 ran = True
+        if self._timers and self.run_timers():
+            ran = True
         return ran
 
     def _ordered(self, batch: list[BH]) -> list[BH]:
@@ -682,6 +718,9 @@ class AioContext:
         if self.has_pending():
             await asyncio.sleep(0)
             return
+        if self._timers:  # the loop wakes up for the earliest timer at the latest
+            until = self.timer_timeout()
+            timeout = until if timeout is None or (until is not None and until < timeout) else timeout
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)

@@ -2,7 +2,7 @@
 
 Start-up stays light: ``-c`` and piped modes never import prompt_toolkit, and the qcow2/blkdebug
 drivers are imported only when an image needs them.  ``main`` imports asyncio without ``ssl`` (see
-:func:`_import_asyncio`); ``tests/test_startup.py`` checks which modules a ``-c quit`` run loads.
+:func:`_import_asyncio`); ``tests/shell/test_startup.py`` checks which modules a ``-c quit`` run loads.
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ async def _amain(args: Args, out: Output) -> int:
     from qio.shell import Shell
 
     sh = Shell(out, out.prgname, args.image_opts)
+    session = sh.session
     if "qio.trace" in sys.modules:
         from qio import trace
 
@@ -173,11 +174,11 @@ async def _amain(args: Args, out: Output) -> int:
                 out.error_report("-U conflicts with image options")
                 return 1
             options["force-share"] = "on"
-        if sh.open_image(path, args.flags, options):
+        if session.open_image(path, args.flags, options):
             return 1
     if args.cmds:
         for cmd in args.cmds:
-            if sh.quit:
+            if session.quit:
                 break
             await sh.execute(cmd)
     elif os.isatty(0):
@@ -188,8 +189,8 @@ async def _amain(args: Args, out: Output) -> int:
         from qio.lines import pipe_loop
 
         await pipe_loop(sh)
-    await sh.drain("exiting")
-    await sh.close_image()
+    await session.drain("exiting")
+    await session.close_image()
     return 1 if sh.last_error < 0 else 0
 
 

@@ -58,6 +58,16 @@ class CommandCompleter(Completer):
             for w in self.table.words():
                 if w.startswith(cur):
                     yield Completion(w, -len(cur))
+        elif spec.name in _RULE_SECTIONS and "=" not in cur:  # qio's rule commands: their section's keys
+            from qio.block.blkdebug_config import rule_keys
+
+            for key in rule_keys(_RULE_SECTIONS[spec.name]):
+                if key.startswith(cur):
+                    yield Completion(key + "=", -len(cur))
+
+
+#: qio's rule commands and the configuration section whose keys they take (docs/blkdebug.md)
+_RULE_SECTIONS = {"inject": "inject-error", "delay": "delay", "corrupt": "corrupt", "set_state": "set-state"}
 
 
 class SafeFileHistory(FileHistory):
@@ -119,23 +129,23 @@ def make_session(sh: Shell, history: History | None = None, **kw: object) -> Pro
 async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None) -> None:
     """Read commands at a ``prgname>`` prompt until EOF (Ctrl-D) or ``quit``."""
     session = session or make_session(sh)
-    sh.interactive = True
+    sh.session.interactive = True
     prompt = f"{sh.prgname}> "
 
     async def background() -> None:
         while True:
-            await sh.aio.wait()
-            await sh.aio.poll()
+            await sh.session.aio.wait()
+            await sh.session.aio.poll()
             sh.out.flush()
 
     with patch_stdout(raw=True):
         sh.out.redirect(_writer(sys.stdout), _writer(sys.stderr))
         poller = asyncio.ensure_future(background())
         try:
-            while not sh.quit:
-                if sh.aio.flush_pending():
-                    sh.aio.run_flushes()
-                await sh.aio.poll()
+            while not sh.session.quit:
+                if sh.session.aio.flush_pending():
+                    sh.session.aio.run_flushes()
+                await sh.session.aio.poll()
                 sh.out.flush()
                 try:
                     line = await session.prompt_async(prompt)

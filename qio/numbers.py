@@ -114,6 +114,14 @@ def strtou64(s: str) -> str | None:
     return "range" if _base0(m.group(2)) >= 2**64 else None
 
 
+def strtou64_value(s: str) -> int:
+    """The value ``qemu_strtou64`` gives a string ``strtou64`` accepted (a negative wraps modulo 2^64)."""
+    m = _STRTOL.fullmatch(s)
+    assert m is not None
+    v = _base0(m.group(2))
+    return (-v if m.group(1) == "-" else v) % 2**64
+
+
 def parse_pattern(s: str) -> int | None:
     """A ``-P`` pattern byte: strtol base 0, 0..255, fully consumed."""
     v = strtol0(s)

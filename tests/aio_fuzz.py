@@ -38,18 +38,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_TESTS_DIR = Path(__file__).resolve().parent
-if str(_TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(_TESTS_DIR))
+import difftest
+from filters import filter_testdir
+from oracle import qio_wrapper
 
-import difftest  # noqa: E402
-from filters import filter_testdir  # noqa: E402
+_TESTS_DIR = Path(__file__).resolve().parent
 
 FORMATS = ("raw", "qcow2")
 CACHES = ("writethrough", "writeback")
 RECORDS_PATH = _TESTS_DIR / "aio_fuzz_records.json"
 DEFAULT_TIMEOUT = 10.0
-# What qio prints when it detects that qemu-io would stand still (see qio/shell.py).
+# What qio prints when it detects that qemu-io would stand still (see qio/session.py).
 STANDSTILL_RE = re.compile(r"would wait forever|wait_break: no request can reach")
 
 # Events that requests of raw over blkdebug really pass (block/io.c, block/raw-format.c).
@@ -473,9 +472,7 @@ def qio_target(base: Path, qio_root: Path | None) -> str | list[str]:
     wrapper = base / "qio-root-wrapper"
     if not wrapper.exists():
         # no __pycache__ written into the other tree (it may be another helper's worktree)
-        wrapper.write_text(difftest._WRAPPER.format(python=sys.executable, root=str(qio_root)).replace(
-            "import sys\n", "import sys\nsys.dont_write_bytecode = True\n", 1))
-        wrapper.chmod(0o755)
+        qio_wrapper(wrapper, qio_root, bytecode=False)
     return str(wrapper)
 
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
-import random
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qio import trace
 from qio.aio import AIO, YIELD, AioContext, current_co, current_request, enter
@@ -37,6 +36,9 @@ from qio.block.events import EVENT_NAMES, Event
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
 from qio.qemuopts import opt_size
+
+if TYPE_CHECKING:
+    from random import Random
 
 INT_MAX = 2**31 - 1
 INJECT, SET_STATE, SUSPEND, DELAY, CORRUPT, BAD_BLOCKS = 0, 1, 2, 3, 4, 5
@@ -78,7 +80,7 @@ class Rule:
         # how often the rule may act before it is deleted (0: no limit); ``once=on`` is 1
         self.limit = 1 if self.once else (self.count if action in (INJECT, DELAY) else 0)
         self.matched = self.fired = 0
-        self.rng: random.Random | None = None
+        self.rng: Random | None = None
         self.bad: list[list[int]] = [[self.offset, self.offset + self.length]] if action == BAD_BLOCKS else []
 
     def overlaps(self, offset: int, nbytes: int) -> bool:
@@ -222,18 +224,18 @@ class BlkdebugDriver(BlockDriver):
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
         """``blkdebug:CONFIG:IMAGE``, or a plain file name that is the image itself."""
-        options.pop("filename", None)
         if not filename.startswith("blkdebug:"):
             options["x-image"] = filename
-            return
+            return True
         cfg, colon, img = filename[len("blkdebug:"):].partition(":")
         if not colon:
             raise QemuError("blkdebug requires both config file and image path")
         if cfg:
             options["config"] = cfg
         options["x-image"] = img
+        return True
 
     def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
         """Parse ``blkdebug:CONFIG:IMAGE``, read the rules, then open the ``image`` child."""
@@ -244,7 +246,8 @@ class BlkdebugDriver(BlockDriver):
         self.config = None if cfg_opt is None else str(cfg_opt)
         seed = options.get("seed")
         if seed is None:
-            self.seed, self.seed_chosen = random.SystemRandom().getrandbits(32), True
+            # os.urandom, not the random module: importing random costs start-up time
+            self.seed, self.seed_chosen = int.from_bytes(os.urandom(4)), True
         else:
             self.seed = check_value("seed", seed, "number")
         self._read_config(options)
@@ -253,14 +256,17 @@ class BlkdebugDriver(BlockDriver):
         self.unshare_perms = _perm_list(options, "unshare-child-perms")
         child_opts = sub_options(options, "image")
         x_image = options.get("x-image")
-        positional = x_image is not None and "filename" not in child_opts
+        positional = x_image is not None  # bdrv_open_file_child(x-image): a file name, parsed as such
         if positional:
+            if "filename" in child_opts:
+                raise QemuError("Can't specify 'file' and 'filename' options at the same time")
             child_opts["filename"] = x_image
         if "image" in options and isinstance(options["image"], str):
             raise QemuError("Node references are not supported by qio; give the image's options instead")
         if not child_opts:
             raise QemuError('A block device must be specified for "image"')
-        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True, positional=positional)))
+        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True,
+                                                         positional=positional)))
 
     def _read_config(self, options: dict[str, Any]) -> None:
         sections: list[tuple[str, dict[str, Any]]] = []
@@ -290,7 +296,9 @@ class BlkdebugDriver(BlockDriver):
         rule.id = self.next_id
         self.next_id += 1
         if rule.probability < 1.0 or rule.action == CORRUPT or rule.jitter:
-            rule.rng = random.Random(f"{self.seed}/{rule.id}")  # str seeds hash the same in every run
+            from random import Random  # only rules with chance need it (start-up time)
+
+            rule.rng = Random(f"{self.seed}/{rule.id}")  # str seeds hash the same in every run
         if rule.action in (CORRUPT, BAD_BLOCKS):
             self.request_rules.append(rule)
         else:
@@ -400,6 +408,8 @@ class BlkdebugDriver(BlockDriver):
         rule.fired += 1
         if "blkdebug_fire" in trace.enabled:
             trace.emit("blkdebug_fire", f"{rule.describe()}: {what}")
+        if rule.probability < 1.0 and rule in self.active:
+            self.active.remove(rule)  # drawn per event: one request per successful draw
         if rule.limit and rule.fired >= rule.limit:
             if rule in self.active:
                 self.active.remove(rule)

@@ -149,11 +149,12 @@ class FileDriver(BlockDriver):
         self.pdiscard_alignment = 1
 
     @classmethod
-    def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
         """``raw_parse_filename``: drop the ``file:`` (or ``host_device:``...) prefix."""
         prefix = f"{cls.protocol_name}:"
         if filename.startswith(prefix):
             options["filename"] = filename[len(prefix):]
+        return False
 
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         filename = options.get("filename")

@@ -208,6 +208,12 @@ async def _preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, req:
     start = offset - head
     total = head + nbytes + ((align - tail) % align)
     bounce = memoryview(bytearray(total))
+    # QEMU reads into head padding + the caller's own buffers + tail padding: bytes a driver leaves
+    # untouched (null-co without read-zeroes) keep the caller's content.
+    pos = head
+    for buf in iov_slice(qiov, 0, nbytes):
+        bounce[pos : pos + len(buf)] = buf
+        pos += len(buf)
     await _aligned_preadv(node, start, total, [bounce], align, req)
     iov_from_bytes(qiov, 0, bounce[head : head + nbytes])
 

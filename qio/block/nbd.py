@@ -321,9 +321,9 @@ class NbdDriver(BlockDriver):
 
     # -- open --------------------------------------------------------------------------------
     @classmethod
-    def parse_filename(cls, filename: str, options: dict[str, Any]) -> None:
-        options.pop("filename", None)
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
         parse_filename(filename, options)
+        return True
 
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         opts = {k: options.pop(k) for k in _RUNTIME_KEYS if k in options}
@@ -857,7 +857,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 async def _wait_net(fut: asyncio.Future[None]) -> None:
     """The one integration point with :mod:`qio.aio`: a request waiting for the server is like a
     thread-pool request, it completes without help, so ``AIO.busy`` tells the shell to wait for it
-    (``Shell.run_until`` sleeps on ``AioContext.notify`` rather than declaring a standstill).
+    (``Session.run_until`` sleeps on ``AioContext.notify`` rather than declaring a standstill).
 
     With a scheduler that drives request coroutines itself (a Co awaiting an asyncio future is then
     treated as waiting for a real thread), this becomes a plain ``await fut``; the reader task would

@@ -15,7 +15,7 @@ from qio.commands.spec import Invocation
 from qio.numbers import strtol0
 
 if TYPE_CHECKING:
-    from qio.shell import Shell
+    from qio.session import Session
 
 
 class Powerfail(NamedTuple):
@@ -48,7 +48,7 @@ def parse_powerfail(inv: Invocation) -> Powerfail:
     return Powerfail("a" in o, m, o.get("s", 0), "v" in o)
 
 
-async def run_powerfail(sh: Shell, cmd: Powerfail) -> int:
+async def run_powerfail(sh: Session, cmd: Powerfail) -> int:
     from qio.block import powerfail
 
     blk = sh.require_blk()
