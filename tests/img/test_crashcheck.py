@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from oracle import ROOT
 from qio.block.blklogwrites import ENTRY, LOG_DISCARD, LOG_FLUSH, LOG_FUA, LOG_MARK, pack_super, read_log
 from qio.img.crashcheck import Builder, State, enumerate_states, epochs, parse_spec
 
-ROOT = Path(__file__).resolve().parent.parent
 SS = 512
-HAVE_QEMU = shutil.which("qemu-img") is not None
 
 
 def write_log(path: Path, entries: list[tuple[int, int, int, bytes]]) -> None:
@@ -141,7 +140,7 @@ def test_replay_end_and_mark(tmp_path: Path) -> None:
     assert r.returncode == 1 and "outside the log's 4 entries" in r.stderr
 
 
-@pytest.mark.skipif(not HAVE_QEMU, reason="needs qemu-img")
+@pytest.mark.oracle("qemu-img")
 def test_crashcheck_finds_the_known_corrupt_state(tmp_path: Path) -> None:
     """A qcow2 L1 entry pointing at a cluster with refcount 0 is corrupt until a later write in the same
     epoch removes it again: the prefix 0-2 and the subset {2} are corrupt, every other state clean."""
@@ -175,7 +174,7 @@ def test_crashcheck_usage_errors(tmp_path: Path) -> None:
     assert r.returncode == 1 and "Invalid log superblock magic" in r.stderr
 
 
-@pytest.mark.skipif(not HAVE_QEMU, reason="needs qemu-img")
+@pytest.mark.oracle("qemu-img")
 def test_worked_example_unsafe_corrupts_writeback_does_not(tmp_path: Path) -> None:
     """docs/crash-consistency.md: without flushes (cache=unsafe) a crash can leave an L1 entry whose L2
     table has refcount 0; with writeback the same session leaves no corrupt state."""
