@@ -70,5 +70,7 @@ async def run_powerfail(sh: Session, cmd: Powerfail) -> int:
         detail = f", {oc.torn} torn" if cmd.mode == "torn" else ""
         sh.out.out(f"powerfail: {oc.filename}: {oc.entries} unflushed write{'s' if oc.entries != 1 else ''}, "
                    f"{oc.kept} kept, {oc.lost} lost{detail}\n")
+        if cmd.verbose:
+            sh.out.out("".join(f"    {line}\n" for line in oc.details))
     sh.out.out("powerfail: image closed without flushing (as if the process died)\n")
     return 0

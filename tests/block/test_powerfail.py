@@ -122,3 +122,16 @@ def test_not_armed_and_bad_options(tmp_path: Path) -> None:
     assert "no volatile write cache below this image" in out
     assert "unknown mode 'bogus'" in out and "needs a seed" in out
     assert "powerfail [-a] [-m all|random|torn] [-s seed] [-v]" in out
+
+
+def test_verbose_lists_each_unflushed_change(tmp_path: Path) -> None:
+    img = raw_image(tmp_path)
+    out = qio("-f", "raw", "-t", "writeback",
+              *cmds("powerfail -a", "write -P 1 0 4k", "write -f 8k 512", "write -z 20k 2k", "discard 32k 4k",
+                    "truncate 128k", "powerfail -v -m torn -s 4"), str(img), cwd=tmp_path)
+    lines = [line.strip() for line in out.splitlines() if line.startswith("    ")]
+    # the FUA write flushed the first two; three changes were still in the cache
+    assert [line.split(":")[0] for line in lines] == ["zero offset 20480 length 2048",
+                                                      "discard offset 32768 length 4096", "truncate to 131072"]
+    assert all(line.split(": ", 1)[1] in ("kept", "lost") or line.split(": ", 1)[1].startswith("torn: ")
+               for line in lines)
