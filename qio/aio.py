@@ -440,18 +440,24 @@ class ThreadPool:
         """Simulated work that the next polls will complete."""
         return bool(self.queue) or bool(self.running) or bool(self.timers)
 
-    def advance(self, blocking: bool) -> None:
+    def advance(self, blocking: bool, limit: float = float("inf")) -> None:
         """Before a poll: complete what has finished by now; ``blocking`` (nothing else can run): the
-        clock jumps to the next completion, and the main loop needs a moment to wake up."""
+        clock jumps to the next completion, and the main loop needs a moment to wake up; not beyond
+        ``limit`` (the end of a ``sleep``)."""
         if self._complete(self.now) or not blocking:
             return
-        self._assign(float("inf"))
-        if self.running or self.timers:
-            nxt = min((r.end + MAIN_WAKE_TIME for r in self.running), default=float("inf"))
-            if self.timers:
-                nxt = min(nxt, self.timers[0][0])  # a timer ends ppoll's timeout: no wake-up cost
-            self.now = max(self.now, nxt)
+        wake = self.next_wake(limit)
+        if wake is not None:
+            self.now = max(self.now, wake)
             self._complete(self.now)
+
+    def next_wake(self, limit: float = float("inf")) -> float | None:
+        """When a blocking poll would next wake for a completion or a timer, if that is by ``limit``."""
+        self._assign(limit)
+        wake = min((r.end + MAIN_WAKE_TIME for r in self.running), default=float("inf"))
+        if self.timers:
+            wake = min(wake, self.timers[0][0])  # a timer ends ppoll's timeout: no wake-up cost
+        return wake if wake <= limit and wake != float("inf") else None
 
     def _completion_bh(self) -> None:
         """``thread_pool_completion_bh``: enter the finished requests newest first, each until it yields."""
@@ -637,9 +643,15 @@ class AioContext:
         for co in list(self._cos.values()):
             co.cancel(exc)
 
-    def has_pending(self) -> bool:
-        """Bottom halves, simulated pool work or expired timers that the next polls will run."""
-        return any(bh.scheduled for bh in self._bh) or self.pool.busy() or self._timers_due()
+    def has_pending(self, limit: float = float("inf")) -> bool:
+        """Bottom halves, expired real-time timers, or simulated pool work that the next polls will run
+        (the pool's: if it finishes by the simulated time ``limit``)."""
+        if any(bh.scheduled for bh in self._bh) or self._timers_due():
+            return True
+        pool = self.pool
+        if limit == float("inf"):
+            return pool.busy()
+        return any(r.end <= pool.now for r in pool.running) or pool.next_wake(limit) is not None
 
     def flush_pending(self) -> bool:
         return bool(self._after_sync)
@@ -660,13 +672,14 @@ class AioContext:
             err = next((results[fd] for fd in fds if results[fd] is not None), None)
             self.schedule(lambda c=complete, e=err: c(e), seq=seq)  # type: ignore[misc]
 
-    async def poll(self, blocking: bool = True) -> bool:
+    async def poll(self, blocking: bool = True, limit: float = float("inf")) -> bool:
         """One ``aio_poll``: the pool's workers run (if ``blocking``, waiting for them when nothing else
-        is ready), then the bottom halves scheduled so far run, newest first (``aio_bh_poll``)."""
+        is ready, but not beyond the simulated time ``limit``), then the bottom halves scheduled so far
+        run, newest first (``aio_bh_poll``)."""
         self.polls += 1
         pool = self.pool
         if pool.queue or pool.running or pool.timers:
-            pool.advance(blocking and not any(bh.scheduled for bh in self._bh))
+            pool.advance(blocking and not any(bh.scheduled for bh in self._bh), limit)
         if not self._bh:
             return self.run_timers() if self._timers else False
         batch, self._bh = self._bh, []
@@ -711,11 +724,11 @@ class AioContext:
         self._after.pop(seq, None)
         return self._held.pop(seq, [])
 
-    async def wait(self, timeout: float | None = None) -> None:
+    async def wait(self, timeout: float | None = None, limit: float = float("inf")) -> None:
         """Let the event loop run until something happens or ``timeout`` passes."""
         if self._wake is None:
             self._wake = asyncio.Event()
-        if self.has_pending():
+        if self.has_pending(limit):
             await asyncio.sleep(0)
             return
         if self._timers:  # the loop wakes up for the earliest timer at the latest

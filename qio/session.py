@@ -75,19 +75,19 @@ class Session:
         return co.value()
 
     async def run_until(self, done: Callable[[], bool], what: str, deadline: float | None = None,
-                        on_standstill: Callable[[], bool] | None = None) -> bool:
+                        on_standstill: Callable[[], bool] | None = None, limit: float = float("inf")) -> bool:
         """Run the event loop, printing completions, until ``done()`` (``AIO_WAIT_WHILE``); False at
         ``deadline``.
 
         Simulated work runs to completion first, whatever the deadline (it takes no time).  When nothing
         can progress any more (every request left is parked at a blkdebug breakpoint) qemu-io would hang:
         qio asks ``on_standstill`` (True: give up) or, by default, reports the parked requests and
-        resumes them.
+        resumes them.  ``limit`` bounds the simulated clock (``sleep``): pool work finishing later waits.
         """
         aio = self.aio
         while not done():
-            if aio.has_pending():
-                await aio.poll()
+            if aio.has_pending(limit):
+                await aio.poll(limit=limit)
                 continue
             if aio.flush_pending():
                 aio.run_flushes()
@@ -96,8 +96,8 @@ class Session:
             if AIO.busy or aio.has_timers():  # a real thread will complete, a timer will expire
                 if left is not None and left <= 0:
                     return False
-                await aio.wait(left)
-                await aio.poll()
+                await aio.wait(left, limit)
+                await aio.poll(limit=limit)
                 continue
             # Nothing can move by itself any more.
             node = self.debug_node()
@@ -108,9 +108,9 @@ class Session:
                 if left is None or left <= 0:
                     return False
                 marker = aio.progress
-                await aio.wait(left)  # sleep: parked requests simply stay parked
+                await aio.wait(left, limit)  # sleep: parked requests simply stay parked
                 if aio.progress != marker:
-                    await aio.poll()
+                    await aio.poll(limit=limit)
                 continue
             if parked:
                 self.report_stuck(what)
@@ -160,14 +160,25 @@ class Session:
         await self.run_until(lambda: not self.aio.inflight, what)
 
     async def sleep(self, seconds: float) -> None:
-        """``sleep``: at least one event-loop pass; a non-zero sleep lets everything that can run finish."""
+        """``sleep``: at least one event-loop pass; otherwise the event loop runs for ``seconds``.
+
+        qemu-io's ``sleep_f`` runs ``main_loop_wait`` until its timer expires: whatever finishes within
+        that time completes.  The simulated clock decides this (not the machine's load, so the same
+        script gives the same output every run): pool work that finishes by the end of the sleep
+        completes, later work stays pending, and the clock then stands at the end of the sleep.
+        Real time passes too (qio really sleeps), for real threads and a user watching.
+        """
         # qemu-io's sleep polls through the glib main loop (main_loop_wait), which takes longer to get
         # to the bottom halves than the aio_poll of the other waiting commands.
-        self.aio.pool.tick()
+        pool = self.aio.pool
+        pool.tick()
         if seconds <= 0:
             await self.aio.poll()
             return
-        await self.run_until(lambda: False, "sleep", time.monotonic() + seconds, on_standstill=lambda: False)
+        limit = pool.now + seconds * 1e6
+        await self.run_until(lambda: False, "sleep", time.monotonic() + seconds, on_standstill=lambda: False,
+                             limit=limit)
+        pool.now = max(pool.now, limit)
 
     async def settle(self) -> None:
         """Nothing to do: ``resume`` enters the request directly, which runs until it next waits."""

@@ -612,6 +612,43 @@ def replay(record: dict[str, object], qio_root: Path | None = None, timeout: flo
     return parts, (format_diff(ref, out) if parts else "")
 
 
+def rescore(result: dict[str, object], ro: RunOpts) -> SeedResult:
+    """Score qio again against the qemu-io result a measurement run stored (``--json``), without
+    running qemu-io: ``ro.qio_runs`` qio runs, classified as :func:`run_text` does."""
+    name = str(result["name"])
+    seed, fmt, cache = parse_name(name)
+    text = generate(seed, fmt, cache).render()
+    status = str(result["status"])
+    if script_sha(text) != result["script"] or status == "qemu-unstable":
+        return SeedResult(name, status, str(result.get("detail", "")), None, [], text)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fuzz-aio-") as tmp:
+        base = Path(tmp)
+        case = load_case(text, base)
+        case.timeout = ro.timeout
+        target = qio_target(base, ro.qio_root)
+        outs = []
+        for _ in range(max(1, ro.qio_runs)):
+            with _CPU:
+                outs.append(play(target, case, base, fmt))
+    q = outs[0]
+    if status == "qemu-hang":
+        detail = ("qio-hang" if q.timed_out else "qio-reported" if STANDSTILL_RE.search(q.stdout + q.stderr)
+                  else "qio-silent")
+        return SeedResult(name, "qemu-hang", detail, None, outs, text, time.monotonic() - t0)
+    ref_json = result["ref"]
+    assert isinstance(ref_json, dict)
+    ref = Outcome.from_json(ref_json)
+    res = SeedResult(name, "match", "", ref, outs, text)
+    if any(o != q for o in outs[1:]):
+        res.status = "qio-nondeterministic"
+        res.detail = ",".join(diff_parts(q, next(o for o in outs if o != q)))
+    elif parts := diff_parts(ref, q):
+        res.status, res.detail = "mismatch", ",".join(parts)
+    res.seconds = time.monotonic() - t0
+    return res
+
+
 def format_diff(ref: Outcome, test: Outcome) -> str:
     """Readable differences between two outcomes (unified diffs of the texts)."""
     out = []
@@ -835,6 +872,9 @@ def _main(argv: Sequence[str] | None) -> int:
     ap.add_argument("--drop-fixed", action="store_true",
                     help="--replay: remove the cases that now match from known_failures in the records file")
     ap.add_argument("--json", type=Path, help="write per-seed results as JSON lines here")
+    ap.add_argument("--rescore", type=Path, metavar="JSONL",
+                    help="score qio again against the qemu-io results stored by an earlier --json run "
+                         "(qemu-io is not run; its unstable cases stay discarded)")
     opts = ap.parse_args(argv)
     opts.seeds_given = opts.seeds is not None
     opts.seeds = opts.seeds or "0-99"
@@ -861,6 +901,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 print(format_diff(res.ref, res.qio[0]) or "(identical)")
             bad += res.status != "match"
         return 1 if bad else 0
+    if opts.rescore:
+        return _rescore_cli(opts, kw)
     jobs: list[tuple[int, str, str]] = [
         (s, f, c) for f, c in _combos(opts.fmt, opts.cache) for s in _parse_seeds(opts.seeds)
     ]
@@ -890,6 +932,38 @@ def _main(argv: Sequence[str] | None) -> int:
     dt = time.monotonic() - t0
     print(summarise(results))
     print(f"{len(results)} cases in {dt:.0f} s ({len(results) / dt:.2f} cases/s, -j {opts.jobs})")
+    return 0
+
+
+def _rescore_cli(opts: argparse.Namespace, ro: RunOpts) -> int:
+    latest: dict[str, dict[str, object]] = {}
+    with open(opts.rescore) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                latest[str(r["name"])] = r
+    global _CPU
+    _CPU = threading.Semaphore(max(1, opts.jobs))
+    results: list[SeedResult] = []
+    t0 = time.monotonic()
+    jf = open(opts.json, "w") if opts.json else None  # noqa: SIM115
+    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        for res in pool.map(lambda r: rescore(r, ro), latest.values()):
+            results.append(res)
+            if res.status not in ("match", "qemu-unstable") and res.detail != "qio-reported":
+                print(f"{res.name}: {res.status} {res.detail}", flush=True)
+                if opts.verbose and res.ref and res.qio:
+                    print(format_diff(res.ref, res.qio[0]))
+            if jf:
+                d = _result_json(res)
+                if res.status == "qemu-unstable":
+                    d.pop("ref", None)
+                jf.write(json.dumps(d) + "\n")
+    if jf:
+        jf.close()
+    dt = time.monotonic() - t0
+    print(summarise(results))
+    print(f"{len(results)} cases rescored in {dt:.0f} s (-j {opts.jobs}, qio runs {ro.qio_runs})")
     return 0
 
 
