@@ -151,3 +151,9 @@ def test_qcow2_power_failures_never_corrupt(tmp_path: Path, mode: str, seed: int
               "discard 0 64k", "write -P 6 8k 512", f"powerfail -m {mode} -s {seed}"), str(img), cwd=tmp_path)
     r = subprocess.run(["qemu-img", "check", str(img)], capture_output=True, text=True, check=False)
     assert r.returncode in (0, 3), r.stdout + r.stderr
+
+
+def test_help_powerfail(tmp_path: Path) -> None:
+    out = qio(*cmds("help powerfail"), cwd=tmp_path)
+    assert out.startswith("powerfail [-a] [-m all|random|torn] [-s seed] [-v] -- simulates a power failure")
+    assert " -m, -- all (lose every unflushed write, the default)" in out

@@ -198,3 +198,33 @@ def test_worked_example_unsafe_corrupts_writeback_does_not(tmp_path: Path) -> No
     assert unsafe["first-corrupt"]["entries"] == "1,2"  # L2 table and L1 entry without the refcount block
     assert "--all-entries --entries 1,2" in unsafe["first-corrupt"]["command"]
     assert wb["entry-kinds"]["flush"] == 5 and wb["states"]["corrupt"] == 0 and wb["states"]["leaks"] > 0
+
+
+def test_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    """stderr a terminal: a progress line rewritten in place and erased at the end; not a terminal: nothing."""
+    import pty
+
+    p = tmp_path / "h.log"
+    write_log(p, HAND)
+    (tmp_path / "base.img").write_bytes(bytes(8192))
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    try:
+        r = subprocess.run([sys.executable, "-m", "qio.img", "crashcheck", "-f", "raw", "--limit", "20", str(p),
+                            "base.img"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=slave, timeout=120,
+                           check=False)
+        os.close(slave)
+        err = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        os.close(master)
+    assert r.returncode == 0 and b"Clean: 20" in r.stdout
+    assert b"\rcrashcheck: 20/20 states (" in err and err.endswith(b"\r\x1b[K")
+    assert img("crashcheck", "-f", "raw", "--limit", "20", str(p), "base.img", cwd=tmp_path).stderr == ""
