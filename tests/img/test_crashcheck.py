@@ -228,3 +228,21 @@ def test_progress_on_a_terminal_only(tmp_path: Path) -> None:
     assert r.returncode == 0 and b"Clean: 20" in r.stdout
     assert b"\rcrashcheck: 20/20 states (" in err and err.endswith(b"\r\x1b[K")
     assert img("crashcheck", "-f", "raw", "--limit", "20", str(p), "base.img", cwd=tmp_path).stderr == ""
+
+
+@pytest.mark.oracle("qemu-img")
+def test_reused_verdicts_change_nothing(tmp_path: Path) -> None:
+    """Torn and lost data writes leave the bytes the check reads unchanged: their verdicts are reused,
+    and the counts are those of checking every state."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "64M"], cwd=tmp_path, check=True)
+    shutil.copyfile(tmp_path / "base.qcow2", tmp_path / "disk.qcow2")
+    (tmp_path / "disk.log").write_bytes(b"")
+    opts = "driver=qcow2,file.driver=blklogwrites,file.file.filename=disk.qcow2,file.log.filename=disk.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-m", "qio", "-t", "writeback", "--image-opts", opts, "-c", "write -P 1 0 64k",
+                    "-c", "write -P 2 1M 4k", "-c", "write -P 3 5M 100k", "-c", "flush", "-c", "write -P 4 10M 64k"],
+                   cwd=tmp_path, env=env, check=True, capture_output=True)
+    reps = [json.loads(img("crashcheck", "--samples", "24", *extra, "--output=json", "disk.log", "base.qcow2",
+                           cwd=tmp_path).stdout) for extra in ([], ["--no-reuse"])]
+    assert reps[0]["states"] == reps[1]["states"] and reps[0]["states"]["tried"] > 50
+    assert reps[0]["verdicts-reused"] > reps[0]["states"]["tried"] // 2 and reps[1]["verdicts-reused"] == 0
