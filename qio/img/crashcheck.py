@@ -619,6 +619,9 @@ async def img_replay(ctx: Ctx, argv: list[str]) -> int:
     if not os.path.isfile(base):
         ctx.out.error_report(f"Could not open '{base}': No such file or directory")
         return 1
+    if os.path.exists(output) and os.path.samefile(base, output):
+        ctx.out.error_report(f"'{output}' is the base image: replay writes a copy of it")
+        return 1
     builder = Builder(log_path, log, base, output)
     try:
         for idx, sectors in extras:

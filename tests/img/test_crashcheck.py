@@ -138,6 +138,8 @@ def test_replay_end_and_mark(tmp_path: Path) -> None:
     assert r.returncode == 1 and "No mark 'nope'" in r.stderr
     r = img("replay", "--end", "9", str(p), "base.img", "out3.img", cwd=tmp_path)
     assert r.returncode == 1 and "outside the log's 4 entries" in r.stderr
+    r = img("replay", str(p), "base.img", "base.img", cwd=tmp_path)
+    assert r.returncode == 1 and "is the base image" in r.stderr and (tmp_path / "base.img").read_bytes() == bytes(1024)
 
 
 @pytest.mark.oracle("qemu-img")
