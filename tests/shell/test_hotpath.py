@@ -1,0 +1,181 @@
+"""Fast paths of the per-request hot path (issue 10, speed) give exactly what the general code gives.
+
+Each shortcut is compared with the code it bypasses, on every input of a small exhaustive set or on
+random inputs, so that a later change to either side that makes them disagree fails here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qio.commands import spec as spec_mod
+from qio.commands.common import pattern_iov
+from qio.commands.spec import Invocation, ParseFailure
+from qio.commands.table import build_table
+from qio.lines import MAXLINE, LineReader
+from qio.output import BLOCK, Output
+
+TABLE = build_table()
+WORDS = ("-q", "-C", "-qC", "-Cq", "-f", "-i", "-z", "-u", "-P", "-P0x5a", "-Pz", "-x", "-:", "--", "-",
+         "0", "4k", "-1", "-qx", "--q")
+
+
+def _options(inv: Invocation, convert: dict[str, Any], slow: bool) -> Any:
+    """``inv.options(convert)`` with or without the flags-only shortcut: its result, or the failure."""
+    saved = spec_mod._flags_only
+    if slow:
+        spec_mod._flags_only = lambda *a: None
+    try:
+        found, args = inv.options(convert)
+        return list(found.items()), args, list(inv.messages)
+    except ParseFailure as f:
+        return "fail", f.ret, list(f.messages)
+    except ValueError as e:  # a converter's own failure (the test converter below)
+        return "conv", str(e), list(inv.messages)
+    finally:
+        spec_mod._flags_only = saved
+
+
+def _conv(arg: str) -> str:
+    if arg == "z":
+        raise ValueError(arg)
+    return arg.upper()
+
+
+@pytest.mark.parametrize("name", ["aio_write", "read", "discard", "writev"])
+def test_flags_only_options_match_getopt(name: str) -> None:
+    spec = TABLE.find(name)
+    assert spec is not None
+    letters = [c for c in spec.optstring if c != ":"]
+    # every letter as a flag, as a converted option, or unhandled (missing from the table)
+    converts = [
+        {c: None for c in letters},
+        {c: (_conv if c in "Pqs" else None) for c in letters},
+        {c: None for c in letters if c != "C"},
+    ]
+    shortcut_taken = 0
+    for n in range(4):
+        for words in itertools.product(WORDS, repeat=n):
+            argv = [name, *words]
+            for convert in converts:
+                fast = _options(Invocation(spec, list(argv), "qio", TABLE), convert, slow=False)
+                slow = _options(Invocation(spec, list(argv), "qio", TABLE), convert, slow=True)
+                assert fast == slow, argv
+                found: dict[str, Any] = {}
+                if spec_mod._flags_only(argv, spec.optstring, convert, found) is not None:
+                    shortcut_taken += 1
+    assert shortcut_taken > 200  # the shortcut is really exercised
+
+
+def _fgets_lines(data: bytes) -> list[str]:
+    """What qemu-io reads with ``fgets(line, 1024, stdin)``: pieces of at most 1023 bytes, each
+    without its newline and cut at a NUL."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos, pos + MAXLINE - 1)
+        end = nl + 1 if nl >= 0 else min(len(data), pos + MAXLINE - 1)
+        piece = data[pos:end]
+        pos = end
+        if piece.endswith(b"\n"):
+            piece = piece[:-1]
+        piece = piece.split(b"\0", 1)[0]
+        out.append(piece.decode("utf-8", "surrogateescape"))
+    return out
+
+
+class _Aio:
+    inflight: set[int] = set()
+    external = 0
+
+    def flush_pending(self) -> bool:
+        return False
+
+    def has_pending(self) -> bool:
+        return False
+
+
+def _read_all(path: Path) -> list[str]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader = LineReader(fd)
+        lines = []
+
+        async def run() -> None:
+            while (line := await reader.fetchline(_Aio())) is not None:  # type: ignore[arg-type]
+                lines.append(line)
+
+        asyncio.run(run())
+        return lines
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_line_reader_splits_as_fgets(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    parts = []
+    for _ in range(rng.randrange(1, 4000)):
+        kind = rng.random()
+        if kind < 0.8:
+            n = rng.randrange(0, 40)
+        elif kind < 0.95:
+            n = rng.choice([MAXLINE - 3, MAXLINE - 2, MAXLINE - 1, MAXLINE, MAXLINE + 1, 2 * MAXLINE - 2])
+        else:
+            n = rng.randrange(0, 5000)
+        line = bytes(rng.choice(b"abc \t\0\xff\xc3\xa9") for _ in range(n))
+        parts.append(line + (b"\r\n" if rng.random() < 0.05 else b"\n"))
+    data = b"".join(parts)
+    if seed % 2:
+        data += b"no newline at the end"
+    path = tmp_path / "script"
+    path.write_bytes(data)
+    assert _read_all(path) == _fgets_lines(data)
+
+
+def test_line_reader_long_and_empty_lines(tmp_path: Path) -> None:
+    data = b"\n\n" + b"x" * (MAXLINE - 2) + b"\n" + b"y" * (MAXLINE - 1) + b"\n\nz"
+    path = tmp_path / "script"
+    path.write_bytes(data)
+    assert _read_all(path) == _fgets_lines(data)
+    assert _read_all(path)[:3] == ["", "", "x" * (MAXLINE - 2)]
+
+
+@pytest.mark.parametrize("buffered", ["", "abc", "x" * (BLOCK - 2), "y" * (BLOCK + 7)])
+@pytest.mark.parametrize("prompt", ["qio> ", "p" * BLOCK, "q" * (BLOCK + 1), "a\nb> "])
+@pytest.mark.parametrize("line_buffered", [False, True])
+def test_prompt_writes_what_out_and_flush_write(buffered: str, prompt: str, line_buffered: bool) -> None:
+    def run(use_prompt: bool) -> list[tuple[str, bytes]]:
+        writes: list[tuple[str, bytes]] = []
+        o = Output("qio", -1, -1)
+        o._w_out = lambda b: writes.append(("out", bytes(b)))  # type: ignore[method-assign]
+        o._w_err = lambda b: writes.append(("err", bytes(b)))  # type: ignore[method-assign]
+        o.line_buffered = line_buffered
+        o.out(buffered)
+        if use_prompt:
+            o.prompt(prompt)
+        else:
+            o.out(prompt)
+            o.flush()
+        o.err("E\n")
+        return writes
+
+    assert run(True) == run(False)
+
+
+def test_pattern_buffers_are_shared_read_only_and_right() -> None:
+    a = pattern_iov(0xCD, 4096)
+    b = pattern_iov(0xCD, 4096)
+    assert a is not b and a[0] is b[0]  # a fresh list, one shared buffer
+    assert a[0].readonly and bytes(a[0]) == b"\xcd" * 4096
+    assert bytes(pattern_iov(0x5A, 512)[0]) == b"\x5a" * 512
+    for n in (0, 1, 65536, 65537, 1 << 20, (1 << 20) + 5, 3 << 20):
+        iov = pattern_iov(7, n)
+        assert sum(len(v) for v in iov) == n and all(v.tobytes() == bytes([7]) * len(v) for v in iov)
