@@ -98,7 +98,11 @@ def parse_args(argv: list[str], out: Output) -> Args | int:
                     "Copyright (c) 2026 the qio developers\n")
             return 0
         elif c == "h":
-            out.out(USAGE.format(prg))
+            text = USAGE.format(prg)
+            if os.isatty(1):  # a person reading: no option that qio refuses (piped, qemu-io's text)
+                text = text.replace("  --object OBJECTDEF   define an object such as 'secret' for\n"
+                                    "                       passwords and/or encryption keys\n", "")
+            out.out(text)
             return 0
         elif c == "object":
             out.error_report("--object is not supported by qio (no secrets or encrypted images)")
@@ -158,9 +162,22 @@ async def _amain(args: Args, out: Output) -> int:
                 break
             await sh.execute(cmd)
     elif os.isatty(0):
-        from qio.interactive import interactive_loop
+        saved = None
+        if os.isatty(1) and os.environ.get("TERM", "dumb") != "dumb":
+            # The prompt is visible at once; the line editor (whose import takes most of the start-up
+            # time) then draws it again in place.  Keys typed meanwhile wait unechoed for it.
+            sh.out.flush()
+            saved = _no_echo()
+            os.write(1, f"{sh.prgname}> \r".encode())
+        try:
+            from qio.interactive import interactive_loop
 
-        await interactive_loop(sh)
+            await interactive_loop(sh)
+        finally:
+            if saved is not None:
+                import termios
+
+                termios.tcsetattr(0, termios.TCSANOW, saved)
     else:
         from qio.lines import pipe_loop
 
@@ -205,3 +222,17 @@ def _main(argv: list[str] | None) -> int:
         out.flush()
         return parsed
     return program.run(out, _amain(parsed, out))
+
+
+def _no_echo() -> list[Any] | None:
+    """Turn the terminal's echo off; returns the settings to restore at exit (None if impossible)."""
+    try:
+        import termios
+
+        old = termios.tcgetattr(0)
+        new = list(old)
+        new[3] &= ~termios.ECHO
+        termios.tcsetattr(0, termios.TCSANOW, new)
+    except (ImportError, OSError):
+        return None
+    return old

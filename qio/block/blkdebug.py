@@ -397,7 +397,7 @@ class BlkdebugDriver(BlockDriver):
                 self.suspended.insert(0, (rule.tag, parker))
                 AIO.printf(f"blkdebug: Suspended request '{rule.tag}'\n")
         self.state = new_state
-        if delay:
+        if delay and current_co() is not None:  # not at open time (run without an event loop)
             await AioContext.current().pool.sleep(delay / 1000)
         for _ in range(suspends):
             assert parker is not None
