@@ -483,6 +483,8 @@ class AioContext:
     def __init__(self) -> None:
         #: AIO requests whose completion has not been reported yet (QEMU's ``blk->in_flight``).
         self.inflight: set[int] = set()
+        #: Listening servers (``nbd_server_start``): requests may arrive from outside at any time.
+        self.external = 0
         self._cos: dict[int, Co] = {}
         #: The request of the running synchronous command, once it had to wait.
         self.sync_task: Co | None = None

@@ -148,7 +148,8 @@ class CommandCompleter(Completer):
 
 
 #: qio's rule commands and the configuration section whose keys they take (docs/blkdebug.md)
-_RULE_SECTIONS = {"inject": "inject-error", "delay": "delay", "corrupt": "corrupt", "set_state": "set-state"}
+_RULE_SECTIONS = {"inject": "inject-error", "delay": "delay", "corrupt": "corrupt", "set_state": "set-state",
+                  "bad_blocks": "bad-blocks"}
 
 
 def _from(values: dict[str, str], cur: str) -> Iterable[Completion]:

@@ -15,7 +15,7 @@ import pytest
 from qio.block.blklogwrites import ENTRY, LOG_DISCARD, LOG_FLUSH, LOG_FUA, LOG_MARK, pack_super, read_log
 from qio.img.crashcheck import Builder, State, enumerate_states, epochs, parse_spec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SS = 512
 HAVE_QEMU = shutil.which("qemu-img") is not None
 
