@@ -100,7 +100,8 @@ class Log(NamedTuple):
 
 def read_log(path: str, *, all_entries: bool = False) -> Log:
     """Parse a log file.  ``all_entries``: also take entries past the superblock's count, as long as
-    they are well formed and fit in the file (what a log that was never flushed at the end holds)."""
+    they are well formed and fit in the file (what a log that was never flushed at the end holds), and
+    accept a missing (all-zero) superblock as one for 512-byte sectors."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -109,8 +110,12 @@ def read_log(path: str, *, all_entries: bool = False) -> Log:
     if len(data) < SUPER.size:
         raise LogError(f"'{path}': not a dm-log-writes log (too short)")
     magic, version, nr, ss = SUPER.unpack_from(data, 0)
+    if magic == 0 and version == 0 and nr == 0 and ss == 0 and all_entries:
+        # the superblock is only written at flushes: a log that never saw one has none
+        magic, version, ss = LOG_MAGIC, LOG_VERSION, SECTOR
     if magic != LOG_MAGIC:
-        raise LogError(f"'{path}': Invalid log superblock magic")
+        hint = " (a log that never saw a flush has no superblock: try --all-entries)" if magic == 0 else ""
+        raise LogError(f"'{path}': Invalid log superblock magic{hint}")
     if version != LOG_VERSION:
         raise LogError(f"'{path}': Unsupported log version {version}")
     if not sector_size_valid(ss):

@@ -1228,7 +1228,14 @@ class Qcow2Driver(BlockDriver):
                     if block is not None:
                         rbc.put(block)
                         block = None
-                    block, again = await self._alloc_refcount_block(cluster_index)
+                    try:
+                        block, again = await self._alloc_refcount_block(cluster_index)
+                    except BlockError as e:
+                        # an EAGAIN from the nested update_refcount of a new refcount block: restart
+                        # from this range too, as QEMU does for every -EAGAIN of alloc_refcount_block
+                        again = e.code == errno.EAGAIN
+                        if not again:
+                            raise
                     if again:
                         if self.free_cluster_index > (start >> cb):
                             self.free_cluster_index = start >> cb

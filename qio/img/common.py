@@ -27,7 +27,7 @@ Command syntax:
 
 qio extensions:
   crashcheck [-f fmt] [--limit N] [--samples N] [--seed S] [--no-torn] [--oracle] [--all-entries]
-             [--output=ofmt] log base
+             [--no-reuse] [--output=ofmt] log base
   replay [--end N | --end-mark NAME | --entries SPEC] [--all-entries] log base output
 
 Supported formats: raw qcow2
