@@ -7,6 +7,7 @@ asynchronous requests are printed, which is part of qemu-io's observable output 
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import errno
 import time
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from qio.block.driver import BlockDriver
     from qio.block.modes import OpenFlags
     from qio.commands.spec import CommandTable
+    from qio.nbd_server import Export
 
 
 class Session:
@@ -39,6 +41,8 @@ class Session:
         #: Reading commands from a terminal (``help`` then also lists qio's own commands).
         self.interactive = False
         self.aio = AioContext()
+        #: NBD exports of the image (``nbd_server_start``); stopped before the image closes.
+        self.exports: list[Export] = []
         AIO.printf = out.out  # type: ignore[method-assign]
 
     def require_blk(self) -> BlockBackend:
@@ -66,6 +70,9 @@ class Session:
         self.aio.sync_task = co
         try:
             await self.run_until(lambda: co.finished, "the command")
+        except asyncio.CancelledError:
+            self.aio.adopt(co)  # Ctrl-C at the prompt: the request runs on, drains wait for it
+            raise
         finally:
             self.aio.sync_task = None
         if not co.finished:
@@ -93,7 +100,8 @@ class Session:
                 aio.run_flushes()
                 continue
             left = None if deadline is None else deadline - time.monotonic()
-            if AIO.busy or aio.has_timers():  # a real thread will complete, a timer will expire
+            # a real thread or a timer will act; for wait_break, a client of an NBD export may
+            if AIO.busy or aio.has_timers() or (aio.external and on_standstill is not None):
                 if left is not None and left <= 0:
                     return False
                 await aio.wait(left, limit)
@@ -213,7 +221,16 @@ class Session:
             return True
         return False
 
+    async def stop_exports(self) -> None:
+        """Stop the NBD exports: no new requests, those in flight finish and are answered."""
+        exports, self.exports = self.exports, []
+        for export in exports:
+            await export.stop(self.run_until)
+            self.out.out(f"NBD server on {export.address} stopped; {export.served} "
+                         f"client{'s' if export.served != 1 else ''} served\n")
+
     async def close_image(self) -> None:
+        await self.stop_exports()
         if self.blk is None:
             return
         await self.drain("closing the image")

@@ -219,7 +219,7 @@ class BlkLogWritesDriver(BlockDriver):
             try:
                 run_sync(io.preadv(log, 0, len(buf), [memoryview(buf)]))
             except BlockError as e:
-                raise QemuError(f"Could not read log superblock: {e}", e.code) from None
+                raise QemuError.wrap(e, "Could not read log superblock") from None
             magic, version, nr, ss = SUPER.unpack(buf)
         if magic != LOG_MAGIC:
             raise QemuError("Invalid log superblock magic")
@@ -248,7 +248,7 @@ class BlkLogWritesDriver(BlockDriver):
             try:
                 run_sync(io.preadv(log, sec << bits, ENTRY.size, [memoryview(buf)]))
             except BlockError as e:
-                raise QemuError(f"Failed to read log entry {idx}: {e}", e.code) from None
+                raise QemuError.wrap(e, f"Failed to read log entry {idx}") from None
             _sector, nsec, flags, _dlen = ENTRY.unpack(buf)
             if flags & ~LOG_FLAG_MASK:
                 raise QemuError(f"Invalid flags 0x{flags:x} in log entry {idx}")

@@ -29,10 +29,9 @@ from qio.block.driver import (
 from qio.block.errors import BlockError, QemuError, assert_fail
 from qio.block.events import Event
 from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
+from qio.numbers import INT64_MAX, INT_MAX
 
 MAX_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER: largest zero-write fallback chunk
-INT64_MAX = 2**63 - 1
-INT_MAX = 2**31 - 1
 MAX_COR_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER for copy-on-read
 
 
@@ -520,7 +519,12 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
     head = offset % align
     tail = (offset + nbytes) % align
     max_pdiscard = (node.max_pdiscard or INT64_MAX) // align * align
+    # A tracked request (BDRV_TRACKED_DISCARD) that waits for overlapping serialising ones, i.e. a
+    # read-modify-write in progress, before it reaches the driver (bdrv_co_write_req_prepare).
+    req = _begin(node, offset, nbytes) if _tracking(node) else None
     try:
+        if req is not None:
+            await _wait_serialising(req)
         while nbytes > 0:
             num = nbytes
             if head:
@@ -544,6 +548,8 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
             nbytes -= num
     finally:
         node.gen.write_gen += 1
+        if req is not None:
+            _end(req)
 
 
 async def flush(node: BlockDriver) -> None:

@@ -186,7 +186,8 @@ async def run_trace(session: Session, pattern: str | None) -> int:
 
 # -- qio extensions: rules edited at the prompt (docs/blkdebug.md, "Rules at the prompt") ------------
 #: command -> the configuration section whose keys it takes
-RULE_COMMANDS = {"inject": "inject-error", "delay": "delay", "corrupt": "corrupt", "set_state": "set-state"}
+RULE_COMMANDS = {"inject": "inject-error", "delay": "delay", "corrupt": "corrupt", "set_state": "set-state",
+                 "bad_blocks": "bad-blocks"}
 
 
 def _blkdebug(session: Session, name: str) -> BlkdebugDriver | None:
@@ -204,7 +205,8 @@ def parse_words(inv: Invocation) -> list[str]:
     return inv.argv
 
 
-parse_inject = parse_delay = parse_corrupt = parse_set_state = parse_rules = parse_unrule = parse_words
+parse_inject = parse_delay = parse_corrupt = parse_set_state = parse_bad_blocks = parse_words
+parse_rules = parse_unrule = parse_words
 
 
 async def _add_rule(session: Session, argv: list[str]) -> int:
@@ -226,7 +228,7 @@ async def _add_rule(session: Session, argv: list[str]) -> int:
     return 0
 
 
-run_inject = run_delay = run_corrupt = run_set_state = _add_rule
+run_inject = run_delay = run_corrupt = run_set_state = run_bad_blocks = _add_rule
 
 
 async def run_rules(session: Session, argv: list[str]) -> int:

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from qio.block.blklogwrites import LOG_DISCARD, LOG_FLUSH, LOG_FUA, LOG_MARK, Log, LogEntry, LogError, read_log
 from qio.getopt import LongOpt
-from qio.img.cli import Ctx, Options, UsageError
+from qio.img.common import Ctx, Options, UsageError
 
 Extra = tuple[int, tuple[int, ...] | None]  # entry number, the log sectors kept (None: all)
 
