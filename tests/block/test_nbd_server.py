@@ -250,3 +250,87 @@ def test_read_only_export_refuses_writes(raw: Path, tmp_path: Path) -> None:
     # qemu-io sees the export's read-only flag and refuses a writable open, as with a read-only qemu-nbd
     assert "Could not open image: Permission denied" in cout, cout
     assert raw.read_bytes()[:4096] == b"\x11" * 4096
+
+
+def _serve_with(raw: Path, sock: Path, rule: str, *client_cmds: str) -> tuple[str, str]:
+    argv = [sys.executable, "-m", "qio", "-f", "raw", "-c", f"nbd_fault {rule}", "-c", f"nbd_server_start unix:{sock}",
+            "-c", "nbd_server_stop -c 1", "-c", "nbd_fault", str(raw)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    deadline = time.monotonic() + 20
+    while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    cout = done(client(sock, *client_cmds))
+    return cout, finish(proc)
+
+
+@pytest.mark.parametrize(("rule", "expect", "written"), [
+    ("action=error cmd=write errno=ENOSPC",
+     ["read 4096/4096", "write failed: No space left on device", "read 4096/4096"], False),
+    ("action=error cmd=read after=1", ["read 4096/4096", "wrote 4096/4096", "read failed: Input/output error"], True),
+    # the write ran, then the connection dropped instead of its reply
+    ("action=disconnect cmd=write", ["read 4096/4096", "write failed: Input/output error", "read failed"], True),
+    ("action=short cmd=read", ["read failed: Input/output error", "write failed", "read failed"], False),
+    ("action=malformed cmd=read", ["read failed: Input/output error", "write failed", "read failed"], False),
+    ("action=delay ns=200000000 cmd=write", ["read 4096/4096", "wrote 4096/4096", "read 4096/4096"], True),
+    ("point=handshake action=disconnect after=1", ["can't open device"], False),
+])
+def test_protocol_faults(raw: Path, tmp_path: Path, rule: str, expect: list[str], written: bool) -> None:
+    cout, out = _serve_with(raw, tmp_path / "s.sock", rule, "read 0 4k", "write -P 0x5a 0 4k", "read 0 4k")
+    lines = [ln for ln in cout.splitlines() if " ops; " not in ln]
+    assert len(lines) == len(expect), cout
+    assert all(e in ln for e, ln in zip(expect, lines, strict=True)), cout
+    assert "fired=1" in out, out
+    assert (raw.read_bytes()[:4096] == b"\x5a" * 4096) == written
+    if "delay" in rule:
+        write_time = cout.splitlines()[3]
+        assert " 00.2" in write_time or " 00.3" in write_time or " 00.4" in write_time, cout
+
+
+def test_fault_rule_errors(raw: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "qio", "-c", "nbd_fault action=bogus", "-c", "nbd_fault point=x",
+                          "-c", "nbd_fault action=delay", "-c", "nbd_fault action=error errno=EWHAT",
+                          "-c", "nbd_fault point=handshake action=short", "-c", "nbd_fault action=error colour=red",
+                          "-c", "nbd_fault oops", "-c", "nbd_fault -r 9", "-c", "nbd_fault action=error count=x",
+                          "-c", "nbd_fault action=disconnect", "-c", "nbd_fault", "-c", "nbd_fault -r 1",
+                          "-c", "nbd_fault"],
+                         capture_output=True, text=True, env=ENV, timeout=60)
+    assert res.stderr.splitlines() == [
+        "qio: nbd_fault: action must be one of disconnect, delay, error, short, malformed",
+        "qio: nbd_fault: point must be one of handshake, reply",
+        "qio: nbd_fault: ns= is the delay of action=delay (and only of it)",
+        "qio: nbd_fault: unknown errno 'EWHAT'",
+        "qio: nbd_fault: only action=disconnect acts during the handshake",
+        "qio: nbd_fault: unknown key 'colour' (one of action, after, cmd, count, errno, ns, point)",
+        "qio: nbd_fault: no rule #9",
+        "qio: nbd_fault: count must be a non-negative number, not 'x'",
+    ], res.stderr
+    assert res.stdout.splitlines() == [
+        "nbd_fault: expected KEY=VALUE, not 'oops'",
+        "nbd_fault: rule #1 added",
+        "#1 point=reply action=disconnect cmd=any after=0 count=1 matched=0 fired=0",
+    ]
+
+
+def test_random_garbage_never_breaks_the_server(raw: Path, tmp_path: Path) -> None:
+    """A seeded stream of broken clients (random bytes after a plausible start); the server stays up,
+    answers a real client afterwards and prints no traceback."""
+    import random
+
+    rng = random.Random(1234)
+    n = 40
+    sock = tmp_path / "s.sock"
+    qio = start_qio(raw, sock, clients=n + 1)
+    for _ in range(n):
+        s = _connect(sock)
+        _recv(s, 18)
+        start = rng.choice([b"", struct.pack(">I", 3), struct.pack(">I", 3) + struct.pack(">Q", 0x49484156454F5054)])
+        body = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 200)))
+        try:
+            s.sendall(start + body)
+        except OSError:
+            pass
+        s.close()
+    cout = done(client(sock, "read -P 0x11 0 4k"))
+    out = finish(qio)
+    assert "read 4096/4096" in cout, cout
+    assert "Traceback" not in out and f"{n + 1} clients served" in out, out
