@@ -195,10 +195,19 @@ class Export:
                             e.errno or errno.EIO) from None
         self.aio.external += 1
 
+    def describe(self) -> list[str]:
+        """``debug_state``'s lines: the export, its clients and their requests in flight."""
+        lines = [f"nbd export '{self.name}' on {self.address}: {len(self.clients)} connected, "
+                 f"{self.served} served"]
+        for c in sorted(self.clients, key=lambda c: c.number):
+            lines.append(f"  client #{c.number}: {c.pending} in flight")
+            lines.extend(f"    {what}" for what in c.inflight.values())
+        return lines
+
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = Client(self, reader, writer)
-        self.clients.add(client)
         self.served += 1
+        client = Client(self, reader, writer, self.served)
+        self.clients.add(client)
         task = asyncio.ensure_future(client.run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -230,8 +239,12 @@ class Export:
 class Client:
     """One connection: the handshake, then requests submitted to the session as AIO requests."""
 
-    def __init__(self, export: Export, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, export: Export, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 number: int) -> None:
         self.export = export
+        self.number = number
+        #: handle -> "read 4096 bytes at offset 0": what ``debug_state`` shows of requests in flight.
+        self.inflight: dict[int, str] = {}
         self.reader = reader
         self.writer = writer
         self.structured = False
@@ -470,8 +483,11 @@ class Client:
             coro = _extents(blk.root, offset, length, bool(flags & P.CMD_FLAG_REQ_ONE))
         self.pending += 1
         self._idle.clear()
+        name = next(k for k, v in FAULT_CMDS.items() if v == cmd)
+        self.inflight[handle] = f"{name} {length} bytes at offset {offset} (handle {handle:#x})"
 
         def finish(reply: list[bytes | memoryview], fault: Fault | None) -> None:
+            self.inflight.pop(handle, None)
             if not self.writer.is_closing():
                 self._send(reply, fault)
             self.pending -= 1

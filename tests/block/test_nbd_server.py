@@ -105,11 +105,31 @@ def test_qemu_img_map_matches_qemu_nbd(raw: Path, tmp_path: Path) -> None:
     assert ours.stdout == theirs.stdout
 
 
+def test_qemu_img_convert_and_compare(raw: Path, tmp_path: Path) -> None:
+    """qemu-img reads the whole export (block status and data) into a qcow2 image equal to the source."""
+    ref = tmp_path / "ref.raw"
+    ref.write_bytes(raw.read_bytes())
+    sock = tmp_path / "s.sock"
+    qio = start_qio(raw, sock, clients=2)
+    uri = f"nbd+unix:///?socket={sock}"
+    conv = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", uri, str(tmp_path / "c.qcow2")],
+                          capture_output=True, text=True, timeout=120)
+    cmp_ = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", uri, str(ref)],
+                          capture_output=True, text=True, timeout=120)
+    finish(qio)
+    assert conv.returncode == 0, conv.stderr
+    assert cmp_.returncode == 0 and "Images are identical" in cmp_.stdout, cmp_.stdout + cmp_.stderr
+    res = subprocess.run(["qemu-img", "compare", "-F", "raw", str(tmp_path / "c.qcow2"), str(ref)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_breakpoint_on_a_client_request(raw: Path, tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     img = f"blkdebug::{raw}"
     argv = [sys.executable, "-m", "qio", "-f", "raw", "-c", "break write_aio A", "-c", f"nbd_server_start unix:{sock}",
-            "-c", "wait_break A", "-c", "read -P 0x11 0 4k", "-c", "resume A", "-c", "nbd_server_stop", img]
+            "-c", "wait_break A", "-c", "debug_state", "-c", "read -P 0x11 0 4k", "-c", "resume A", "-c",
+            "nbd_server_stop", img]
     qio = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     deadline = time.monotonic() + 20
     while not sock.exists() and time.monotonic() < deadline and qio.poll() is None:
@@ -122,6 +142,8 @@ def test_breakpoint_on_a_client_request(raw: Path, tmp_path: Path) -> None:
     assert out.index("blkdebug: Suspended request 'A'") < out.index("read 4096/4096 bytes at offset 0") \
         < out.index("blkdebug: Resuming request 'A'"), out
     assert "1 client served" in out
+    assert f"nbd export '' on unix:{sock}: 1 connected, 1 served\n  client #1: 1 in flight\n" \
+           "    write 4096 bytes at offset 0 (handle 0x" in out, out
     assert raw.read_bytes()[:4096] == b"\x44" * 4096
 
 
