@@ -483,6 +483,8 @@ class AioContext:
     def __init__(self) -> None:
         #: AIO requests whose completion has not been reported yet (QEMU's ``blk->in_flight``).
         self.inflight: set[int] = set()
+        #: Listening servers (``nbd_server_start``): requests may arrive from outside at any time.
+        self.external = 0
         self._cos: dict[int, Co] = {}
         #: The request of the running synchronous command, once it had to wait.
         self.sync_task: Co | None = None
@@ -637,6 +639,21 @@ class AioContext:
         self._cos[seq] = co
         enter(co)
         early = False
+
+    def adopt(self, co: Co) -> None:
+        """A synchronous command's request whose wait was interrupted (Ctrl-C at the prompt) keeps
+        running; it counts as in flight until it ends, so draining (close, exit) waits for it."""
+        if co.finished:
+            return
+        self._seq += 1
+        key = -self._seq
+
+        def done(_: Co) -> None:
+            self.inflight.discard(key)
+            self.notify()
+
+        self.inflight.add(key)
+        co.on_finish = done
 
     def abandon(self, exc: BaseException) -> None:
         """Fail every AIO request still waiting (see ``Session._abandon_stuck``)."""

@@ -83,7 +83,7 @@ class LineReader:
                 aio.run_flushes()
                 await aio.poll()
             # While requests can still progress, keep the event loop (and their completions) going.
-            if self.pollable and (AIO.busy or aio.inflight or aio.has_pending()):
+            if self.pollable and (AIO.busy or aio.inflight or aio.external or aio.has_pending()):
                 waiter = asyncio.ensure_future(self.readable())
                 while not waiter.done():
                     await aio.poll()

@@ -7,6 +7,7 @@ asynchronous requests are printed, which is part of qemu-io's observable output 
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import errno
 import time
@@ -21,17 +22,15 @@ if TYPE_CHECKING:
     from qio.block.backend import BlockBackend
     from qio.block.driver import BlockDriver
     from qio.block.modes import OpenFlags
-    from qio.commands.spec import CommandTable
+    from qio.nbd_server import Export, Fault
 
 
 class Session:
     """The image and the event loop of one qemu-io run, and what commands change about the run."""
 
-    def __init__(self, out: Output, prgname: str, table: CommandTable, image_opts: bool = False) -> None:
+    def __init__(self, out: Output, prgname: str, image_opts: bool = False) -> None:
         self.out = out
         self.prgname = prgname
-        #: The commands of this run (``help`` lists them).
-        self.table = table
         self.image_opts = image_opts
         self.blk: BlockBackend | None = None
         #: Set by ``quit``: the line source stops.
@@ -39,6 +38,10 @@ class Session:
         #: Reading commands from a terminal (``help`` then also lists qio's own commands).
         self.interactive = False
         self.aio = AioContext()
+        #: NBD exports of the image (``nbd_server_start``); stopped before the image closes.
+        self.exports: list[Export] = []
+        #: Protocol fault rules for the exports (``nbd_fault``).
+        self.nbd_faults: list[Fault] = []
         AIO.printf = out.out  # type: ignore[method-assign]
 
     def require_blk(self) -> BlockBackend:
@@ -66,6 +69,9 @@ class Session:
         self.aio.sync_task = co
         try:
             await self.run_until(lambda: co.finished, "the command")
+        except asyncio.CancelledError:
+            self.aio.adopt(co)  # Ctrl-C at the prompt: the request runs on, drains wait for it
+            raise
         finally:
             self.aio.sync_task = None
         if not co.finished:
@@ -93,7 +99,8 @@ class Session:
                 aio.run_flushes()
                 continue
             left = None if deadline is None else deadline - time.monotonic()
-            if AIO.busy or aio.has_timers():  # a real thread will complete, a timer will expire
+            # a real thread or a timer will act; for wait_break, a client of an NBD export may
+            if AIO.busy or aio.has_timers() or (aio.external and on_standstill is not None):
                 if left is not None and left <= 0:
                     return False
                 await aio.wait(left, limit)
@@ -213,7 +220,16 @@ class Session:
             return True
         return False
 
+    async def stop_exports(self) -> None:
+        """Stop the NBD exports: no new requests, those in flight finish and are answered."""
+        exports, self.exports = self.exports, []
+        for export in exports:
+            await export.stop(self.run_until)
+            self.out.out(f"NBD server on {export.address} stopped; {export.served} "
+                         f"client{'s' if export.served != 1 else ''} served\n")
+
     async def close_image(self) -> None:
+        await self.stop_exports()
         if self.blk is None:
             return
         await self.drain("closing the image")

@@ -35,12 +35,12 @@ from qio.block.errors import BlockError, QemuError
 from qio.block.events import EVENT_NAMES, Event
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
+from qio.numbers import INT_MAX
 from qio.qemuopts import opt_size
 
 if TYPE_CHECKING:
     from random import Random
 
-INT_MAX = 2**31 - 1
 INJECT, SET_STATE, SUSPEND, DELAY, CORRUPT, BAD_BLOCKS = 0, 1, 2, 3, 4, 5
 _ACTIONS = {"inject-error": INJECT, "set-state": SET_STATE, "delay": DELAY, "corrupt": CORRUPT,
             "bad-blocks": BAD_BLOCKS}
@@ -397,7 +397,7 @@ class BlkdebugDriver(BlockDriver):
                 self.suspended.insert(0, (rule.tag, parker))
                 AIO.printf(f"blkdebug: Suspended request '{rule.tag}'\n")
         self.state = new_state
-        if delay:
+        if delay and current_co() is not None:  # not at open time (run without an event loop)
             await AioContext.current().pool.sleep(delay / 1000)
         for _ in range(suspends):
             assert parker is not None

@@ -100,7 +100,8 @@ class Log(NamedTuple):
 
 def read_log(path: str, *, all_entries: bool = False) -> Log:
     """Parse a log file.  ``all_entries``: also take entries past the superblock's count, as long as
-    they are well formed and fit in the file (what a log that was never flushed at the end holds)."""
+    they are well formed and fit in the file (what a log that was never flushed at the end holds), and
+    accept a missing (all-zero) superblock as one for 512-byte sectors."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -109,8 +110,12 @@ def read_log(path: str, *, all_entries: bool = False) -> Log:
     if len(data) < SUPER.size:
         raise LogError(f"'{path}': not a dm-log-writes log (too short)")
     magic, version, nr, ss = SUPER.unpack_from(data, 0)
+    if magic == 0 and version == 0 and nr == 0 and ss == 0 and all_entries:
+        # the superblock is only written at flushes: a log that never saw one has none
+        magic, version, ss = LOG_MAGIC, LOG_VERSION, SECTOR
     if magic != LOG_MAGIC:
-        raise LogError(f"'{path}': Invalid log superblock magic")
+        hint = " (a log that never saw a flush has no superblock: try --all-entries)" if magic == 0 else ""
+        raise LogError(f"'{path}': Invalid log superblock magic{hint}")
     if version != LOG_VERSION:
         raise LogError(f"'{path}': Unsupported log version {version}")
     if not sector_size_valid(ss):
@@ -214,7 +219,7 @@ class BlkLogWritesDriver(BlockDriver):
             try:
                 run_sync(io.preadv(log, 0, len(buf), [memoryview(buf)]))
             except BlockError as e:
-                raise QemuError(f"Could not read log superblock: {e}", e.code) from None
+                raise QemuError.wrap(e, "Could not read log superblock") from None
             magic, version, nr, ss = SUPER.unpack(buf)
         if magic != LOG_MAGIC:
             raise QemuError("Invalid log superblock magic")
@@ -243,7 +248,7 @@ class BlkLogWritesDriver(BlockDriver):
             try:
                 run_sync(io.preadv(log, sec << bits, ENTRY.size, [memoryview(buf)]))
             except BlockError as e:
-                raise QemuError(f"Failed to read log entry {idx}: {e}", e.code) from None
+                raise QemuError.wrap(e, f"Failed to read log entry {idx}") from None
             _sector, nsec, flags, _dlen = ENTRY.unpack(buf)
             if flags & ~LOG_FLAG_MASK:
                 raise QemuError(f"Invalid flags 0x{flags:x} in log entry {idx}")

@@ -26,6 +26,12 @@ class QemuError(Exception):
         super().__init__(msg)
         self.errno = err
 
+    @classmethod
+    def wrap(cls, e: BlockError, what: str | None = None) -> QemuError:
+        """``error_setg_errno(errp, -ret, "WHAT")``: a failed request as an Error, ``WHAT: strerror``
+        (the bare ``strerror`` without ``what``), keeping its errno."""
+        return cls(f"{what}: {e}" if what is not None else str(e), e.code)
+
 
 class Reporter:
     """Where a node's messages go: the front end that opened the image passes one down, so QEMU's

@@ -29,10 +29,9 @@ from qio.block.driver import (
 from qio.block.errors import BlockError, QemuError, assert_fail
 from qio.block.events import Event
 from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
+from qio.numbers import INT64_MAX, INT_MAX
 
 MAX_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER: largest zero-write fallback chunk
-INT64_MAX = 2**63 - 1
-INT_MAX = 2**31 - 1
 MAX_COR_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER for copy-on-read
 
 

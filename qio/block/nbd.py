@@ -29,6 +29,7 @@ import socket
 import struct
 import time
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 from qio.aio import AIO, AioContext
@@ -48,8 +49,8 @@ from qio.block.driver import (
 )
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
+from qio.numbers import INT_MAX
 
-INT_MAX = 2**31 - 1
 MAX_INFLIGHT = 16
 _RUNTIME_KEYS = ("host", "port", "path", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap",
                 "reconnect-delay", "open-timeout")
@@ -266,17 +267,19 @@ def _connect(addr: Address, timeout: float) -> socket.socket:
 
 
 # -- requests --------------------------------------------------------------------------------------
+@dataclass(slots=True, eq=False)
 class Req:
     """One request in flight and what its reply chunks said."""
 
-    __slots__ = ("cmd", "done", "err", "extent", "fut", "handle", "length", "offset", "qiov")
-
-    def __init__(self, cmd: int, handle: int, offset: int, length: int, qiov: IOVec | None) -> None:
-        self.cmd, self.handle, self.offset, self.length, self.qiov = cmd, handle, offset, length, qiov
-        self.done = False
-        self.err = 0
-        self.extent: tuple[int, int] | None = None
-        self.fut: asyncio.Future[None] | None = None
+    cmd: int
+    handle: int
+    offset: int
+    length: int
+    qiov: IOVec | None
+    done: bool = False
+    err: int = 0
+    extent: tuple[int, int] | None = None
+    fut: asyncio.Future[None] | None = None
 
     def finish(self, err: int = 0) -> None:
         if self.done:

@@ -55,6 +55,8 @@ class Outcome(NamedTuple):
     kept: int
     lost: int
     torn: int
+    #: one line per recorded change: what it was and what became of it (``powerfail -v``)
+    details: tuple[str, ...] = ()
 
 
 class VolatileCache:
@@ -130,10 +132,14 @@ class VolatileCache:
                 if self._size() > e.size_before:
                     os.ftruncate(fd, e.size_before)
         kept = lost = torn = 0
+        details: list[str] = []
         for e in entries:
+            what = (f"truncate to {e.offset}" if e.kind == "truncate"
+                    else f"{e.kind} offset {e.offset} length {len(e.new)}")
             if e.durable or (mode == "random" and rng.random() < 0.5):
                 _redo(fd, e)
                 kept += 1
+                fate = "kept (FUA)" if e.durable else "kept"
             elif mode == "torn" and e.kind != "truncate" and e.new:
                 pieces = _sectors(e.offset, len(e.new))
                 alive = [p for p in pieces if rng.random() < 0.5]
@@ -141,17 +147,23 @@ class VolatileCache:
                     _pwrite(fd, e.new[start - e.offset:end - e.offset], start)
                 if len(alive) == len(pieces):
                     kept += 1
+                    fate = "kept"
                 elif alive:
                     torn += 1
+                    fate = f"torn: {len(alive)} of {len(pieces)} sectors kept"
                 else:
                     lost += 1
+                    fate = "lost"
             elif mode == "torn" and e.kind == "truncate" and rng.random() < 0.5:
                 _redo(fd, e)
                 kept += 1
+                fate = "kept"
             else:
                 lost += 1
+                fate = "lost"
+            details.append(f"{what}: {fate}")
         self.entries = []
-        return Outcome(self.node.filename, len(entries), kept, lost, torn)
+        return Outcome(self.node.filename, len(entries), kept, lost, torn, tuple(details))
 
 
 def _pwrite(fd: int, data: bytes, offset: int) -> None:

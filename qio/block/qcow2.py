@@ -1228,7 +1228,14 @@ class Qcow2Driver(BlockDriver):
                     if block is not None:
                         rbc.put(block)
                         block = None
-                    block, again = await self._alloc_refcount_block(cluster_index)
+                    try:
+                        block, again = await self._alloc_refcount_block(cluster_index)
+                    except BlockError as e:
+                        # an EAGAIN from the nested update_refcount of a new refcount block: restart
+                        # from this range too, as QEMU does for every -EAGAIN of alloc_refcount_block
+                        again = e.code == errno.EAGAIN
+                        if not again:
+                            raise
                     if again:
                         if self.free_cluster_index > (start >> cb):
                             self.free_cluster_index = start >> cb
@@ -2895,6 +2902,8 @@ def allocated_file_size(node: BlockDriver) -> int | None:
     Only the file protocol knows its size; any other protocol driver (blkdebug, even though it
     filters) has no size, and a format node sums its children except the backing file.
     """
+    if node.format_name in ("null-co", "null-aio"):
+        return 0  # null_allocated_file_size
     if node.protocol_name is not None:
         fd = getattr(node, "fd", -1)
         if node.children or not isinstance(fd, int) or fd < 0:

@@ -34,6 +34,16 @@ def register(name: str, module: str, cls: str, *, protocol_prefix: bool = False,
         FORMATS = (*FORMATS, name)
 
 
+def protocol_of(filename: str) -> str | None:
+    """``path_has_protocol``: the ``proto:`` prefix of a file name (a ':' before any '/'), or None."""
+    for i, ch in enumerate(filename):
+        if ch == "/":
+            return None
+        if ch == ":":
+            return filename[:i]
+    return None
+
+
 def find(name: str) -> type[BlockDriver] | None:
     entry = _MODULES.get(name)
     if entry is None:

@@ -18,6 +18,26 @@ if TYPE_CHECKING:
     from qio.session import Session
 
 
+HELP = (
+    "\n"
+    " simulates a power failure of the disk under the open image\n"
+    "\n"
+    " Example:\n"
+    " 'powerfail -a' - from now on the disk has a volatile write cache\n"
+    " 'powerfail -m torn -s 7' - cut the power: tear the writes since the last flush\n"
+    "\n"
+    " The image is closed without flushing, as if the process had died; open it\n"
+    " again to read or check what survived.  Flushed data and FUA writes always\n"
+    " survive; no sector ever holds data that nobody wrote to it.\n"
+    " -a, -- arm: record writes from now on (this image and every image opened later)\n"
+    " -m, -- all (lose every unflushed write, the default), random (keep a seeded\n"
+    "        subset of them) or torn (keep a seeded subset of their sectors)\n"
+    " -s, -- the seed of random and torn\n"
+    " -v, -- list every unflushed write and what became of it\n"
+    "\n"
+)
+
+
 class Powerfail(NamedTuple):
     arm: bool
     mode: str
@@ -70,5 +90,7 @@ async def run_powerfail(sh: Session, cmd: Powerfail) -> int:
         detail = f", {oc.torn} torn" if cmd.mode == "torn" else ""
         sh.out.out(f"powerfail: {oc.filename}: {oc.entries} unflushed write{'s' if oc.entries != 1 else ''}, "
                    f"{oc.kept} kept, {oc.lost} lost{detail}\n")
+        if cmd.verbose:
+            sh.out.out("".join(f"    {line}\n" for line in oc.details))
     sh.out.out("powerfail: image closed without flushing (as if the process died)\n")
     return 0

@@ -138,7 +138,7 @@ async def run_wait_break(session: Session, cmd: WaitBreak) -> int:
     node = session.debug_node()
     if node is None:
         session.out.out(f"wait_break: no blkdebug node below the image, request '{cmd.tag}' can never be "
-                   "suspended\n")
+                        "suspended\n")
         return -errno.ENOTSUP
     outcome = await session.wait_for(lambda: node.debug_is_suspended(cmd.tag), cmd.timeout)
     if outcome == "ok":
@@ -152,6 +152,8 @@ async def run_wait_break(session: Session, cmd: WaitBreak) -> int:
 
 async def run_debug_state(session: Session, cmd: object) -> int:
     """qio extension: what the debugger knows (qemu-io cannot show any of it)."""
+    for export in session.exports:
+        session.out.out("".join(f"{line}\n" for line in export.describe()))
     node = session.debug_node()
     if node is None:
         session.out.out("no blkdebug node below the image\n")
@@ -186,7 +188,8 @@ async def run_trace(session: Session, pattern: str | None) -> int:
 
 # -- qio extensions: rules edited at the prompt (docs/blkdebug.md, "Rules at the prompt") ------------
 #: command -> the configuration section whose keys it takes
-RULE_COMMANDS = {"inject": "inject-error", "delay": "delay", "corrupt": "corrupt", "set_state": "set-state"}
+RULE_COMMANDS = {"inject": "inject-error", "delay": "delay", "corrupt": "corrupt", "set_state": "set-state",
+                 "bad_blocks": "bad-blocks"}
 
 
 def _blkdebug(session: Session, name: str) -> BlkdebugDriver | None:
@@ -204,7 +207,8 @@ def parse_words(inv: Invocation) -> list[str]:
     return inv.argv
 
 
-parse_inject = parse_delay = parse_corrupt = parse_set_state = parse_rules = parse_unrule = parse_words
+parse_inject = parse_delay = parse_corrupt = parse_set_state = parse_bad_blocks = parse_words
+parse_rules = parse_unrule = parse_words
 
 
 async def _add_rule(session: Session, argv: list[str]) -> int:
@@ -226,7 +230,7 @@ async def _add_rule(session: Session, argv: list[str]) -> int:
     return 0
 
 
-run_inject = run_delay = run_corrupt = run_set_state = _add_rule
+run_inject = run_delay = run_corrupt = run_set_state = run_bad_blocks = _add_rule
 
 
 async def run_rules(session: Session, argv: list[str]) -> int:

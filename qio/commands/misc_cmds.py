@@ -9,7 +9,7 @@ import signal
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qio.block.errors import QemuError
-from qio.block.modes import OpenFlags, parse_aio_mode, parse_cache_mode, parse_discard_mode
+from qio.block.modes import OPEN_FLAG_OPTIONS, OpenFlags, parse_cache_mode, set_open_flag
 from qio.commands.common import num
 from qio.commands.spec import STDERR, CommandTable, Invocation, ParseFailure
 from qio.numbers import strtol0
@@ -48,31 +48,14 @@ def parse_open(inv: Invocation) -> Open:
     g = inv.getopt()
     for c, arg in g:
         a = arg or ""
-        if c == "s":
-            flags.snapshot = True
-        elif c == "n":
-            flags.nocache, flags.writethrough = True, False
-        elif c == "C":
-            flags.copy_on_read = True
-        elif c == "r":
-            flags.read_only = True
-        elif c == "k":
-            flags.native_aio = True
-        elif c == "t":
-            if not parse_cache_mode(a, flags):
-                raise _stderr(inv, f"Invalid cache option: {a}")
-        elif c == "d":
-            if not parse_discard_mode(a, flags):
-                raise _stderr(inv, f"Invalid discard option: {a}")
-        elif c == "i":
-            if not parse_aio_mode(a, flags):
-                raise _stderr(inv, f"Invalid aio option: {a}")
+        if c in OPEN_FLAG_OPTIONS:
+            bad = set_open_flag(c, a, flags)
+            if bad is not None:
+                raise _stderr(inv, bad)
         elif c == "o":
             if inv.image_opts:
                 raise inv.fail(EINVAL, "--image-opts and 'open -o' are mutually exclusive\n")
             _qemuopts(inv, a, options)
-        elif c == "U":
-            flags.force_share = True
         else:
             raise inv.usage(EINVAL)
     args = g.args

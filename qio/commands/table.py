@@ -8,6 +8,8 @@ from qio.commands import debug_cmds as debug
 from qio.commands import help_texts as H
 from qio.commands import io_cmds as io
 from qio.commands import misc_cmds as misc
+from qio.commands import nbd_cmds as nbd
+from qio.commands import record_cmds as record
 from qio.commands.spec import EXTENSION, GLOBAL, NOFILE_OK, CommandSpec, CommandTable
 
 C = CommandSpec
@@ -75,6 +77,8 @@ COMMANDS = (
       debug.parse_corrupt, debug.run_corrupt, args="key=value...", argmin=0, argmax=-1, flags=EXTENSION),
     C("set_state", "adds a blkdebug set-state rule (the keys of a [set-state] section)",
       debug.parse_set_state, debug.run_set_state, args="key=value...", argmin=0, argmax=-1, flags=EXTENSION),
+    C("bad_blocks", "adds a blkdebug bad-blocks range (the keys of a [bad-blocks] section)",
+      debug.parse_bad_blocks, debug.run_bad_blocks, args="key=value...", argmin=0, argmax=-1, flags=EXTENSION),
     C("rules", "lists the blkdebug rules and breakpoints with their ids and counters",
       debug.parse_rules, debug.run_rules, flags=EXTENSION),
     C("unrule", "removes the blkdebug rule or breakpoint with the given id",
@@ -84,11 +88,23 @@ COMMANDS = (
     C("unpause", "lets the requests held by pause go, in submission order",
       None, debug.run_unpause, flags=EXTENSION),
     C("aio_discard", "asynchronously discards a number of bytes",
-      io.parse_aio_discard, io.run_aio_discard, args="[-Ciq] off len", argmin=2, argmax=-1, optstring="Ciq",
+      io.parse_aio_discard, io.run_aio_discard, args="[-Ciq] off len", help=H.AIO_DISCARD, argmin=2, argmax=-1,
+      optstring="Ciq",
       flags=EXTENSION, perm=PERM_WRITE),
     C("powerfail", "simulates a power failure of the disk under the image (writes since the last flush lost)",
-      crash.parse_powerfail, crash.run_powerfail, args="[-a] [-m all|random|torn] [-s seed] [-v]", argmin=0,
-      argmax=-1, optstring="am:s:v", flags=EXTENSION),
+      crash.parse_powerfail, crash.run_powerfail, args="[-a] [-m all|random|torn] [-s seed] [-v]", help=crash.HELP,
+      argmin=0, argmax=-1, optstring="am:s:v", flags=EXTENSION),
+    C("nbd_server_start", "serves the open image over NBD while commands go on (clients' requests hit breakpoints)",
+      nbd.parse_nbd_server_start, nbd.run_nbd_server_start, args="[-r] [-n export] unix:PATH|HOST:PORT", argmin=1,
+      argmax=-1, optstring="n:r", flags=EXTENSION),
+    C("nbd_fault", "adds (KEY=VALUE...), lists or removes (-r ID) NBD protocol fault rules of the server",
+      nbd.parse_nbd_fault, nbd.run_nbd_fault, args="[-r id] [point=handshake|reply action=... cmd= after= count= ns= "
+      "errno=]", argmin=0, argmax=-1, optstring="r:", flags=NOFILE_OK | EXTENSION),
+    C("nbd_server_stop", "stops the NBD server: requests in flight finish and are answered",
+      nbd.parse_nbd_server_stop, nbd.run_nbd_server_stop, args="[-c clients]", argmin=0, argmax=2,
+      optstring="c:", flags=NOFILE_OK | EXTENSION),
+    C("record", "records the commands typed from now on as a replayable script (record stop ends)",
+      record.parse_record, record.run_record, args="FILE | stop", argmin=1, argmax=1, flags=NOFILE_OK | EXTENSION),
     C("abort", "simulate a program crash using abort(3)",
       None, misc.run_abort, flags=NOFILE_OK),
     C("sleep", "waits for the given value in milliseconds",

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from qio.block.blklogwrites import LOG_DISCARD, LOG_FLUSH, LOG_FUA, LOG_MARK, Log, LogEntry, LogError, read_log
 from qio.getopt import LongOpt
-from qio.img.cli import Ctx, Options, UsageError
+from qio.img.common import Ctx, Options, UsageError
 
 Extra = tuple[int, tuple[int, ...] | None]  # entry number, the log sectors kept (None: all)
 
@@ -263,12 +263,55 @@ def _pwrite(fd: int, data: bytes, offset: int) -> None:
 
 # -- checking --------------------------------------------------------------------------------------
 class Verdict(NamedTuple):
-    result: str  # clean, leaks, corrupt
+    result: str  # clean, leaks, corrupt, repaired
     detail: str
+    #: for ``repaired``: what the check said before the repair (what ``qemu-img check`` says too)
+    before: str = ""
 
 
-async def qio_check(path: str, fmt: str) -> Verdict:
-    """qio's own check of one state (an image that does not open counts as corrupt)."""
+def _dirty(path: str) -> bool:
+    """A qcow2 v3 image with the dirty bit (lazy refcounts): its refcounts are rebuilt at the next
+    read-write open, so refcount errors in a crash state are expected and repaired."""
+    with open(path, "rb") as f:
+        head = f.read(80)
+    return (len(head) >= 80 and head[:4] == b"QFI\xfb" and int.from_bytes(head[4:8], "big") >= 3
+            and bool(int.from_bytes(head[72:80], "big") & 1))
+
+
+async def _repaired(path: str, fmt: str) -> Verdict:
+    """Open a copy read-write, as the next user of the image would (which repairs a dirty image), close
+    it, and check the result."""
+    from qio.block.backend import BlockBackend
+    from qio.block.errors import QemuError
+    from qio.block.modes import OpenFlags
+
+    copy = path + ".rw"
+    shutil.copyfile(path, copy)
+    try:
+        warnings: list[str] = []
+        try:
+            blk = BlockBackend.open(copy, {"driver": fmt}, OpenFlags(), warnings.append)
+        except QemuError as e:
+            return Verdict("corrupt", f"read-write open failed: {e}")
+        await blk.close(warnings.append)
+        return await qio_check(copy, fmt, repair=False)
+    finally:
+        os.unlink(copy)
+
+
+async def qio_check(path: str, fmt: str, repair: bool = True) -> Verdict:
+    """qio's own check of one state (an image that does not open counts as corrupt).  A corrupt dirty
+    image (lazy refcounts) that a read-write open repairs to a clean or leaking one is ``repaired``."""
+    verdict = await _check_once(path, fmt)
+    if repair and verdict.result == "corrupt" and fmt == "qcow2" and _dirty(path):
+        after = await _repaired(path, fmt)
+        if after.result in ("clean", "leaks"):
+            return Verdict("repaired", f"dirty image, refcounts rebuilt at a read-write open ({verdict.detail})",
+                           "corrupt")
+    return verdict
+
+
+async def _check_once(path: str, fmt: str) -> Verdict:
     from qio.block.backend import BlockBackend
     from qio.block.errors import BlockError, QemuError
     from qio.block.modes import OpenFlags
@@ -299,6 +342,74 @@ async def qio_check(path: str, fmt: str) -> Verdict:
     return Verdict("clean", "")
 
 
+Ranges = tuple[tuple[int, int], ...]
+
+
+class VerdictCache:
+    """Reuse a verdict when the bytes the check read are unchanged.
+
+    Why: most states differ from an already checked one only in data clusters (torn or lost data
+    writes), which the check never reads.  The check is deterministic in the bytes it reads and the file
+    size, so a state whose file has the same size and the same bytes at every range an earlier check
+    read gets that check's verdict.  The ranges are recorded by wrapping the file driver's reads while
+    the check runs; a few recently used range sets are tried per state (hashing them costs far less than
+    a check)."""
+
+    TRIES = 4
+
+    def __init__(self) -> None:
+        from collections import OrderedDict
+
+        self.sets: OrderedDict[tuple[int, Ranges], dict[bytes, Verdict]] = OrderedDict()
+        self.hits = 0
+
+    @staticmethod
+    def _digest(fd: int, ranges: Ranges) -> bytes:
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for off, n in ranges:
+            h.update(os.pread(fd, n, off))
+        return h.digest()
+
+    def lookup(self, fd: int) -> Verdict | None:
+        size = os.fstat(fd).st_size
+        for key in list(reversed(self.sets))[:self.TRIES]:
+            if key[0] != size:
+                continue
+            v = self.sets[key].get(self._digest(fd, key[1]))
+            if v is not None:
+                self.sets.move_to_end(key)
+                self.hits += 1
+                return v
+        return None
+
+    def store(self, fd: int, ranges: Ranges, verdict: Verdict) -> None:
+        key = (os.fstat(fd).st_size, ranges)
+        self.sets.setdefault(key, {})[self._digest(fd, ranges)] = verdict
+        self.sets.move_to_end(key)
+
+
+async def recorded_check(path: str, fmt: str) -> tuple[Verdict, Ranges]:
+    """``qio_check``, with the byte ranges of ``path`` that it read (through the file driver)."""
+    from qio.block.file import FileDriver
+
+    reads: set[tuple[int, int]] = set()
+    original = FileDriver.co_preadv
+
+    async def recording(self: FileDriver, offset: int, nbytes: int, qiov: Any) -> None:
+        if self.filename in (path, path + ".rw"):  # the state, and its copy opened read-write
+            reads.add((offset, nbytes))
+        await original(self, offset, nbytes, qiov)
+
+    FileDriver.co_preadv = recording  # type: ignore[method-assign]
+    try:
+        verdict = await qio_check(path, fmt)
+    finally:
+        FileDriver.co_preadv = original  # type: ignore[method-assign]
+    return verdict, tuple(sorted(reads))
+
+
 def qemu_check(path: str, fmt: str) -> Verdict:
     """``qemu-img check`` (the oracle): exit 0 clean, 3 leaks, 2 corrupt, anything else an error."""
     r = subprocess.run(["qemu-img", "check", "-f", fmt, "--output=json", path], capture_output=True, text=True,
@@ -313,7 +424,7 @@ def qemu_check(path: str, fmt: str) -> Verdict:
 
 # -- the commands ----------------------------------------------------------------------------------
 USAGE_CRASHCHECK = ("crashcheck [-f fmt] [--limit N] [--samples N] [--seed S] [--no-torn] [--oracle] "
-                    "[--all-entries] [--output=ofmt] LOG BASE")
+                    "[--all-entries] [--no-reuse] [--output=ofmt] LOG BASE")
 
 
 def _int_opt(name: str, arg: str) -> int:
@@ -343,10 +454,14 @@ async def img_crashcheck(ctx: Ctx, argv: list[str]) -> int:
     opts = Options(ctx, argv, "hf:", (LongOpt("limit", True, "limit"), LongOpt("samples", True, "samples"),
                                      LongOpt("seed", True, "seed"), LongOpt("no-torn", False, "no-torn"),
                                      LongOpt("oracle", False, "oracle"), LongOpt("output", True, "output"),
-                                     LongOpt("all-entries", False, "all-entries")))
+                                     LongOpt("all-entries", False, "all-entries"),
+                                     LongOpt("no-reuse", False, "no-reuse")))
+    reuse = True
     for c, arg in opts:
         if c == "f":
             fmt = arg
+        elif c == "no-reuse":
+            reuse = False
         elif c == "limit":
             limit = _int_opt("limit", arg)
         elif c == "samples":
@@ -377,7 +492,8 @@ async def img_crashcheck(ctx: Ctx, argv: list[str]) -> int:
         ctx.out.error_report(f"Could not open '{base}': No such file or directory")
         return 1
     states = enumerate_states(log, samples=samples, seed=seed, limit=limit, torn=torn)
-    report = await explore(ctx, log_path, log, base, fmt, states, oracle=oracle)
+    report = await explore(ctx, log_path, log, base, fmt, states, oracle=oracle, all_entries=all_entries,
+                           reuse=reuse)
     report["seed"] = seed
     if output == "json":
         ctx.out.out(json.dumps(report, indent=4) + "\n")
@@ -390,13 +506,15 @@ async def img_crashcheck(ctx: Ctx, argv: list[str]) -> int:
 
 
 async def explore(ctx: Ctx, log_path: str, log: Log, base: str, fmt: str, states: list[State], *,
-                  oracle: bool = False) -> dict[str, Any]:
+                  oracle: bool = False, all_entries: bool = False, reuse: bool = True) -> dict[str, Any]:
     """Build and check every state; the report as a dict (the JSON output)."""
-    counts = {"tried": 0, "clean": 0, "leaks": 0, "corrupt": 0}
+    counts = {"tried": 0, "clean": 0, "leaks": 0, "corrupt": 0, "repaired": 0}
     kinds: dict[str, int] = {}
-    first: dict[str, Any] | None = None
+    first: dict[str, Any] | None = None  # the simplest corrupt state (see _rank)
+    first_rank: tuple[int, int] = (0, 0)
     disagreements: list[dict[str, str]] = []
     tty = sys.stderr.isatty()
+    cache = VerdictCache() if reuse else None
     shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="qio-crash-", dir=shm) as tmp:
@@ -405,19 +523,25 @@ async def explore(ctx: Ctx, log_path: str, log: Log, base: str, fmt: str, states
         try:
             for i, state in enumerate(states):
                 builder.build(state)
-                verdict = await qio_check(work, fmt)
+                verdict = cache.lookup(builder.fd) if cache is not None else None
+                if verdict is None:
+                    verdict, ranges = await recorded_check(work, fmt)
+                    if cache is not None:
+                        cache.store(builder.fd, ranges, verdict)
                 counts["tried"] += 1
                 counts[verdict.result] += 1
                 kinds[state.kind] = kinds.get(state.kind, 0) + 1
                 if oracle:
                     ref = qemu_check(work, fmt)
-                    if ref.result != verdict.result:
+                    if ref.result != (verdict.before or verdict.result):
                         disagreements.append({"entries": state.spec(), "qio": verdict.result,
                                               "qemu-img": ref.result, "qemu-img-detail": ref.detail})
-                if verdict.result == "corrupt" and first is None:
+                if verdict.result == "corrupt" and (first is None or _rank(state) < first_rank):
+                    first_rank = _rank(state)
                     first = {"kind": state.kind, "entries": state.spec(), "check": verdict.detail,
                              "replayed": _describe(log, state),
-                             "command": f"qio-img replay --entries {state.spec()} {log_path} {base} state.img"}
+                             "command": f"qio-img replay{' --all-entries' if all_entries else ''} "
+                                        f"--entries {state.spec()} {log_path} {base} state.img"}
                 if tty and (i % 8 == 0 or i + 1 == len(states)):
                     rate = (i + 1) / max(time.monotonic() - start, 1e-9)
                     sys.stderr.write(f"\rcrashcheck: {i + 1}/{len(states)} states ({rate:.1f}/s)")
@@ -432,6 +556,7 @@ async def explore(ctx: Ctx, log_path: str, log: Log, base: str, fmt: str, states
     report: dict[str, Any] = {
         "log": log_path, "base": base, "format": fmt, "entries": len(log.entries), "entry-kinds": n_kind,
         "sector-size": log.sectorsize, "states": counts, "state-kinds": kinds,
+        "verdicts-reused": cache.hits if cache is not None else 0,
         "seconds": round(elapsed, 3), "states-per-second": round(counts["tried"] / elapsed, 1) if elapsed else 0.0,
         "first-corrupt": first,
     }
@@ -440,11 +565,21 @@ async def explore(ctx: Ctx, log_path: str, log: Log, base: str, fmt: str, states
     return report
 
 
+_KIND_RANK = {"flush": 0, "prefix": 1, "subset": 2, "torn": 3}
+
+
+def _rank(state: State) -> tuple[int, int]:
+    """Which corrupt state to report: flush boundaries before ordered prefixes before subsets before
+    torn writes, then the one with the fewest out-of-order entries (the easiest to understand)."""
+    return _KIND_RANK[state.kind], len(state.extras)
+
+
 def _describe(log: Log, state: State) -> list[str]:
     lines = []
     if state.prefix:
-        lines.append(f"entries 0-{state.prefix - 1} in order (up to {'and including ' if state.kind == 'flush' else ''}"
-                     f"entry {state.prefix - 1}, {log.entries[state.prefix - 1].kind})")
+        last = log.entries[state.prefix - 1]
+        lines.append(f"entries 0-{state.prefix - 1} in order, the last one entry {last.seq}: {last.kind}"
+                     + (f" offset {last.offset} length {last.nbytes}" if last.kind != "flush" else ""))
     for idx, sectors in state.extras:
         e = log.entries[idx]
         what = f"entry {idx}: {e.kind} offset {e.offset} length {e.nbytes}"
@@ -461,7 +596,8 @@ def _human(r: dict[str, Any]) -> str:
            f"{k['flush']} flushes), sector size {r['sector-size']}\n",
            f"States tried: {c['tried']} (" + ", ".join(f"{n} {kind}" for kind, n in sorted(r["state-kinds"].items()))
            + ")\n",
-           f"Clean: {c['clean']}\nLeaks only: {c['leaks']}\nCorrupt: {c['corrupt']}\n",
+           f"Clean: {c['clean']}\nLeaks only: {c['leaks']}\nCorrupt: {c['corrupt']}\n"
+           + (f"Repaired at a read-write open (dirty, lazy refcounts): {c['repaired']}\n" if c["repaired"] else ""),
            f"Speed: {r['states-per-second']} states/s ({r['seconds']} s)\n"]
     first = r["first-corrupt"]
     if first is not None:
@@ -526,6 +662,9 @@ async def img_replay(ctx: Ctx, argv: list[str]) -> int:
         return 1
     if not os.path.isfile(base):
         ctx.out.error_report(f"Could not open '{base}': No such file or directory")
+        return 1
+    if os.path.exists(output) and os.path.samefile(base, output):
+        ctx.out.error_report(f"'{output}' is the base image: replay writes a copy of it")
         return 1
     builder = Builder(log_path, log, base, output)
     try:

@@ -70,6 +70,16 @@ def test_delay_corrupt_set_state_at_the_prompt(img: Path) -> None:
     assert img.read_bytes()[:512] == bytes(512)
 
 
+def test_bad_blocks_at_the_prompt(img: Path) -> None:
+    res = qio(img, "bad_blocks offset=4k length=4k", "read 4k 512", "write -P 9 4k 4k", "read -P 9 4k 512",
+              "bad_blocks offset=4k", "rules")
+    assert lines(res) == ["rule #1 bad-blocks ranges=4096+4096", "read failed: Input/output error",
+                          "wrote 4096/4096 bytes at offset 4096", "read 512/512 bytes at offset 4096",
+                          "bad_blocks: A [bad-blocks] range needs 'offset' and 'length'",
+                          "#1 bad-blocks ranges=none (matched 1, fired 1)"]
+    assert res.returncode == 1
+
+
 @pytest.mark.parametrize(("cmd", "message"), [
     ("inject foo=1", "inject: [inject-error] section doesn't support the option 'foo'"),
     ("inject event=write_aio probability=2", "inject: Parameter 'probability' expects a number between 0 and 1"),
@@ -93,6 +103,7 @@ def test_prompt_rule_errors(img: Path, cmd: str, message: str) -> None:
 
 
 @pytest.mark.parametrize("cmd", ["inject event=write_aio", "delay event=write_aio ns=1", "corrupt", "rules",
+                                 "bad_blocks offset=0 length=1",
                                  "unrule 1", "set_state event=write_aio new_state=2"])
 def test_rules_need_a_blkdebug_node(img: Path, cmd: str) -> None:
     res = qio(img, cmd, image=str(img))
@@ -103,7 +114,7 @@ def test_rules_need_a_blkdebug_node(img: Path, cmd: str) -> None:
 
 def test_extensions_hidden_from_piped_help(img: Path) -> None:
     res = qio(img, "help")
-    for name in ("inject", "delay ", "corrupt", "set_state", "rules", "unrule", "pause", "aio_discard"):
+    for name in ("inject", "delay ", "corrupt", "set_state", "rules", "unrule", "pause", "aio_discard", "bad_blocks"):
         assert name not in res.stdout
 
 
@@ -187,6 +198,12 @@ def test_aio_discard_errors(img: Path) -> None:
     assert res.returncode == 1
 
 
+def test_aio_discard_help(img: Path) -> None:
+    res = qio(img, "help aio_discard")
+    assert res.stdout.startswith("aio_discard [-Ciq] off len -- asynchronously discards a number of bytes\n\n"
+                                 " asynchronously discards a range of bytes from the given offset\n")
+
+
 def test_aio_discard_races_a_write_under_a_breakpoint(img: Path) -> None:
     """The discard-versus-write race aio_discard exists for: the order is chosen with a breakpoint."""
     img.write_bytes(b"\x11" * (1 << 20))
@@ -212,4 +229,5 @@ def test_completion_knows_the_rule_keys() -> None:
     assert complete("corrupt ") == ["after=", "bit=", "count=", "length=", "offset=", "once=", "probability=",
                                     "state="]
     assert complete("set_state new") == ["new_state="]
+    assert complete("bad_blocks ") == ["length=", "offset="]
     assert complete("inject event=wr") == []

@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qio.block.blkdebug_config import inline_sections, make_rule, parse_config_text
+from qio.block.errors import QemuError
 
 
 def qio(*cmds: str, image: str, image_opts: bool = True,
@@ -266,3 +271,58 @@ def test_trace_names_the_rule_that_fired(img: Path) -> None:
     assert res.stderr.splitlines() == [
         "blkdebug_fire #1 inject-error event=write_aio errno=28 iotype=write after=1: failed request write offset"
         " 512 bytes 512 at write offset 512 bytes 512 with errno 28"]
+
+
+# -- hostile input: never a traceback, never a hang ------------------------------------------------------
+NEW_KEYS = ["event", "state", "iotype", "errno", "sector", "once", "probability", "after", "count", "offset",
+            "length", "ns", "jitter", "bit", "bogus"]
+NEW_VALUES = st.one_of(st.sampled_from(["write_aio", "read_aio", "l2_update", "none", "read", "write", "on", "0",
+                                        "1", "0.5", "1.5", "-1", "nan", "4k", "1E", "99E", "0x10", "", "x"]),
+                       st.text(max_size=8))
+SECTIONS = ["[inject-error]", "[delay]", "[corrupt]", "[bad-blocks]", "[set-state]"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.sampled_from(SECTIONS),
+                          st.builds(lambda k, v: f'{k} = "{v}"', st.sampled_from(NEW_KEYS), NEW_VALUES)),
+                max_size=10))
+def test_random_extended_configs_parse_or_fail_cleanly(lines: list[str]) -> None:
+    try:
+        for s in parse_config_text("\n".join(lines) + "\n"):
+            make_rule(s.group, s.values)
+    except QemuError as e:
+        assert str(e)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.builds(lambda g, i, k: f"{g}.{i}.{k}", st.sampled_from(["inject-error", "delay", "corrupt",
+                                                                                  "bad-blocks"]),
+                                 st.integers(0, 1), st.sampled_from(NEW_KEYS)),
+                       st.one_of(NEW_VALUES, st.integers(-10, 2**65), st.floats(), st.booleans()), max_size=6))
+def test_random_extended_inline_rules(options: dict[str, object]) -> None:
+    try:
+        for group, values in inline_sections(dict(options)):
+            make_rule(group, values)
+    except QemuError as e:
+        assert str(e)
+
+
+COMMANDS = st.one_of(
+    st.sampled_from(["inject event=write_aio iotype=write probability=0.5", "inject event=read_aio count=1",
+                     "delay event=write_aio ns=1000000 jitter=500000", "delay event=read_aio ns=2000",
+                     "corrupt count=2", "corrupt offset=0 length=512 bit=7 once=on",
+                     "set_state event=pwritev new_state=2",
+                     "rules", "unrule 1", "unrule 2", "pause", "unpause", "aio_flush", "flush", "debug_state",
+                     "break -o 0,4k -n 2 write_aio A", "break -i read read_aio B", "resume A", "resume B",
+                     "wait_break -t 0 A", "close"]),
+    st.builds(lambda c, o: f"{c} {o} 512", st.sampled_from(["aio_write", "aio_read", "write", "read", "aio_discard"]),
+              st.sampled_from(["0", "512", "4k"])),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(COMMANDS, min_size=1, max_size=12), st.sampled_from(["writeback", "writethrough"]))
+def test_random_fault_command_sequences_never_hang(img: Path, cmds: list[str], cache: str) -> None:
+    res = qio(*cmds, args=("-t", cache), image=opts(img, "file.bad-blocks.0.offset=8k,file.bad-blocks.0.length=4k"))
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr, res.stderr
+    assert res.returncode in (0, 1), (res.returncode, res.stderr)

@@ -304,7 +304,7 @@ def complete(text: str, completer: CommandCompleter | None = None) -> list[tuple
 
 
 def test_complete_command_names() -> None:
-    assert complete("re") == [(w, -2) for w in ("read", "readv", "remove_break", "reopen", "resume")]
+    assert complete("re") == [(w, -2) for w in ("read", "readv", "record", "remove_break", "reopen", "resume")]
     assert complete("aio_") == [(w, -4) for w in ("aio_discard", "aio_flush", "aio_read", "aio_write")]
     assert complete("zz") == []
 
