@@ -2902,6 +2902,8 @@ def allocated_file_size(node: BlockDriver) -> int | None:
     Only the file protocol knows its size; any other protocol driver (blkdebug, even though it
     filters) has no size, and a format node sums its children except the backing file.
     """
+    if node.format_name in ("null-co", "null-aio"):
+        return 0  # null_allocated_file_size
     if node.protocol_name is not None:
         fd = getattr(node, "fd", -1)
         if node.children or not isinstance(fd, int) or fd < 0:

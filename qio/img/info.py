@@ -266,7 +266,12 @@ async def block_status(node: BlockDriver, offset: int, nbytes: int) -> tuple[int
             ret |= BLOCK_EOF
         return ret, pnum, mapped, file
     else:
-        ret, pnum = _file_status(node, offset, nbytes)
+        from qio.block.null import NullCoDriver
+
+        if isinstance(node, NullCoDriver):  # null_co_block_status: offset valid, zero with read-zeroes
+            ret, pnum = await node.co_block_status(offset, nbytes)
+        else:
+            ret, pnum = _file_status(node, offset, nbytes)
         mapped, file = offset, node
     if ret & (BLOCK_DATA | BLOCK_ZERO):
         ret |= BLOCK_ALLOCATED
