@@ -23,13 +23,10 @@ pytestmark = pytest.mark.oracle("qemu-io", "qemu-img", "qemu-nbd")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def start_qio(img: Path, sock: Path, *cmds: str, fmt: str = "raw", clients: int = 1) -> subprocess.Popen[str]:
-    """qio serving ``img``: the commands run, then the server stops once ``clients`` came and went."""
-    argv = [sys.executable, "-m", "qio", "-f", fmt, "-c", f"nbd_server_start unix:{sock}"]
-    for c in cmds:
-        argv += ["-c", c]
-    argv += ["-c", f"nbd_server_stop -c {clients}", str(img)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+def launch(argv: list[str], sock: Path) -> subprocess.Popen[str]:
+    """Start qio with ``argv`` and wait until its export's socket is in place (it accepts by then)."""
+    proc = subprocess.Popen([sys.executable, "-m", "qio", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV)
     deadline = time.monotonic() + 20
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -38,6 +35,14 @@ def start_qio(img: Path, sock: Path, *cmds: str, fmt: str = "raw", clients: int 
             raise AssertionError(f"the export did not come up:\n{out}")
         time.sleep(0.02)
     return proc
+
+
+def start_qio(img: Path, sock: Path, *cmds: str, fmt: str = "raw", clients: int = 1) -> subprocess.Popen[str]:
+    """qio serving ``img``: the commands run, then the server stops once ``clients`` came and went."""
+    argv = ["-f", fmt, "-c", f"nbd_server_start unix:{sock}"]
+    for c in cmds:
+        argv += ["-c", c]
+    return launch([*argv, "-c", f"nbd_server_stop -c {clients}", str(img)], sock)
 
 
 def finish(proc: subprocess.Popen[str]) -> str:
@@ -127,13 +132,9 @@ def test_qemu_img_convert_and_compare(raw: Path, tmp_path: Path) -> None:
 def test_breakpoint_on_a_client_request(raw: Path, tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     img = f"blkdebug::{raw}"
-    argv = [sys.executable, "-m", "qio", "-f", "raw", "-c", "break write_aio A", "-c", f"nbd_server_start unix:{sock}",
+    qio = launch(["-f", "raw", "-c", "break write_aio A", "-c", f"nbd_server_start unix:{sock}",
             "-c", "wait_break A", "-c", "debug_state", "-c", "read -P 0x11 0 4k", "-c", "resume A", "-c",
-            "nbd_server_stop", img]
-    qio = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    deadline = time.monotonic() + 20
-    while not sock.exists() and time.monotonic() < deadline and qio.poll() is None:
-        time.sleep(0.02)
+            "nbd_server_stop", img], sock)
     c = client(sock, "write -P 0x44 0 4k")
     cout = done(c)
     out = finish(qio)
@@ -152,14 +153,10 @@ def test_race_between_two_clients_replayed(raw: Path, tmp_path: Path) -> None:
     2's data is on disk makes client 1's bytes win the overlap, whatever order they connected in."""
     sock = tmp_path / "s.sock"
     img = f"blkdebug::{raw}"
-    argv = [sys.executable, "-m", "qio", "-f", "raw", "-c", "break -o 0 write_aio A",
+    qio = launch(["-f", "raw", "-c", "break -o 0 write_aio A",
             "-c", "break -o 8k pwritev_done B", "-c", f"nbd_server_start unix:{sock}",
             "-c", "wait_break A", "-c", "wait_break B", "-c", "resume B", "-c", "resume A", "-c", "nbd_server_stop",
-            img]
-    qio = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    deadline = time.monotonic() + 20
-    while not sock.exists() and time.monotonic() < deadline and qio.poll() is None:
-        time.sleep(0.02)
+            img], sock)
     c1 = client(sock, "write -P 0x55 0 8k")
     c2 = client(sock, "write -P 0x66 4k 8k")
     out1, out2 = done(c1), done(c2)
@@ -174,12 +171,8 @@ def test_quit_with_a_request_in_flight_answers_it(raw: Path, tmp_path: Path) -> 
     """``nbd_server_stop`` (and quit) finish requests in flight: a suspended one is resumed, not lost."""
     sock = tmp_path / "s.sock"
     img = f"blkdebug::{raw}"
-    argv = [sys.executable, "-m", "qio", "-f", "raw", "-c", "break write_aio A", "-c", f"nbd_server_start unix:{sock}",
-            "-c", "wait_break A", "-c", "quit", img]
-    qio = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    deadline = time.monotonic() + 20
-    while not sock.exists() and time.monotonic() < deadline and qio.poll() is None:
-        time.sleep(0.02)
+    qio = launch(["-f", "raw", "-c", "break write_aio A", "-c", f"nbd_server_start unix:{sock}",
+            "-c", "wait_break A", "-c", "quit", img], sock)
     cout = done(client(sock, "write -P 0x77 64k 4k"))
     out = finish(qio)
     assert "wrote 4096/4096 bytes at offset 65536" in cout, cout
@@ -260,12 +253,8 @@ def test_errors(raw: Path, tmp_path: Path) -> None:
 
 def test_read_only_export_refuses_writes(raw: Path, tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
-    argv = [sys.executable, "-m", "qio", "-r", "-f", "raw", "-c", f"nbd_server_start unix:{sock}",
-            "-c", "nbd_server_stop -c 1", str(raw)]
-    qio = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    deadline = time.monotonic() + 20
-    while not sock.exists() and time.monotonic() < deadline and qio.poll() is None:
-        time.sleep(0.02)
+    qio = launch(["-r", "-f", "raw", "-c", f"nbd_server_start unix:{sock}",
+            "-c", "nbd_server_stop -c 1", str(raw)], sock)
     cout = done(client(sock, "write -P 0x99 0 4k"))
     out = finish(qio)
     assert "read-only" in out
@@ -275,12 +264,8 @@ def test_read_only_export_refuses_writes(raw: Path, tmp_path: Path) -> None:
 
 
 def _serve_with(raw: Path, sock: Path, rule: str, *client_cmds: str) -> tuple[str, str]:
-    argv = [sys.executable, "-m", "qio", "-f", "raw", "-c", f"nbd_fault {rule}", "-c", f"nbd_server_start unix:{sock}",
-            "-c", "nbd_server_stop -c 1", "-c", "nbd_fault", str(raw)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    deadline = time.monotonic() + 20
-    while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    proc = launch(["-f", "raw", "-c", f"nbd_fault {rule}", "-c", f"nbd_server_start unix:{sock}",
+            "-c", "nbd_server_stop -c 1", "-c", "nbd_fault", str(raw)], sock)
     cout = done(client(sock, *client_cmds))
     return cout, finish(proc)
 
