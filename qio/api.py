@@ -460,6 +460,45 @@ class Image:
             raise BreakpointError(-ret, f"Could not set breakpoint: {os.strerror(-ret)}")
         return Breakpoint(self, event, tag)
 
+    # -- rules at run time (qio's prompt commands inject, delay, corrupt, set_state, bad_blocks) -----------
+    def _blkdebug(self) -> Any:
+        from qio.block.blkdebug import BlkdebugDriver
+
+        self._enter()
+        node = self._debug_node()
+        if not isinstance(node, BlkdebugDriver):
+            raise QioError(errno.ENOTSUP, "no blkdebug node below the image")
+        return node
+
+    def add_rule(self, kind: str, **keys: Any) -> int:
+        """Add a blkdebug rule as a configuration section ``[KIND]`` with ``keys`` would (docs/blkdebug.md):
+        ``img.add_rule("inject-error", event="write_aio", errno=28, once=True)``.  Returns its id."""
+        from qio.block.blkdebug_config import make_rule, parse_words
+
+        node = self._blkdebug()
+        if kind not in ("inject-error", "set-state", "delay", "corrupt", "bad-blocks"):
+            raise QioError(errno.EINVAL, f"There is no option group '{kind}'")
+
+        def text(v: Any) -> str:
+            return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
+        try:
+            rule = node.add_rule(make_rule(kind, parse_words(kind, [f"{k}={text(v)}" for k, v in keys.items()])))
+        except QemuError as e:
+            raise QioError(errno.EINVAL, str(e)) from None
+        rule_id: int = rule.id
+        return rule_id
+
+    def remove_rule(self, rule_id: int) -> None:
+        """Delete a rule or breakpoint by the id :meth:`add_rule` returned or :meth:`rules` shows."""
+        if not self._blkdebug().remove_rule(rule_id):
+            raise QioError(errno.ENOENT, f"no rule #{rule_id}")
+
+    def rules(self) -> list[str]:
+        """The ``rules`` command's lines: every rule and breakpoint with its id, conditions, counters."""
+        lines: list[str] = self._blkdebug().rule_lines(breakpoints=True)
+        return lines
+
     def resume(self, tag: str) -> None:
         """``resume TAG``, for requests parked by a breakpoint set some other way (a config file)."""
         self._enter()

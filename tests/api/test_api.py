@@ -314,6 +314,36 @@ def test_breakpoint_timeout() -> None:
     run(go)
 
 
+def test_rules_at_run_time(tmp_path: Path) -> None:
+    path = raw(tmp_path)
+
+    async def go() -> None:
+        async with qio.open(path, "raw") as img:
+            with pytest.raises(qio.QioError, match="no blkdebug node") as e:
+                img.add_rule("inject-error", event="write_aio")
+            assert e.value.errno == errno.ENOTSUP
+        async with qio.open(f"blkdebug::{path}", "raw") as img:
+            rid = img.add_rule("inject-error", event="write_aio", errno=28, once=True)
+            assert img.rules() == [f"#{rid} inject-error event=write_aio errno=28 once=on (matched 0, fired 0)"]
+            with pytest.raises(qio.QioError, match="No space left on device") as e:
+                await img.write(0, b"x" * 512)
+            assert e.value.errno == errno.ENOSPC
+            await img.write(0, b"x" * 512)  # once: the second write goes through
+            rid2 = img.add_rule("inject-error", event="read_aio", errno=5)
+            img.remove_rule(rid2)
+            assert await img.read(0, 1) == b"x"
+            with pytest.raises(qio.QioError, match=f"no rule #{rid2}"):
+                img.remove_rule(rid2)
+            with pytest.raises(qio.QioError, match="Missing event name"):
+                img.add_rule("inject-error", errno=5)
+            with pytest.raises(qio.QioError, match="doesn't support the option 'bogus'"):
+                img.add_rule("delay", event="write_aio", bogus=1)
+            with pytest.raises(qio.QioError, match="no option group 'nope'"):
+                img.add_rule("nope")
+
+    run(go)
+
+
 def test_close_resumes_parked(tmp_path: Path) -> None:
     path = raw(tmp_path)
 
