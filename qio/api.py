@@ -31,6 +31,7 @@ __all__ = [
     "Breakpoint",
     "BreakpointError",
     "BreakpointTimeout",
+    "EventStream",
     "Extent",
     "Image",
     "ImageClosedError",
@@ -41,6 +42,7 @@ __all__ = [
     "Request",
     "StandstillError",
     "SyncImage",
+    "TraceEvent",
     "open",
     "open_sync",
 ]
@@ -227,6 +229,88 @@ class Breakpoint:
 
     def __repr__(self) -> str:
         return f"<Breakpoint {self.event} {self.tag!r}{' removed' if self.removed else ''}>"
+
+
+# -- the trace as events ----------------------------------------------------------------------------
+class TraceEvent(NamedTuple):
+    """One line of qio's trace (``-T``): the trace event's name and its text.  For ``blkdebug_event``
+    the fields are parsed too: the blkdebug ``event`` (``write_aio``), the request that raised it
+    (``op`` ``"write"``/``"read"``/..., ``offset``, ``length``; None at open/close) and the state."""
+
+    name: str
+    text: str
+    event: str | None = None
+    op: str | None = None
+    offset: int | None = None
+    length: int | None = None
+    state: int | None = None
+
+
+def _trace_event(line: str) -> TraceEvent:
+    name, _, text = line.rstrip("\n").partition(" ")
+    if name != "blkdebug_event":
+        return TraceEvent(name, text)
+    words = text.split()
+    # "write_aio request write offset 0 bytes 8192 state 1" or "none request (no request: open/close) state 1"
+    state = int(words[-1]) if words[-2:-1] == ["state"] and words[-1].isdigit() else None
+    if len(words) >= 7 and words[1] == "request" and words[3] == "offset" and words[5] == "bytes":
+        return TraceEvent(name, text, words[0], words[2], int(words[4]), int(words[6]), state)
+    return TraceEvent(name, text, words[0] if words else None, state=state)
+
+
+class EventStream:
+    """``async for ev in img.events():`` the trace events of the image as they fire.
+
+    Events are recorded from the moment the stream is made, whatever call runs the requests; the
+    iteration yields the recorded ones, then runs the event loop for more, and ends when nothing could
+    ever fire another (it never hangs).  :meth:`close` (or leaving ``with``) stops the recording."""
+
+    def __init__(self, image: Image, pattern: str) -> None:
+        from collections import deque
+
+        from qio import trace
+
+        self.image = image
+        self._buf: deque[str] = deque()
+        self._saved = (list(trace._sink), set(trace.enabled))
+        warnings: list[str] = []
+        trace.enable(pattern, warnings.append)
+        if warnings:
+            raise QioError(errno.ENOENT, warnings[0])
+        trace.set_sink(self._buf.append)
+        self.closed = False
+
+    def pending(self) -> list[TraceEvent]:
+        """The events recorded so far and not yet taken, without waiting."""
+        out = [_trace_event(line) for line in self._buf]
+        self._buf.clear()
+        return out
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> TraceEvent:
+        if not self._buf and not self.closed and not self.image.closed:
+            self.image._enter()
+            await self.image.session.run_until(lambda: bool(self._buf), "events", on_standstill=lambda: True)
+        if not self._buf:
+            raise StopAsyncIteration
+        return _trace_event(self._buf.popleft())
+
+    def close(self) -> None:
+        from qio import trace
+
+        if not self.closed:
+            self.closed = True
+            trace._sink[:] = self._saved[0]
+            trace.enabled.clear()
+            trace.enabled.update(self._saved[1])
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
 
 
 # -- the image ---------------------------------------------------------------------------------------
@@ -506,6 +590,11 @@ class Image:
         ret = node.debug_resume(tag) if node is not None else -errno.ENOTSUP
         if ret < 0:
             raise BreakpointError(-ret, f"Could not resume request: {os.strerror(-ret)}")
+
+    def events(self, pattern: str = "blkdebug_event") -> EventStream:
+        """Record trace events matching ``pattern`` (``-T PATTERN``: ``blkdebug_event``, ``blkdebug_*``)."""
+        self._enter()
+        return EventStream(self, pattern)
 
     # -- closing -------------------------------------------------------------------------------------
     @property

@@ -344,6 +344,57 @@ def test_rules_at_run_time(tmp_path: Path) -> None:
     run(go)
 
 
+def test_events(tmp_path: Path) -> None:
+    """The trace as events: the same blkdebug_event lines ``qio -T blkdebug_event`` prints for the
+    request, recorded whatever call ran it; iteration ends (never hangs) when nothing can fire more."""
+    path = raw(tmp_path)
+
+    async def go() -> tuple[list[qio.TraceEvent], list[qio.TraceEvent]]:
+        async with qio.open(f"blkdebug::{path}", "raw") as img:
+            with img.events() as evs:
+                bp = img.breakpoint("write_aio", "A")
+                w1 = img.submit_write(0, b"x" * 8192)
+                await bp.hit()
+                first = evs.pending()
+                bp.resume()
+                rest = [ev async for ev in evs]
+                assert w1.done
+            assert evs.closed and [ev async for ev in evs] == []
+            with pytest.raises(qio.QioError, match="trace event 'nope' does not exist"):
+                img.events("nope")
+            return first, rest
+
+    first, rest = run(go)
+    assert first == [qio.TraceEvent("blkdebug_event", "write_aio request write offset 0 bytes 8192 state 1",
+                                    "write_aio", "write", 0, 8192, 1)]
+    assert [(ev.event, ev.op, ev.offset, ev.length) for ev in rest] == [
+        ("pwritev", "write", 0, 8192), ("pwritev_done", "write", 0, 8192), ("flush_to_os", "write", 0, 8192)]
+    from qio import trace
+
+    assert "blkdebug_event" not in trace.enabled  # closing the stream restored the trace state
+
+
+def test_events_match_shell_trace(tmp_path: Path) -> None:
+    """The events recorded through the API are the lines ``qio -T blkdebug_event`` prints."""
+    path = raw(tmp_path)
+    shell = subprocess.run([sys.executable, "-m", "qio", "-T", "blkdebug_event", "-f", "raw", "-c",
+                            "break write_aio A", "-c", "aio_write 0 8k", "-c", "resume A", "-c", "aio_flush",
+                            f"blkdebug::{path}"], capture_output=True, text=True, cwd=ROOT, env=env_with_root())
+    expected = [line for line in shell.stderr.splitlines() if "offset 0 bytes 8192" in line]
+
+    async def go() -> list[str]:
+        async with qio.open(f"blkdebug::{path}", "raw") as img:
+            with img.events() as evs:
+                bp = img.breakpoint("write_aio", "A")
+                w1 = img.submit_write(0, b"x" * 8192)
+                await bp.hit()
+                bp.resume()
+                await w1
+                return [f"{ev.name} {ev.text}" for ev in evs.pending()]
+
+    assert run(go) == expected and len(expected) == 4
+
+
 def test_close_resumes_parked(tmp_path: Path) -> None:
     path = raw(tmp_path)
 
