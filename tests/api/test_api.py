@@ -249,6 +249,38 @@ def test_tutorial_race_matches_shell(tmp_path: Path) -> None:
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_tutorial_race_order2(tmp_path: Path) -> None:
+    """docs/tutorial-race.md, "Order 2": W1 parked at pwritev_done (its data already in the file), so W2
+    lands last; as there, the breakpoint is reached only while the event loop runs (``bp.hit``)."""
+    path = raw(tmp_path)
+
+    async def go() -> bytes:
+        async with qio.open(f"blkdebug::{path}", fmt="raw") as img:
+            bp = img.breakpoint("pwritev_done", "A")
+            w1 = img.submit_write(0, b"\x11" * 8192)
+            assert await bp.hit(timeout=5) is w1
+            await img.submit_write(4096, b"\x22" * 8192)
+            bp.resume()
+            await w1
+            return await img.read(4088, 16)
+
+    assert run(go) == b"\x11" * 8 + b"\x22" * 8
+
+
+def test_docs_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The complete examples of docs/api.md (the tutorial, the synchronous one) run as written."""
+    import re
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "import qio" in b
+              or "open_sync" in b]
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    raw(tmp_path)
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), {"qio": qio, "asyncio": asyncio, "print": lambda *a: None})
+
+
 def test_breakpoint_failures(tmp_path: Path) -> None:
     path = raw(tmp_path)
 
