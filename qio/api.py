@@ -10,13 +10,14 @@ breakpoint no request can reach) raises instead.  Reference and tutorial: docs/a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import os
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from qio.aio import AIO, AioContext, Co, current_co
+from qio.aio import AIO, AioContext, Co, current_co, enter
 from qio.block.driver import BDRV_REQUEST_MAX_BYTES, REQ_FUA, REQ_MAY_UNMAP, REQ_ZERO_WRITE
 from qio.block.errors import BlockError, QemuError
 from qio.block.perms import PERM_RESIZE, PERM_WRITE
@@ -363,6 +364,31 @@ class Image:
         raise StandstillError(errno.EDEADLK, f"{what} can never finish: request(s) {parked} suspended at "
                                              "blkdebug breakpoints; resume them first")
 
+    async def _sync(self, coro: Coroutine[Any, Any, Any], what: str) -> Any:
+        """Run a request as the shell's synchronous commands do (:meth:`Session.sync`: entered at once,
+        one poll if it did host I/O), but a request that can never finish raises
+        :class:`StandstillError` and stays in flight (closing drains it) instead of being resumed."""
+        aio = self.session.aio
+        before = AIO.yields
+        co = Co(coro, contextvars.copy_context())
+        enter(co)
+        if co.finished:
+            if AIO.yields != before:
+                await aio.poll()
+        else:
+            co.on_finish = lambda _: aio.notify()
+            aio.sync_task = co
+            try:
+                await self._run_until(lambda: co.finished, what)
+            except BaseException:
+                aio.adopt(co)
+                raise
+            finally:
+                aio.sync_task = None
+        if co.exc is not None:
+            raise _error(co.exc) from None
+        return co.result
+
     def _need(self, perm: int) -> BlockBackend:
         """The permissions a command takes before running (``write`` WRITE, ``truncate`` RESIZE too)."""
         blk = self._enter()
@@ -409,6 +435,12 @@ class Image:
                      zero: bool = False, unmap: bool = False) -> Request:
         """Start a write (qemu-io's ``aio_write``).  With ``zero=True`` ``data`` may be the length (an
         int) of the zeroes to write (``-z``); ``unmap`` lets zeroed clusters be deallocated (``-u``)."""
+        length, coro = self._write(offset, data, fua, zero, unmap)
+        return self._submit("write", offset, length, coro)
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview | int, fua: bool, zero: bool,
+               unmap: bool) -> tuple[int, Coroutine[Any, Any, None]]:
+        """Checks and the request of a write: its length and coroutine."""
         if isinstance(data, int):
             if not zero:
                 raise QioError(errno.EINVAL, "data must be bytes unless zero=True")
@@ -425,7 +457,7 @@ class Image:
         else:
             assert not isinstance(data, int)
             coro = blk.pwritev(offset, length, [memoryview(bytes(data))], flags)
-        return self._submit("write", offset, length, coro)
+        return length, coro
 
     def submit_discard(self, offset: int, length: int) -> Request:
         """Start a discard (qio's ``aio_discard``)."""
@@ -436,22 +468,28 @@ class Image:
     # -- requests awaited at once --------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
         """``read offset length``: the bytes (EIO outside the image, as in qemu-io)."""
-        data: bytes = await self.submit_read(offset, length)
-        return data
+        self._limit(length)
+        blk = self._enter()
+        buf = bytearray(b"\xab") * max(length, 0)
+        await self._sync(blk.preadv(offset, length, [memoryview(buf)]), f"read at offset {offset}")
+        return bytes(buf)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview | int, *, fua: bool = False,
                     zero: bool = False, unmap: bool = False) -> None:
         """``write [-f] [-z [-u]] offset length``, with ``data`` as the bytes written."""
-        await self.submit_write(offset, data, fua=fua, zero=zero, unmap=unmap)
+        _, coro = self._write(offset, data, fua, zero, unmap)
+        await self._sync(coro, f"write at offset {offset}")
 
     async def discard(self, offset: int, length: int) -> None:
         """``discard offset length``."""
-        await self.submit_discard(offset, length)
+        self._limit(length)
+        blk = self._need(PERM_WRITE)
+        await self._sync(blk.pdiscard(offset, length), f"discard at offset {offset}")
 
     async def flush(self) -> None:
         """``flush``: the image's data and metadata reach stable storage."""
         blk = self._enter()
-        await self._submit("flush", 0, 0, blk.flush())
+        await self._sync(blk.flush(), "flush")
 
     async def drain(self) -> None:
         """``aio_flush``: wait for every request in flight (:class:`StandstillError` if one never can)."""
@@ -463,7 +501,7 @@ class Image:
         if prealloc not in PREALLOC_MODES:
             raise QioError(errno.EINVAL, f"Invalid preallocation mode '{prealloc}'")
         blk = self._need(PERM_WRITE | PERM_RESIZE)
-        await self._submit("truncate", length, 0, blk.truncate(length, prealloc))
+        await self._sync(blk.truncate(length, prealloc), "truncate")
 
     async def length(self) -> int:
         """``length``: the image size in bytes."""
@@ -480,13 +518,8 @@ class Image:
 
     async def _is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
         blk = self._enter()
-        box: list[tuple[bool, int]] = []
-
-        async def status() -> None:
-            box.append(await blk.is_allocated(offset, length))
-
-        await self._submit("block_status", offset, length, status())
-        return box[0]
+        status: tuple[bool, int] = await self._sync(blk.is_allocated(offset, length), "block_status")
+        return status
 
     async def map(self) -> list[Extent]:
         """qemu-io's ``map``: the whole image as runs of allocated / not allocated bytes."""

@@ -427,6 +427,27 @@ def test_events_match_shell_trace(tmp_path: Path) -> None:
     assert run(go) == expected and len(expected) == 4
 
 
+def test_awaited_request_at_breakpoint(tmp_path: Path) -> None:
+    """``await img.write`` caught by a breakpoint: StandstillError at once (qemu-io would hang); the
+    request stays in flight, and a resume lets it finish (drain waits for it)."""
+    path = raw(tmp_path)
+
+    async def go() -> bytes:
+        async with qio.open(f"blkdebug::{path}", "raw") as img:
+            bp = img.breakpoint("write_aio", "A")
+            with pytest.raises(qio.StandstillError, match="write at offset 0 can never finish: request"
+                                                          r"\(s\) 'A' suspended") as e:
+                await img.write(0, b"\x09" * 512)
+            assert e.value.errno == errno.EDEADLK
+            with pytest.raises(qio.StandstillError):
+                await img.drain()
+            bp.resume()
+            await img.drain()
+            return await img.read(0, 512)
+
+    assert run(go) == b"\x09" * 512
+
+
 def test_close_resumes_parked(tmp_path: Path) -> None:
     path = raw(tmp_path)
 
