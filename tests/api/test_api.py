@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 import qio
-from oracle import ROOT, env_with_root, qemu_io
+from oracle import ROOT, env_with_root, qemu_img, qemu_io
 
 T = TypeVar("T")
 
@@ -192,6 +192,27 @@ def test_bytes_match_qemu_io(tmp_path: Path) -> None:
     run(go)
     qemu_io("-f", "raw", "-c", "write 0 4k", "-c", "write -f 6k 8k", "-c", "write -z 8k 4k",
             "-c", "discard 64k 4k", str(b))
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.oracle
+def test_qcow2_bytes_match_qemu_io(tmp_path: Path) -> None:
+    """qcow2 through the API (writes, zero writes, discard, truncate) leaves the file qemu-io leaves."""
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    for p in (a, b):
+        qemu_img("create", "-q", "-f", "qcow2", str(p), "1M")
+
+    async def go() -> None:
+        async with qio.open(str(a), "qcow2") as img:
+            await img.write(0, b"\xcd" * 4096)
+            await img.write(200 << 10, b"\xcd" * 70000)
+            await img.write(64 << 10, 65536, zero=True, unmap=True)
+            await img.discard(0, 65536)
+            await img.truncate(2 << 20)
+
+    run(go)
+    qemu_io("-f", "qcow2", "-c", "write 0 4k", "-c", "write 200k 70000", "-c", "write -z -u 64k 64k",
+            "-c", "discard 0 64k", "-c", "truncate 2M", str(b))
     assert a.read_bytes() == b.read_bytes()
 
 
