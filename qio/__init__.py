@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # type checkers see the real names; at run time they are impo
         QioError,
         ReadOnlyError,
         Request,
+        RequestTimeout,
         StandstillError,
         SyncImage,
         TraceEvent,
@@ -27,8 +28,8 @@ if TYPE_CHECKING:  # type checkers see the real names; at run time they are impo
 
 # The public API (qio/api.py, docs/api.md) is imported on first use: the shell never loads it.
 __all__ = ["Breakpoint", "BreakpointError", "BreakpointTimeout", "EventStream", "Extent", "Image",
-           "ImageClosedError", "ImageInfo", "OpenError", "QioError", "ReadOnlyError", "Request", "StandstillError",
-           "SyncImage", "TraceEvent", "__version__", "open", "open_sync"]
+           "ImageClosedError", "ImageInfo", "OpenError", "QioError", "ReadOnlyError", "Request", "RequestTimeout",
+           "StandstillError", "SyncImage", "TraceEvent", "__version__", "open", "open_sync"]
 _API = frozenset(__all__) - {"__version__"}
 
 

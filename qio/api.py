@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import errno
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -41,6 +42,7 @@ __all__ = [
     "QioError",
     "ReadOnlyError",
     "Request",
+    "RequestTimeout",
     "StandstillError",
     "SyncImage",
     "TraceEvent",
@@ -80,6 +82,10 @@ class BreakpointError(QioError):
 
 class BreakpointTimeout(BreakpointError, TimeoutError):
     """``Breakpoint.hit(timeout=...)`` ran out of time while a request could still reach it."""
+
+
+class RequestTimeout(QioError, TimeoutError):
+    """``await request.wait(timeout=...)`` ran out of time while the request could still finish."""
 
 
 class StandstillError(QioError):
@@ -162,10 +168,11 @@ class Request:
         self._exc = exc
         self._result = result
 
-    async def wait(self) -> Any:
-        """The request's result (bytes for a read, None otherwise); raises its :class:`QioError`."""
+    async def wait(self, timeout: float | None = None) -> Any:
+        """The request's result (bytes for a read, None otherwise); raises its :class:`QioError`, or
+        :class:`RequestTimeout` after ``timeout`` seconds (the request goes on)."""
         if not self.done:
-            await self.image._run_until(lambda: self.done, f"{self.kind} request at offset {self.offset}")
+            await self.image._run_until(lambda: self.done, f"{self.kind} request at offset {self.offset}", timeout)
         if self._exc is not None:
             raise _error(self._exc)
         return self._result
@@ -353,11 +360,21 @@ class Image:
     def _debug_node(self) -> BlockDriver | None:
         return self.session.debug_node()
 
-    async def _run_until(self, done: Callable[[], bool], what: str) -> None:
-        """Run the event loop until ``done()``; :class:`StandstillError` if it can never become true."""
+    async def _run_until(self, done: Callable[[], bool], what: str, timeout: float | None = None) -> None:
+        """Run the event loop until ``done()``; :class:`StandstillError` if it can never become true,
+        :class:`RequestTimeout` if it did not within ``timeout`` seconds."""
         self._enter()
-        if await self.session.run_until(done, what, on_standstill=lambda: True) and done():
+        stalled: list[bool] = []
+
+        def standstill() -> bool:
+            stalled.append(True)
+            return True
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if await self.session.run_until(done, what, deadline, on_standstill=standstill) and done():
             return
+        if not stalled and not done():
+            raise RequestTimeout(errno.ETIMEDOUT, f"{what}: timed out after {timeout:g} s")
         node = self._debug_node()
         tags = node.debug_suspended_tags() if node is not None else []
         parked = ", ".join(repr(t) for t in tags) or "none"

@@ -362,7 +362,10 @@ def test_breakpoint_timeout() -> None:
             assert e.value.errno == errno.ETIMEDOUT and isinstance(e.value, TimeoutError)
             assert w.state == "running"
             bp.remove()
-            await w
+            with pytest.raises(qio.RequestTimeout, match=r"write request at offset 0: timed out after 0.1 s") as e2:
+                await w.wait(timeout=0.1)
+            assert e2.value.errno == errno.ETIMEDOUT and isinstance(e2.value, TimeoutError)
+            assert await w.wait(timeout=30) is None
 
     run(go)
 
