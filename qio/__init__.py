@@ -9,6 +9,7 @@ if TYPE_CHECKING:  # type checkers see the real names; at run time they are impo
         Breakpoint,
         BreakpointError,
         BreakpointTimeout,
+        EventStream,
         Extent,
         Image,
         ImageClosedError,
@@ -17,19 +18,19 @@ if TYPE_CHECKING:  # type checkers see the real names; at run time they are impo
         QioError,
         ReadOnlyError,
         Request,
+        RequestTimeout,
         StandstillError,
         SyncImage,
+        TraceEvent,
         open,
         open_sync,
     )
 
 # The public API (qio/api.py, docs/api.md) is imported on first use: the shell never loads it.
-__all__ = ["Breakpoint", "BreakpointError", "BreakpointTimeout", "Extent", "Image", "ImageClosedError",
-           "ImageInfo", "OpenError", "QioError", "ReadOnlyError", "Request", "StandstillError", "SyncImage",
-           "__version__", "open", "open_sync"]
-_API = frozenset({"Breakpoint", "BreakpointError", "BreakpointTimeout", "Extent", "Image", "ImageClosedError",
-                  "ImageInfo", "OpenError", "QioError", "ReadOnlyError", "Request", "StandstillError",
-                  "SyncImage", "open", "open_sync"})
+__all__ = ["Breakpoint", "BreakpointError", "BreakpointTimeout", "EventStream", "Extent", "Image",
+           "ImageClosedError", "ImageInfo", "OpenError", "QioError", "ReadOnlyError", "Request", "RequestTimeout",
+           "StandstillError", "SyncImage", "TraceEvent", "__version__", "open", "open_sync"]
+_API = frozenset(__all__) - {"__version__"}
 
 
 def __getattr__(name: str) -> object:

@@ -10,13 +10,15 @@ breakpoint no request can reach) raises instead.  Reference and tutorial: docs/a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from qio.aio import AIO, AioContext, Co, current_co
+from qio.aio import AIO, AioContext, Co, current_co, enter
 from qio.block.driver import BDRV_REQUEST_MAX_BYTES, REQ_FUA, REQ_MAY_UNMAP, REQ_ZERO_WRITE
 from qio.block.errors import BlockError, QemuError
 from qio.block.perms import PERM_RESIZE, PERM_WRITE
@@ -31,6 +33,7 @@ __all__ = [
     "Breakpoint",
     "BreakpointError",
     "BreakpointTimeout",
+    "EventStream",
     "Extent",
     "Image",
     "ImageClosedError",
@@ -39,8 +42,10 @@ __all__ = [
     "QioError",
     "ReadOnlyError",
     "Request",
+    "RequestTimeout",
     "StandstillError",
     "SyncImage",
+    "TraceEvent",
     "open",
     "open_sync",
 ]
@@ -77,6 +82,10 @@ class BreakpointError(QioError):
 
 class BreakpointTimeout(BreakpointError, TimeoutError):
     """``Breakpoint.hit(timeout=...)`` ran out of time while a request could still reach it."""
+
+
+class RequestTimeout(QioError, TimeoutError):
+    """``await request.wait(timeout=...)`` ran out of time while the request could still finish."""
 
 
 class StandstillError(QioError):
@@ -159,10 +168,11 @@ class Request:
         self._exc = exc
         self._result = result
 
-    async def wait(self) -> Any:
-        """The request's result (bytes for a read, None otherwise); raises its :class:`QioError`."""
+    async def wait(self, timeout: float | None = None) -> Any:
+        """The request's result (bytes for a read, None otherwise); raises its :class:`QioError`, or
+        :class:`RequestTimeout` after ``timeout`` seconds (the request goes on)."""
         if not self.done:
-            await self.image._run_until(lambda: self.done, f"{self.kind} request at offset {self.offset}")
+            await self.image._run_until(lambda: self.done, f"{self.kind} request at offset {self.offset}", timeout)
         if self._exc is not None:
             raise _error(self._exc)
         return self._result
@@ -229,6 +239,88 @@ class Breakpoint:
         return f"<Breakpoint {self.event} {self.tag!r}{' removed' if self.removed else ''}>"
 
 
+# -- the trace as events ----------------------------------------------------------------------------
+class TraceEvent(NamedTuple):
+    """One line of qio's trace (``-T``): the trace event's name and its text.  For ``blkdebug_event``
+    the fields are parsed too: the blkdebug ``event`` (``write_aio``), the request that raised it
+    (``op`` ``"write"``/``"read"``/..., ``offset``, ``length``; None at open/close) and the state."""
+
+    name: str
+    text: str
+    event: str | None = None
+    op: str | None = None
+    offset: int | None = None
+    length: int | None = None
+    state: int | None = None
+
+
+def _trace_event(line: str) -> TraceEvent:
+    name, _, text = line.rstrip("\n").partition(" ")
+    if name != "blkdebug_event":
+        return TraceEvent(name, text)
+    words = text.split()
+    # "write_aio request write offset 0 bytes 8192 state 1" or "none request (no request: open/close) state 1"
+    state = int(words[-1]) if words[-2:-1] == ["state"] and words[-1].isdigit() else None
+    if len(words) >= 7 and words[1] == "request" and words[3] == "offset" and words[5] == "bytes":
+        return TraceEvent(name, text, words[0], words[2], int(words[4]), int(words[6]), state)
+    return TraceEvent(name, text, words[0] if words else None, state=state)
+
+
+class EventStream:
+    """``async for ev in img.events():`` the trace events of the image as they fire.
+
+    Events are recorded from the moment the stream is made, whatever call runs the requests; the
+    iteration yields the recorded ones, then runs the event loop for more, and ends when nothing could
+    ever fire another (it never hangs).  :meth:`close` (or leaving ``with``) stops the recording."""
+
+    def __init__(self, image: Image, pattern: str) -> None:
+        from collections import deque
+
+        from qio import trace
+
+        self.image = image
+        self._buf: deque[str] = deque()
+        self._saved = (list(trace._sink), set(trace.enabled))
+        warnings: list[str] = []
+        trace.enable(pattern, warnings.append)
+        if warnings:
+            raise QioError(errno.ENOENT, warnings[0])
+        trace.set_sink(self._buf.append)
+        self.closed = False
+
+    def pending(self) -> list[TraceEvent]:
+        """The events recorded so far and not yet taken, without waiting."""
+        out = [_trace_event(line) for line in self._buf]
+        self._buf.clear()
+        return out
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> TraceEvent:
+        if not self._buf and not self.closed and not self.image.closed:
+            self.image._enter()
+            await self.image.session.run_until(lambda: bool(self._buf), "events", on_standstill=lambda: True)
+        if not self._buf:
+            raise StopAsyncIteration
+        return _trace_event(self._buf.popleft())
+
+    def close(self) -> None:
+        from qio import trace
+
+        if not self.closed:
+            self.closed = True
+            trace._sink[:] = self._saved[0]
+            trace.enabled.clear()
+            trace.enabled.update(self._saved[1])
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
 # -- the image ---------------------------------------------------------------------------------------
 def _options(options: Mapping[str, Any] | str | None) -> dict[str, Any]:
     """``--image-opts`` text or a (nested or dotted) dict to the flat options the block layer takes."""
@@ -268,16 +360,51 @@ class Image:
     def _debug_node(self) -> BlockDriver | None:
         return self.session.debug_node()
 
-    async def _run_until(self, done: Callable[[], bool], what: str) -> None:
-        """Run the event loop until ``done()``; :class:`StandstillError` if it can never become true."""
+    async def _run_until(self, done: Callable[[], bool], what: str, timeout: float | None = None) -> None:
+        """Run the event loop until ``done()``; :class:`StandstillError` if it can never become true,
+        :class:`RequestTimeout` if it did not within ``timeout`` seconds."""
         self._enter()
-        if await self.session.run_until(done, what, on_standstill=lambda: True) and done():
+        stalled: list[bool] = []
+
+        def standstill() -> bool:
+            stalled.append(True)
+            return True
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if await self.session.run_until(done, what, deadline, on_standstill=standstill) and done():
             return
+        if not stalled and not done():
+            raise RequestTimeout(errno.ETIMEDOUT, f"{what}: timed out after {timeout:g} s")
         node = self._debug_node()
         tags = node.debug_suspended_tags() if node is not None else []
         parked = ", ".join(repr(t) for t in tags) or "none"
         raise StandstillError(errno.EDEADLK, f"{what} can never finish: request(s) {parked} suspended at "
                                              "blkdebug breakpoints; resume them first")
+
+    async def _sync(self, coro: Coroutine[Any, Any, Any], what: str) -> Any:
+        """Run a request as the shell's synchronous commands do (:meth:`Session.sync`: entered at once,
+        one poll if it did host I/O), but a request that can never finish raises
+        :class:`StandstillError` and stays in flight (closing drains it) instead of being resumed."""
+        aio = self.session.aio
+        before = AIO.yields
+        co = Co(coro, contextvars.copy_context())
+        enter(co)
+        if co.finished:
+            if AIO.yields != before:
+                await aio.poll()
+        else:
+            co.on_finish = lambda _: aio.notify()
+            aio.sync_task = co
+            try:
+                await self._run_until(lambda: co.finished, what)
+            except BaseException:
+                aio.adopt(co)
+                raise
+            finally:
+                aio.sync_task = None
+        if co.exc is not None:
+            raise _error(co.exc) from None
+        return co.result
 
     def _need(self, perm: int) -> BlockBackend:
         """The permissions a command takes before running (``write`` WRITE, ``truncate`` RESIZE too)."""
@@ -325,6 +452,12 @@ class Image:
                      zero: bool = False, unmap: bool = False) -> Request:
         """Start a write (qemu-io's ``aio_write``).  With ``zero=True`` ``data`` may be the length (an
         int) of the zeroes to write (``-z``); ``unmap`` lets zeroed clusters be deallocated (``-u``)."""
+        length, coro = self._write(offset, data, fua, zero, unmap)
+        return self._submit("write", offset, length, coro)
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview | int, fua: bool, zero: bool,
+               unmap: bool) -> tuple[int, Coroutine[Any, Any, None]]:
+        """Checks and the request of a write: its length and coroutine."""
         if isinstance(data, int):
             if not zero:
                 raise QioError(errno.EINVAL, "data must be bytes unless zero=True")
@@ -341,7 +474,7 @@ class Image:
         else:
             assert not isinstance(data, int)
             coro = blk.pwritev(offset, length, [memoryview(bytes(data))], flags)
-        return self._submit("write", offset, length, coro)
+        return length, coro
 
     def submit_discard(self, offset: int, length: int) -> Request:
         """Start a discard (qio's ``aio_discard``)."""
@@ -352,22 +485,28 @@ class Image:
     # -- requests awaited at once --------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
         """``read offset length``: the bytes (EIO outside the image, as in qemu-io)."""
-        data: bytes = await self.submit_read(offset, length)
-        return data
+        self._limit(length)
+        blk = self._enter()
+        buf = bytearray(b"\xab") * max(length, 0)
+        await self._sync(blk.preadv(offset, length, [memoryview(buf)]), f"read at offset {offset}")
+        return bytes(buf)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview | int, *, fua: bool = False,
                     zero: bool = False, unmap: bool = False) -> None:
         """``write [-f] [-z [-u]] offset length``, with ``data`` as the bytes written."""
-        await self.submit_write(offset, data, fua=fua, zero=zero, unmap=unmap)
+        _, coro = self._write(offset, data, fua, zero, unmap)
+        await self._sync(coro, f"write at offset {offset}")
 
     async def discard(self, offset: int, length: int) -> None:
         """``discard offset length``."""
-        await self.submit_discard(offset, length)
+        self._limit(length)
+        blk = self._need(PERM_WRITE)
+        await self._sync(blk.pdiscard(offset, length), f"discard at offset {offset}")
 
     async def flush(self) -> None:
         """``flush``: the image's data and metadata reach stable storage."""
         blk = self._enter()
-        await self._submit("flush", 0, 0, blk.flush())
+        await self._sync(blk.flush(), "flush")
 
     async def drain(self) -> None:
         """``aio_flush``: wait for every request in flight (:class:`StandstillError` if one never can)."""
@@ -379,7 +518,7 @@ class Image:
         if prealloc not in PREALLOC_MODES:
             raise QioError(errno.EINVAL, f"Invalid preallocation mode '{prealloc}'")
         blk = self._need(PERM_WRITE | PERM_RESIZE)
-        await self._submit("truncate", length, 0, blk.truncate(length, prealloc))
+        await self._sync(blk.truncate(length, prealloc), "truncate")
 
     async def length(self) -> int:
         """``length``: the image size in bytes."""
@@ -396,13 +535,8 @@ class Image:
 
     async def _is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
         blk = self._enter()
-        box: list[tuple[bool, int]] = []
-
-        async def status() -> None:
-            box.append(await blk.is_allocated(offset, length))
-
-        await self._submit("block_status", offset, length, status())
-        return box[0]
+        status: tuple[bool, int] = await self._sync(blk.is_allocated(offset, length), "block_status")
+        return status
 
     async def map(self) -> list[Extent]:
         """qemu-io's ``map``: the whole image as runs of allocated / not allocated bytes."""
@@ -460,6 +594,45 @@ class Image:
             raise BreakpointError(-ret, f"Could not set breakpoint: {os.strerror(-ret)}")
         return Breakpoint(self, event, tag)
 
+    # -- rules at run time (qio's prompt commands inject, delay, corrupt, set_state, bad_blocks) -----------
+    def _blkdebug(self) -> Any:
+        from qio.block.blkdebug import BlkdebugDriver
+
+        self._enter()
+        node = self._debug_node()
+        if not isinstance(node, BlkdebugDriver):
+            raise QioError(errno.ENOTSUP, "no blkdebug node below the image")
+        return node
+
+    def add_rule(self, kind: str, **keys: Any) -> int:
+        """Add a blkdebug rule as a configuration section ``[KIND]`` with ``keys`` would (docs/blkdebug.md):
+        ``img.add_rule("inject-error", event="write_aio", errno=28, once=True)``.  Returns its id."""
+        from qio.block.blkdebug_config import make_rule, parse_words
+
+        node = self._blkdebug()
+        if kind not in ("inject-error", "set-state", "delay", "corrupt", "bad-blocks"):
+            raise QioError(errno.EINVAL, f"There is no option group '{kind}'")
+
+        def text(v: Any) -> str:
+            return ("on" if v else "off") if isinstance(v, bool) else str(v)
+
+        try:
+            rule = node.add_rule(make_rule(kind, parse_words(kind, [f"{k}={text(v)}" for k, v in keys.items()])))
+        except QemuError as e:
+            raise QioError(errno.EINVAL, str(e)) from None
+        rule_id: int = rule.id
+        return rule_id
+
+    def remove_rule(self, rule_id: int) -> None:
+        """Delete a rule or breakpoint by the id :meth:`add_rule` returned or :meth:`rules` shows."""
+        if not self._blkdebug().remove_rule(rule_id):
+            raise QioError(errno.ENOENT, f"no rule #{rule_id}")
+
+    def rules(self) -> list[str]:
+        """The ``rules`` command's lines: every rule and breakpoint with its id, conditions, counters."""
+        lines: list[str] = self._blkdebug().rule_lines(breakpoints=True)
+        return lines
+
     def resume(self, tag: str) -> None:
         """``resume TAG``, for requests parked by a breakpoint set some other way (a config file)."""
         self._enter()
@@ -467,6 +640,11 @@ class Image:
         ret = node.debug_resume(tag) if node is not None else -errno.ENOTSUP
         if ret < 0:
             raise BreakpointError(-ret, f"Could not resume request: {os.strerror(-ret)}")
+
+    def events(self, pattern: str = "blkdebug_event") -> EventStream:
+        """Record trace events matching ``pattern`` (``-T PATTERN``: ``blkdebug_event``, ``blkdebug_*``)."""
+        self._enter()
+        return EventStream(self, pattern)
 
     # -- closing -------------------------------------------------------------------------------------
     @property

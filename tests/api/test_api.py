@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 import qio
-from oracle import ROOT, env_with_root, qemu_io
+from oracle import ROOT, env_with_root, qemu_img, qemu_io
 
 T = TypeVar("T")
 
@@ -195,6 +195,27 @@ def test_bytes_match_qemu_io(tmp_path: Path) -> None:
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.oracle
+def test_qcow2_bytes_match_qemu_io(tmp_path: Path) -> None:
+    """qcow2 through the API (writes, zero writes, discard, truncate) leaves the file qemu-io leaves."""
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    for p in (a, b):
+        qemu_img("create", "-q", "-f", "qcow2", str(p), "1M")
+
+    async def go() -> None:
+        async with qio.open(str(a), "qcow2") as img:
+            await img.write(0, b"\xcd" * 4096)
+            await img.write(200 << 10, b"\xcd" * 70000)
+            await img.write(64 << 10, 65536, zero=True, unmap=True)
+            await img.discard(0, 65536)
+            await img.truncate(2 << 20)
+
+    run(go)
+    qemu_io("-f", "qcow2", "-c", "write 0 4k", "-c", "write 200k 70000", "-c", "write -z -u 64k 64k",
+            "-c", "discard 0 64k", "-c", "truncate 2M", str(b))
+    assert a.read_bytes() == b.read_bytes()
+
+
 # -- handles, breakpoints and races -------------------------------------------------------------------
 def test_tutorial_race_order1(tmp_path: Path) -> None:
     """docs/tutorial-race.md, "Order 1": W1 parked at write_aio, W2 completes, W1 resumed lands last."""
@@ -247,6 +268,38 @@ def test_tutorial_race_matches_shell(tmp_path: Path) -> None:
     qemu_io("-f", "raw", "-c", "break write_aio A", "-c", "aio_write -P 0x11 0 8k", "-c",
             "aio_write -P 0x22 4k 8k", "-c", "sleep 100", "-c", "resume A", "-c", "aio_flush", f"blkdebug::{b}")
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_tutorial_race_order2(tmp_path: Path) -> None:
+    """docs/tutorial-race.md, "Order 2": W1 parked at pwritev_done (its data already in the file), so W2
+    lands last; as there, the breakpoint is reached only while the event loop runs (``bp.hit``)."""
+    path = raw(tmp_path)
+
+    async def go() -> bytes:
+        async with qio.open(f"blkdebug::{path}", fmt="raw") as img:
+            bp = img.breakpoint("pwritev_done", "A")
+            w1 = img.submit_write(0, b"\x11" * 8192)
+            assert await bp.hit(timeout=5) is w1
+            await img.submit_write(4096, b"\x22" * 8192)
+            bp.resume()
+            await w1
+            return await img.read(4088, 16)
+
+    assert run(go) == b"\x11" * 8 + b"\x22" * 8
+
+
+def test_docs_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The complete examples of docs/api.md (the tutorial, the synchronous one) run as written."""
+    import re
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "import qio" in b
+              or "open_sync" in b]
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    raw(tmp_path)
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), {"qio": qio, "asyncio": asyncio, "print": lambda *a: None})
 
 
 def test_breakpoint_failures(tmp_path: Path) -> None:
@@ -309,9 +362,114 @@ def test_breakpoint_timeout() -> None:
             assert e.value.errno == errno.ETIMEDOUT and isinstance(e.value, TimeoutError)
             assert w.state == "running"
             bp.remove()
-            await w
+            with pytest.raises(qio.RequestTimeout, match=r"write request at offset 0: timed out after 0.1 s") as e2:
+                await w.wait(timeout=0.1)
+            assert e2.value.errno == errno.ETIMEDOUT and isinstance(e2.value, TimeoutError)
+            assert await w.wait(timeout=30) is None
 
     run(go)
+
+
+def test_rules_at_run_time(tmp_path: Path) -> None:
+    path = raw(tmp_path)
+
+    async def go() -> None:
+        async with qio.open(path, "raw") as img:
+            with pytest.raises(qio.QioError, match="no blkdebug node") as e:
+                img.add_rule("inject-error", event="write_aio")
+            assert e.value.errno == errno.ENOTSUP
+        async with qio.open(f"blkdebug::{path}", "raw") as img:
+            rid = img.add_rule("inject-error", event="write_aio", errno=28, once=True)
+            assert img.rules() == [f"#{rid} inject-error event=write_aio errno=28 once=on (matched 0, fired 0)"]
+            with pytest.raises(qio.QioError, match="No space left on device") as e:
+                await img.write(0, b"x" * 512)
+            assert e.value.errno == errno.ENOSPC
+            await img.write(0, b"x" * 512)  # once: the second write goes through
+            rid2 = img.add_rule("inject-error", event="read_aio", errno=5)
+            img.remove_rule(rid2)
+            assert await img.read(0, 1) == b"x"
+            with pytest.raises(qio.QioError, match=f"no rule #{rid2}"):
+                img.remove_rule(rid2)
+            with pytest.raises(qio.QioError, match="Missing event name"):
+                img.add_rule("inject-error", errno=5)
+            with pytest.raises(qio.QioError, match="doesn't support the option 'bogus'"):
+                img.add_rule("delay", event="write_aio", bogus=1)
+            with pytest.raises(qio.QioError, match="no option group 'nope'"):
+                img.add_rule("nope")
+
+    run(go)
+
+
+def test_events(tmp_path: Path) -> None:
+    """The trace as events: the same blkdebug_event lines ``qio -T blkdebug_event`` prints for the
+    request, recorded whatever call ran it; iteration ends (never hangs) when nothing can fire more."""
+    path = raw(tmp_path)
+
+    async def go() -> tuple[list[qio.TraceEvent], list[qio.TraceEvent]]:
+        async with qio.open(f"blkdebug::{path}", "raw") as img:
+            with img.events() as evs:
+                bp = img.breakpoint("write_aio", "A")
+                w1 = img.submit_write(0, b"x" * 8192)
+                await bp.hit()
+                first = evs.pending()
+                bp.resume()
+                rest = [ev async for ev in evs]
+                assert w1.done
+            assert evs.closed and [ev async for ev in evs] == []
+            with pytest.raises(qio.QioError, match="trace event 'nope' does not exist"):
+                img.events("nope")
+            return first, rest
+
+    first, rest = run(go)
+    assert first == [qio.TraceEvent("blkdebug_event", "write_aio request write offset 0 bytes 8192 state 1",
+                                    "write_aio", "write", 0, 8192, 1)]
+    assert [(ev.event, ev.op, ev.offset, ev.length) for ev in rest] == [
+        ("pwritev", "write", 0, 8192), ("pwritev_done", "write", 0, 8192), ("flush_to_os", "write", 0, 8192)]
+    from qio import trace
+
+    assert "blkdebug_event" not in trace.enabled  # closing the stream restored the trace state
+
+
+def test_events_match_shell_trace(tmp_path: Path) -> None:
+    """The events recorded through the API are the lines ``qio -T blkdebug_event`` prints."""
+    path = raw(tmp_path)
+    shell = subprocess.run([sys.executable, "-m", "qio", "-T", "blkdebug_event", "-f", "raw", "-c",
+                            "break write_aio A", "-c", "aio_write 0 8k", "-c", "resume A", "-c", "aio_flush",
+                            f"blkdebug::{path}"], capture_output=True, text=True, cwd=ROOT, env=env_with_root())
+    expected = [line for line in shell.stderr.splitlines() if "offset 0 bytes 8192" in line]
+
+    async def go() -> list[str]:
+        async with qio.open(f"blkdebug::{path}", "raw") as img:
+            with img.events() as evs:
+                bp = img.breakpoint("write_aio", "A")
+                w1 = img.submit_write(0, b"x" * 8192)
+                await bp.hit()
+                bp.resume()
+                await w1
+                return [f"{ev.name} {ev.text}" for ev in evs.pending()]
+
+    assert run(go) == expected and len(expected) == 4
+
+
+def test_awaited_request_at_breakpoint(tmp_path: Path) -> None:
+    """``await img.write`` caught by a breakpoint: StandstillError at once (qemu-io would hang); the
+    request stays in flight, and a resume lets it finish (drain waits for it)."""
+    path = raw(tmp_path)
+
+    async def go() -> bytes:
+        async with qio.open(f"blkdebug::{path}", "raw") as img:
+            bp = img.breakpoint("write_aio", "A")
+            with pytest.raises(qio.StandstillError, match="write at offset 0 can never finish: request"
+                                                          r"\(s\) 'A' suspended") as e:
+                await img.write(0, b"\x09" * 512)
+            assert e.value.errno == errno.EDEADLK
+            with pytest.raises(qio.StandstillError):
+                await img.drain()
+            bp.resume()
+            await img.drain()
+            return await img.read(0, 512)
+
+    assert run(go) == b"\x09" * 512
 
 
 def test_close_resumes_parked(tmp_path: Path) -> None:
