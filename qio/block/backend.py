@@ -229,7 +229,8 @@ def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, w
     node.flags = flags
     node.read_only = flags.read_only
     try:
-        node.open_children(options, flags, warn)
+        node.open_children(options, flags, lambda opts, fl, pos: open_node(opts, fl, warn, protocol=True,
+                                                                          positional=pos))
         _name_node(node, options)
         node.refresh_limits()
         node.detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes"), flags)

@@ -49,6 +49,9 @@ BDRV_REQUEST_MAX_BYTES = 0x7FFFFE00
 BDRV_MAX_LENGTH = 2**63 - 2**30  # QEMU: QEMU_ALIGN_DOWN(INT64_MAX, BDRV_MAX_ALIGNMENT = 1 GiB)
 
 IOVec = list[memoryview]
+#: How a filter opens a protocol child (the generic layer passes it in, so no driver imports it):
+#: ``open_child(options, flags, positional)``.
+OpenChild = Callable[[dict[str, Any], OpenFlags, bool], "BlockDriver"]
 
 
 class BlockInfo(NamedTuple):
@@ -172,8 +175,8 @@ class BlockDriver:
         malformed one; True when the driver consumed it (``filename`` is then no option of the node)."""
         return False
 
-    def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
-        """Protocol-level filters (blkdebug) open their own child here, before ``open``."""
+    def open_children(self, options: dict[str, Any], flags: OpenFlags, open_child: OpenChild) -> None:
+        """Protocol-level filters (blkdebug) open their own child here, with ``open_child``, before ``open``."""
 
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         """Open the node from its (already flattened, child-free) option dict."""
