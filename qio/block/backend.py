@@ -323,7 +323,7 @@ class BlockBackend:
         if flags.copy_on_read and flags.read_only:
             raise QemuError("Can't use copy-on-read on read-only device")
         if flags.snapshot:  # -s: the image becomes the read-only backing node of a temporary overlay
-            from qio.block.qcow2_create import temp_overlay
+            from qio.block.qcow2.create import temp_overlay
 
             base_flags = flags.copy()
             base_flags.read_only, base_flags.snapshot, base_flags.copy_on_read = True, False, False

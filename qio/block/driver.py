@@ -130,6 +130,8 @@ class BlockDriver:
         self.gen = NodeState()
         self.perm = 0
         self.shared = PERM_ALL
+        #: The backing node (``bs->backing``) of a format with a backing file, opened by the generic layer.
+        self.backing: BlockDriver | None = None
 
     # -- graph -------------------------------------------------------------------------------
     def child(self, name: str) -> Child | None:

@@ -79,26 +79,27 @@ def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool) -> Query |
 # ================================================================================== info
 def image_info(root: BlockDriver) -> list[tuple[str, Any]]:
     """``bdrv_query_image_info``: the QAPI ImageInfo members, in field order, absent ones left out."""
-    from qio.block.qcow2 import allocated_file_size
+    from qio.block.qcow2.open import _full_backing_filename
+    from qio.block.qcow2.status import allocated_file_size
 
     info: list[tuple[str, Any]] = [("filename", root.filename), ("format", root.format_name)]
     bdi = root.get_info()
     if bdi is not None:
-        info.append(("dirty-flag", bool(getattr(root, "incompatible_features", 0) & 1)))
+        info.append(("dirty-flag", bool(getattr(getattr(root, "s", None), "incompatible_features", 0) & 1)))
     actual = allocated_file_size(root)
     if actual is not None:
         info.append(("actual-size", actual))
     info.append(("virtual-size", io.getlength(root)))
     if bdi is not None and bdi.cluster_size:
         info.append(("cluster-size", bdi.cluster_size))
-    backing = getattr(root, "image_backing_file", None)
+    backing = getattr(getattr(root, "s", None), "image_backing_file", None)
     if backing:
         info.append(("backing-filename", backing))
         try:
-            info.append(("full-backing-filename", root._full_backing_filename(backing)))  # type: ignore[attr-defined]
+            info.append(("full-backing-filename", _full_backing_filename(root.s, backing)))  # type: ignore[attr-defined]
         except QemuError:
             pass
-        bfmt = getattr(root, "image_backing_format", None)
+        bfmt = getattr(getattr(root, "s", None), "image_backing_format", None)
         if bfmt:
             info.append(("backing-filename-format", bfmt))
     snapshots = snapshot_infos(root)
@@ -129,7 +130,7 @@ def snapshot_infos(root: BlockDriver) -> list[list[tuple[str, Any]]]:
     if not isinstance(root, Qcow2Driver):
         return []
     out = []
-    for sn in root.snapshots:
+    for sn in root.s.snapshots:
         item: list[tuple[str, Any]] = [
             ("id", _cstr(sn.id_str, 128)), ("name", _cstr(sn.name, 256)), ("vm-state-size", _s64(sn.vm_state_size)),
             ("date-sec", sn.date_sec), ("date-nsec", sn.date_nsec), ("vm-clock-sec", sn.vm_clock_nsec // 10**9),
@@ -245,7 +246,9 @@ class MapEntry(NamedTuple):
 
 async def block_status(node: BlockDriver, offset: int, nbytes: int) -> tuple[int, int, int, BlockDriver | None]:
     """``bdrv_co_block_status`` with ``want_zero`` of one node: (BLOCK_* flags, pnum, map, file)."""
-    from qio.block.qcow2 import Qcow2Driver, _file_status
+    from qio.block.qcow2 import Qcow2Driver
+    from qio.block.qcow2.rw import _own_block_status
+    from qio.block.qcow2.status import _file_status
 
     total = io.getlength(node)
     if offset >= total:
@@ -254,7 +257,7 @@ async def block_status(node: BlockDriver, offset: int, nbytes: int) -> tuple[int
     file: BlockDriver | None = None
     mapped = 0
     if isinstance(node, Qcow2Driver):
-        ret, pnum, mapped = await node._own_block_status(offset, nbytes)
+        ret, pnum, mapped = await _own_block_status(node.s, offset, nbytes)
         file = node.file if ret & BLOCK_OFFSET_VALID else None
     elif node.children:  # raw and filters answer BDRV_BLOCK_RAW: ask the child at the mapped offset
         child = node.primary_child()

@@ -16,7 +16,7 @@ from typing import Any
 
 from qio.aio import run_sync
 from qio.block import io
-from qio.block import qcow2_layout as L
+from qio.block.qcow2 import layout as L
 from qio.block.driver import BlockDriver, Child
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
@@ -106,7 +106,9 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
                  preallocation: str, warn: Warn | None) -> None:
     """Open the minimal image with the qcow2 driver and let it make itself consistent and grow."""
     from qio.block.backend import _close_sync, open_node
-    from qio.block.qcow2 import Qcow2Driver
+    from qio.block.qcow2.driver import Qcow2Driver
+    from qio.block.qcow2.header import update_header
+    from qio.block.qcow2.refcount import alloc_clusters
 
     flags = OpenFlags()
     flags.no_flush = True
@@ -115,12 +117,12 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
 
     async def build() -> None:
         try:
-            if await node.alloc_clusters(3 * cluster_size) != 0:
+            if await alloc_clusters(node.s, 3 * cluster_size) != 0:
                 raise QemuError("Huh, first cluster in empty image is already in use?")
         except BlockError as e:
             raise QemuError(f"Could not allocate clusters for qcow2 header and refcount table: {e}", e.code) from None
         try:
-            await node.update_header()
+            await update_header(node.s)
         except BlockError as e:
             raise QemuError(f"Could not update qcow2 header: {e}", e.code) from None
         try:
@@ -131,10 +133,10 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
         except QemuError as e:
             raise QemuError(f"Could not resize image: {e}", e.errno) from None
         if backing_file is not None:
-            node.image_backing_file = backing_file
-            node.image_backing_format = backing_fmt
+            node.s.image_backing_file = backing_file
+            node.s.image_backing_format = backing_fmt
             try:
-                await node.update_header()
+                await update_header(node.s)
             except BlockError as e:
                 raise QemuError(f"Could not assign backing file '{backing_file}' with format '{backing_fmt}': {e}",
                                 e.code) from None

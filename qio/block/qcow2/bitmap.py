@@ -16,12 +16,23 @@ import struct
 from typing import TYPE_CHECKING
 
 from qio.block import io
-from qio.block import qcow2_layout as L
 from qio.block.errors import BlockError, QemuError
-from qio.block.qcow2_check import BME_TABLE_ENTRY_OFFSET_MASK, Bitmap, load_bitmap_list, load_bitmap_table
+from qio.block.qcow2 import layout as L
+from qio.block.qcow2.check import BME_TABLE_ENTRY_OFFSET_MASK, Bitmap, load_bitmap_list, load_bitmap_table
+from qio.block.qcow2.header import update_header
+from qio.block.qcow2.overlap import pre_write_overlap_check
+from qio.block.qcow2.refcount import alloc_clusters, flush_caches, free_clusters
+from qio.block.qcow2.state import (
+    DISCARD_ALWAYS,
+    DISCARD_OTHER,
+    OL_BITMAP_DIRECTORY,
+    Qcow2State,
+    _pread,
+    size_to_clusters,
+)
 
 if TYPE_CHECKING:
-    from qio.block.qcow2 import Qcow2Driver
+    from qio.block.qcow2.state import Qcow2State
 
 _ENTRY = struct.Struct(">Q")
 
@@ -39,8 +50,8 @@ class LoadedBitmap:
         self.bits = bits
 
 
-def _granules(drv: Qcow2Driver, granularity_bits: int) -> int:
-    return -(-drv.total_sectors * 512 // (1 << granularity_bits))
+def _granules(s: Qcow2State, granularity_bits: int) -> int:
+    return -(-s.total_sectors * 512 // (1 << granularity_bits))
 
 
 def _serialized_size(granules: int) -> int:
@@ -48,17 +59,17 @@ def _serialized_size(granules: int) -> int:
     return -(-granules // 64) * 8
 
 
-async def _load_data(drv: Qcow2Driver, bm: Bitmap) -> bytearray:
+async def _load_data(s: Qcow2State, bm: Bitmap) -> bytearray:
     """``load_bitmap_data``: data clusters as they are, all-ones entries as set bits."""
-    cs = drv.cluster_size
-    granules = _granules(drv, bm.granularity_bits)
+    cs = s.cluster_size
+    granules = _granules(s, bm.granularity_bits)
     bits = bytearray(_serialized_size(granules))
     per_chunk = cs * 8
-    for i, entry in enumerate(await load_bitmap_table(drv, bm)):
+    for i, entry in enumerate(await load_bitmap_table(s, bm)):
         start = i * cs
         offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
         if offset:
-            data = await drv._pread(offset, cs)
+            data = await _pread(s, offset, cs)
             bits[start:start + cs] = data[:max(0, min(cs, len(bits) - start))]
         elif entry & 1:
             first, last = i * per_chunk, min(granules, (i + 1) * per_chunk)
@@ -67,7 +78,7 @@ async def _load_data(drv: Qcow2Driver, bm: Bitmap) -> bytearray:
     return bits
 
 
-def _directory(drv: Qcow2Driver, bitmaps: list[Bitmap]) -> bytes:
+def _directory(s: Qcow2State, bitmaps: list[Bitmap]) -> bytes:
     """``bitmap_list_store``'s directory bytes (no extra data, names padded to 8 bytes)."""
     out = bytearray()
     for bm in bitmaps:
@@ -78,24 +89,23 @@ def _directory(drv: Qcow2Driver, bitmaps: list[Bitmap]) -> bytes:
     return bytes(out)
 
 
-async def _update_header_sync(drv: Qcow2Driver) -> None:
-    await drv.update_header()
-    await io.flush(drv.file)
+async def _update_header_sync(s: Qcow2State) -> None:
+    await update_header(s)
+    await io.flush(s.bs.file)
 
 
-async def load_for_write(drv: Qcow2Driver) -> list[LoadedBitmap]:
+async def load_for_write(s: Qcow2State) -> list[LoadedBitmap]:
     """``qcow2_load_dirty_bitmaps`` on a writable image: load every bitmap, then set the in-use flag of
     those that did not have it, rewriting the directory in place
     (``update_ext_header_and_dir_in_place``)."""
-    from qio.block.qcow2 import OL_BITMAP_DIRECTORY
 
-    bitmaps = await load_bitmap_list(drv)
+    bitmaps = await load_bitmap_list(s)
     loaded: list[LoadedBitmap] = []
     needs_update = False
     for i, bm in enumerate(bitmaps):
         in_use = bool(bm.flags & L.BITMAP_FLAG_IN_USE)
         try:
-            bits = None if in_use else await _load_data(drv, bm)
+            bits = None if in_use else await _load_data(s, bm)
         except BlockError as e:
             raise QemuError(f"Could not read bitmap_table table from image for bitmap '{bm.name}': {e}",
                             e.code) from None
@@ -105,80 +115,77 @@ async def load_for_write(drv: Qcow2Driver) -> list[LoadedBitmap]:
             needs_update = True
     if needs_update:
         try:
-            drv.autoclear_features &= ~L.AUTOCLEAR_BITMAPS
-            await _update_header_sync(drv)
-            data = _directory(drv, bitmaps)
-            if len(data) != drv.bitmap_directory_size:
+            s.autoclear_features &= ~L.AUTOCLEAR_BITMAPS
+            await _update_header_sync(s)
+            data = _directory(s, bitmaps)
+            if len(data) != s.bitmap_directory_size:
                 raise BlockError(22)
-            await drv.pre_write_overlap_check(OL_BITMAP_DIRECTORY, drv.bitmap_directory_offset, len(data), False)
-            await io.pwritev(drv.file, drv.bitmap_directory_offset, len(data), [memoryview(data)])
-            await _update_header_sync(drv)
-            drv.autoclear_features |= L.AUTOCLEAR_BITMAPS
-            await _update_header_sync(drv)
+            await pre_write_overlap_check(s, OL_BITMAP_DIRECTORY, s.bitmap_directory_offset, len(data), False)
+            await io.pwritev(s.bs.file, s.bitmap_directory_offset, len(data), [memoryview(data)])
+            await _update_header_sync(s)
+            s.autoclear_features |= L.AUTOCLEAR_BITMAPS
+            await _update_header_sync(s)
         except BlockError as e:
             raise QemuError(f"Can't update bitmap directory: {e}", e.code) from None
     loaded.reverse()  # bdrv_create_dirty_bitmap inserts at the head of the node's list
     return loaded
 
 
-async def _store_bitmap(drv: Qcow2Driver, bm: Bitmap, lb: LoadedBitmap) -> Bitmap:
+async def _store_bitmap(s: Qcow2State, bm: Bitmap, lb: LoadedBitmap) -> Bitmap:
     """``store_bitmap``: a data cluster for each cluster-sized chunk with a set bit, then the table."""
-    from qio.block.qcow2 import DISCARD_ALWAYS, DISCARD_OTHER
 
     assert lb.bits is not None
-    cs = drv.cluster_size
+    cs = s.cluster_size
     size = len(lb.bits)
-    tb_size = drv.size_to_clusters(size)
+    tb_size = size_to_clusters(s, size)
     table = [0] * tb_size
     try:
         for c in range(tb_size):
             chunk = lb.bits[c * cs:(c + 1) * cs]
             if not any(chunk):
                 continue
-            off = await drv.alloc_clusters(cs)
+            off = await alloc_clusters(s, cs)
             table[c] = off
             buf = bytes(chunk) + bytes(cs - len(chunk))
-            await drv.pre_write_overlap_check(0, off, cs, False)
-            await io.pwritev(drv.file, off, cs, [memoryview(buf)])
-        tb_offset = await drv.alloc_clusters(tb_size * 8)
+            await pre_write_overlap_check(s, 0, off, cs, False)
+            await io.pwritev(s.bs.file, off, cs, [memoryview(buf)])
+        tb_offset = await alloc_clusters(s, tb_size * 8)
     except BlockError:
         for off in table:
             if off:
-                await drv.free_clusters(off, cs, DISCARD_ALWAYS)
+                await free_clusters(s, off, cs, DISCARD_ALWAYS)
         raise
     try:
         raw = b"".join(_ENTRY.pack(e) for e in table)
-        await drv.pre_write_overlap_check(0, tb_offset, len(raw), False)
-        await io.pwritev(drv.file, tb_offset, len(raw), [memoryview(raw)])
+        await pre_write_overlap_check(s, 0, tb_offset, len(raw), False)
+        await io.pwritev(s.bs.file, tb_offset, len(raw), [memoryview(raw)])
     except BlockError:
         for off in table:
             if off:
-                await drv.free_clusters(off, cs, DISCARD_ALWAYS)
-        await drv.free_clusters(tb_offset, tb_size * 8, DISCARD_OTHER)
+                await free_clusters(s, off, cs, DISCARD_ALWAYS)
+        await free_clusters(s, tb_offset, tb_size * 8, DISCARD_OTHER)
         raise
     return bm._replace(table_offset=tb_offset, table_size=tb_size)
 
 
-async def _free_bitmap_clusters(drv: Qcow2Driver, bm: Bitmap) -> None:
+async def _free_bitmap_clusters(s: Qcow2State, bm: Bitmap) -> None:
     """``free_bitmap_clusters``: the data clusters of a table, then the table."""
-    from qio.block.qcow2 import DISCARD_ALWAYS, DISCARD_OTHER
 
     try:
-        entries = await load_bitmap_table(drv, bm)
+        entries = await load_bitmap_table(s, bm)
     except BlockError:
         return
     for entry in entries:
         if entry & BME_TABLE_ENTRY_OFFSET_MASK:
-            await drv.free_clusters(entry & BME_TABLE_ENTRY_OFFSET_MASK, drv.cluster_size, DISCARD_ALWAYS)
-    await drv.free_clusters(bm.table_offset, bm.table_size * 8, DISCARD_OTHER)
+            await free_clusters(s, entry & BME_TABLE_ENTRY_OFFSET_MASK, s.cluster_size, DISCARD_ALWAYS)
+    await free_clusters(s, bm.table_offset, bm.table_size * 8, DISCARD_OTHER)
 
 
-async def store(drv: Qcow2Driver, loaded: list[LoadedBitmap]) -> None:
+async def store(s: Qcow2State, loaded: list[LoadedBitmap]) -> None:
     """``qcow2_store_persistent_dirty_bitmaps``: store every consistent bitmap to new clusters, write a
     new directory (``update_ext_header_and_dir``) and free the old tables and directory."""
-    from qio.block.qcow2 import DISCARD_OTHER
 
-    bitmaps = await load_bitmap_list(drv) if drv.nb_bitmaps else []
+    bitmaps = await load_bitmap_list(s) if s.nb_bitmaps else []
     by_name = {bm.name: i for i, bm in enumerate(bitmaps)}
     drop: list[Bitmap] = []
     todo: dict[int, LoadedBitmap] = {}
@@ -201,27 +208,27 @@ async def store(drv: Qcow2Driver, loaded: list[LoadedBitmap]) -> None:
     try:
         for i, bm in enumerate(bitmaps):
             if i in todo:
-                bitmaps[i] = await _store_bitmap(drv, bm, todo[i])
+                bitmaps[i] = await _store_bitmap(s, bm, todo[i])
                 stored.append(i)
-        data = _directory(drv, bitmaps)
-        new_offset = await drv.alloc_clusters(len(data))
+        data = _directory(s, bitmaps)
+        new_offset = await alloc_clusters(s, len(data))
         try:
-            await drv.pre_write_overlap_check(0, new_offset, len(data), False)
-            await io.pwritev(drv.file, new_offset, len(data), [memoryview(data)])
-            await drv.flush_caches()
+            await pre_write_overlap_check(s, 0, new_offset, len(data), False)
+            await io.pwritev(s.bs.file, new_offset, len(data), [memoryview(data)])
+            await flush_caches(s)
         except BlockError:
-            await drv.free_clusters(new_offset, len(data), DISCARD_OTHER)
+            await free_clusters(s, new_offset, len(data), DISCARD_OTHER)
             raise
-        old_offset, old_size = drv.bitmap_directory_offset, drv.bitmap_directory_size
-        drv.autoclear_features |= L.AUTOCLEAR_BITMAPS
-        drv.bitmap_directory_offset, drv.bitmap_directory_size = new_offset, len(data)
-        drv.nb_bitmaps = len(bitmaps)
-        await _update_header_sync(drv)
+        old_offset, old_size = s.bitmap_directory_offset, s.bitmap_directory_size
+        s.autoclear_features |= L.AUTOCLEAR_BITMAPS
+        s.bitmap_directory_offset, s.bitmap_directory_size = new_offset, len(data)
+        s.nb_bitmaps = len(bitmaps)
+        await _update_header_sync(s)
         if old_size:
-            await drv.free_clusters(old_offset, old_size, DISCARD_OTHER)
+            await free_clusters(s, old_offset, old_size, DISCARD_OTHER)
     except BlockError as e:
         for i in stored:
-            await _free_bitmap_clusters(drv, bitmaps[i])
+            await _free_bitmap_clusters(s, bitmaps[i])
         raise QemuError(f"Failed to update bitmap extension: {e}", e.code) from None
     for bm in drop:
-        await _free_bitmap_clusters(drv, bm)
+        await _free_bitmap_clusters(s, bm)
