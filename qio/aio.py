@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import heapq
+import itertools
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any
@@ -323,6 +326,9 @@ class ThreadPool:
         self.new_threads = 0
         self.completion_bh = BH(self._completion_bh)
         self.new_thread_bh = BH(self._new_thread_bh)
+        #: Coroutines sleeping on the simulated clock (blkdebug's delay rules): (deadline, order, co).
+        self.timers: list[tuple[float, int, Co]] = []
+        self._timer_seq = 0
 
     def opened(self) -> None:
         """Open-time I/O (``bdrv_open`` of a format reads through the pool) leaves an idle worker."""
@@ -333,8 +339,35 @@ class ThreadPool:
     def tick(self) -> None:
         """A command boundary: time passes."""
         self.now += COMMAND_TIME
-        if self.queue or self.running:
+        if self.queue or self.running or self.timers:
             self._complete(self.now)
+
+    async def sleep(self, us: float) -> None:
+        """``qemu_co_sleep_ns``: the calling coroutine waits ``us`` microseconds of simulated time, so
+        what a delay changes (the order of completions) is the same in every run."""
+        co = _running
+        if co is None or us <= 0:
+            return
+        self._timer_seq += 1
+        heapq.heappush(self.timers, (self.now + us, self._timer_seq, co))
+        self.ctx.notify()
+        await YIELD
+
+    def _expire(self, t: float) -> bool:
+        """Timers due by ``t`` wake their coroutines from a bottom half, in deadline order."""
+        due: list[Co] = []
+        while self.timers and self.timers[0][0] <= t:
+            due.append(heapq.heappop(self.timers)[2])
+        if not due:
+            return False
+
+        def wake_due() -> None:
+            for co in due:
+                if co.waiting:
+                    enter(co)
+
+        self.ctx.schedule(wake_due)
+        return True
 
     def _new_thread_bh(self) -> None:
         for _ in range(self.new_threads):
@@ -360,6 +393,9 @@ class ThreadPool:
             self.running.append(req)
 
     def _complete(self, t: float) -> bool:
+        if self.timers and self._expire(t):
+            self._complete(t)
+            return True
         self._assign(t)
         done = [r for r in self.running if r.end <= t]
         if not done:
@@ -402,17 +438,26 @@ class ThreadPool:
 
     def busy(self) -> bool:
         """Simulated work that the next polls will complete."""
-        return bool(self.queue) or bool(self.running)
+        return bool(self.queue) or bool(self.running) or bool(self.timers)
 
-    def advance(self, blocking: bool) -> None:
+    def advance(self, blocking: bool, limit: float = float("inf")) -> None:
         """Before a poll: complete what has finished by now; ``blocking`` (nothing else can run): the
-        clock jumps to the next completion, and the main loop needs a moment to wake up."""
+        clock jumps to the next completion, and the main loop needs a moment to wake up; not beyond
+        ``limit`` (the end of a ``sleep``)."""
         if self._complete(self.now) or not blocking:
             return
-        self._assign(float("inf"))
-        if self.running:
-            self.now = max(self.now, min(r.end for r in self.running) + MAIN_WAKE_TIME)
+        wake = self.next_wake(limit)
+        if wake is not None:
+            self.now = max(self.now, wake)
             self._complete(self.now)
+
+    def next_wake(self, limit: float = float("inf")) -> float | None:
+        """When a blocking poll would next wake for a completion or a timer, if that is by ``limit``."""
+        self._assign(limit)
+        wake = min((r.end + MAIN_WAKE_TIME for r in self.running), default=float("inf"))
+        if self.timers:
+            wake = min(wake, self.timers[0][0])  # a timer ends ppoll's timeout: no wake-up cost
+        return wake if wake <= limit and wake != float("inf") else None
 
     def _completion_bh(self) -> None:
         """``thread_pool_completion_bh``: enter the finished requests newest first, each until it yields."""
@@ -438,6 +483,8 @@ class AioContext:
     def __init__(self) -> None:
         #: AIO requests whose completion has not been reported yet (QEMU's ``blk->in_flight``).
         self.inflight: set[int] = set()
+        #: Listening servers (``nbd_server_start``): requests may arrive from outside at any time.
+        self.external = 0
         self._cos: dict[int, Co] = {}
         #: The request of the running synchronous command, once it had to wait.
         self.sync_task: Co | None = None
@@ -457,6 +504,9 @@ class AioContext:
         self._held: dict[int, list[BH]] = {}
         #: AIO.yields when each recently finished request finished (its I/O after a lock's release).
         self.finished_yields: dict[int, int] = {}
+        #: Real-time timers (``QEMU_CLOCK_REALTIME``): (deadline in ns of time.monotonic_ns, order, callback).
+        self._timers: list[tuple[int, int, Callable[[], Any]]] = []
+        self._timer_ids = itertools.count()
         AioContext._current = self
 
     @classmethod
@@ -481,6 +531,35 @@ class AioContext:
     def schedule(self, cb: Callable[[], Any], seq: int | None = None) -> None:
         """A one-shot bottom half (``seq``: the request whose completion it reports)."""
         self.bh_schedule(BH(cb, seq))
+
+    # -- timers ------------------------------------------------------------------------------------
+    def timer_add(self, delay_ns: int, cb: Callable[[], Any]) -> None:
+        """``timer_mod_ns(now + delay_ns)`` on the real-time clock: ``cb`` runs in the first event-loop
+        pass after the deadline, after that pass's bottom halves (``aio_poll``); the loop blocks
+        until the earliest deadline when nothing else can run (``aio_compute_timeout``)."""
+        heapq.heappush(self._timers, (time.monotonic_ns() + delay_ns, next(self._timer_ids), cb))
+        self.notify()
+
+    def has_timers(self) -> bool:
+        return bool(self._timers)
+
+    def timer_timeout(self) -> float | None:
+        """Seconds until the earliest timer expires (0 if one has), None without timers."""
+        if not self._timers:
+            return None
+        return max(0.0, (self._timers[0][0] - time.monotonic_ns()) / 1e9)
+
+    def _timers_due(self) -> bool:
+        return bool(self._timers) and self._timers[0][0] <= time.monotonic_ns()
+
+    def run_timers(self) -> bool:
+        """``timerlistgroup_run_timers``: the callbacks of the timers expired by now, earliest first."""
+        if not self._timers_due():
+            return False
+        now = time.monotonic_ns()
+        while self._timers and self._timers[0][0] <= now:
+            heapq.heappop(self._timers)[2]()
+        return True
 
     def order_after(self, later: int, earlier: int) -> None:
         """Request ``later`` waited (in QEMU) for I/O of request ``earlier``: complete it afterwards.
@@ -561,14 +640,35 @@ class AioContext:
         enter(co)
         early = False
 
+    def adopt(self, co: Co) -> None:
+        """A synchronous command's request whose wait was interrupted (Ctrl-C at the prompt) keeps
+        running; it counts as in flight until it ends, so draining (close, exit) waits for it."""
+        if co.finished:
+            return
+        self._seq += 1
+        key = -self._seq
+
+        def done(_: Co) -> None:
+            self.inflight.discard(key)
+            self.notify()
+
+        self.inflight.add(key)
+        co.on_finish = done
+
     def abandon(self, exc: BaseException) -> None:
-        """Fail every AIO request still waiting (see ``Shell._abandon_stuck``)."""
+        """Fail every AIO request still waiting (see ``Session._abandon_stuck``)."""
         for co in list(self._cos.values()):
             co.cancel(exc)
 
-    def has_pending(self) -> bool:
-        """Bottom halves or simulated pool work that the next polls will run."""
-        return any(bh.scheduled for bh in self._bh) or self.pool.busy()
+    def has_pending(self, limit: float = float("inf")) -> bool:
+        """Bottom halves, expired real-time timers, or simulated pool work that the next polls will run
+        (the pool's: if it finishes by the simulated time ``limit``)."""
+        if any(bh.scheduled for bh in self._bh) or self._timers_due():
+            return True
+        pool = self.pool
+        if limit == float("inf"):
+            return pool.busy()
+        return any(r.end <= pool.now for r in pool.running) or pool.next_wake(limit) is not None
 
     def flush_pending(self) -> bool:
         return bool(self._after_sync)
@@ -589,15 +689,16 @@ class AioContext:
             err = next((results[fd] for fd in fds if results[fd] is not None), None)
             self.schedule(lambda c=complete, e=err: c(e), seq=seq)  # type: ignore[misc]
 
-    async def poll(self, blocking: bool = True) -> bool:
+    async def poll(self, blocking: bool = True, limit: float = float("inf")) -> bool:
         """One ``aio_poll``: the pool's workers run (if ``blocking``, waiting for them when nothing else
-        is ready), then the bottom halves scheduled so far run, newest first (``aio_bh_poll``)."""
+        is ready, but not beyond the simulated time ``limit``), then the bottom halves scheduled so far
+        run, newest first (``aio_bh_poll``)."""
         self.polls += 1
         pool = self.pool
-        if pool.queue or pool.running:
-            pool.advance(blocking and not any(bh.scheduled for bh in self._bh))
+        if pool.queue or pool.running or pool.timers:
+            pool.advance(blocking and not any(bh.scheduled for bh in self._bh), limit)
         if not self._bh:
-            return False
+            return self.run_timers() if self._timers else False
         batch, self._bh = self._bh, []
         ran = False
         for bh in self._ordered(batch):
@@ -606,6 +707,8 @@ class AioContext:
                 bh.scheduled = False
                 bh.cb()
                 ran = True
+        if self._timers and self.run_timers():
+            ran = True
         return ran
 
     def _ordered(self, batch: list[BH]) -> list[BH]:
@@ -638,13 +741,16 @@ class AioContext:
         self._after.pop(seq, None)
         return self._held.pop(seq, [])
 
-    async def wait(self, timeout: float | None = None) -> None:
+    async def wait(self, timeout: float | None = None, limit: float = float("inf")) -> None:
         """Let the event loop run until something happens or ``timeout`` passes."""
         if self._wake is None:
             self._wake = asyncio.Event()
-        if self.has_pending():
+        if self.has_pending(limit):
             await asyncio.sleep(0)
             return
+        if self._timers:  # the loop wakes up for the earliest timer at the latest
+            until = self.timer_timeout()
+            timeout = until if timeout is None or (until is not None and until < timeout) else timeout
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)

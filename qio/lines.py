@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from qio.aio import AIO
 
 if TYPE_CHECKING:
+    from qio.aio import AioContext
     from qio.shell import Shell
 
 MAXLINE = 1024  # fgets(line, 1024, stdin): at most 1023 bytes a call
@@ -63,7 +64,7 @@ class LineReader:
         else:
             self.eof = True
 
-    async def fetchline(self, sh: Shell) -> str | None:
+    async def fetchline(self, aio: AioContext) -> str | None:
         """Next line without its newline (cut at a NUL, as C strings are), or None at EOF."""
         while True:
             line = self._take()
@@ -76,20 +77,20 @@ class LineReader:
                 return line.decode("utf-8", "surrogateescape")
             if self.eof:
                 return None
-            if sh.aio.flush_pending():
+            if aio.flush_pending():
                 # About to wait for input: qemu-io's event loop would finish the write-through
                 # requests' flushes now, so their completions print before the next command.
-                sh.aio.run_flushes()
-                await sh.aio.poll()
+                aio.run_flushes()
+                await aio.poll()
             # While requests can still progress, keep the event loop (and their completions) going.
-            if self.pollable and (AIO.busy or sh.aio.inflight or sh.aio.has_pending()):
+            if self.pollable and (AIO.busy or aio.inflight or aio.external or aio.has_pending()):
                 waiter = asyncio.ensure_future(self.readable())
                 while not waiter.done():
-                    await sh.aio.poll()
-                    other = asyncio.ensure_future(sh.aio.wait())
+                    await aio.poll()
+                    other = asyncio.ensure_future(aio.wait())
                     await asyncio.wait({waiter, other}, return_when=asyncio.FIRST_COMPLETED)
                     other.cancel()
-                await sh.aio.poll()
+                await aio.poll()
             self.fill()
 
 
@@ -97,11 +98,12 @@ async def pipe_loop(sh: Shell) -> None:
     """qemu-io's command loop on a non-terminal stdin: prompt, poll, read, execute."""
     reader = LineReader(0)
     prompt = f"{sh.prgname}> "
-    while not sh.quit:
+    aio = sh.session.aio
+    while not sh.session.quit:
         sh.out.out(prompt)
         sh.out.flush()
-        await sh.aio.poll(blocking=False)  # stdin is readable: ppoll does not wait
-        line = await reader.fetchline(sh)
+        await aio.poll(blocking=False)  # stdin is readable: ppoll does not wait
+        line = await reader.fetchline(aio)
         if line is None:
             break
         await sh.execute(line)

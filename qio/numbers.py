@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import errno
+import functools
 import re
 
+#: C's limits, which QEMU's checks and clamps are written in.
+INT_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 U64 = 2**64
-_DEC = re.compile(r"[ \t\n\v\f\r]*\+?([0-9]+)")
-_HEX = re.compile(r"[ \t\n\v\f\r]*\+?0[xX]([0-9a-fA-F]+)")
-_ZERO_X = re.compile(r"[ \t\n\v\f\r]*[+-]?0(?=[xX])")
-_FRAC = re.compile(r"\.([0-9]+)([eE][+-]?[0-9]+)?")
+# Patterns, compiled on first use (:func:`_re`): compiling them all costs ~0.5 ms of every start.
+_DEC = r"[ \t\n\v\f\r]*\+?([0-9]+)"
+_HEX = r"[ \t\n\v\f\r]*\+?0[xX]([0-9a-fA-F]+)"
+_ZERO_X = r"[ \t\n\v\f\r]*[+-]?0(?=[xX])"
+_FRAC = r"\.([0-9]+)([eE][+-]?[0-9]+)?"
 _SUFFIX = "BKMGTPE"
+
+
+@functools.cache
+def _re(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
 _FAST_SUFFIX = {c: 1024**i for i, c in enumerate(_SUFFIX)} | {c.lower(): 1024**i for i, c in enumerate(_SUFFIX)}
 
 
 def qemu_strtosz(s: str) -> tuple[int, int, bool]:
     """Parse a size; returns ``(err, value, hex_suffix_warning)`` with err 0, -EINVAL or -ERANGE."""
-    m = _DEC.match(s)
+    m = _re(_DEC).match(s)
     if m is None:
-        z = _ZERO_X.match(s)
+        z = _re(_ZERO_X).match(s)
         if z is None:
             return -errno.EINVAL, 0, False
         val, end = 0, z.end()  # "0x" with no digits: strtoull stops after the '0'
@@ -30,7 +41,7 @@ def qemu_strtosz(s: str) -> tuple[int, int, bool]:
     hexa, valf = False, 0
     nxt = s[end : end + 1]
     if val == 0 and nxt in ("x", "X"):
-        h = _HEX.match(s)
+        h = _re(_HEX).match(s)
         if h:
             val, end = int(h.group(1), 16), h.end()
             if val >= U64:
@@ -39,7 +50,7 @@ def qemu_strtosz(s: str) -> tuple[int, int, bool]:
             return -errno.EINVAL, 0, False
         hexa = True
     elif nxt == ".":
-        f = _FRAC.match(s, end)
+        f = _re(_FRAC).match(s, end)
         if f is None:
             end += 1
         elif f.group(2):
@@ -83,7 +94,7 @@ def cvtnum(s: str) -> tuple[int, int, bool]:
     return 0, val, warn
 
 
-_STRTOL = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+_STRTOL = r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)"
 
 
 def _base0(body: str) -> int:
@@ -97,7 +108,7 @@ def _base0(body: str) -> int:
 
 def strtol0(s: str) -> int | None:
     """C ``strtol(s, &end, 0)`` requiring the whole string to be consumed; None if not."""
-    m = _STRTOL.fullmatch(s)
+    m = _re(_STRTOL).fullmatch(s)
     if m is None:
         return None
     v = _base0(m.group(2))
@@ -108,10 +119,18 @@ def strtol0(s: str) -> int | None:
 def strtou64(s: str) -> str | None:
     """``qemu_strtou64(s, NULL, 0, ...)``'s verdict: None (a number; negatives wrap as in strtoull),
     "range" (beyond 64 bits) or "invalid"."""
-    m = _STRTOL.fullmatch(s)
+    m = _re(_STRTOL).fullmatch(s)
     if m is None:
         return "invalid"
     return "range" if _base0(m.group(2)) >= 2**64 else None
+
+
+def strtou64_value(s: str) -> int:
+    """The value ``qemu_strtou64`` gives a string ``strtou64`` accepted (a negative wraps modulo 2^64)."""
+    m = _re(_STRTOL).fullmatch(s)
+    assert m is not None
+    v = _base0(m.group(2))
+    return (-v if m.group(1) == "-" else v) % 2**64
 
 
 def parse_pattern(s: str) -> int | None:

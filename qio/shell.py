@@ -1,52 +1,39 @@
-"""The shell: one execution path for every line source, and the event-loop rules qemu-io follows.
+"""The shell: one execution path for every line source.
 
 ``execute`` performs qemu-io's generic checks (unknown command, no image, argument count, extra
-permissions), parses the words into a typed command and runs it.  The ``sync``/``drain``/``sleep``/
-``wait_for`` helpers decide *when* completions of asynchronous requests are printed, which is part of
-qemu-io's observable output (see :mod:`qio.aio`).
+permissions), parses the words into a typed command and runs it on the :class:`~qio.session.Session`,
+which holds the image and the event-loop rules.
 """
 
 from __future__ import annotations
 
-import contextvars
 import errno
-import time
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from qio.aio import AIO, AioContext, Co, enter
 from qio.block.errors import QemuError
 from qio.commands.spec import GLOBAL, NOFILE_OK, STDERR, Invocation, ParseFailure
 from qio.commands.table import build_table
 from qio.output import Output
-
-if TYPE_CHECKING:
-    from qio.block.backend import BlockBackend
-    from qio.block.driver import BlockDriver
-    from qio.block.modes import OpenFlags
+from qio.session import Session
 
 
 class Shell:
+    """Line dispatch over a session; remembers the last failure for the exit status."""
+
     def __init__(self, out: Output, prgname: str, image_opts: bool = False) -> None:
         self.out = out
         self.prgname = prgname
         self.image_opts = image_opts
         self.table = build_table()
-        self.blk: BlockBackend | None = None
-        self.quit = False
-        #: Reading commands from a terminal (``help`` then also lists qio's own commands).
-        self.interactive = False
+        self.session = Session(out, prgname, self.table, image_opts)
         self.last_error = 0
-        self.aio = AioContext()
-        AIO.printf = out.out  # type: ignore[method-assign]
 
-    # -- dispatch ----------------------------------------------------------------------------------
     async def execute(self, line: str) -> int:
         """Run one command line; remember failures for the exit status."""
         words = [w for w in line.split(" ") if w]
         if not words:
             return 0
-        self.aio.pool.tick()
+        self.session.aio.pool.tick()
         ret = await self._dispatch(words)
         if ret < 0:
             self.last_error = ret
@@ -54,11 +41,12 @@ class Shell:
 
     async def _dispatch(self, words: list[str]) -> int:
         out = self.out
+        blk = self.session.blk
         spec = self.table.find(words[0])
         if spec is None:
             out.err(f'command "{words[0]}" not found\n')
             return -errno.EINVAL
-        if not spec.flags & (GLOBAL | NOFILE_OK) and self.blk is None:
+        if not spec.flags & (GLOBAL | NOFILE_OK) and blk is None:
             out.err("no file open, try 'help open'\n")
             return -errno.EINVAL
         argc = len(words) - 1
@@ -71,202 +59,24 @@ class Shell:
                 out.err(f"bad argument count {argc} to {words[0]}, expected between {spec.argmin} and "
                         f"{spec.argmax} arguments\n")
             return -errno.EINVAL
-        if spec.perm and self.blk is not None and spec.perm & ~self.blk.perm:
+        if spec.perm and blk is not None and spec.perm & ~blk.perm:
             try:
-                self.blk.set_perm(self.blk.perm | spec.perm)
+                blk.set_perm(blk.perm | spec.perm)
             except QemuError as e:
                 out.error_report(str(e))
                 return -e.errno
-        parse, run = spec.handlers()
         cmd: Any = None
-        if parse is not None:
-            inv = Invocation(spec, words, self.prgname, self.image_opts)
+        if spec.parse is not None:
+            inv = Invocation(spec, words, self.prgname, self.table, self.image_opts)
             try:
-                cmd = parse(inv)
+                cmd = spec.parse(inv)
             except ParseFailure as f:
                 self._messages(f.messages)
                 return f.ret
             if inv.messages:
                 self._messages(inv.messages)
-        return await run(self, cmd)
+        return await spec.run(self.session, cmd)
 
     def _messages(self, messages: list[tuple[int, str]]) -> None:
         for stream, text in messages:
             (self.out.err if stream == STDERR else self.out.out)(text)
-
-    def require_blk(self) -> BlockBackend:
-        assert self.blk is not None
-        return self.blk
-
-    # -- waiting, with qemu-io's polling rules -----------------------------------------------------
-    async def sync(self, coro: Coroutine[Any, Any, Any], always_poll: bool = False) -> Any:
-        """Run a request of a synchronous command (``bdrv_co_*`` entered, then ``BDRV_POLL_WHILE``).
-
-        A request that finished inline without blkdebug polls once if it did host I/O (QEMU's coroutine
-        would have waited for the thread pool) or always, for commands built on the AIO interface such
-        as ``readv``.
-        """
-        before = AIO.yields
-        co = Co(coro, contextvars.copy_context())
-        enter(co)
-        if co.finished:
-            if always_poll or AIO.yields != before:
-                await self.aio.poll()
-            if co.exc is not None:
-                raise co.exc
-            return co.result
-        co.on_finish = lambda _: self.aio.notify()
-        self.aio.sync_task = co
-        try:
-            await self.run_until(lambda: co.finished, "the command")
-        finally:
-            self.aio.sync_task = None
-        if not co.finished:
-            from qio.block.errors import BlockError
-
-            co.cancel(BlockError(errno.EIO))
-        return co.value()
-
-    async def run_until(self, done: Callable[[], bool], what: str, deadline: float | None = None,
-                        on_standstill: Callable[[], bool] | None = None) -> bool:
-        """Run the event loop, printing completions, until ``done()`` (``AIO_WAIT_WHILE``); False at
-        ``deadline``.
-
-        Simulated work runs to completion first, whatever the deadline (it takes no time).  When nothing
-        can progress any more (every request left is parked at a blkdebug breakpoint) qemu-io would hang:
-        qio asks ``on_standstill`` (True: give up) or, by default, reports the parked requests and
-        resumes them.
-        """
-        aio = self.aio
-        while not done():
-            if aio.has_pending():
-                await aio.poll()
-                continue
-            if aio.flush_pending():
-                aio.run_flushes()
-                continue
-            left = None if deadline is None else deadline - time.monotonic()
-            if AIO.busy:  # a real thread will complete
-                if left is not None and left <= 0:
-                    return False
-                await aio.wait(left)
-                await aio.poll()
-                continue
-            # Nothing can move by itself any more.
-            node = self.debug_node()
-            parked = node.debug_suspended_tags() if node is not None else []
-            if on_standstill is not None and on_standstill():
-                return False
-            if deadline is not None:
-                if left is None or left <= 0:
-                    return False
-                marker = aio.progress
-                await aio.wait(left)  # sleep: parked requests simply stay parked
-                if aio.progress != marker:
-                    await aio.poll()
-                continue
-            if parked:
-                self.report_stuck(what)
-                continue
-            if aio.inflight or aio.sync_task is not None:
-                self._abandon_stuck(what)
-            return done()
-        return True
-
-    def _abandon_stuck(self, what: str) -> None:
-        """Requests that wait for nothing qio knows about can only be a qio bug: fail them, never hang."""
-        from qio.block.errors import BlockError
-
-        self.out.error_report(f"internal error: {what}: request(s) can make no progress; cancelling them")
-        if self.aio.sync_task is not None:
-            self.aio.sync_task.cancel(BlockError(errno.EIO))
-        self.aio.abandon(BlockError(errno.EIO))
-
-    def debug_node(self) -> BlockDriver | None:
-        from qio.commands.debug_cmds import debug_node
-
-        return debug_node(self.blk.root) if self.blk is not None else None
-
-    def report_stuck(self, what: str) -> None:
-        """Resume every parked request rather than hang as qemu-io does (documented in docs/)."""
-        node = self.debug_node()
-        if node is None:
-            return
-        tags = node.debug_suspended_tags()
-        self.out.error_report(f"{what} would wait forever: request(s) {', '.join(repr(t) for t in tags)} "
-                              "suspended at blkdebug breakpoints; resuming them")
-        for tag in tags:
-            node.debug_resume(tag)
-
-    async def drain(self, what: str = "draining") -> None:
-        """``bdrv_drain_all``: run until nothing is in flight, printing completions as they come."""
-        await self.run_until(lambda: not self.aio.inflight, what)
-
-    async def sleep(self, seconds: float) -> None:
-        """``sleep``: at least one event-loop pass; a non-zero sleep lets everything that can run finish."""
-        # qemu-io's sleep polls through the glib main loop (main_loop_wait), which takes longer to get
-        # to the bottom halves than the aio_poll of the other waiting commands.
-        self.aio.pool.tick()
-        if seconds <= 0:
-            await self.aio.poll()
-            return
-        await self.run_until(lambda: False, "sleep", time.monotonic() + seconds, on_standstill=lambda: False)
-
-    async def settle(self) -> None:
-        """Nothing to do: ``resume`` enters the request directly, which runs until it next waits."""
-
-    async def wait_for(self, pred: Callable[[], bool], timeout: float | None) -> str:
-        """``wait_break``: poll until ``pred()``.  Returns "ok", "timeout", or "standstill" (nothing left
-        that could make it true)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        stalled: list[bool] = []
-
-        def standstill() -> bool:
-            stalled.append(True)
-            return True
-
-        if await self.run_until(pred, "wait_break", deadline, on_standstill=standstill):
-            return "ok"
-        return "standstill" if stalled else "timeout"
-
-    # -- image management --------------------------------------------------------------------------
-    def open_image(self, path: str | None, flags: OpenFlags, options: dict[str, Any]) -> bool:
-        """``openfile``; True on failure (the message is already printed)."""
-        if self.blk is not None:
-            self.out.error_report("file open already, try 'help close'")
-            return True
-        from qio.block.backend import BlockBackend
-
-        try:
-            self.blk = BlockBackend.open(path, options, flags, self.out.reporter())
-        except QemuError as e:
-            name = f" device {path}" if path is not None else ""
-            self.out.error_report(f"can't open{name}: {e}")
-            return True
-        return False
-
-    async def close_image(self) -> None:
-        if self.blk is None:
-            return
-        await self.drain("closing the image")
-        try:
-            await self.sync(self.blk.close(self.out.error_report))
-        finally:
-            self.blk = None
-
-    async def reopen(self, read_only: bool | None, cache: str | None, options: dict[str, Any]) -> None:
-        from qio.block.modes import parse_cache_mode
-
-        blk = self.require_blk()
-        await self.drain()
-        flags = blk.flags.copy()
-        if cache is not None:
-            parse_cache_mode(cache, flags)
-        if "read-only" in options:
-            if read_only is not None:
-                raise QemuError("Cannot set both -r/-w and 'read-only'")
-        elif read_only is not None:
-            flags.read_only = read_only
-        if ("cache.direct" in options or "cache.no-flush" in options) and cache is not None:
-            raise QemuError("Cannot set both -c and the cache options")
-        blk.reopen(flags, options)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 EVENTS = {
     "blkdebug_event": "a blkdebug event fired: event, the request that raised it, blkdebug state",
     "blkdebug_rule": "a blkdebug rule acted on an event (inject-error armed, set-state, suspend)",
+    "blkdebug_fire": "a blkdebug rule acted on a request (error injected, delay, bit flips, bad block)",
 }
 
 enabled: set[str] = set()

@@ -27,6 +27,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,18 +39,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_TESTS_DIR = Path(__file__).resolve().parent
-if str(_TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(_TESTS_DIR))
+import difftest
+from filters import filter_testdir
+from oracle import qio_wrapper
 
-import difftest  # noqa: E402
-from filters import filter_testdir  # noqa: E402
+_TESTS_DIR = Path(__file__).resolve().parent
 
 FORMATS = ("raw", "qcow2")
 CACHES = ("writethrough", "writeback")
 RECORDS_PATH = _TESTS_DIR / "aio_fuzz_records.json"
 DEFAULT_TIMEOUT = 10.0
-# What qio prints when it detects that qemu-io would stand still (see qio/shell.py).
+# What qio prints when it detects that qemu-io would stand still (see qio/session.py).
 STANDSTILL_RE = re.compile(r"would wait forever|wait_break: no request can reach")
 
 # Events that requests of raw over blkdebug really pass (block/io.c, block/raw-format.c).
@@ -473,9 +473,7 @@ def qio_target(base: Path, qio_root: Path | None) -> str | list[str]:
     wrapper = base / "qio-root-wrapper"
     if not wrapper.exists():
         # no __pycache__ written into the other tree (it may be another helper's worktree)
-        wrapper.write_text(difftest._WRAPPER.format(python=sys.executable, root=str(qio_root)).replace(
-            "import sys\n", "import sys\nsys.dont_write_bytecode = True\n", 1))
-        wrapper.chmod(0o755)
+        qio_wrapper(wrapper, qio_root, bytecode=False)
     return str(wrapper)
 
 
@@ -565,7 +563,9 @@ def run_text(text: str, name: str, fmt: str, ro: RunOpts) -> SeedResult:
             with _CPU:
                 outs.append(play(target, case, base, fmt))
     res = SeedResult(name, "match", "", ref, outs, text)
-    if ref.timed_out:
+    if is_documented_crash(ref):
+        res.status, res.detail = "qemu-crash", "SIGFPE"
+    elif ref.timed_out:
         res.status = "qemu-hang"
         q = outs[0]
         if q.timed_out:
@@ -584,6 +584,13 @@ def run_text(text: str, name: str, fmt: str, ro: RunOpts) -> SeedResult:
             res.detail = ",".join(parts)
     res.seconds = time.monotonic() - t0
     return res
+
+
+def is_documented_crash(ref: Outcome) -> bool:
+    """qemu-io 7.2 dies with SIGFPE on a discard that blkdebug with ``align`` (and no ``opt-discard``)
+    gets unaligned, e.g. a qcow2 cluster smaller than ``align`` (docs/blkdebug.md, "known
+    differences"): a documented deviation, not a model question."""
+    return ref.rc in (128 + signal.SIGFPE, -signal.SIGFPE)
 
 
 def run_seed(seed: int, fmt: str, cache: str, ro: RunOpts) -> SeedResult:
@@ -613,6 +620,45 @@ def replay(record: dict[str, object], qio_root: Path | None = None, timeout: flo
     ref = Outcome.from_json(record)
     parts = diff_parts(ref, out)
     return parts, (format_diff(ref, out) if parts else "")
+
+
+def rescore(result: dict[str, object], ro: RunOpts) -> SeedResult:
+    """Score qio again against the qemu-io result a measurement run stored (``--json``), without
+    running qemu-io: ``ro.qio_runs`` qio runs, classified as :func:`run_text` does."""
+    name = str(result["name"])
+    seed, fmt, cache = parse_name(name)
+    text = generate(seed, fmt, cache).render()
+    status = str(result["status"])
+    if script_sha(text) != result["script"] or status == "qemu-unstable":
+        return SeedResult(name, status, str(result.get("detail", "")), None, [], text)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fuzz-aio-") as tmp:
+        base = Path(tmp)
+        case = load_case(text, base)
+        case.timeout = ro.timeout
+        target = qio_target(base, ro.qio_root)
+        outs = []
+        for _ in range(max(1, ro.qio_runs)):
+            with _CPU:
+                outs.append(play(target, case, base, fmt))
+    q = outs[0]
+    if status == "qemu-hang":
+        detail = ("qio-hang" if q.timed_out else "qio-reported" if STANDSTILL_RE.search(q.stdout + q.stderr)
+                  else "qio-silent")
+        return SeedResult(name, "qemu-hang", detail, None, outs, text, time.monotonic() - t0)
+    ref_json = result["ref"]
+    assert isinstance(ref_json, dict)
+    ref = Outcome.from_json(ref_json)
+    res = SeedResult(name, "match", "", ref, outs, text)
+    if is_documented_crash(ref):
+        res.status, res.detail = "qemu-crash", "SIGFPE"
+    elif any(o != q for o in outs[1:]):
+        res.status = "qio-nondeterministic"
+        res.detail = ",".join(diff_parts(q, next(o for o in outs if o != q)))
+    elif parts := diff_parts(ref, q):
+        res.status, res.detail = "mismatch", ",".join(parts)
+    res.seconds = time.monotonic() - t0
+    return res
 
 
 def format_diff(ref: Outcome, test: Outcome) -> str:
@@ -716,7 +762,7 @@ def summarise(results: Sequence[SeedResult]) -> str:
             f"{key:22} seeds {len(rs):5}  qemu-unstable {c['qemu-unstable']:4}  reproducible {repro:5}: "
             f"match {c['match']:5} ({pct})  mismatch {c['mismatch']:4}  qio-nondet {c['qio-nondeterministic']:3}"
             f"  | qemu-hang {c['qemu-hang']:4}: qio reported {hang['qio-reported']}, silent {hang['qio-silent']},"
-            f" qio hang {hang['qio-hang']}"
+            f" qio hang {hang['qio-hang']}  | qemu SIGFPE {c['qemu-crash']}"
         )
     parts = Counter(p for r in results if r.status == "mismatch" for p in r.detail.split(","))
     lines.append("mismatch parts: " + ", ".join(f"{k} {v}" for k, v in parts.most_common()))
@@ -838,6 +884,9 @@ def _main(argv: Sequence[str] | None) -> int:
     ap.add_argument("--drop-fixed", action="store_true",
                     help="--replay: remove the cases that now match from known_failures in the records file")
     ap.add_argument("--json", type=Path, help="write per-seed results as JSON lines here")
+    ap.add_argument("--rescore", type=Path, metavar="JSONL",
+                    help="score qio again against the qemu-io results stored by an earlier --json run "
+                         "(qemu-io is not run; its unstable cases stay discarded)")
     opts = ap.parse_args(argv)
     opts.seeds_given = opts.seeds is not None
     opts.seeds = opts.seeds or "0-99"
@@ -864,6 +913,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 print(format_diff(res.ref, res.qio[0]) or "(identical)")
             bad += res.status != "match"
         return 1 if bad else 0
+    if opts.rescore:
+        return _rescore_cli(opts, kw)
     jobs: list[tuple[int, str, str]] = [
         (s, f, c) for f, c in _combos(opts.fmt, opts.cache) for s in _parse_seeds(opts.seeds)
     ]
@@ -893,6 +944,38 @@ def _main(argv: Sequence[str] | None) -> int:
     dt = time.monotonic() - t0
     print(summarise(results))
     print(f"{len(results)} cases in {dt:.0f} s ({len(results) / dt:.2f} cases/s, -j {opts.jobs})")
+    return 0
+
+
+def _rescore_cli(opts: argparse.Namespace, ro: RunOpts) -> int:
+    latest: dict[str, dict[str, object]] = {}
+    with open(opts.rescore) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                latest[str(r["name"])] = r
+    global _CPU
+    _CPU = threading.Semaphore(max(1, opts.jobs))
+    results: list[SeedResult] = []
+    t0 = time.monotonic()
+    jf = open(opts.json, "w") if opts.json else None  # noqa: SIM115
+    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        for res in pool.map(lambda r: rescore(r, ro), latest.values()):
+            results.append(res)
+            if res.status not in ("match", "qemu-unstable") and res.detail != "qio-reported":
+                print(f"{res.name}: {res.status} {res.detail}", flush=True)
+                if opts.verbose and res.ref and res.qio:
+                    print(format_diff(res.ref, res.qio[0]))
+            if jf:
+                d = _result_json(res)
+                if res.status == "qemu-unstable":
+                    d.pop("ref", None)
+                jf.write(json.dumps(d) + "\n")
+    if jf:
+        jf.close()
+    dt = time.monotonic() - t0
+    print(summarise(results))
+    print(f"{len(results)} cases rescored in {dt:.0f} s (-j {opts.jobs}, qio runs {ro.qio_runs})")
     return 0
 
 

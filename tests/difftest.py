@@ -113,13 +113,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from filters import filter_csv_stats, filter_qemu_io, filter_testdir
+from oracle import qio_wrapper
+
 _TESTS_DIR = Path(__file__).resolve().parent
-if str(_TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(_TESTS_DIR))
-
-from filters import filter_csv_stats, filter_qemu_io, filter_testdir  # noqa: E402
-
-REPO_ROOT = _TESTS_DIR.parent
 CORPUS_DIR = _TESTS_DIR / "corpus"
 DEFAULT_TIMEOUT = 60.0
 PROGRAM_NAME = "qemu-io"
@@ -553,14 +550,6 @@ def run_program(target: str | list[str], case: Case, base: Path) -> RunResult:
     )
 
 
-_WRAPPER = """#!{python}
-import sys
-sys.path.insert(0, {root!r})
-from qio.cli import main
-raise SystemExit(main())
-"""
-
-
 def qio_target(base: Path) -> str | list[str]:
     """What to run for qio: ``QIO_PROG`` or a wrapper script written into ``base``."""
     env = os.environ.get("QIO_PROG")
@@ -570,8 +559,7 @@ def qio_target(base: Path) -> str | list[str]:
         return os.path.abspath(env)
     wrapper = base / "qio-wrapper"
     if not wrapper.exists():
-        wrapper.write_text(_WRAPPER.format(python=sys.executable, root=str(REPO_ROOT)))
-        wrapper.chmod(0o755)
+        qio_wrapper(wrapper)
     return str(wrapper)
 
 

@@ -25,7 +25,7 @@ class InProc:
         self._seen_out = self._seen_err = 0
         self.loop = asyncio.new_event_loop()  # one loop for the Shell's whole life (its AIO state binds to it)
         if image is not None:
-            assert not self.sh.open_image(str(image), OpenFlags(), {"driver": "raw"})
+            assert not self.sh.session.open_image(str(image), OpenFlags(), {"driver": "raw"})
 
     def run(self, *lines: str) -> tuple[list[int], str, str]:
         async def go() -> list[int]:
@@ -41,8 +41,8 @@ class InProc:
 
     def close(self) -> None:
         try:
-            self.loop.run_until_complete(self.sh.drain())
-            self.loop.run_until_complete(self.sh.close_image())
+            self.loop.run_until_complete(self.sh.session.drain())
+            self.loop.run_until_complete(self.sh.session.close_image())
         finally:
             self.loop.close()
             os.close(self._fo)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
-from qio.aio import current_request, run_sync
+from qio.aio import AioContext, WaitQueue, current_co, current_request, run_sync
 from qio.block import io, registry
 from qio.block.driver import (
     REQ_FUA,
@@ -112,7 +113,7 @@ def _check_leftovers(node: BlockDriver, options: Options, positional: bool = Tru
     for key in options:
         if (key in GENERIC_OPTS and (positional or key != "filename")) or key in node.runtime_opts:
             continue
-        if node.is_format:
+        if node.is_format or node.protocol_name is None:  # bdrv_open_common: a driver without protocol
             raise QemuError(f"Block format '{node.format_name}' does not support the option '{key}'")
         raise QemuError(f"Block protocol '{node.format_name}' doesn't support the option '{key}'")
 
@@ -143,14 +144,18 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         if cls is None:
             raise QemuError(f"Unknown driver '{drvname}'")
     elif protocol:
-        cls = _protocol_class(filename)
+        cls = _protocol_class(filename, positional)
     if cls is not None and not cls.is_format:
-        return _open_protocol(cls, options, flags, warn)
+        return _open_protocol(cls, options, flags, warn, positional)
     # A format node (given or to be probed) over a "file" child.
     ref = options.pop("file", None)  # bdrv_open_child_bs consumes "file" whatever its type
     child_opts = sub_options(options, "file")
+    child_positional = False
     if filename is not None and positional:
-        child_opts.setdefault("filename", filename)
+        if "filename" in child_opts:  # bdrv_fill_options of the child
+            raise QemuError("Can't specify 'file' and 'filename' options at the same time")
+        child_opts["filename"] = filename
+        child_positional = True
     if isinstance(ref, str):  # a node reference; qemu-io has no other nodes
         if child_opts:
             raise QemuError("Cannot reference an existing block device with additional options or a new filename")
@@ -165,7 +170,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     # bdrv_inherited_options: children default to discard=unmap whatever the parent's policy
     cflags = flags.copy()
     cflags.unmap = True
-    file = open_node(child_opts, cflags, warn, protocol=True)
+    file = open_node(child_opts, cflags, warn, protocol=True, positional=child_positional)
     probed = False
     try:
         if cls is None:
@@ -194,8 +199,9 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     return node
 
 
-def _protocol_class(filename: Any) -> type[BlockDriver]:
-    """``bdrv_find_protocol``: the driver a ``proto:`` prefix names, else ``file``."""
+def _protocol_class(filename: Any, positional: bool = True) -> type[BlockDriver]:
+    """``bdrv_find_protocol``: the driver a ``proto:`` prefix names, else ``file``; only a file name
+    given as such (not a ``filename`` option) may carry a prefix (``allow_protocol_prefix``)."""
     name = "file"
     if isinstance(filename, str):
         from qio.block.file import is_host_device
@@ -204,7 +210,7 @@ def _protocol_class(filename: Any) -> type[BlockDriver]:
             cls = registry.find("host_device")
             assert cls is not None
             return cls
-        proto = _protocol_of(filename)
+        proto = _protocol_of(filename) if positional else None
         if proto is not None:
             if proto not in registry.PROTOCOL_PREFIXES:
                 raise QemuError(f"Unknown protocol '{proto}'")
@@ -214,7 +220,11 @@ def _protocol_class(filename: Any) -> type[BlockDriver]:
     return cls
 
 
-def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, warn: Warn) -> BlockDriver:
+def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, warn: Warn,
+                   positional: bool = True) -> BlockDriver:
+    filename = options.get("filename")
+    if positional and isinstance(filename, str) and cls.parse_filename(filename, options):
+        del options["filename"]  # bdrv_parse_filename consumed it (drivers without bdrv_needs_filename)
     node = cls()
     node.flags = flags
     node.read_only = flags.read_only
@@ -224,7 +234,7 @@ def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, w
         node.refresh_limits()
         node.detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes"), flags)
         node.open(options, flags)
-        _check_leftovers(node, options)
+        _check_leftovers(node, options, positional)
     except BaseException:
         _close_sync(node)
         raise
@@ -295,6 +305,27 @@ def _primary_nodes(node: BlockDriver) -> list[BlockDriver]:
     return out
 
 
+class PauseGate:
+    """qio's ``pause`` (nbdkit's pause filter): requests arriving while paused wait in submission order."""
+
+    def __init__(self) -> None:
+        self.queue = WaitQueue()
+        self.held = 0
+
+    async def hold(self) -> None:
+        if current_co() is None:
+            return  # not under the scheduler (open/close-time I/O): nothing to hold
+        self.held += 1
+        AioContext.current().notify()
+        await self.queue.wait()
+
+    def release(self) -> int:
+        """Let the held requests go, oldest first, each running until it next waits."""
+        n, self.held = self.held, 0
+        self.queue.restart_all()
+        return n
+
+
 class BlockBackend:
     """The image as qemu-io sees it: byte-range checks, write-through FUA, permissions."""
 
@@ -304,6 +335,8 @@ class BlockBackend:
         self.writethrough = flags.writethrough
         self.perm = PERM_CONSISTENT_READ | (0 if flags.read_only else PERM_WRITE)
         self.shared = PERM_ALL
+        #: qio's ``pause``: new requests wait here, at the top of the graph, until ``unpause``
+        self.gate: PauseGate | None = None
 
     @classmethod
     def open(cls, filename: str | None, options: Options, flags: OpenFlags, warn: Warn) -> BlockBackend:
@@ -346,6 +379,9 @@ class BlockBackend:
         except BaseException:
             _close_sync(root)
             raise
+        pf = sys.modules.get("qio.block.powerfail")
+        if pf is not None and pf.session_armed:  # the session's disk has a volatile write cache
+            pf.arm(root)
         return blk
 
     def set_perm(self, perm: int) -> None:
@@ -379,11 +415,15 @@ class BlockBackend:
 
     async def preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
         current_request.set(("read", offset, nbytes))
+        if self.gate is not None:
+            await self.gate.hold()
         self._check(offset, nbytes)
         await io.preadv(self.root, offset, nbytes, qiov)
 
     async def pwritev(self, offset: int, nbytes: int, qiov: IOVec | None, flags: int = 0) -> None:
         current_request.set(("write-zeroes" if qiov is None else "write", offset, nbytes))
+        if self.gate is not None:
+            await self.gate.hold()
         self._check(offset, nbytes)
         if self.writethrough:
             flags |= REQ_FUA
@@ -391,11 +431,15 @@ class BlockBackend:
 
     async def pdiscard(self, offset: int, nbytes: int) -> None:
         current_request.set(("discard", offset, nbytes))
+        if self.gate is not None:
+            await self.gate.hold()
         self._check(offset, nbytes)
         await io.pdiscard(self.root, offset, nbytes)
 
     async def flush(self) -> None:
         current_request.set(("flush", 0, 0))
+        if self.gate is not None:
+            await self.gate.hold()
         await io.flush(self.root)
 
     async def truncate(self, offset: int, prealloc: str) -> None:
@@ -459,3 +503,11 @@ class BlockBackend:
                 await node.close()
         finally:
             _close_sync(self.root)
+
+
+def debug_node(root: BlockDriver) -> BlockDriver | None:
+    """``bdrv_find_debug_node``: follow primary children to the first node with debug hooks."""
+    node: BlockDriver | None = root
+    while node is not None and not node.has_debug_hooks:
+        node = node.primary_child()
+    return node

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qio import trace
 from qio.aio import AIO, YIELD, AioContext, current_co, current_request, enter
 from qio.block import io
-from qio.block.blkdebug_config import RuleSpec, inline_sections, make_rule, parse_config_text
+from qio.block.blkdebug_config import GROUPS, RuleSpec, check_value, inline_sections, make_rule, parse_config_text
 from qio.block.driver import (
     REQ_FUA,
     REQ_MAY_UNMAP,
@@ -35,16 +35,26 @@ from qio.block.errors import BlockError, QemuError
 from qio.block.events import EVENT_NAMES, Event
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
+from qio.numbers import INT_MAX
 from qio.qemuopts import opt_size
 
-INT_MAX = 2**31 - 1
-INJECT, SET_STATE, SUSPEND = 0, 1, 2
-_ACTIONS = {"inject-error": INJECT, "set-state": SET_STATE}
+if TYPE_CHECKING:
+    from random import Random
+
+INJECT, SET_STATE, SUSPEND, DELAY, CORRUPT, BAD_BLOCKS = 0, 1, 2, 3, 4, 5
+_ACTIONS = {"inject-error": INJECT, "set-state": SET_STATE, "delay": DELAY, "corrupt": CORRUPT,
+            "bad-blocks": BAD_BLOCKS}
+_NAMES = {v: k for k, v in _ACTIONS.items()}
 
 
 class Rule:
-    __slots__ = ("action", "errno", "event", "immediately", "iotypes", "new_state", "offset", "once", "state",
-                 "tag")
+    """One rule: QEMU's inject-error/set-state/breakpoint, or one of qio's delay, corrupt and bad-blocks
+    rules.  ``matched`` counts the events (requests, for corrupt and bad-blocks) whose state, iotype
+    and range matched; ``fired`` how often the rule acted."""
+
+    __slots__ = ("action", "after", "bad", "bit", "count", "errno", "event", "fired", "id", "immediately",
+                 "iotypes", "jitter", "length", "limit", "matched", "new_state", "ns", "offset", "once",
+                 "probability", "rng", "sector_key", "state", "tag")
 
     def __init__(self, action: int, event: Event, state: int = 0, tag: str = "",
                  spec: RuleSpec | None = None) -> None:
@@ -52,32 +62,111 @@ class Rule:
         self.event = event
         self.state = state
         self.tag = tag
+        self.id = 0
         self.errno = spec.errno if spec else errno.EIO
         self.once = spec.once if spec else False
         self.immediately = spec.immediately if spec else False
         self.offset = spec.offset if spec else -1
+        self.length = spec.length if spec else 1
         self.iotypes = spec.iotypes if spec else frozenset()
         self.new_state = spec.new_state if spec else 0
+        self.probability = spec.probability if spec else 1.0
+        self.after = spec.after if spec else 0
+        self.count = spec.repeat if spec else 0
+        self.ns = spec.ns if spec else 0
+        self.jitter = spec.jitter if spec else 0
+        self.bit = spec.bit if spec else -1
+        self.sector_key = spec.sector_key if spec else False
+        # how often the rule may act before it is deleted (0: no limit); ``once=on`` is 1
+        self.limit = 1 if self.once else (self.count if action in (INJECT, DELAY) else 0)
+        self.matched = self.fired = 0
+        self.rng: Random | None = None
+        self.bad: list[list[int]] = [[self.offset, self.offset + self.length]] if action == BAD_BLOCKS else []
+
+    def overlaps(self, offset: int, nbytes: int) -> bool:
+        """The request's bytes meet the rule's range (QEMU's ``sector``: the request holds that byte)."""
+        off = self.offset
+        return off == -1 or (nbytes > 0 and offset < off + self.length and off < offset + nbytes)
+
+    def passes(self) -> bool:
+        """Count a match; True if the rule acts on it (``after`` and ``probability``).  Without qio's
+        keys this is always True, so QEMU's rules behave as in QEMU."""
+        self.matched += 1
+        if self.matched <= self.after:
+            return False
+        if self.probability < 1.0:
+            assert self.rng is not None
+            return self.rng.random() < self.probability
+        return True
 
     def describe(self) -> str:
+        return f"#{self.id} {self.conditions()}" if self.id else self.conditions()
+
+    def conditions(self) -> str:
         if self.action == SUSPEND:
-            return f"break {self.event.value} {self.tag}"
+            return f"break {self.event.value} {self.tag}" + self._predicate()
         if self.action == SET_STATE:
             st = f"state={self.state} " if self.state else ""
             return f"set-state event={self.event.value} {st}new_state={self.new_state}"
-        parts = [f"inject-error event={self.event.value}"]
+        parts = [_NAMES[self.action]]
+        if self.action in (INJECT, DELAY):
+            parts.append(f"event={self.event.value}")
         if self.state:
             parts.append(f"state={self.state}")
-        parts.append(f"errno={self.errno}")
-        if self.offset != -1:
+        if self.action == INJECT:
+            parts.append(f"errno={self.errno}")
+        if self.action == BAD_BLOCKS:
+            parts.append("ranges=" + (",".join(f"{a}+{b - a}" for a, b in self.bad) or "none"))
+            return " ".join(parts)
+        if self.sector_key:
             parts.append(f"sector={self.offset // 512}")
-        if self.iotypes != frozenset(("read", "write", "write-zeroes", "discard", "flush")):
+        elif self.offset != -1:
+            parts.append(f"offset={self.offset}")
+            if self.length != 1:
+                parts.append(f"length={self.length}")
+        if self.action not in (CORRUPT, BAD_BLOCKS) and self.iotypes and self.iotypes != frozenset(
+                ("read", "write", "write-zeroes", "discard", "flush")):
             parts.append("iotype=" + ",".join(sorted(self.iotypes)))
+        if self.action == DELAY:
+            parts.append(f"ns={self.ns}")
+            if self.jitter:
+                parts.append(f"jitter={self.jitter}")
+        if self.action == CORRUPT:
+            parts.append(f"bit={self.bit}" if self.bit != -1 else f"count={self.count}")
+        if self.probability < 1.0:
+            parts.append(f"probability={self.probability:g}")
+        if self.after:
+            parts.append(f"after={self.after}")
         if self.once:
             parts.append("once=on")
+        elif self.action != CORRUPT and self.count:
+            parts.append(f"count={self.count}")
         if self.immediately:
             parts.append("immediately=on")
         return " ".join(parts)
+
+    def _predicate(self) -> str:
+        """A predicate breakpoint's conditions (``break -o/-i/-n``)."""
+        parts = []
+        if self.offset != -1:
+            parts.append(f"-o {self.offset},{self.length}")
+        if self.iotypes:
+            parts.append("-i " + ",".join(sorted(self.iotypes)))
+        if self.after:
+            parts.append(f"-n {self.after + 1}")
+        return (" " + " ".join(parts)) if parts else ""
+
+    def request_matches(self) -> bool:
+        """Delay rules and predicate breakpoints: the request that raised the event (as issued by the
+        command, the offsets ``trace`` shows) has the rule's iotype and meets its range."""
+        if self.offset == -1 and not self.iotypes:
+            return True
+        req = current_request.get()
+        if req is None:
+            return False
+        if self.iotypes and req[0] not in self.iotypes:
+            return False
+        return self.overlaps(req[1], req[2])
 
 
 class Parker:
@@ -113,7 +202,7 @@ class BlkdebugDriver(BlockDriver):
     has_debug_hooks = True
     runtime_opts: ClassVar[frozenset[str]] = frozenset(
         {"config", "x-image", "align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard",
-         "max-discard"})
+         "max-discard", "seed"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -127,41 +216,57 @@ class BlkdebugDriver(BlockDriver):
         self.pwrite_zeroes_alignment = 0
         self.max_pwrite_zeroes = 0
         self.max_pdiscard = 0
+        # qio's extensions: the seed of the probabilistic rules, rule ids, rules acting on requests
+        self.seed = 0
+        self.seed_chosen = False
+        self.next_id = 1
+        self.request_rules: list[Rule] = []  # corrupt and bad-blocks rules, in the order added
 
     # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
+        """``blkdebug:CONFIG:IMAGE``, or a plain file name that is the image itself."""
+        if not filename.startswith("blkdebug:"):
+            options["x-image"] = filename
+            return True
+        cfg, colon, img = filename[len("blkdebug:"):].partition(":")
+        if not colon:
+            raise QemuError("blkdebug requires both config file and image path")
+        if cfg:
+            options["config"] = cfg
+        options["x-image"] = img
+        return True
+
     def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
         """Parse ``blkdebug:CONFIG:IMAGE``, read the rules, then open the ``image`` child."""
         from qio.block.backend import open_node
         from qio.qemuopts import sub_options
 
-        filename = options.pop("filename", None)
-        if filename is not None:
-            filename = str(filename)
-            if filename.startswith("blkdebug:"):
-                rest = filename[len("blkdebug:"):]
-                cfg, colon, img = rest.partition(":")
-                if not colon:
-                    raise QemuError("blkdebug requires both config file and image path")
-                if cfg:
-                    options["config"] = cfg
-                options["x-image"] = img
-            else:
-                options["x-image"] = filename
         cfg_opt = options.get("config")
         self.config = None if cfg_opt is None else str(cfg_opt)
+        seed = options.get("seed")
+        if seed is None:
+            # os.urandom, not the random module: importing random costs start-up time
+            self.seed, self.seed_chosen = int.from_bytes(os.urandom(4)), True
+        else:
+            self.seed = check_value("seed", seed, "number")
         self._read_config(options)
         self.state = 1
         self.take_perms = _perm_list(options, "take-child-perms")
         self.unshare_perms = _perm_list(options, "unshare-child-perms")
         child_opts = sub_options(options, "image")
         x_image = options.get("x-image")
-        if x_image is not None:
-            child_opts.setdefault("filename", x_image)
+        positional = x_image is not None  # bdrv_open_file_child(x-image): a file name, parsed as such
+        if positional:
+            if "filename" in child_opts:
+                raise QemuError("Can't specify 'file' and 'filename' options at the same time")
+            child_opts["filename"] = x_image
         if "image" in options and isinstance(options["image"], str):
             raise QemuError("Node references are not supported by qio; give the image's options instead")
         if not child_opts:
             raise QemuError('A block device must be specified for "image"')
-        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True)))
+        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True,
+                                                         positional=positional)))
 
     def _read_config(self, options: dict[str, Any]) -> None:
         sections: list[tuple[str, dict[str, Any]]] = []
@@ -177,13 +282,43 @@ class BlkdebugDriver(BlockDriver):
                 raise QemuError(f"Could not read blkdebug config file: {os.strerror(err)}", err) from None
             sections = [(s.group, dict(s.values)) for s in parse_config_text(text)]
         sections += inline_sections(options)
-        specs = [make_rule(g, v) for g, v in sections if g == "inject-error"]
-        specs += [make_rule(g, v) for g, v in sections if g == "set-state"]
+        specs = [make_rule(g, v) for group in GROUPS for g, v in sections if g == group]
         for spec in specs:
-            self._add(Rule(_ACTIONS[spec.action], EVENT_NAMES[spec.event], spec.state, spec=spec))
+            self.add_rule(spec)
+
+    def add_rule(self, spec: RuleSpec) -> Rule:
+        """Add a rule (from the configuration, inline options or the prompt); it gets the next id."""
+        rule = Rule(_ACTIONS[spec.action], EVENT_NAMES[spec.event], spec.state, spec=spec)
+        self._add(rule)
+        return rule
 
     def _add(self, rule: Rule) -> None:
-        self.rules.setdefault(rule.event, []).insert(0, rule)
+        rule.id = self.next_id
+        self.next_id += 1
+        if rule.probability < 1.0 or rule.action == CORRUPT or rule.jitter:
+            from random import Random  # only rules with chance need it (start-up time)
+
+            rule.rng = Random(f"{self.seed}/{rule.id}")  # str seeds hash the same in every run
+        if rule.action in (CORRUPT, BAD_BLOCKS):
+            self.request_rules.append(rule)
+        else:
+            self.rules.setdefault(rule.event, []).insert(0, rule)
+
+    def remove_rule(self, rule_id: int) -> bool:
+        """``unrule``: delete a rule of any kind (an armed inject-error rule is disarmed)."""
+        for rules in (*self.rules.values(), self.request_rules):
+            for rule in rules:
+                if rule.id == rule_id:
+                    rules.remove(rule)
+                    if rule in self.active:
+                        self.active.remove(rule)
+                    return True
+        return False
+
+    def all_rules(self) -> list[Rule]:
+        """Every rule, by id."""
+        found = [r for rs in self.rules.values() for r in rs] + self.request_rules
+        return sorted(found, key=lambda r: r.id)
 
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         self.flags = flags
@@ -229,28 +364,58 @@ class BlkdebugDriver(BlockDriver):
         new_state = self.state
         suspends = 0
         injects = 0
+        delay = 0
         parker: Parker | None = None
         for rule in list(rules):
             if rule.state and rule.state != self.state:
                 continue
+            action = rule.action
+            if action in (SUSPEND, DELAY) and not rule.request_matches():
+                continue
+            if not rule.passes():
+                if action == INJECT and rule in self.active:
+                    self.active.remove(rule)  # a probabilistic rule is re-drawn at each event
+                continue
             trace.emit("blkdebug_rule", f"{event.value}: {rule.describe()}")
-            if rule.action == INJECT:
+            if action == INJECT:
                 injects += 1
                 if injects == 1:
                     self.active.clear()
                 self.active.insert(0, rule)
-            elif rule.action == SET_STATE:
+            elif action == SET_STATE:
+                rule.fired += 1
                 new_state = rule.new_state
+            elif action == DELAY:
+                ns = rule.ns + (rule.rng.randint(0, rule.jitter) if rule.rng is not None and rule.jitter else 0)
+                delay += ns
+                self._fired(rule, f"held request {_who()} for {ns} ns")
             else:
                 suspends += 1
+                rule.fired += 1
                 parker = parker or Parker()
                 rules.remove(rule)
                 self.suspended.insert(0, (rule.tag, parker))
                 AIO.printf(f"blkdebug: Suspended request '{rule.tag}'\n")
         self.state = new_state
+        if delay and current_co() is not None:  # not at open time (run without an event loop)
+            await AioContext.current().pool.sleep(delay / 1000)
         for _ in range(suspends):
             assert parker is not None
             await parker.park()
+
+    def _fired(self, rule: Rule, what: str) -> None:
+        """A rule acted on a request: count it, trace it, delete it when its ``count`` is used up."""
+        rule.fired += 1
+        if "blkdebug_fire" in trace.enabled:
+            trace.emit("blkdebug_fire", f"{rule.describe()}: {what}")
+        if rule.probability < 1.0 and rule in self.active:
+            self.active.remove(rule)  # drawn per event: one request per successful draw
+        if rule.limit and rule.fired >= rule.limit:
+            if rule in self.active:
+                self.active.remove(rule)
+            for rules in (self.rules.get(rule.event), self.request_rules):
+                if rules and rule in rules:
+                    rules.remove(rule)
 
     async def _check(self, offset: int, nbytes: int, iotype: str) -> bool:
         """``rule_check``: fail the request if an active inject-error rule matches it.
@@ -261,19 +426,14 @@ class BlkdebugDriver(BlockDriver):
         if not self.active:
             return False
         for rule in self.active:
-            off = rule.offset
-            if (off == -1 or (nbytes and offset <= off < offset + nbytes)) and iotype in rule.iotypes:
+            if rule.overlaps(offset, nbytes) and iotype in rule.iotypes:
                 break
         else:
             return False
         if not rule.errno:
             return False
         err = rule.errno
-        if rule.once:
-            self.active.remove(rule)
-            lst = self.rules.get(rule.event)
-            if lst and rule in lst:
-                lst.remove(rule)
+        self._fired(rule, f"failed request {_who()} at {iotype} offset {offset} bytes {nbytes} with errno {err}")
         if not rule.immediately:
             AIO.yields += 1
             await AioContext.current().co_schedule()
@@ -287,6 +447,20 @@ class BlkdebugDriver(BlockDriver):
         if ev is None:
             return -errno.ENOENT
         self._add(Rule(SUSPEND, ev, 0, tag))
+        return 0
+
+    def debug_break_if(self, event: str, tag: str, offset: int, length: int, iotype: str | None,
+                       nth: int) -> int:
+        """``break -o OFFSET[,LEN] -i IOTYPE -n NTH EVENT TAG``: suspend only a matching request, the
+        NTH one to match."""
+        ev = EVENT_NAMES.get(event)
+        if ev is None:
+            return -errno.ENOENT
+        rule = Rule(SUSPEND, ev, 0, tag)
+        rule.offset, rule.length = offset, length
+        rule.iotypes = frozenset((iotype,)) if iotype else frozenset()
+        rule.after = nth - 1
+        self._add(rule)
         return 0
 
     def _resume(self, tag: str, all_: bool) -> int:
@@ -332,26 +506,96 @@ class BlkdebugDriver(BlockDriver):
     def debug_state(self) -> list[str]:
         """Human-readable state for the ``debug_state`` command."""
         lines = [f"blkdebug state: {self.state}"]
+        lines.append(f"seed: {self.seed}" + (f" (chosen at open; give seed={self.seed} to reproduce)"
+                                             if self.seed_chosen else ""))
         breaks = [r for rs in self.rules.values() for r in rs if r.action == SUSPEND]
         lines.append("breakpoints:" + ("" if breaks else " none"))
-        lines += [f"    {r.event.value} {r.tag}" for r in breaks]
+        lines += [f"    #{r.id} {r.event.value} {r.tag}{r._predicate()} (hits {r.matched})" for r in breaks]
         lines.append("suspended requests:" + ("" if self.suspended else " none"))
         lines += [f"    {t}" for t, _ in self.suspended]
-        rules = [r for rs in self.rules.values() for r in rs if r.action != SUSPEND]
-        lines.append("rules:" + ("" if rules else " none"))
-        lines += [f"    {r.describe()}" for r in rules]
+        lines.append("rules:" + ("" if self.has_rules() else " none"))
+        lines += [f"    {line}" for line in self.rule_lines()]
         lines.append("active inject-error rules:" + ("" if self.active else " none"))
         lines += [f"    {r.describe()}" for r in self.active]
         return lines
 
+    def has_rules(self) -> bool:
+        return any(r.action != SUSPEND for rs in self.rules.values() for r in rs) or bool(self.request_rules)
+
+    def rule_lines(self, breakpoints: bool = False) -> list[str]:
+        """One line per rule: id, conditions, and how often it matched and fired."""
+        return [f"{r.describe()} (matched {r.matched}, fired {r.fired})" for r in self.all_rules()
+                if breakpoints or r.action != SUSPEND]
+
     # -- I/O: check the active rules, then pass through -----------------------------------------
     async def co_preadv(self, offset: int, nbytes: int, qiov: IOVec) -> None:
         if not await self._check(offset, nbytes, "read"):
+            if self.request_rules:
+                self._bad_blocks(offset, nbytes)
             await io.preadv(self.file, offset, nbytes, qiov)
+            if self.request_rules:
+                self._corrupt(offset, nbytes, qiov)
 
     async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
         if not await self._check(offset, nbytes, "write"):
             await io.pwritev(self.file, offset, nbytes, qiov, flags)
+            if self.request_rules:
+                self._rewritten(offset, nbytes)
+
+    # -- qio's request rules: bad blocks (dm-dust) and bit flips in read data -----------------------
+    def _bad_blocks(self, offset: int, nbytes: int) -> None:
+        """A read meeting a bad range fails with EIO (before any data is read)."""
+        for rule in self.request_rules:
+            if rule.action != BAD_BLOCKS:
+                continue
+            hit = next(((a, b) for a, b in rule.bad if a < offset + nbytes and offset < b), None)
+            if hit is not None:
+                rule.matched += 1
+                self._fired(rule, f"failed request {_who()} at read offset {offset} bytes {nbytes}: bad "
+                                  f"range {hit[0]}+{hit[1] - hit[0]}")
+                raise BlockError(errno.EIO)
+
+    def _rewritten(self, offset: int, nbytes: int) -> None:
+        """A successful write repairs the bad bytes it covers (dm-dust forgets a rewritten block)."""
+        end = offset + nbytes
+        for rule in self.request_rules:
+            if rule.action != BAD_BLOCKS:
+                continue
+            left: list[list[int]] = []
+            for a, b in rule.bad:
+                if b <= offset or a >= end:
+                    left.append([a, b])
+                    continue
+                if a < offset:
+                    left.append([a, offset])
+                if b > end:
+                    left.append([end, b])
+            rule.bad = left
+
+    def _corrupt(self, offset: int, nbytes: int, qiov: IOVec) -> None:
+        """Flip bits of the data a matching read returns (the image itself is never changed)."""
+        for rule in list(self.request_rules):
+            if rule.action != CORRUPT or (rule.state and rule.state != self.state):
+                continue
+            if not rule.overlaps(offset, nbytes) or not rule.passes():
+                continue
+            if rule.offset == -1:
+                lo, hi = offset, offset + nbytes
+            else:
+                lo, hi = max(offset, rule.offset), min(offset + nbytes, rule.offset + rule.length)
+            if rule.bit != -1:
+                base = rule.offset if rule.offset != -1 else offset
+                bits = [base * 8 + rule.bit] if lo * 8 <= base * 8 + rule.bit < hi * 8 else []
+            else:
+                assert rule.rng is not None
+                picked = rule.rng.sample(range((hi - lo) * 8), min(rule.count, (hi - lo) * 8))
+                bits = sorted(lo * 8 + b for b in picked)
+            if not bits:
+                continue
+            for bit in bits:
+                _flip(qiov, bit // 8 - offset, 1 << (bit % 8))
+            self._fired(rule, f"flipped {len(bits)} bit(s) of request {_who()} at read offset {offset} "
+                              f"bytes {nbytes}: " + ",".join(f"{b // 8}.{b % 8}" for b in bits))
 
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
         align = max(self.request_alignment, self.pwrite_zeroes_alignment)
@@ -359,6 +603,8 @@ class BlkdebugDriver(BlockDriver):
             raise BlockError(errno.ENOTSUP)  # exercise the generic layer's fallback to writes
         if not await self._check(offset, nbytes, "write-zeroes"):
             await io.pwrite_zeroes(self.file, offset, nbytes, flags)
+            if self.request_rules:
+                self._rewritten(offset, nbytes)
 
     async def co_pdiscard(self, offset: int, nbytes: int) -> None:
         if nbytes < self.request_alignment:
@@ -386,6 +632,21 @@ class BlkdebugDriver(BlockDriver):
         if not any(isinstance(n, BlkdebugDriver) for n in _open_nodes if n is not self):
             AIO.yield_on_io = False
         _open_nodes.discard(self)
+
+
+def _who() -> str:
+    """The request being processed, as the trace events name it."""
+    req = current_request.get()
+    return f"{req[0]} offset {req[1]} bytes {req[2]}" if req else "(no request: open/close)"
+
+
+def _flip(qiov: IOVec, pos: int, mask: int) -> None:
+    """XOR ``mask`` into byte ``pos`` of the vector."""
+    for buf in qiov:
+        if pos < len(buf):
+            buf[pos] ^= mask
+            return
+        pos -= len(buf)
 
 
 _open_nodes: set[BlkdebugDriver] = set()

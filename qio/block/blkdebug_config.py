@@ -23,6 +23,21 @@ _TYPES = {
                      "sector": "number", "once": "bool", "immediately": "bool"},
     "set-state": {"event": "string", "state": "number", "new_state": "number"},
 }
+#: qio's own keys and sections (docs/blkdebug.md, "Fault-injection rules"): QEMU rejects all of them,
+#: so accepting them changes nothing for a configuration qemu-io accepts.
+_COND = {"probability": "probability", "after": "number", "offset": "size", "length": "size"}
+_TYPES["inject-error"] |= _COND | {"count": "number"}
+_TYPES["delay"] = {"event": "string", "state": "number", "iotype": "string", "ns": "number",
+                   "jitter": "number", "count": "number", "once": "bool"} | _COND
+_TYPES["corrupt"] = {"state": "number", "bit": "number", "count": "number", "once": "bool"} | _COND
+_TYPES["bad-blocks"] = {"offset": "size", "length": "size"}
+#: Sections in the order their rules are added (QEMU: inject-error before set-state).
+GROUPS = ("inject-error", "set-state", "delay", "corrupt", "bad-blocks")
+
+
+def rule_keys(group: str) -> list[str]:
+    """The keys a section (and its prompt command) accepts, for completion and help."""
+    return sorted(_TYPES[group])
 _TRUE = ("on", "yes", "true", "y")
 _FALSE = ("off", "no", "false", "n")
 
@@ -145,6 +160,18 @@ def check_value(key: str, value: Any, kind: str) -> Any:
         if v is None:
             raise QemuError(f"Parameter '{key}' expects a number")
         return v
+    if kind == "size":
+        from qio.qemuopts import opt_size
+
+        return opt_size({key: value}, key, 0)
+    if kind == "probability":
+        try:
+            p = float(value) if not isinstance(value, bool) else -1.0
+        except ValueError:
+            p = -1.0
+        if not 0.0 <= p <= 1.0:  # also NaN
+            raise QemuError(f"Parameter '{key}' expects a number between 0 and 1")
+        return p
     if isinstance(value, bool):
         return value
     if value in _TRUE:
@@ -165,26 +192,47 @@ def as_int64(v: int) -> int:
 
 
 class RuleSpec(NamedTuple):
-    action: str  # "inject-error" | "set-state"
+    action: str  # "inject-error" | "set-state" | "delay" | "corrupt" | "bad-blocks"
     event: str
     state: int
     errno: int = errno.EIO
     once: bool = False
     immediately: bool = False
-    offset: int = -1
+    offset: int = -1  # a byte range of the request: -1 = any (``sector`` is ``offset=sector*512,length=1``)
     iotypes: frozenset[str] = DEFAULT_IOTYPES
     new_state: int = 0
+    # qio's extensions
+    length: int = 1
+    probability: float = 1.0
+    after: int = 0
+    repeat: int = 0  # ``count``: inject-error/delay: fire at most this often (0: no limit); corrupt: bits
+    ns: int = 0
+    jitter: int = 0
+    bit: int = -1
+    sector_key: bool = False  # the range came from ``sector`` (shown as it was given)
+    extended: bool = False  # uses a key QEMU does not know
+
+
+def _conflict(group: str, conv: dict[str, Any], a: str, b: str) -> None:
+    if a in conv and b in conv:
+        raise QemuError(f"Cannot use both '{a}' and '{b}' in [{group}]")
 
 
 def make_rule(action: str, values: dict[str, Any]) -> RuleSpec:
-    """``add_rule``: validate the event and iotype names and apply the defaults."""
+    """``add_rule``: validate the event and iotype names and apply the defaults.
+
+    qio's keys are checked here for their ranges and conflicts, with messages in QEMU's style."""
     types = _TYPES[action]
     conv = {k: check_value(k, v, types[k]) for k, v in values.items() if k in types}
-    event = conv.get("event")
-    if event is None:
-        raise QemuError("Missing event name for rule")
-    if event not in EVENT_NAMES:
-        raise QemuError(f"invalid parameter value: {event}")
+    extended = any(k not in _QEMU_KEYS.get(action, ()) for k in conv)
+    if action in ("corrupt", "bad-blocks"):
+        event = "none"
+    else:
+        event = str(conv.get("event", ""))
+        if "event" not in conv:
+            raise QemuError("Missing event name for rule")
+        if event not in EVENT_NAMES:
+            raise QemuError(f"invalid parameter value: {event}")
     state = as_int(conv.get("state", 0))
     if action == "set-state":
         return RuleSpec(action, event, state, new_state=as_int(conv.get("new_state", 0)))
@@ -193,9 +241,69 @@ def make_rule(action: str, values: dict[str, Any]) -> RuleSpec:
         if conv["iotype"] not in IOTYPES:
             raise QemuError(f"invalid parameter value: {conv['iotype']}")
         iotypes = frozenset((conv["iotype"],))
-    sector = as_int64(conv.get("sector", 2**64 - 1))
-    return RuleSpec(action, event, state, as_int(conv.get("errno", errno.EIO)), conv.get("once", False),
-                    conv.get("immediately", False), -1 if sector == -1 else sector * 512, iotypes)
+    _conflict(action, conv, "sector", "offset")
+    if action != "corrupt":
+        _conflict(action, conv, "once", "count")
+    if "length" in conv and "offset" not in conv:
+        raise QemuError(f"Parameter 'length' needs 'offset' in [{action}]")
+    for key in ("length", "count"):
+        if key in conv and conv[key] == 0:
+            raise QemuError(f"Parameter '{key}' expects a positive number")
+    length = conv.get("length", 1)
+    if "offset" in conv:
+        offset = conv["offset"]
+        if offset + length > 2**63:
+            raise QemuError(f"Value '{offset + length}' is out of range for parameter 'length'")
+    else:
+        sector = as_int64(conv.get("sector", 2**64 - 1))
+        offset = -1 if sector == -1 else sector * 512
+    count = conv.get("count", 1 if conv.get("once") else 0)
+    common = {"length": length, "probability": conv.get("probability", 1.0), "after": conv.get("after", 0),
+              "sector_key": "sector" in conv, "extended": extended}
+    if action == "inject-error":
+        return RuleSpec(action, event, state, as_int(conv.get("errno", errno.EIO)), conv.get("once", False),
+                        conv.get("immediately", False), offset, iotypes, repeat=count, **common)
+    if action == "delay":
+        ns, jitter = conv.get("ns", 0), conv.get("jitter", 0)
+        if not ns and not jitter:
+            raise QemuError("A [delay] rule needs 'ns' or 'jitter'")
+        if ns + jitter > 2**63:
+            raise QemuError(f"Value '{ns + jitter}' is out of range for parameter 'ns'")
+        return RuleSpec(action, event, state, 0, conv.get("once", False), False, offset,
+                        iotypes if "iotype" in conv else frozenset(), repeat=count, ns=ns, jitter=jitter, **common)
+    if action == "corrupt":
+        _conflict(action, conv, "bit", "count")
+        bit = conv.get("bit", -1)
+        if bit != -1 and "offset" in conv and bit >= length * 8:
+            raise QemuError(f"Parameter 'bit' must be below {length * 8} (the bits of 'length')")
+        return RuleSpec(action, event, state, 0, conv.get("once", False), False, offset,
+                        frozenset(("read",)), repeat=conv.get("count", 1 if bit == -1 else 0), bit=bit,
+                        **common)
+    if "offset" not in conv or "length" not in conv:
+        raise QemuError("A [bad-blocks] range needs 'offset' and 'length'")
+    return RuleSpec(action, event, 0, errno.EIO, False, False, offset, frozenset(("read",)), **common)
+
+
+_QEMU_KEYS = {"inject-error": ("event", "state", "iotype", "errno", "sector", "once", "immediately"),
+              "set-state": ("event", "state", "new_state")}
+
+
+def parse_words(group: str, words: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` words of a prompt command (``inject event=write_aio errno=5``), checked as a
+    config section is: unknown keys and badly typed values get the same messages."""
+    types = _TYPES[group]
+    values: dict[str, str] = {}
+    for word in words:
+        key, eq, value = word.partition("=")
+        if not eq:
+            raise QemuError(f"Expected KEY=VALUE, got '{word}'")
+        if key not in types:
+            raise QemuError(f"[{group}] section doesn't support the option '{key}'")
+        if key in values:
+            raise QemuError(f"Duplicate option '{key}'")
+        check_value(key, value, types[key])
+        values[key] = value
+    return values
 
 
 def inline_sections(options: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -205,7 +313,7 @@ def inline_sections(options: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
     (numbered from 0 without gaps); mixing the two, gaps and unknown keys get QEMU's messages.
     """
     out: list[tuple[str, dict[str, Any]]] = []
-    for group in ("inject-error", "set-state"):
+    for group in GROUPS:
         prefix = group + "."
         sub = {k[len(prefix):]: options.pop(k) for k in [k for k in options if k.startswith(prefix)]}
         if not sub:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from qio.block.errors import BlockError
-from qio.block.events import Event
 from qio.block.modes import OpenFlags
 from qio.block.perms import (  # noqa: F401  (re-exported for drivers)
     PERM_ALL,
@@ -27,6 +26,9 @@ from qio.block.perms import (  # noqa: F401  (re-exported for drivers)
     PERM_WRITE,
     PERM_WRITE_UNCHANGED,
 )
+
+if TYPE_CHECKING:
+    from qio.block.events import Event
 
 # Request flags (BDRV_REQ_*).
 REQ_ZERO_WRITE = 0x02
@@ -166,6 +168,12 @@ class BlockDriver:
         return perm, shared
 
     # -- life cycle --------------------------------------------------------------------------
+    @classmethod
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
+        """``bdrv_parse_filename`` of a file name given as such (not an option): raise QemuError for a
+        malformed one; True when the driver consumed it (``filename`` is then no option of the node)."""
+        return False
+
     def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
         """Protocol-level filters (blkdebug) open their own child here, before ``open``."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class BlockError(OSError):
@@ -24,6 +25,12 @@ class QemuError(Exception):
     def __init__(self, msg: str, err: int = errno.EINVAL) -> None:
         super().__init__(msg)
         self.errno = err
+
+    @classmethod
+    def wrap(cls, e: BlockError, what: str | None = None) -> QemuError:
+        """``error_setg_errno(errp, -ret, "WHAT")``: a failed request as an Error, ``WHAT: strerror``
+        (the bare ``strerror`` without ``what``), keeping its errno."""
+        return cls(f"{what}: {e}" if what is not None else str(e), e.code)
 
 
 class Reporter:
@@ -65,5 +72,19 @@ def assert_fail(where: str, expr: str) -> None:
 
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "qemu-io"
     os.write(2, f"{'qio' if prog == '__main__.py' else prog}: {where}: Assertion `{expr}' failed.\n".encode())
+    signal.signal(signal.SIGABRT, signal.SIG_DFL)
+    os.abort()
+
+
+def abort_error(func: str, src: str, msg: str) -> NoReturn:
+    """An ``Error`` set through ``&error_abort`` (a driver parsing its options with
+    ``qemu_opts_absorb_qdict(..., &error_abort)``): QEMU reports where and what, then aborts; unflushed
+    stdout is lost, as with qemu-io."""
+    import signal
+    import sys
+
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "qemu-io"
+    prog = "qio" if prog == "__main__.py" else prog
+    os.write(2, f"Unexpected error in {func}() at ../../{src}:\n{prog}: {msg}\n".encode())
     signal.signal(signal.SIGABRT, signal.SIG_DFL)
     os.abort()

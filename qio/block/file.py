@@ -148,14 +148,19 @@ class FileDriver(BlockDriver):
         self._locked_unshared = 0
         self.pdiscard_alignment = 1
 
+    @classmethod
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
+        """``raw_parse_filename``: drop the ``file:`` (or ``host_device:``...) prefix."""
+        prefix = f"{cls.protocol_name}:"
+        if filename.startswith(prefix):
+            options["filename"] = filename[len(prefix):]
+        return False
+
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         filename = options.get("filename")
         if not filename:
             raise QemuError("The 'file' block driver requires a file name")
-        prefix = f"{self.protocol_name}:"
-        if filename.startswith(prefix):
-            filename = filename[len(prefix):]
-        self.filename = filename
+        self.filename = str(filename)
         self._check_number(options, "aio-max-batch")
         for key in ("drop-cache", "x-check-cache-dropped"):
             opt_bool(options, key, False)

@@ -29,10 +29,9 @@ from qio.block.driver import (
 from qio.block.errors import BlockError, QemuError, assert_fail
 from qio.block.events import Event
 from qio.block.perms import PERM_WRITE, PERM_WRITE_UNCHANGED
+from qio.numbers import INT64_MAX, INT_MAX
 
 MAX_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER: largest zero-write fallback chunk
-INT64_MAX = 2**63 - 1
-INT_MAX = 2**31 - 1
 MAX_COR_BOUNCE = 32768 * 512  # QEMU's MAX_BOUNCE_BUFFER for copy-on-read
 
 
@@ -208,6 +207,12 @@ async def _preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, req:
     start = offset - head
     total = head + nbytes + ((align - tail) % align)
     bounce = memoryview(bytearray(total))
+    # QEMU reads into head padding + the caller's own buffers + tail padding: bytes a driver leaves
+    # untouched (null-co without read-zeroes) keep the caller's content.
+    pos = head
+    for buf in iov_slice(qiov, 0, nbytes):
+        bounce[pos : pos + len(buf)] = buf
+        pos += len(buf)
     await _aligned_preadv(node, start, total, [bounce], align, req)
     iov_from_bytes(qiov, 0, bounce[head : head + nbytes])
 
@@ -514,7 +519,12 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
     head = offset % align
     tail = (offset + nbytes) % align
     max_pdiscard = (node.max_pdiscard or INT64_MAX) // align * align
+    # A tracked request (BDRV_TRACKED_DISCARD) that waits for overlapping serialising ones, i.e. a
+    # read-modify-write in progress, before it reaches the driver (bdrv_co_write_req_prepare).
+    req = _begin(node, offset, nbytes) if _tracking(node) else None
     try:
+        if req is not None:
+            await _wait_serialising(req)
         while nbytes > 0:
             num = nbytes
             if head:
@@ -538,6 +548,8 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
             nbytes -= num
     finally:
         node.gen.write_gen += 1
+        if req is not None:
+            _end(req)
 
 
 async def flush(node: BlockDriver) -> None:

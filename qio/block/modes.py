@@ -58,3 +58,31 @@ def parse_aio_mode(mode: str, flags: OpenFlags) -> bool:
     if mode == "native":
         flags.native_aio = True
     return True
+
+
+#: The option letters qemu-io's command line and its ``open`` command decode alike.
+OPEN_FLAG_OPTIONS = frozenset("sCnrkUtdi")
+
+
+def set_open_flag(letter: str, arg: str, flags: OpenFlags) -> str | None:
+    """Apply one of :data:`OPEN_FLAG_OPTIONS` to ``flags``: the error message of a bad mode argument
+    (``-t``, ``-d``, ``-i``), else None."""
+    if letter == "s":
+        flags.snapshot = True
+    elif letter == "C":
+        flags.copy_on_read = True
+    elif letter == "n":
+        flags.nocache, flags.writethrough = True, False
+    elif letter == "r":
+        flags.read_only = True
+    elif letter == "k":
+        flags.native_aio = True
+    elif letter == "U":
+        flags.force_share = True
+    elif letter == "t":
+        return None if parse_cache_mode(arg, flags) else f"Invalid cache option: {arg}"
+    elif letter == "d":
+        return None if parse_discard_mode(arg, flags) else f"Invalid discard option: {arg}"
+    elif letter == "i":
+        return None if parse_aio_mode(arg, flags) else f"Invalid aio option: {arg}"
+    return None

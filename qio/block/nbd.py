@@ -29,7 +29,8 @@ import socket
 import struct
 import time
 import urllib.parse
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 from qio.aio import AIO, AioContext
 from qio.block import io
@@ -48,8 +49,8 @@ from qio.block.driver import (
 )
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
+from qio.numbers import INT_MAX
 
-INT_MAX = 2**31 - 1
 MAX_INFLIGHT = 16
 _RUNTIME_KEYS = ("host", "port", "path", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap",
                 "reconnect-delay", "open-timeout")
@@ -266,17 +267,19 @@ def _connect(addr: Address, timeout: float) -> socket.socket:
 
 
 # -- requests --------------------------------------------------------------------------------------
+@dataclass(slots=True, eq=False)
 class Req:
     """One request in flight and what its reply chunks said."""
 
-    __slots__ = ("cmd", "done", "err", "extent", "fut", "handle", "length", "offset", "qiov")
-
-    def __init__(self, cmd: int, handle: int, offset: int, length: int, qiov: IOVec | None) -> None:
-        self.cmd, self.handle, self.offset, self.length, self.qiov = cmd, handle, offset, length, qiov
-        self.done = False
-        self.err = 0
-        self.extent: tuple[int, int] | None = None
-        self.fut: asyncio.Future[None] | None = None
+    cmd: int
+    handle: int
+    offset: int
+    length: int
+    qiov: IOVec | None
+    done: bool = False
+    err: int = 0
+    extent: tuple[int, int] | None = None
+    fut: asyncio.Future[None] | None = None
 
     def finish(self, err: int = 0) -> None:
         if self.done:
@@ -295,7 +298,6 @@ class ProtocolError(Exception):
 class NbdDriver(BlockDriver):
     format_name = "nbd"
     protocol_name = "nbd+unix"  # what qemu-io 7.2's ``info`` prints for ``-f nbd`` (obs)
-    runtime_opts: ClassVar[frozenset[str]] = frozenset({"filename"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -321,10 +323,12 @@ class NbdDriver(BlockDriver):
         self._slot_waiters: list[asyncio.Future[None]] = []
 
     # -- open --------------------------------------------------------------------------------
+    @classmethod
+    def parse_filename(cls, filename: str, options: dict[str, Any]) -> bool:
+        parse_filename(filename, options)
+        return True
+
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
-        filename = options.get("filename")
-        if filename is not None:
-            parse_filename(str(filename), options)
         opts = {k: options.pop(k) for k in _RUNTIME_KEYS if k in options}
         for key in ("reconnect-delay", "open-timeout"):
             if key in opts:
@@ -856,7 +860,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 async def _wait_net(fut: asyncio.Future[None]) -> None:
     """The one integration point with :mod:`qio.aio`: a request waiting for the server is like a
     thread-pool request, it completes without help, so ``AIO.busy`` tells the shell to wait for it
-    (``Shell.run_until`` sleeps on ``AioContext.notify`` rather than declaring a standstill).
+    (``Session.run_until`` sleeps on ``AioContext.notify`` rather than declaring a standstill).
 
     With a scheduler that drives request coroutines itself (a Co awaiting an asyncio future is then
     treated as waiting for a real thread), this becomes a plain ``await fut``; the reader task would

@@ -28,10 +28,10 @@ from qio.block.errors import BlockError, QemuError
 from qio.block.events import Event
 from qio.block.modes import OpenFlags
 from qio.block.probe import probe_format
+from qio.numbers import INT64_MAX
 from qio.qemuopts import opt_size
 
 PROBE_BUF = 512
-INT64_MAX = 2**63 - 1
 
 
 class RawDriver(BlockDriver):

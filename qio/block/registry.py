@@ -34,6 +34,16 @@ def register(name: str, module: str, cls: str, *, protocol_prefix: bool = False,
         FORMATS = (*FORMATS, name)
 
 
+def protocol_of(filename: str) -> str | None:
+    """``path_has_protocol``: the ``proto:`` prefix of a file name (a ':' before any '/'), or None."""
+    for i, ch in enumerate(filename):
+        if ch == "/":
+            return None
+        if ch == ":":
+            return filename[:i]
+    return None
+
+
 def find(name: str) -> type[BlockDriver] | None:
     entry = _MODULES.get(name)
     if entry is None:
@@ -41,3 +51,6 @@ def find(name: str) -> type[BlockDriver] | None:
     cls: type[BlockDriver] = getattr(importlib.import_module(entry[0]), entry[1])
     return cls
 register("qcow2", "qio.block.qcow2", "Qcow2Driver", is_format=True)
+register("null-co", "qio.block.null", "NullCoDriver", protocol_prefix=True)
+register("null-aio", "qio.block.null", "NullAioDriver", protocol_prefix=True)
+register("blklogwrites", "qio.block.blklogwrites", "BlkLogWritesDriver")

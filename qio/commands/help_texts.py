@@ -138,6 +138,21 @@ DISCARD = (
     '\n'
 )
 
+AIO_DISCARD = (  # qio's own (never merged upstream), worded as its aio_write/discard siblings
+    '\n'
+    ' asynchronously discards a range of bytes from the given offset\n'
+    '\n'
+    ' Example:\n'
+    " 'aio_discard 512 1k' - discards 1 kilobyte from 512 bytes into the file\n"
+    '\n'
+    ' The discard is performed asynchronously and the aio_flush command must be\n'
+    ' used to ensure all outstanding aio requests have been completed.\n'
+    ' -C, -- report statistics in a machine parsable format\n'
+    ' -i, -- treat request as invalid, for exercising stats\n'
+    ' -q, -- quiet mode, do not show I/O statistics\n'
+    '\n'
+)
+
 OPEN = (
     '\n'
     ' opens a new file in the requested mode\n'

@@ -9,14 +9,13 @@ import signal
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qio.block.errors import QemuError
-from qio.block.modes import OpenFlags, parse_aio_mode, parse_cache_mode, parse_discard_mode
+from qio.block.modes import OPEN_FLAG_OPTIONS, OpenFlags, parse_cache_mode, set_open_flag
 from qio.commands.common import num
-from qio.commands.spec import STDERR, Invocation, ParseFailure
+from qio.commands.spec import STDERR, CommandTable, Invocation, ParseFailure
 from qio.numbers import strtol0
-from qio.qemuopts import parse_qemuopts
 
 if TYPE_CHECKING:
-    from qio.shell import Shell
+    from qio.session import Session
 
 EINVAL = -errno.EINVAL
 NSIG = 65
@@ -35,6 +34,8 @@ def _stderr(inv: Invocation, msg: str) -> ParseFailure:
 
 
 def _qemuopts(inv: Invocation, text: str, into: dict[str, Any]) -> None:
+    from qio.qemuopts import parse_qemuopts  # only `open -o`/`reopen -o` need it: not at start-up
+
     try:
         into.update(parse_qemuopts(text, lambda m: inv.messages.append((STDERR, f"{inv.prg}: warning: {m}\n"))))
     except QemuError as e:
@@ -47,31 +48,14 @@ def parse_open(inv: Invocation) -> Open:
     g = inv.getopt()
     for c, arg in g:
         a = arg or ""
-        if c == "s":
-            flags.snapshot = True
-        elif c == "n":
-            flags.nocache, flags.writethrough = True, False
-        elif c == "C":
-            flags.copy_on_read = True
-        elif c == "r":
-            flags.read_only = True
-        elif c == "k":
-            flags.native_aio = True
-        elif c == "t":
-            if not parse_cache_mode(a, flags):
-                raise _stderr(inv, f"Invalid cache option: {a}")
-        elif c == "d":
-            if not parse_discard_mode(a, flags):
-                raise _stderr(inv, f"Invalid discard option: {a}")
-        elif c == "i":
-            if not parse_aio_mode(a, flags):
-                raise _stderr(inv, f"Invalid aio option: {a}")
+        if c in OPEN_FLAG_OPTIONS:
+            bad = set_open_flag(c, a, flags)
+            if bad is not None:
+                raise _stderr(inv, bad)
         elif c == "o":
             if inv.image_opts:
                 raise inv.fail(EINVAL, "--image-opts and 'open -o' are mutually exclusive\n")
             _qemuopts(inv, a, options)
-        elif c == "U":
-            flags.force_share = True
         else:
             raise inv.usage(EINVAL)
     args = g.args
@@ -83,12 +67,12 @@ def parse_open(inv: Invocation) -> Open:
     return Open(args[0] if args else None, flags, options)
 
 
-async def run_open(sh: Shell, cmd: Open) -> int:
-    return EINVAL if sh.open_image(cmd.path, cmd.flags, cmd.options) else 0
+async def run_open(session: Session, cmd: Open) -> int:
+    return EINVAL if session.open_image(cmd.path, cmd.flags, cmd.options) else 0
 
 
-async def run_close(sh: Shell, cmd: object) -> int:
-    await sh.close_image()
+async def run_close(session: Session, cmd: object) -> int:
+    await session.close_image()
     return 0
 
 
@@ -122,11 +106,11 @@ def parse_reopen(inv: Invocation) -> Reopen:
     return Reopen(ro, cache, options)
 
 
-async def run_reopen(sh: Shell, cmd: Reopen) -> int:
+async def run_reopen(session: Session, cmd: Reopen) -> int:
     try:
-        await sh.reopen(cmd.read_only, cmd.cache, dict(cmd.options))
+        await session.reopen(cmd.read_only, cmd.cache, dict(cmd.options))
     except QemuError as e:
-        sh.out.error_report(str(e))
+        session.out.error_report(str(e))
         return EINVAL
     return 0
 
@@ -134,26 +118,27 @@ async def run_reopen(sh: Shell, cmd: Reopen) -> int:
 # -- help / quit ---------------------------------------------------------------------------------
 class Help(NamedTuple):
     word: str | None
+    table: CommandTable
 
 
 def parse_help(inv: Invocation) -> Help:
-    return Help(inv.argv[1] if len(inv.argv) > 1 else None)
+    return Help(inv.argv[1] if len(inv.argv) > 1 else None, inv.table)
 
 
-async def run_help(sh: Shell, cmd: Help) -> int:
+async def run_help(session: Session, cmd: Help) -> int:
     if cmd.word is None:
-        sh.out.out(sh.table.help_all(extensions=sh.interactive))
+        session.out.out(cmd.table.help_all(extensions=session.interactive))
         return 0
-    spec = sh.table.find(cmd.word)
+    spec = cmd.table.find(cmd.word)
     if spec is None:
-        sh.out.out(f"command {cmd.word} not found\n")
+        session.out.out(f"command {cmd.word} not found\n")
         return EINVAL
-    sh.out.out(spec.usage_line(cmd.word) + (spec.help or ""))
+    session.out.out(spec.usage_line(cmd.word) + (spec.help or ""))
     return 0
 
 
-async def run_quit(sh: Shell, cmd: object) -> int:
-    sh.quit = True
+async def run_quit(session: Session, cmd: object) -> int:
+    session.quit = True
     return 0
 
 
@@ -176,10 +161,10 @@ def sleep_ns(ms: int, now_ns: int) -> int:
     return max(deadline - now_ns, 0)
 
 
-async def run_sleep(sh: Shell, ms: int) -> int:
+async def run_sleep(session: Session, ms: int) -> int:
     import time
 
-    await sh.sleep(sleep_ns(ms, time.time_ns()) / 1e9)
+    await session.sleep(sleep_ns(ms, time.time_ns()) / 1e9)
     return 0
 
 
@@ -195,8 +180,8 @@ def parse_sigraise(inv: Invocation) -> int:
 _HARMLESS = {signal.SIGPIPE, signal.SIGUSR1, signal.SIGIO, signal.SIGALRM, signal.SIGBUS}
 
 
-async def run_sigraise(sh: Shell, sig: int) -> int:
-    sh.out.flush()
+async def run_sigraise(session: Session, sig: int) -> int:
+    session.out.flush()
     if sig == 0 or sig in _HARMLESS or not 0 < sig < signal.NSIG:
         return 0
     try:
@@ -210,7 +195,7 @@ async def run_sigraise(sh: Shell, sig: int) -> int:
     return 0
 
 
-async def run_abort(sh: Shell, cmd: object) -> int:
-    sh.out.discard()
+async def run_abort(session: Session, cmd: object) -> int:
+    session.out.discard()
     signal.signal(signal.SIGABRT, signal.SIG_DFL)
     os.abort()

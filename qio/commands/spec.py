@@ -3,20 +3,20 @@
 Dispatch (name/alias lookup, the "no file open" and argument-count checks, permission requests),
 ``help``, usage lines and interactive completion are all derived from these declarations.  Each
 command has a parser that turns its words into a typed command object (or a :class:`ParseFailure`
-carrying qemu-io's messages) and an executor; rendering of results lives in :mod:`qio.render`.
+carrying qemu-io's messages) and an executor that runs it on a :class:`~qio.session.Session`;
+rendering of results lives in :mod:`qio.render`.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qio.getopt import GetOpt
 
 if TYPE_CHECKING:
-    from qio.shell import Shell
+    from qio.session import Session
 
 GLOBAL = 1  # works without an image, before any check (help, quit)
 NOFILE_OK = 2  # works without an image (open, sleep, sigraise, abort)
@@ -35,14 +35,19 @@ class ParseFailure(Exception):
         self.messages = messages
 
 
+#: A command's parser: its words to a typed command (None: the command takes its words as they are).
+Parser = Callable[["Invocation"], Any]
+#: A command's executor: runs the parsed command on the session, returns 0 or a negative errno.
+Runner = Callable[["Session", Any], Awaitable[int]]
+
+
 class CommandSpec(NamedTuple):
-    """One command.  ``impl`` names ``module.function-stem``: ``io_cmds.read`` means
-    ``qio.commands.io_cmds.run_read`` (and ``parse_read`` if it exists), imported on first use so that
-    start-up does not pay for commands a session never runs."""
+    """One command: its declaration, its parser and its executor."""
 
     name: str
     oneline: str
-    impl: str
+    parse: Parser | None
+    run: Runner
     altname: str | None = None
     args: str | None = None
     help: str | None = None
@@ -61,27 +66,17 @@ class CommandSpec(NamedTuple):
         """Option letters for completion, e.g. ``['-C', '-P', ...]``."""
         return [f"-{c}" for c in self.optstring if c != ":"]
 
-    def handlers(self) -> tuple[Callable[[Invocation], Any] | None, Callable[[Shell, Any], Awaitable[int]]]:
-        """``(parse, run)``; parse is None for commands that take their words as they are."""
-        found = _HANDLERS.get(self.impl)
-        if found is None:
-            module, stem = self.impl.split(".")
-            mod = importlib.import_module(f"qio.commands.{module}")
-            found = (getattr(mod, f"parse_{stem}", None), getattr(mod, f"run_{stem}"))
-            _HANDLERS[self.impl] = found
-        return found
-
-
-_HANDLERS: dict[str, tuple[Any, Any]] = {}
-
 
 class Invocation:
     """The words of one command line, with getopt and qemu-io's error conventions."""
 
-    def __init__(self, spec: CommandSpec, argv: list[str], prg: str, image_opts: bool = False) -> None:
+    def __init__(self, spec: CommandSpec, argv: list[str], prg: str, table: CommandTable,
+                 image_opts: bool = False) -> None:
         self.spec = spec
         self.argv = argv
         self.prg = prg
+        #: The table the command was found in (``help`` lists it).
+        self.table = table
         self.image_opts = image_opts
         self.messages: list[Message] = []
 

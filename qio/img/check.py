@@ -11,7 +11,7 @@ from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags, parse_cache_mode
 from qio.block.qcow2.check import FIX_ERRORS, FIX_LEAKS, CheckResult
 from qio.getopt import LongOpt
-from qio.img.cli import Ctx, Options, UsageError, close_image, open_image, output_format, unsupported
+from qio.img.common import Ctx, Options, UsageError, close_image, open_image, output_format, unsupported
 from qio.img.qjson import to_json_pretty
 
 ENOTSUP_EXIT = 63

@@ -13,7 +13,8 @@ import os
 
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
-from qio.img.cli import Ctx, Options, UsageError
+from qio.block.registry import protocol_of
+from qio.img.common import Ctx, Options, UsageError
 from qio.numbers import INT64_MAX, qemu_strtosz, strtol0
 from qio.qemuopts import opt_bool, opt_size
 
@@ -94,7 +95,7 @@ def print_option_help(ctx: Ctx, filename: str | None, fmt: str) -> int:
     desc = _QCOW2_OPTS if fmt == "qcow2" else [_FILE_OPTS[0]]
     owner = {n: "qcow2" for n, _, _ in desc}
     if filename is not None:
-        if _has_protocol(filename) and filename.split(":", 1)[0] != "file":
+        if protocol_of(filename) not in (None, "file"):
             ctx.out.error_report(f"Unknown protocol '{filename.split(':', 1)[0]}'")
             return 1
         desc = create_opts(fmt)
@@ -289,10 +290,10 @@ async def img_create_file(ctx: Ctx, filename: str, fmt: str, base_filename: str 
 def _probe_backing(ctx: Ctx, filename: str, backing_file: str, backing_fmt: str | None, size: int) -> int:
     """Open the backing image (read-only, shared, without its own backing) to check it and take its size."""
     from qio.block.backend import _close_sync
-    from qio.img.cli import open_backend
+    from qio.img.common import open_backend
 
     full = backing_file
-    if not (backing_file.startswith("/") or _has_protocol(backing_file)) and "/" in filename:
+    if not (backing_file.startswith("/") or protocol_of(backing_file) is not None) and "/" in filename:
         full = filename[: filename.rfind("/") + 1] + backing_file
     flags = OpenFlags()
     flags.read_only = True
@@ -309,11 +310,6 @@ def _probe_backing(ctx: Ctx, filename: str, backing_file: str, backing_fmt: str 
     finally:
         _close_sync(blk.root)
     return size
-
-
-def _has_protocol(name: str) -> bool:
-    head = name.split("/", 1)[0]
-    return ":" in head
 
 
 async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> None:
@@ -393,6 +389,6 @@ def create_raw(filename: str, size: int, prealloc: str | None) -> None:
 
         run_sync(io.truncate(node, (size + 511) // 512 * 512, False, mode))
     except BlockError as e:
-        raise QemuError(str(e), e.code) from None
+        raise QemuError.wrap(e) from None
     finally:
         _close_sync(node)

@@ -13,7 +13,7 @@ from qio.block.driver import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BL
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 from qio.getopt import LongOpt
-from qio.img.cli import Ctx, Options, close_image, open_image, output_format, unsupported
+from qio.img.common import Ctx, Options, close_image, open_image, output_format, unsupported
 from qio.img.qjson import to_json_pretty
 
 BLOCK_EOF = 0x20

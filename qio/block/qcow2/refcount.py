@@ -248,7 +248,14 @@ async def update_refcount(s: Qcow2State, offset: int, length: int, addend: int, 
                 if block is not None:
                     rbc.put(block)
                     block = None
-                block, again = await _alloc_refcount_block(s, cluster_index)
+                try:
+                    block, again = await _alloc_refcount_block(s, cluster_index)
+                except BlockError as e:
+                    # an EAGAIN from the nested update_refcount of a new refcount block: restart
+                    # from this range too, as QEMU does for every -EAGAIN of alloc_refcount_block
+                    again = e.code == errno.EAGAIN
+                    if not again:
+                        raise
                 if again:
                     if s.free_cluster_index > (start >> cb):
                         s.free_cluster_index = start >> cb

@@ -1,0 +1,43 @@
+"""Shared pytest set-up: the ``oracle`` marker skips a test when the real QEMU tools it compares with are
+missing, and fixtures for this tree's qio under qemu-io's name and for small scratch images.
+
+``@pytest.mark.oracle`` needs qemu-io and qemu-img; ``@pytest.mark.oracle("qemu-nbd", ...)`` names the
+tools instead.  Paths and run helpers live in ``oracle.py`` (importable from every test directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from oracle import missing, qemu_img, qio_wrapper
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("oracle"):
+        absent = missing(*mark.args)
+        if absent:
+            pytest.skip(f"{', '.join(absent)} not installed (apt-get install qemu-utils)")
+
+
+@pytest.fixture(scope="module")
+def qio_as_qemu_io(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """This tree's qio as an executable named ``qemu-io`` (its prompt and messages carry the name)."""
+    return str(qio_wrapper(tmp_path_factory.mktemp("bin") / "qemu-io"))
+
+
+@pytest.fixture
+def raw_img(tmp_path: Path) -> Path:
+    """A sparse 1 MiB raw image."""
+    img = tmp_path / "disk.raw"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    return img
+
+
+@pytest.fixture
+def qcow2_img(tmp_path: Path) -> Path:
+    """An empty 1 MiB qcow2 image made by the real qemu-img (the test needs ``@pytest.mark.oracle``)."""
+    img = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
+    return img

@@ -1,0 +1,73 @@
+"""Random blkdebug/AIO race scripts (tests/aio_fuzz.py) replayed against qio.
+
+The qemu-io 7.2 results of a fixed set of generated cases are recorded in
+``tests/aio_fuzz_records.json`` (``python tests/aio_fuzz.py --record N`` rewrites it; only cases
+that qemu-io reproduced identically in 10 runs, and no case with a real-time ``sleep``).  Each record
+is replayed through qio and
+must match: stdout, stderr, exit status, the sha256 of every file in the run directory and, for
+qcow2, ``qemu-img check`` of the image.  Cases listed in ``known_failures`` are strict xfails, so
+a model fix that makes one match fails here until it is removed from the list.  See docs/fuzzing.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import aio_fuzz
+
+if aio_fuzz.RECORDS_PATH.exists():
+    RECORDS, KNOWN = aio_fuzz.load_records()
+else:  # pragma: no cover - the file is committed
+    RECORDS, KNOWN = [], {}
+
+
+def test_generator_is_deterministic(tmp_path: Path) -> None:
+    """Same (seed, format, cache) -> same script; the scripts parse as corpus cases."""
+    seen = set()
+    for fmt in aio_fuzz.FORMATS:
+        for cache in aio_fuzz.CACHES:
+            for seed in range(25):
+                text = aio_fuzz.generate(seed, fmt, cache).render()
+                assert text == aio_fuzz.generate(seed, fmt, cache).render()
+                seen.add(text)
+                case = aio_fuzz.load_case(text, tmp_path)
+                assert case.body, text
+                assert ("-t" in case.args) == (cache == "writeback")
+    assert len(seen) == 100
+
+
+def test_records_match_generator() -> None:
+    """Every record was made from the script the generator makes today (else: --record again)."""
+    assert len(RECORDS) >= 100
+    assert set(KNOWN) <= {r["name"] for r in RECORDS}
+    for rec in RECORDS:
+        seed, fmt, cache = aio_fuzz.parse_name(str(rec["name"]))
+        assert aio_fuzz.script_sha(aio_fuzz.generate(seed, fmt, cache).render()) == rec["script"], rec["name"]
+
+
+def test_minimiser_drops_irrelevant_lines() -> None:
+    """ddmin keeps exactly the lines the predicate needs."""
+    script = aio_fuzz.Script("x", [], [["[a]", ""], ["[b]", ""]], [f"l{i}" for i in range(12)], True)
+
+    def keep(s: aio_fuzz.Script) -> bool:
+        return "l3" in s.body and "l7" in s.body and ["[b]", ""] in s.sections
+
+    small = aio_fuzz.minimise(script, "raw", keep, lambda _m: None)
+    assert small.body == ["l3", "l7"]
+    assert small.sections == [["[b]", ""]]
+
+
+def _param(rec: dict[str, object]) -> object:
+    name = str(rec["name"])
+    marks = [pytest.mark.xfail(reason=KNOWN[name], strict=True)] if name in KNOWN else []
+    return pytest.param(rec, id=name, marks=marks)
+
+
+@pytest.mark.oracle  # qemu-io replayed, qemu-img for image set-up and check
+@pytest.mark.parametrize("record", [_param(r) for r in RECORDS])
+def test_recorded_case(record: dict[str, object]) -> None:
+    parts, diff = aio_fuzz.replay(record)
+    if parts:
+        pytest.fail(f"{record['name']}: {','.join(parts)} differ\n{diff}", pytrace=False)
