@@ -18,6 +18,7 @@ from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 from qio.block import io
+from qio.block.driver import FIX_ERRORS, FIX_LEAKS, CheckResult
 from qio.block.errors import BlockError, QemuError, report_error
 from qio.block.qcow2 import layout as L
 from qio.block.qcow2.cluster import write_l1_entry
@@ -49,37 +50,10 @@ from qio.block.qcow2.state import (
 if TYPE_CHECKING:
     from qio.block.qcow2.state import Qcow2State
 
-FIX_LEAKS = 1
 INT64_MAX = 2**63 - 1
-FIX_ERRORS = 2
 CHECK_FRAG_INFO = 0x2
 _ENTRY = L.ENTRY
 _NONZERO = re.compile(rb"[^\x00]")
-
-
-class CheckResult:
-    """``BdrvCheckResult``, with the block fragmentation info (``bfi``) that ``qemu-img check`` prints."""
-
-    __slots__ = ("allocated_clusters", "check_errors", "compressed_clusters", "corruptions", "corruptions_fixed",
-                 "fragmented_clusters", "image_end_offset", "leaks", "leaks_fixed", "total_clusters")
-
-    def __init__(self) -> None:
-        self.corruptions = 0
-        self.leaks = 0
-        self.check_errors = 0
-        self.corruptions_fixed = 0
-        self.leaks_fixed = 0
-        self.image_end_offset = 0
-        self.total_clusters = 0
-        self.allocated_clusters = 0
-        self.fragmented_clusters = 0
-        self.compressed_clusters = 0
-
-    def copy(self) -> CheckResult:
-        r = CheckResult()
-        for k in self.__slots__:
-            setattr(r, k, getattr(self, k))
-        return r
 
 
 class Imrt:

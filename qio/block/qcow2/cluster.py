@@ -296,7 +296,7 @@ def _calculate_l2_meta(s: Qcow2State, host_cluster_offset: int, guest_offset: in
         cow_start_from = cow_start_to if first_type == L.CLUSTER_NORMAL else 0
         cow_end_to = cow_end_from if last_type == L.CLUSTER_NORMAL else _round_up(cow_end_from, cs)
     m = L2Meta(guest_offset & ~(cs - 1), host_cluster_offset, nb_clusters, keep_old,
-               (cow_start_from, cow_start_to - cow_start_from), (cow_end_from, cow_end_to - cow_end_from))
+               cow_start_from, cow_start_to - cow_start_from, cow_end_from, cow_end_to - cow_end_from)
     metas.append(m)
     s.cluster_allocs.insert(0, m)
 

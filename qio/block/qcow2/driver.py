@@ -9,11 +9,14 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from qio.block.driver import (
+    BLOCK_OFFSET_VALID,
     REQ_WRITE_COMPRESSED,
     BlockDriver,
     BlockInfo,
+    CheckResult,
     Child,
     IOVec,
+    SnapshotInfo,
 )
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
@@ -30,6 +33,7 @@ class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
     is_format = True
     can_compress = True
+    supports_backing = True
     runtime_opts: ClassVar[frozenset[str]] = frozenset(
         {"lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
          "overlap-check", "overlap-check.template", "cache-size", "l2-cache-size", "l2-cache-entry-size",
@@ -84,11 +88,31 @@ class Qcow2Driver(BlockDriver):
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
         return await rw.co_block_status(self.s, offset, nbytes)
 
+    async def co_block_status_map(self, want_zero: bool, offset: int,
+                                  nbytes: int) -> tuple[int, int, int, BlockDriver | None]:
+        status, pnum, host = await rw._own_block_status(self.s, offset, nbytes)
+        return status, pnum, host, (self.file if status & BLOCK_OFFSET_VALID else None)
+
     async def co_save_vmstate(self, pos: int, nbytes: int, qiov: IOVec) -> None:
         await rw.co_save_vmstate(self.s, pos, nbytes, qiov)
 
     async def co_load_vmstate(self, pos: int, nbytes: int, qiov: IOVec) -> None:
         await rw.co_load_vmstate(self.s, pos, nbytes, qiov)
+
+    # -- what qemu-img asks ---------------------------------------------------------------------
+    async def co_check(self, fix: int) -> CheckResult:
+        from qio.block.qcow2.check import check
+
+        return await check(self.s, fix)
+
+    def backing_file_info(self) -> tuple[str | None, str | None]:
+        return self.s.image_backing_file, self.s.image_backing_format
+
+    def is_dirty(self) -> bool:
+        return bool(self.s.incompatible_features & L.INCOMPAT_DIRTY)
+
+    def snapshot_list(self) -> list[SnapshotInfo]:
+        return list(self.s.snapshots)
 
     # -- node properties ----------------------------------------------------------------------
     def getlength(self) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 from typing import TYPE_CHECKING, Any
 
 from qio.aio import run_sync
@@ -12,8 +11,6 @@ from qio.block.driver import (
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
     SECTOR,
-    BlockDriver,
-    Child,
 )
 from qio.block.errors import BlockError, QemuError, report_error
 from qio.block.events import Event
@@ -25,7 +22,6 @@ from qio.block.qcow2.refcount import _update_max_refcount_table_index, mark_clea
 from qio.block.qcow2.snapshot import _read_snapshots
 from qio.block.qcow2.state import (
     INT_MAX,
-    MAX_BACKING_DEPTH,
     NO_KEY,
     Qcow2State,
     _be64_array,
@@ -37,80 +33,27 @@ from qio.block.qcow2.state import (
     _validate_table,
     size_to_l1,
 )
-from qio.block.qcow2.status import _has_protocol
 
 if TYPE_CHECKING:
     pass
 
 
 
-#: (st_dev, st_ino) of the qcow2 images being opened, outermost first (backing-chain cycles).
-_opening: list[tuple[int, int]] = []
-_opening_ro: list[bool] = []
-
-
-def _protocol_node(node: BlockDriver) -> BlockDriver:
-    while node.children:
-        primary = node.primary_child()
-        if primary is None:
-            break
-        node = primary
-    return node
-
-
-def _file_identity(node: BlockDriver) -> tuple[int, int] | None:
-    fd = getattr(_protocol_node(node), "fd", -1)
-    if not isinstance(fd, int) or fd < 0:
-        return None
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
-
-
 
 
 def qcow2_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> None:
+    """``qcow2_open``; the generic layer opens the backing file afterwards (``backend.open_backing``)."""
     s.bs.flags = flags
     s.bs.read_only = flags.read_only
-    ident = _file_identity(s.bs.file)
-    if ident is not None and ident in _opening:
-        # QEMU finds the loop when the second instance of the image wants its lock (and recurses
-        # forever when every instance is read-only).
-        if _opening_ro[_opening.index(ident)]:
-            raise QemuError("Backing file chain contains a loop")
-        raise QemuError(f'Failed to get shared "write" lock\nIs another process using the image '
-                        f"[{s.bs.filename}]?", errno.EAGAIN)
-    if len(_opening) >= MAX_BACKING_DEPTH:
-        raise QemuError(f"Backing file chain is too deep (more than {MAX_BACKING_DEPTH} images)")
-    backing_opts = _take_backing_options(options)
-    _opening.append(ident or (-1, -1))
-    _opening_ro.append(flags.read_only)
     try:
         run_sync(_do_open(s, options, flags))
-        _open_backing(s, backing_opts, flags)
     except BlockError as e:
         raise QemuError(str(e), e.code) from None
-    finally:
-        _opening.pop()
-        _opening_ro.pop()
     s.bs.supported_zero_flags = (REQ_MAY_UNMAP | REQ_NO_FALLBACK) if s.qcow_version >= 3 else 0
     s.bs.supported_write_flags = 0
     s.bs.request_alignment = 1
     s.bs.pwrite_zeroes_alignment = s.cluster_size
     s.bs.pdiscard_alignment = s.cluster_size  # qcow2_refresh_limits overrides the child's
-
-
-def _take_backing_options(options: dict[str, Any]) -> dict[str, Any] | None:
-    """Remove ``backing``/``backing.*``; None means ``"backing": null`` (no backing file)."""
-    from qio.qemuopts import sub_options
-
-    sub = sub_options(options, "backing")
-    ref = options.get("backing")
-    if "backing" in options and (ref is None or ref == ""):
-        del options["backing"]
-        return None
-    if isinstance(ref, str):  # a node reference; qemu-io's only nodes are this image's own
-        raise QemuError(f"Could not open backing file: Cannot find device='{ref}' nor node-name='{ref}'")
-    return sub  # any other value stays in options: "does not support the option 'backing'"
 
 
 async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> None:
@@ -389,46 +332,6 @@ async def _refcount_init(s: Qcow2State) -> None:
             raise QemuError(f"Could not initialize refcount handling: {e}", e.code) from None
         s.refcount_table = _be64_array(raw)
     _update_max_refcount_table_index(s)
-
-
-def _open_backing(s: Qcow2State, backing_opts: dict[str, Any] | None, flags: OpenFlags) -> None:
-    """``bdrv_open_backing_file``: the backing image, read-only, relative to this image's directory."""
-    if backing_opts is None:
-        return
-    if not s.image_backing_file and not backing_opts:
-        return
-    from qio.block.backend import open_node
-
-    child_opts = dict(backing_opts)
-    if "file.filename" not in child_opts and s.image_backing_file:
-        child_opts.setdefault("filename", _full_backing_filename(s, s.image_backing_file))
-    if s.image_backing_format and "driver" not in child_opts:
-        child_opts["driver"] = s.image_backing_format
-    child_opts.setdefault("read-only", "on")
-    bflags = flags.copy()
-    bflags.read_only = True
-    bflags.snapshot = False
-    bflags.copy_on_read = False
-    bflags.unmap = True
-    warn = s.bs.warn if callable(s.bs.warn) else (lambda _msg: None)
-    try:
-        node = open_node(child_opts, bflags, warn)
-    except QemuError as e:
-        raise QemuError(f"Could not open backing file: {e}", e.errno) from None
-    s.bs.backing = node
-    s.bs.children.append(Child("backing", node, role_primary=False))
-    # bdrv_set_backing_hd refreshes the limits: a COW child's transfer limit counts too
-    if node.max_transfer and (not s.bs.max_transfer or node.max_transfer < s.bs.max_transfer):
-        s.bs.max_transfer = node.max_transfer
-
-
-def _full_backing_filename(s: Qcow2State, name: str) -> str:
-    if name.startswith("/") or name.startswith("json:") or _has_protocol(name):
-        return name
-    base = _protocol_node(s.bs.file).filename
-    if base.startswith("json:"):
-        raise QemuError(f"Cannot use relative backing file names for '{base}'")
-    return base[: base.rfind("/") + 1] + name
 
 
 async def qcow2_close(s: Qcow2State) -> None:

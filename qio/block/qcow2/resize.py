@@ -159,7 +159,7 @@ async def _preallocate_data(s: Qcow2State, old_length: int, offset: int, mode: s
         n = min(nb_data, s.l2_slice_size - ((guest >> cb) & (s.l2_slice_size - 1)))
         cow_start = guest & (cs - 1)
         guest -= cow_start
-        m = L2Meta(guest, host, n, False, (0, cow_start), (n << cb, 0))
+        m = L2Meta(guest, host, n, False, 0, cow_start, n << cb, 0)
         m.prealloc = True
         try:
             await alloc_cluster_link_l2(s, m)

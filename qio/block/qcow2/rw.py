@@ -11,6 +11,7 @@ from qio.block.driver import (
     BDRV_MAX_LENGTH,
     BLOCK_DATA,
     BLOCK_OFFSET_VALID,
+    BLOCK_RECURSE,
     BLOCK_ZERO,
     REQ_NO_FALLBACK,
     IOVec,
@@ -42,7 +43,6 @@ from qio.block.qcow2.state import (
     size_to_clusters,
     vm_state_offset,
 )
-from qio.block.qcow2.status import BLOCK_RECURSE, _status, _status_above, allocated_file_size
 
 if TYPE_CHECKING:
     pass
@@ -256,7 +256,7 @@ async def _own_block_status(s: Qcow2State, offset: int, nbytes: int) -> tuple[in
 
 async def _detect_metadata_preallocation(s: Qcow2State) -> bool:
     file_length = io.getlength(s.bs.file)
-    real_allocation = allocated_file_size(s.bs.file)
+    real_allocation = s.bs.file.get_allocated_file_size()
     if real_allocation is None:
         raise BlockError(errno.ENOTSUP)  # e.g. blkdebug: QEMU then reads no refcount block
     real_clusters = real_allocation // s.cluster_size
@@ -287,7 +287,7 @@ async def _detect_metadata_preallocation(s: Qcow2State) -> bool:
 
 async def co_block_status(s: Qcow2State, offset: int, nbytes: int) -> tuple[int, int]:
     _check_usable(s)
-    ret, pnum = await _status(s.bs, offset, nbytes, False)
+    ret, pnum, _, _ = await io.co_block_status(s.bs, False, offset, nbytes)
     return ret, pnum
 
 
@@ -295,7 +295,7 @@ async def _is_zero_fast(s: Qcow2State, offset: int, nbytes: int) -> bool:
     """``bdrv_co_is_zero_fast``."""
     if not nbytes:
         return True
-    ret, pnum = await _status_above(s.bs, offset, nbytes, False)
+    ret, pnum = await io.block_status_above(s.bs, False, offset, nbytes)
     return pnum == nbytes and bool(ret & BLOCK_ZERO)
 
 
@@ -307,7 +307,7 @@ async def _is_zero(s: Qcow2State, offset: int, nbytes: int) -> bool:
     if nbytes <= 0:
         return True
     while True:
-        ret, nr = await _status_above(s.bs, offset, nbytes, True)
+        ret, nr = await io.block_status_above(s.bs, True, offset, nbytes)
         offset += nr
         nbytes -= nr
         if not (ret & BLOCK_ZERO and nr and nbytes):

@@ -7,7 +7,7 @@ import errno
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from qio.aio import AIO, CoMutex, CoQueue, TaskPool, current_co
 from qio.block import io
@@ -15,6 +15,7 @@ from qio.block.driver import (
     SECTOR,
     BlockDriver,
     IOVec,
+    SnapshotInfo,
 )
 from qio.block.errors import BlockError, QemuError
 from qio.block.events import Event
@@ -87,7 +88,8 @@ def _task_pool(parts: bool) -> TaskPool | None:
         return TaskPool(QCOW2_MAX_WORKERS)
     return None
 
-class RuntimeOptions(NamedTuple):
+@dataclass(slots=True, frozen=True)
+class RuntimeOptions:
     """``Qcow2ReopenState``: the checked runtime options, applied together by ``_commit_options``."""
 
     l2_entry_size: int
@@ -98,24 +100,22 @@ class RuntimeOptions(NamedTuple):
     discard_passthrough: list[bool]
 
 
+@dataclass(slots=True, eq=False)
 class L2Meta:
     """``QCowL2Meta``: one in-flight allocation (new clusters whose L2 entries are still to be set)."""
 
-    __slots__ = ("alloc_offset", "cow_end_n", "cow_end_off", "cow_start_n", "cow_start_off", "data_qiov",
-                 "dependent", "keep_old", "nb_clusters", "offset", "prealloc", "skip_cow")
-
-    def __init__(self, offset: int, alloc_offset: int, nb_clusters: int, keep_old: bool,
-                 cow_start: tuple[int, int], cow_end: tuple[int, int]) -> None:
-        self.offset = offset
-        self.alloc_offset = alloc_offset
-        self.nb_clusters = nb_clusters
-        self.keep_old = keep_old
-        self.cow_start_off, self.cow_start_n = cow_start
-        self.cow_end_off, self.cow_end_n = cow_end
-        self.skip_cow = False
-        self.prealloc = False
-        self.data_qiov: IOVec | None = None
-        self.dependent = CoQueue()
+    offset: int
+    alloc_offset: int
+    nb_clusters: int
+    keep_old: bool
+    cow_start_off: int
+    cow_start_n: int
+    cow_end_off: int
+    cow_end_n: int
+    skip_cow: bool = False
+    prealloc: bool = False
+    data_qiov: IOVec | None = None
+    dependent: CoQueue = field(default_factory=CoQueue)
 
     def cow_start(self) -> int:
         return self.offset + self.cow_start_off
@@ -124,25 +124,15 @@ class L2Meta:
         return self.offset + self.cow_end_off + self.cow_end_n
 
 
-class Snapshot:
+@dataclass(slots=True)
+class Snapshot(SnapshotInfo):
     """``QCowSnapshot``: one entry of the snapshot table."""
 
-    __slots__ = ("date_nsec", "date_sec", "disk_size", "extra_data_size", "icount", "id_str", "l1_size",
-                 "l1_table_offset", "name", "unknown_extra_data", "vm_clock_nsec", "vm_state_size")
-
-    def __init__(self) -> None:
-        self.l1_table_offset = 0
-        self.l1_size = 0
-        self.id_str = ""
-        self.name = ""
-        self.disk_size = 0
-        self.vm_state_size = 0
-        self.date_sec = 0
-        self.date_nsec = 0
-        self.vm_clock_nsec = 0
-        self.icount = (1 << 64) - 1
-        self.extra_data_size = 0
-        self.unknown_extra_data = b""
+    l1_table_offset: int = 0
+    l1_size: int = 0
+    disk_size: int = 0
+    extra_data_size: int = 0
+    unknown_extra_data: bytes = b""
 
 
 
