@@ -12,16 +12,21 @@ of byte ``i // 8``, QEMU's little-endian word serialization).
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from qio.block import io
 from qio.block.errors import BlockError, QemuError
 from qio.block.qcow2 import layout as L
-from qio.block.qcow2.check import BME_TABLE_ENTRY_OFFSET_MASK, Bitmap, load_bitmap_list, load_bitmap_table
 from qio.block.qcow2.header import update_header
 from qio.block.qcow2.overlap import pre_write_overlap_check
-from qio.block.qcow2.refcount import alloc_clusters, flush_caches, free_clusters
+from qio.block.qcow2.refcount import (
+    alloc_clusters,
+    flush_caches,
+    free_clusters,
+)
 from qio.block.qcow2.state import (
     DISCARD_ALWAYS,
     DISCARD_OTHER,
@@ -232,3 +237,110 @@ async def store(s: Qcow2State, loaded: list[LoadedBitmap]) -> None:
         raise QemuError(f"Failed to update bitmap extension: {e}", e.code) from None
     for bm in drop:
         await _free_bitmap_clusters(s, bm)
+
+
+BME_MAX_TABLE_SIZE = 0x8000000
+BME_MAX_PHYS_SIZE = 0x20000000
+BME_MIN_GRANULARITY_BITS, BME_MAX_GRANULARITY_BITS = 9, 31
+BME_MAX_NAME_SIZE = 1023
+BME_RESERVED_FLAGS = 0xFFFFFFFC
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BT_DIRTY_TRACKING_BITMAP = 1
+
+
+def bitmap_table_entry_ok(entry: int, cluster_size: int) -> bool:
+    """``check_table_entry``: no reserved bits; a data offset is cluster aligned and excludes the
+    all-ones flag."""
+    if entry & BME_TABLE_ENTRY_RESERVED_MASK:
+        return False
+    offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+    return not offset or (not entry & 1 and not offset % cluster_size)
+
+
+def _c_int(v: int) -> int:
+    """The low 32 bits of ``v`` as a C ``int``."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >> 31 else v
+
+
+class Bitmap(NamedTuple):
+    """One entry of the bitmap directory."""
+
+    table_offset: int
+    table_size: int
+    flags: int
+    granularity_bits: int
+    name: str
+
+
+async def load_bitmap_list(s: Qcow2State) -> list[Bitmap]:
+    """``bitmap_list_load``: the bitmap directory, which must hold exactly ``nb_bitmaps`` valid
+    entries; QemuError with QEMU's message otherwise."""
+    size = s.bitmap_directory_size
+    if size == 0:
+        raise QemuError("Requested bitmap directory size is zero", errno.EINVAL)
+    if size > L.MAX_BITMAP_DIRECTORY_SIZE:
+        raise QemuError("Requested bitmap directory size is too big", errno.EINVAL)
+    try:
+        raw = bytes(await _pread(s, s.bitmap_directory_offset, size))
+    except BlockError as e:
+        raise QemuError(f"Failed to read bitmap directory: {os.strerror(e.code)}", e.code) from None
+    esize = L.BITMAP_DIR_ENTRY.size
+    out: list[Bitmap] = []
+    pos = 0
+    while pos < size:
+        if pos + esize > size:
+            raise QemuError("Broken bitmap directory", errno.EINVAL)
+        if len(out) + 1 > s.nb_bitmaps:
+            raise QemuError("More bitmaps found than specified in header extension", errno.EINVAL)
+        tbl_off, tbl_size, flags, typ, gbits, name_size, extra = L.BITMAP_DIR_ENTRY.unpack_from(raw, pos)
+        entry_size = _c_int(_c_int(esize + name_size + extra) + 7) & ~7  # QEMU's int arithmetic
+        if pos + entry_size > size:
+            raise QemuError("Broken bitmap directory", errno.EINVAL)
+        if extra:
+            raise QemuError("Bitmap extra data is not supported", errno.EINVAL)
+        phys = tbl_size * s.cluster_size
+        length = s.total_sectors * 512
+        bad = (not tbl_size or not tbl_off or tbl_off % s.cluster_size or tbl_size > BME_MAX_TABLE_SIZE
+               or not BME_MIN_GRANULARITY_BITS <= gbits <= BME_MAX_GRANULARITY_BITS or flags & BME_RESERVED_FLAGS
+               or name_size > BME_MAX_NAME_SIZE or typ != BT_DIRTY_TRACKING_BITMAP or phys > BME_MAX_PHYS_SIZE
+               or (not flags & L.BITMAP_FLAG_IN_USE and length > (phys * 8) << gbits))
+        name = raw[pos + esize + extra: pos + esize + extra + name_size].split(b"\0", 1)[0]
+        text = name.decode("utf-8", "surrogateescape")
+        if bad:
+            raise QemuError(f"Bitmap '{text}' doesn't satisfy the constraints", errno.EINVAL)
+        out.append(Bitmap(tbl_off, tbl_size, flags, gbits, text))
+        pos += entry_size
+    if len(out) != s.nb_bitmaps:
+        raise QemuError("Less bitmaps found than specified in header extension", errno.EINVAL)
+    return out
+
+
+async def load_bitmap_table(s: Qcow2State, bm: Bitmap) -> list[int]:
+    """``bitmap_table_load``: the table's entries; EINVAL if any of them is invalid."""
+    raw = await _pread(s, bm.table_offset, bm.table_size * 8)
+    entries = [_ENTRY.unpack_from(raw, i * 8)[0] for i in range(bm.table_size)]
+    if not all(bitmap_table_entry_ok(e, s.cluster_size) for e in entries):
+        raise BlockError(errno.EINVAL)
+    return entries
+
+
+async def load_bitmaps(s: Qcow2State) -> list[Bitmap]:
+    """``qcow2_load_dirty_bitmaps`` as far as it can fail: the directory, then the table of each
+    bitmap not marked in use and its size against the image length (``load_bitmap_data``)."""
+    bitmaps = await load_bitmap_list(s)
+    for bm in bitmaps:
+        if bm.flags & L.BITMAP_FLAG_IN_USE:
+            continue
+        try:
+            await load_bitmap_table(s, bm)
+        except BlockError as e:
+            raise QemuError(f"Could not read bitmap_table table from image for bitmap '{bm.name}': "
+                            f"{os.strerror(e.code)}", e.code) from None
+        bits = -(-s.total_sectors * 512 // (1 << bm.granularity_bits))
+        serialized = -(-bits // 64) * 8
+        if size_to_clusters(s, serialized) != bm.table_size:
+            raise QemuError(f"Could not read bitmap '{bm.name}' from image: {os.strerror(errno.EINVAL)}",
+                            errno.EINVAL)
+    return bitmaps

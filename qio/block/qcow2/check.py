@@ -13,36 +13,36 @@ from __future__ import annotations
 import errno
 import os
 import re
-import struct
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from qio.block import io
 from qio.block.driver import FIX_ERRORS, FIX_LEAKS, CheckResult
 from qio.block.errors import BlockError, QemuError, report_error
 from qio.block.qcow2 import layout as L
+from qio.block.qcow2.bitmap import (
+    BME_TABLE_ENTRY_OFFSET_MASK,
+    load_bitmap_list,
+    load_bitmap_table,
+)
 from qio.block.qcow2.cluster import write_l1_entry
 from qio.block.qcow2.header import update_header
 from qio.block.qcow2.overlap import _l1_changed, pre_write_overlap_check
 from qio.block.qcow2.refcount import (
     _update_max_refcount_table_index,
-    alloc_clusters,
     flush_caches,
-    free_clusters,
     get_refcount,
     mark_clean,
     update_refcount,
 )
-from qio.block.qcow2.snapshot import _read_snapshots
+from qio.block.qcow2.snapshot import fix_snapshot_table, read_snapshot_table
 from qio.block.qcow2.state import (
     DISCARD_ALWAYS,
-    DISCARD_SNAPSHOT,
     OL_ACTIVE_L2,
     OL_INACTIVE_L2,
     Qcow2State,
     _pread,
     _stderr,
-    _validate_table,
     pwrite_sync,
     size_to_clusters,
 )
@@ -98,113 +98,6 @@ class Imrt:
 
     def set(self, i: int, v: int) -> None:
         self.s.set_rc(self.buf, i, v)
-
-
-BME_MAX_TABLE_SIZE = 0x8000000
-BME_MAX_PHYS_SIZE = 0x20000000
-BME_MIN_GRANULARITY_BITS, BME_MAX_GRANULARITY_BITS = 9, 31
-BME_MAX_NAME_SIZE = 1023
-BME_RESERVED_FLAGS = 0xFFFFFFFC
-BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
-BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-BT_DIRTY_TRACKING_BITMAP = 1
-
-
-def bitmap_table_entry_ok(entry: int, cluster_size: int) -> bool:
-    """``check_table_entry``: no reserved bits; a data offset is cluster aligned and excludes the
-    all-ones flag."""
-    if entry & BME_TABLE_ENTRY_RESERVED_MASK:
-        return False
-    offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
-    return not offset or (not entry & 1 and not offset % cluster_size)
-
-
-def _c_int(v: int) -> int:
-    """The low 32 bits of ``v`` as a C ``int``."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >> 31 else v
-
-
-class Bitmap(NamedTuple):
-    """One entry of the bitmap directory."""
-
-    table_offset: int
-    table_size: int
-    flags: int
-    granularity_bits: int
-    name: str
-
-
-async def load_bitmap_list(s: Qcow2State) -> list[Bitmap]:
-    """``bitmap_list_load``: the bitmap directory, which must hold exactly ``nb_bitmaps`` valid
-    entries; QemuError with QEMU's message otherwise."""
-    size = s.bitmap_directory_size
-    if size == 0:
-        raise QemuError("Requested bitmap directory size is zero", errno.EINVAL)
-    if size > L.MAX_BITMAP_DIRECTORY_SIZE:
-        raise QemuError("Requested bitmap directory size is too big", errno.EINVAL)
-    try:
-        raw = bytes(await _pread(s, s.bitmap_directory_offset, size))
-    except BlockError as e:
-        raise QemuError(f"Failed to read bitmap directory: {os.strerror(e.code)}", e.code) from None
-    esize = L.BITMAP_DIR_ENTRY.size
-    out: list[Bitmap] = []
-    pos = 0
-    while pos < size:
-        if pos + esize > size:
-            raise QemuError("Broken bitmap directory", errno.EINVAL)
-        if len(out) + 1 > s.nb_bitmaps:
-            raise QemuError("More bitmaps found than specified in header extension", errno.EINVAL)
-        tbl_off, tbl_size, flags, typ, gbits, name_size, extra = L.BITMAP_DIR_ENTRY.unpack_from(raw, pos)
-        entry_size = _c_int(_c_int(esize + name_size + extra) + 7) & ~7  # QEMU's int arithmetic
-        if pos + entry_size > size:
-            raise QemuError("Broken bitmap directory", errno.EINVAL)
-        if extra:
-            raise QemuError("Bitmap extra data is not supported", errno.EINVAL)
-        phys = tbl_size * s.cluster_size
-        length = s.total_sectors * 512
-        bad = (not tbl_size or not tbl_off or tbl_off % s.cluster_size or tbl_size > BME_MAX_TABLE_SIZE
-               or not BME_MIN_GRANULARITY_BITS <= gbits <= BME_MAX_GRANULARITY_BITS or flags & BME_RESERVED_FLAGS
-               or name_size > BME_MAX_NAME_SIZE or typ != BT_DIRTY_TRACKING_BITMAP or phys > BME_MAX_PHYS_SIZE
-               or (not flags & L.BITMAP_FLAG_IN_USE and length > (phys * 8) << gbits))
-        name = raw[pos + esize + extra: pos + esize + extra + name_size].split(b"\0", 1)[0]
-        text = name.decode("utf-8", "surrogateescape")
-        if bad:
-            raise QemuError(f"Bitmap '{text}' doesn't satisfy the constraints", errno.EINVAL)
-        out.append(Bitmap(tbl_off, tbl_size, flags, gbits, text))
-        pos += entry_size
-    if len(out) != s.nb_bitmaps:
-        raise QemuError("Less bitmaps found than specified in header extension", errno.EINVAL)
-    return out
-
-
-async def load_bitmap_table(s: Qcow2State, bm: Bitmap) -> list[int]:
-    """``bitmap_table_load``: the table's entries; EINVAL if any of them is invalid."""
-    raw = await _pread(s, bm.table_offset, bm.table_size * 8)
-    entries = [_ENTRY.unpack_from(raw, i * 8)[0] for i in range(bm.table_size)]
-    if not all(bitmap_table_entry_ok(e, s.cluster_size) for e in entries):
-        raise BlockError(errno.EINVAL)
-    return entries
-
-
-async def load_bitmaps(s: Qcow2State) -> list[Bitmap]:
-    """``qcow2_load_dirty_bitmaps`` as far as it can fail: the directory, then the table of each
-    bitmap not marked in use and its size against the image length (``load_bitmap_data``)."""
-    bitmaps = await load_bitmap_list(s)
-    for bm in bitmaps:
-        if bm.flags & L.BITMAP_FLAG_IN_USE:
-            continue
-        try:
-            await load_bitmap_table(s, bm)
-        except BlockError as e:
-            raise QemuError(f"Could not read bitmap_table table from image for bitmap '{bm.name}': "
-                            f"{os.strerror(e.code)}", e.code) from None
-        bits = -(-s.total_sectors * 512 // (1 << bm.granularity_bits))
-        serialized = -(-bits // 64) * 8
-        if size_to_clusters(s, serialized) != bm.table_size:
-            raise QemuError(f"Could not read bitmap '{bm.name}' from image: {os.strerror(errno.EINVAL)}",
-                            errno.EINVAL)
-    return bitmaps
 
 
 class Checker:
@@ -717,118 +610,6 @@ class Checker:
         await self.check_oflag_copied(res, fix)
         res.image_end_offset = (highest + 1) * s.cluster_size
         return res.image_end_offset
-
-
-async def read_snapshot_table(s: Qcow2State, res: CheckResult, fix: int) -> None:
-    """``qcow2_check_read_snapshot_table``: the open in check mode skipped the snapshot table, so read
-    it here from the header's pointer -- with ``-r all`` dropping what cannot be kept -- and count
-    v3 entries without the 16 bytes of mandatory extra data as corruptions."""
-    try:
-        raw = await _pread(s, L.OFF_NB_SNAPSHOTS, 12)
-    except BlockError as e:
-        res.check_errors += 1
-        _stderr(s, f"ERROR failed to read the snapshot table pointer from the image header: "
-                    f"{os.strerror(e.code)}\n")
-        raise
-    nb, offset = struct.unpack(">IQ", bytes(raw))
-    s.snapshots_offset, s.nb_snapshots = offset, nb
-    reduced = dropped = 0
-    if nb > L.MAX_SNAPSHOTS and fix & FIX_ERRORS:
-        _stderr(s, f"Discarding {nb - L.MAX_SNAPSHOTS} overhanging snapshots\n")
-        reduced += nb - L.MAX_SNAPSHOTS
-        s.nb_snapshots = nb = L.MAX_SNAPSHOTS
-    try:
-        _validate_table(s, offset, nb, L.SNAPSHOT_HEADER.size, L.SNAPSHOT_HEADER.size * L.MAX_SNAPSHOTS,
-                            "snapshot table")
-    except QemuError as e:
-        res.check_errors += 1
-        report_error(s.bs.warn, f"ERROR {e}")
-        if nb > L.MAX_SNAPSHOTS:
-            _stderr(s, f"You can force-remove all {nb - L.MAX_SNAPSHOTS} overhanging snapshots with qemu-img "
-                        "check -r all\n")
-        s.snapshots_offset = s.nb_snapshots = 0
-        raise BlockError(e.errno) from None
-    try:
-        r, dropped = await _read_snapshots(s, bool(fix & FIX_ERRORS))
-    except QemuError as e:
-        res.check_errors += 1
-        report_error(s.bs.warn, f"ERROR failed to read the snapshot table: {e}")
-        s.snapshots_offset = s.nb_snapshots = 0
-        raise BlockError(e.errno) from None
-    reduced += r
-    res.corruptions += reduced + dropped
-    if reduced:
-        try:
-            await pwrite_sync(s, L.OFF_NB_SNAPSHOTS, struct.pack(">I", s.nb_snapshots))
-        except BlockError as e:
-            res.check_errors += 1
-            _stderr(s, f"ERROR failed to update the snapshot count in the image header: {os.strerror(e.code)}\n")
-            raise
-        res.corruptions_fixed += reduced
-        res.corruptions -= reduced
-    if s.qcow_version >= 3:
-        for i, sn in enumerate(s.snapshots):
-            if sn.extra_data_size < 16:
-                res.corruptions += 1
-                _stderr(s, f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} snapshot table entry {i} is "
-                            "incomplete\n")
-
-
-async def write_snapshots(s: Qcow2State) -> None:
-    """``qcow2_write_snapshots``: the whole snapshot table to newly allocated clusters, every entry
-    with at least the 24 bytes of known extra data, then the header pointer; the old table is freed."""
-
-    hsize, esize = L.SNAPSHOT_HEADER.size, L.SNAPSHOT_EXTRA.size
-    pieces: list[tuple[int, bytes]] = []  # (offset in the table, bytes): the padding is never written
-    size = 0
-    for sn in s.snapshots:
-        ident = sn.id_str.encode("utf-8", "surrogateescape")
-        name = sn.name.encode("utf-8", "surrogateescape")
-        size = _round_up8(size)
-        vm_state = sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0
-        pieces.append((size, L.SNAPSHOT_HEADER.pack(sn.l1_table_offset, sn.l1_size, len(ident), len(name),
-                                                    sn.date_sec, sn.date_nsec, sn.vm_clock_nsec, vm_state,
-                                                    max(esize, sn.extra_data_size))))
-        size += hsize
-        pieces.append((size, L.SNAPSHOT_EXTRA.pack(sn.vm_state_size, sn.disk_size, sn.icount)
-                       + sn.unknown_extra_data))
-        size += max(esize, sn.extra_data_size)
-        pieces.append((size, ident + name))
-        size += len(ident) + len(name)
-        if size > L.MAX_SNAPSHOTS_SIZE:
-            raise BlockError(errno.EFBIG)
-    new_offset = await alloc_clusters(s, size)
-    try:
-        await io.flush(s.bs)
-        await pre_write_overlap_check(s, 0, new_offset, size, False)
-        for off, data in pieces:
-            if data:
-                await io.pwritev(s.bs.file, new_offset + off, len(data), [memoryview(data)])
-        await io.flush(s.bs)
-        await pwrite_sync(s, L.OFF_NB_SNAPSHOTS, struct.pack(">IQ", len(s.snapshots), new_offset))
-    except BlockError:
-        if new_offset > 0:
-            await free_clusters(s, new_offset, size, DISCARD_ALWAYS)
-        raise
-    await free_clusters(s, s.snapshots_offset, s.snapshots_size, DISCARD_SNAPSHOT)
-    s.snapshots_offset, s.snapshots_size = new_offset, size
-
-
-def _round_up8(n: int) -> int:
-    return (n + 7) & ~7
-
-
-async def fix_snapshot_table(s: Qcow2State, res: CheckResult, fix: int) -> None:
-    """``qcow2_check_fix_snapshot_table``: with ``-r all`` rewrite a table found corrupt."""
-    if res.corruptions and fix & FIX_ERRORS:
-        try:
-            await write_snapshots(s)
-        except BlockError as e:
-            res.check_errors += 1
-            _stderr(s, f"ERROR failed to update snapshot table: {os.strerror(e.code)}\n")
-            raise
-        res.corruptions_fixed += res.corruptions
-        res.corruptions = 0
 
 
 async def check(s: Qcow2State, fix: int) -> CheckResult:

@@ -200,7 +200,7 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
 async def _read_bitmap_directory(s: Qcow2State) -> list[list[tuple[str, Any]]]:
     """The persistent bitmaps, loaded and validated as ``qcow2_load_dirty_bitmaps`` does (an
     invalid directory or table fails the open), as ``info`` lists them (flags, name, granularity)."""
-    from qio.block.qcow2.check import load_bitmaps
+    from qio.block.qcow2.bitmap import load_bitmaps
 
     out: list[list[tuple[str, Any]]] = []
     for bm in await load_bitmaps(s):
