@@ -654,6 +654,14 @@ class BlockBackend:
             except BlockError:
                 pass
             for node in iter_nodes(self.root):
+                if node is not self.root:
+                    # bdrv_close of a child runs after its parent's driver closed (bdrv_unref_child) and
+                    # starts with bdrv_flush: what the parent wrote while closing (qcow2's caches, the
+                    # cleared dirty bit) is flushed too
+                    try:
+                        await io.flush(node)
+                    except BlockError:
+                        pass
                 node.report = report
                 await node.close()
         finally:
