@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from qio.block.backend import BlockBackend
     from qio.block.driver import BlockDriver
     from qio.block.modes import OpenFlags
-    from qio.nbd_server import Export
+    from qio.nbd_server import Export, Fault
 
 
 class Session:
@@ -40,6 +40,8 @@ class Session:
         self.aio = AioContext()
         #: NBD exports of the image (``nbd_server_start``); stopped before the image closes.
         self.exports: list[Export] = []
+        #: Protocol fault rules for the exports (``nbd_fault``).
+        self.nbd_faults: list[Fault] = []
         AIO.printf = out.out  # type: ignore[method-assign]
 
     def require_blk(self) -> BlockBackend:
