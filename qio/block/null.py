@@ -152,6 +152,17 @@ class NullCoDriver(BlockDriver):
         await self._complete()
         return False
 
+    async def co_block_status_map(self, want_zero: bool, offset: int,
+                                  nbytes: int) -> tuple[int, int, int, BlockDriver | None]:
+        """``null_co_block_status`` in the block-status walk (qio-img map; zero tests under want_zero)."""
+        if not want_zero:
+            return await super().co_block_status_map(want_zero, offset, nbytes)
+        ret, pnum = await self.co_block_status(offset, nbytes)
+        return ret, pnum, offset, self
+
+    def get_allocated_file_size(self) -> int | None:
+        return 0  # null_allocated_file_size
+
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
         if self.read_zeroes:
             return BLOCK_OFFSET_VALID | BLOCK_ZERO | BLOCK_ALLOCATED, nbytes
