@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from qio.block import io
 from qio.block import nbd_proto as P
-from qio.block.driver import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO, REQ_FUA, REQ_MAY_UNMAP, REQ_ZERO_WRITE
+from qio.block.driver import BLOCK_DATA, BLOCK_ZERO, REQ_FUA, REQ_MAY_UNMAP, REQ_ZERO_WRITE
 from qio.block.errors import BlockError, QemuError
 
 if TYPE_CHECKING:
@@ -556,25 +556,14 @@ class Client:
                              len(body)) + body]
 
 
-async def _status_above(node: BlockDriver, offset: int, nbytes: int) -> tuple[int, int]:
-    """Block status of the whole backing chain (``bdrv_block_status_above``): unallocated ranges of a
-    layer take the status of the layer below; past a short backing file the data reads as zeroes."""
-    while True:
-        status, pnum = await io.block_status(node, offset, nbytes)
-        if pnum == 0:
-            return BLOCK_ZERO, nbytes
-        backing = node.child("backing")
-        if status & BLOCK_ALLOCATED or backing is None:
-            return status, pnum
-        node, nbytes = backing.node, pnum
-
-
 async def _extents(node: BlockDriver, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
     """``base:allocation`` extents for ``length`` bytes (at most 1024 extents, one with REQ_ONE)."""
     out: list[tuple[int, int]] = []
     end = offset + length
     while offset < end and len(out) < (1 if one else 1024):
-        status, pnum = await _status_above(node, offset, min(end - offset, 0x80000000 - 512))
+        status, pnum = await io.block_status_above(node, True, offset, min(end - offset, 0x80000000 - 512))
+        if not pnum:  # past the end of a short image: reads as zeroes
+            status, pnum = BLOCK_ZERO, end - offset
         pnum = min(pnum, end - offset)
         flags = (0 if status & BLOCK_DATA else P.STATE_HOLE) | (P.STATE_ZERO if status & BLOCK_ZERO else 0)
         if out and out[-1][1] == flags and out[-1][0] + pnum < 1 << 32:
