@@ -779,3 +779,80 @@ class AioContext:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except TimeoutError:
             pass
+
+
+class CoMutex:
+    """``CoMutex``: uncontended lock and unlock never yield; waiters are served in FIFO order.
+
+    ``unlock`` hands the lock to the first waiter and wakes it with ``aio_co_wake``: from inside a
+    coroutine the waiter only runs once the unlocking coroutine yields or terminates
+    (``qemu_co_mutex_unlock``), so the unlocking request runs on to its next I/O first.
+
+    Without blkdebug, where host I/O is inline and the lock never makes anyone wait, it also remembers
+    the last AIO request that did host I/O while holding it: in QEMU that I/O would still be running
+    when the next request asks for the lock (see :mod:`qio.aio`)."""
+
+    __slots__ = ("io_holder", "io_poll", "io_yields", "locked", "waiters", "yields_at_lock")
+
+    def __init__(self) -> None:
+        self.locked = False
+        self.waiters: deque[Co] = deque()
+        self.io_holder: int | None = None
+        self.io_poll = -1
+        self.io_yields = 0
+        self.yields_at_lock = 0
+
+    async def lock(self) -> None:
+        if not self.locked:
+            self.locked = True
+        else:
+            co = current_co()
+            assert co is not None, "CoMutex contended outside a request"
+            self.waiters.append(co)
+            await YIELD  # ownership is handed over by unlock()
+        if AIO.yield_on_io:
+            return
+        if self.io_holder is not None:
+            seq = request_seq.get()
+            if seq is not None and seq != self.io_holder:
+                # Only if the holder finished right after its last I/O under the lock: with more I/O
+                # of its own afterwards, both would be in QEMU's thread pool together.
+                ctx = AioContext.current()
+                if ctx.polls == self.io_poll and ctx.finished_yields.get(self.io_holder) == self.io_yields:
+                    ctx.order_after(seq, self.io_holder)
+        self.yields_at_lock = AIO.yields
+
+    def unlock(self) -> None:
+        if not AIO.yield_on_io and AIO.yields != self.yields_at_lock:
+            seq = request_seq.get()
+            if seq is not None:
+                self.io_holder, self.io_poll, self.io_yields = seq, AioContext.current().polls, AIO.yields
+        while self.waiters:
+            co = self.waiters.popleft()
+            if co.waiting:
+                wake(co)
+                return
+        self.locked = False
+
+
+class CoQueue:
+    """``CoQueue``: requests waiting for an in-flight allocation to complete."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue = WaitQueue()
+
+    async def wait(self, mutex: CoMutex) -> None:
+        """``qemu_co_queue_wait``: queue, release the lock, yield; take the lock again when woken."""
+        queue = self.queue
+        co = current_co()
+        if co is not None:
+            queue.waiters.append(co)
+        mutex.unlock()
+        if co is not None:
+            await YIELD
+        await mutex.lock()
+
+    def restart_all(self) -> None:
+        self.queue.restart_all()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from qio.block import io
 from qio.block import nbd_proto as P
-from qio.block.driver import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_ZERO, REQ_FUA, REQ_MAY_UNMAP, REQ_ZERO_WRITE
+from qio.block.driver import BLOCK_DATA, BLOCK_ZERO, REQ_FUA, REQ_MAY_UNMAP, REQ_ZERO_WRITE
 from qio.block.errors import BlockError, QemuError
 
 if TYPE_CHECKING:
@@ -44,6 +44,90 @@ _REP_HEADER = struct.Struct(">QIII")
 
 class Disconnect(Exception):
     """The client broke the protocol or left: drop the connection."""
+
+
+#: Protocol-level fault rules (``nbd_fault``): where they act and what they do.
+FAULT_POINTS = ("handshake", "reply")
+FAULT_ACTIONS = ("disconnect", "delay", "error", "short", "malformed")
+FAULT_CMDS = {"read": P.CMD_READ, "write": P.CMD_WRITE, "flush": P.CMD_FLUSH, "trim": P.CMD_TRIM,
+              "write-zeroes": P.CMD_WRITE_ZEROES, "block-status": P.CMD_BLOCK_STATUS}
+_ERRNO_NAMES = {"EPERM": errno.EPERM, "EIO": errno.EIO, "ENOMEM": errno.ENOMEM, "EINVAL": errno.EINVAL,
+                "ENOSPC": errno.ENOSPC, "EOVERFLOW": errno.EOVERFLOW, "ENOTSUP": errno.ENOTSUP,
+                "ESHUTDOWN": errno.ESHUTDOWN}
+
+
+class Fault:
+    """One protocol fault rule, with the blkdebug extensions' conventions: ``after`` matches pass
+    first, then it fires ``count`` times (0: without limit); ``cmd`` filters transmission requests.
+
+    * ``point=handshake``: ``disconnect`` before answering option number ``after + 1``.
+    * ``point=reply``: ``disconnect`` instead of the reply (the request ran), ``delay`` the reply by
+      ``ns`` nanoseconds, ``error`` answers ``errno`` without running the request, ``short`` sends
+      half of the reply then disconnects, ``malformed`` sends the reply with a bad magic.
+    """
+
+    def __init__(self, fid: int, keys: dict[str, str]) -> None:
+        self.id = fid
+        known = {"point", "action", "cmd", "after", "count", "ns", "errno"}
+        for k in keys:
+            if k not in known:
+                raise QemuError(f"nbd_fault: unknown key '{k}' (one of {', '.join(sorted(known))})")
+        self.point = keys.get("point", "reply")
+        if self.point not in FAULT_POINTS:
+            raise QemuError(f"nbd_fault: point must be one of {', '.join(FAULT_POINTS)}")
+        self.action = keys.get("action", "")
+        if self.action not in FAULT_ACTIONS:
+            raise QemuError(f"nbd_fault: action must be one of {', '.join(FAULT_ACTIONS)}")
+        if self.point == "handshake" and self.action != "disconnect":
+            raise QemuError("nbd_fault: only action=disconnect acts during the handshake")
+        cmd = keys.get("cmd")
+        if cmd is not None and cmd not in FAULT_CMDS:
+            raise QemuError(f"nbd_fault: cmd must be one of {', '.join(FAULT_CMDS)}")
+        if cmd is not None and self.point == "handshake":
+            raise QemuError("nbd_fault: cmd= filters transmission requests, not the handshake")
+        self.cmd = None if cmd is None else FAULT_CMDS[cmd]
+        self.after = self._number(keys, "after", 0)
+        self.count = self._number(keys, "count", 1)
+        self.ns = self._number(keys, "ns", 0)
+        if (self.action == "delay") != ("ns" in keys):
+            raise QemuError("nbd_fault: ns= is the delay of action=delay (and only of it)")
+        err = keys.get("errno", "EIO" if self.action == "error" else None)
+        if err is not None and self.action != "error":
+            raise QemuError("nbd_fault: errno= belongs to action=error")
+        self.errno = 0
+        if err is not None:
+            code = _ERRNO_NAMES.get(err.upper(), int(err) if err.isdigit() else None)
+            if code is None:
+                raise QemuError(f"nbd_fault: unknown errno '{err}'")
+            self.errno = code
+        self.matched = self.fired = 0
+
+    @staticmethod
+    def _number(keys: dict[str, str], key: str, default: int) -> int:
+        value = keys.get(key)
+        if value is None:
+            return default
+        if not value.isdigit():
+            raise QemuError(f"nbd_fault: {key} must be a non-negative number, not '{value}'")
+        return int(value)
+
+    def match(self, point: str, cmd: int | None) -> bool:
+        """Count a match; True when the rule fires now."""
+        if point != self.point or (self.cmd is not None and cmd != self.cmd):
+            return False
+        if self.count and self.fired >= self.count:
+            return False
+        self.matched += 1
+        if self.matched <= self.after:
+            return False
+        self.fired += 1
+        return True
+
+    def describe(self) -> str:
+        cmd = next((k for k, v in FAULT_CMDS.items() if v == self.cmd), "any")
+        extra = f" ns={self.ns}" if self.action == "delay" else f" errno={self.errno}" if self.errno else ""
+        return (f"#{self.id} point={self.point} action={self.action}{extra} cmd={cmd} after={self.after} "
+                f"count={self.count} matched={self.matched} fired={self.fired}")
 
 
 def nbd_errno(exc: BaseException) -> int:
@@ -70,7 +154,7 @@ class Export:
     """One listening NBD server exporting the session's image under ``name``."""
 
     def __init__(self, aio: AioContext, blk: Callable[[], BlockBackend | None], name: str, writable: bool,
-                 report: Callable[[str], None]) -> None:
+                 report: Callable[[str], None], faults: list[Fault]) -> None:
         self.aio = aio
         self._blk = blk
         self.name = name
@@ -79,6 +163,8 @@ class Export:
         self.address = ""
         self.clients: set[Client] = set()
         self.served = 0
+        #: Protocol fault rules (``nbd_fault``), the session's list: they outlive a restart.
+        self.faults = faults
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -109,10 +195,19 @@ class Export:
                             e.errno or errno.EIO) from None
         self.aio.external += 1
 
+    def describe(self) -> list[str]:
+        """``debug_state``'s lines: the export, its clients and their requests in flight."""
+        lines = [f"nbd export '{self.name}' on {self.address}: {len(self.clients)} connected, "
+                 f"{self.served} served"]
+        for c in sorted(self.clients, key=lambda c: c.number):
+            lines.append(f"  client #{c.number}: {c.pending} in flight")
+            lines.extend(f"    {what}" for what in c.inflight.values())
+        return lines
+
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = Client(self, reader, writer)
-        self.clients.add(client)
         self.served += 1
+        client = Client(self, reader, writer, self.served)
+        self.clients.add(client)
         task = asyncio.ensure_future(client.run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -144,8 +239,12 @@ class Export:
 class Client:
     """One connection: the handshake, then requests submitted to the session as AIO requests."""
 
-    def __init__(self, export: Export, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, export: Export, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 number: int) -> None:
         self.export = export
+        self.number = number
+        #: handle -> "read 4096 bytes at offset 0": what ``debug_state`` shows of requests in flight.
+        self.inflight: dict[int, str] = {}
         self.reader = reader
         self.writer = writer
         self.structured = False
@@ -204,6 +303,8 @@ class Client:
             if length > 64 * 1024:
                 raise Disconnect("option too long")
             data = await self._read(length)
+            if self._fault("handshake", None) is not None:
+                raise Disconnect("nbd_fault: disconnect during the handshake")
             if opt == P.OPT_EXPORT_NAME:
                 if data.decode("utf-8", "replace") != self.export.name:
                     raise Disconnect("unknown export")
@@ -330,9 +431,14 @@ class Client:
                 payload = await self._read(length)
             err = self._check(cmd, flags, offset, length)
             if err:
-                self._send_error(handle, err, "invalid request")
+                self._send(self._error_reply(handle, err, "invalid request"), None)
                 continue
-            self._submit(cmd, flags, handle, offset, length, payload)
+            fault = self._fault("reply", cmd)
+            if fault is not None and fault.action == "error":
+                self._send(self._error_reply(handle, _NBD_ERRNO.get(fault.errno, 5), "nbd_fault: injected error"),
+                           None)
+                continue
+            self._submit(cmd, flags, handle, offset, length, payload, fault)
 
     def _check(self, cmd: int, flags: int, offset: int, length: int) -> int:
         if cmd not in (P.CMD_READ, P.CMD_WRITE, P.CMD_FLUSH, P.CMD_TRIM, P.CMD_WRITE_ZEROES, P.CMD_BLOCK_STATUS):
@@ -350,7 +456,14 @@ class Client:
                 return 22
         return 0
 
-    def _submit(self, cmd: int, flags: int, handle: int, offset: int, length: int, payload: bytes) -> None:
+    def _fault(self, point: str, cmd: int | None) -> Fault | None:
+        for f in self.export.faults:
+            if f.match(point, cmd):
+                return f
+        return None
+
+    def _submit(self, cmd: int, flags: int, handle: int, offset: int, length: int, payload: bytes,
+                fault: Fault | None) -> None:
         blk = self.export.blk
         buf = memoryview(bytearray(length)) if cmd == P.CMD_READ else None
         coro: Any
@@ -370,67 +483,77 @@ class Client:
             coro = _extents(blk.root, offset, length, bool(flags & P.CMD_FLAG_REQ_ONE))
         self.pending += 1
         self._idle.clear()
+        name = next(k for k, v in FAULT_CMDS.items() if v == cmd)
+        self.inflight[handle] = f"{name} {length} bytes at offset {offset} (handle {handle:#x})"
 
-        def done(exc: BaseException | None, result: Any) -> None:
+        def finish(reply: list[bytes | memoryview], fault: Fault | None) -> None:
+            self.inflight.pop(handle, None)
+            if not self.writer.is_closing():
+                self._send(reply, fault)
             self.pending -= 1
             if not self.pending:
                 self._idle.set()
-            if self.writer.is_closing():
-                return
+            self.export.aio.notify()
+
+        def done(exc: BaseException | None, result: Any) -> None:
+            reply: list[bytes | memoryview]
             if exc is not None:
-                self._send_error(handle, nbd_errno(exc), str(exc))
+                reply = self._error_reply(handle, nbd_errno(exc), str(exc))
             elif cmd == P.CMD_READ:
                 assert buf is not None
-                self._send_data(handle, offset, buf)
+                reply = self._data_reply(handle, offset, buf)
             elif cmd == P.CMD_BLOCK_STATUS:
-                self._send_extents(handle, result)
+                reply = self._extents_reply(handle, result)
             else:
-                self._send_ok(handle)
+                reply = self._ok_reply(handle)
+            if fault is not None and fault.action == "delay":  # the request stays in flight meanwhile
+                asyncio.get_running_loop().call_later(fault.ns / 1e9, finish, reply, None)
+            else:
+                finish(reply, fault)
 
         self.export.aio.submit(coro, done)
         self.export.aio.notify()
 
     # -- replies ---------------------------------------------------------------------------------
-    def _send_ok(self, handle: int) -> None:
-        if self.structured:
-            self.writer.write(P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE,
-                                           handle, 0))
-        else:
-            self.writer.write(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
+    def _send(self, reply: list[bytes | memoryview], fault: Fault | None) -> None:
+        """Write one reply, as a ``point=reply`` fault rule says if one fired for the request."""
+        if fault is None:
+            for part in reply:
+                self.writer.write(part)
+            return
+        if fault.action == "disconnect":
+            self.writer.transport.abort()
+        elif fault.action == "short":
+            data = b"".join(bytes(p) for p in reply)
+            self.writer.write(data[:max(1, len(data) // 2)])
+            self.writer.transport.close()  # the half already queued still goes out
+        elif fault.action == "malformed":
+            first = bytearray(reply[0])
+            first[0] ^= 0xFF  # a magic the client does not know
+            self._send([bytes(first), *reply[1:]], None)
 
-    def _send_error(self, handle: int, err: int, msg: str) -> None:
+    def _ok_reply(self, handle: int) -> list[bytes | memoryview]:
+        if self.structured:
+            return [P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, handle, 0)]
+        return [P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle)]
+
+    def _error_reply(self, handle: int, err: int, msg: str) -> list[bytes | memoryview]:
         if self.structured:
             text = msg.encode()[:P.MAX_SMALL_PAYLOAD - 6]
-            self.writer.write(P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_ERROR,
-                                           handle, 6 + len(text)) + struct.pack(">IH", err, len(text)) + text)
-        else:
-            self.writer.write(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, err, handle))
+            return [P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_ERROR, handle,
+                                 6 + len(text)) + struct.pack(">IH", err, len(text)) + text]
+        return [P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, err, handle)]
 
-    def _send_data(self, handle: int, offset: int, buf: memoryview) -> None:
+    def _data_reply(self, handle: int, offset: int, buf: memoryview) -> list[bytes | memoryview]:
         if self.structured:
-            self.writer.write(P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA,
-                                           handle, 8 + len(buf)) + _Q.pack(offset))
-        else:
-            self.writer.write(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle))
-        self.writer.write(buf)
+            return [P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, handle,
+                                 8 + len(buf)) + _Q.pack(offset), buf]
+        return [P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle), buf]
 
-    def _send_extents(self, handle: int, extents: list[tuple[int, int]]) -> None:
+    def _extents_reply(self, handle: int, extents: list[tuple[int, int]]) -> list[bytes | memoryview]:
         body = struct.pack(">I", META_ID) + b"".join(struct.pack(">II", n, f) for n, f in extents)
-        self.writer.write(P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_BLOCK_STATUS,
-                                       handle, len(body)) + body)
-
-
-async def _status_above(node: BlockDriver, offset: int, nbytes: int) -> tuple[int, int]:
-    """Block status of the whole backing chain (``bdrv_block_status_above``): unallocated ranges of a
-    layer take the status of the layer below; past a short backing file the data reads as zeroes."""
-    while True:
-        status, pnum = await io.block_status(node, offset, nbytes)
-        if pnum == 0:
-            return BLOCK_ZERO, nbytes
-        backing = node.child("backing")
-        if status & BLOCK_ALLOCATED or backing is None:
-            return status, pnum
-        node, nbytes = backing.node, pnum
+        return [P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_BLOCK_STATUS, handle,
+                             len(body)) + body]
 
 
 async def _extents(node: BlockDriver, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
@@ -438,7 +561,9 @@ async def _extents(node: BlockDriver, offset: int, length: int, one: bool) -> li
     out: list[tuple[int, int]] = []
     end = offset + length
     while offset < end and len(out) < (1 if one else 1024):
-        status, pnum = await _status_above(node, offset, min(end - offset, 0x80000000 - 512))
+        status, pnum = await io.block_status_above(node, True, offset, min(end - offset, 0x80000000 - 512))
+        if not pnum:  # past the end of a short image: reads as zeroes
+            status, pnum = BLOCK_ZERO, end - offset
         pnum = min(pnum, end - offset)
         flags = (0 if status & BLOCK_DATA else P.STATE_HOLE) | (P.STATE_ZERO if status & BLOCK_ZERO else 0)
         if out and out[-1][1] == flags and out[-1][0] + pnum < 1 << 32:

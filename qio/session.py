@@ -22,18 +22,15 @@ if TYPE_CHECKING:
     from qio.block.backend import BlockBackend
     from qio.block.driver import BlockDriver
     from qio.block.modes import OpenFlags
-    from qio.commands.spec import CommandTable
-    from qio.nbd_server import Export
+    from qio.nbd_server import Export, Fault
 
 
 class Session:
     """The image and the event loop of one qemu-io run, and what commands change about the run."""
 
-    def __init__(self, out: Output, prgname: str, table: CommandTable, image_opts: bool = False) -> None:
+    def __init__(self, out: Output, prgname: str, image_opts: bool = False) -> None:
         self.out = out
         self.prgname = prgname
-        #: The commands of this run (``help`` lists them).
-        self.table = table
         self.image_opts = image_opts
         self.blk: BlockBackend | None = None
         #: Set by ``quit``: the line source stops.
@@ -43,6 +40,8 @@ class Session:
         self.aio = AioContext()
         #: NBD exports of the image (``nbd_server_start``); stopped before the image closes.
         self.exports: list[Export] = []
+        #: Protocol fault rules for the exports (``nbd_fault``).
+        self.nbd_faults: list[Fault] = []
         AIO.printf = out.out  # type: ignore[method-assign]
 
     def require_blk(self) -> BlockBackend:

@@ -25,7 +25,7 @@ class Shell:
         self.prgname = prgname
         self.image_opts = image_opts
         self.table = build_table()
-        self.session = Session(out, prgname, self.table, image_opts)
+        self.session = Session(out, prgname, image_opts)
         self.last_error = 0
 
     async def execute(self, line: str) -> int:

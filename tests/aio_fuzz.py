@@ -787,8 +787,6 @@ def write_records(path: Path, results: Iterable[dict[str, object]], per_combo: i
         script = generate(seed, fmt, cache)
         if script_sha(script.render()) != r["script"]:
             continue  # made by an older generator
-        if any(line.startswith("sleep") for line in script.body):
-            continue  # qio's sleep runs in real time: what it lets finish depends on the machine's load
         latest[str(r["name"])] = r
     by_combo: dict[str, list[dict[str, object]]] = {}
     for r in latest.values():
@@ -813,6 +811,40 @@ def write_records(path: Path, results: Iterable[dict[str, object]], per_combo: i
                     known[name] = f"differs: {r['detail']}"
     dump_records(path, timeout, known, records)
     return f"wrote {len(records)} records ({len(known)} known failures) to {path}"
+
+
+def add_records(path: Path, results: Iterable[dict[str, object]]) -> str:
+    """Add cases to the records (runner results, e.g. of a ``--names ... --qemu-runs 10`` run): the
+    reproduced and hanging ones not recorded yet; those qio does not match become known failures."""
+    data = json.loads(path.read_text())
+    records: list[dict[str, object]] = data["records"]
+    known: dict[str, str] = data["known_failures"]
+    have = {str(r["name"]) for r in records}
+    latest: dict[str, dict[str, object]] = {}
+    for r in results:
+        seed, fmt, cache = parse_name(str(r["name"]))
+        if script_sha(generate(seed, fmt, cache).render()) == r["script"]:
+            latest[str(r["name"])] = r
+    added = 0
+    for name, r in latest.items():
+        if name in have:
+            continue
+        if r["status"] == "qemu-hang":
+            records.append({"name": name, "script": r["script"], "hang": True})
+            if r["detail"] != "qio-reported":
+                known[name] = f"qemu-io hangs; qio: {r['detail']}"
+        elif r["status"] in ("match", "mismatch"):
+            ref = r["ref"]
+            assert isinstance(ref, dict)
+            records.append({"name": name, "script": r["script"], **ref})
+            if r["status"] == "mismatch":
+                known[name] = f"differs: {r['detail']}"
+        else:
+            continue
+        added += 1
+    records.sort(key=lambda r: (str(r["name"]).rsplit("-", 1)[0], int(str(r["name"]).rsplit("-", 1)[1])))
+    dump_records(path, float(data["timeout"]), known, records)
+    return f"added {added} records to {path} ({len(records)} records, {len(known)} known failures)"
 
 
 def dump_records(path: Path, timeout: float, known: dict[str, str], records: list[dict[str, object]]) -> None:
@@ -879,6 +911,9 @@ def _main(argv: Sequence[str] | None) -> int:
     ap.add_argument("--record-from", type=Path, metavar="JSONL",
                     help="--record from the --json output of an earlier run instead of running again")
     ap.add_argument("--records", type=Path, default=RECORDS_PATH)
+    ap.add_argument("--record-add", type=Path, metavar="JSONL",
+                    help="add the cases of an earlier --json run (confirm them with --qemu-runs 10 first) "
+                         "to the records; those qio does not match become known failures")
     ap.add_argument("--replay", action="store_true",
                     help="run qio only against the recorded qemu-io results (what the pytest test does)")
     ap.add_argument("--drop-fixed", action="store_true",
@@ -899,6 +934,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if opts.record:
         return _record(opts, kw)
+    if opts.record_add:
+        with open(opts.record_add) as f:
+            print(add_records(opts.records, (json.loads(line) for line in f if line.strip())))
+        return 0
     if opts.minimise:
         return _minimise_cli(opts, kw)
     if opts.replay:

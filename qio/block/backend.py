@@ -13,6 +13,7 @@ import errno
 import itertools
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -186,7 +187,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         _name_node(node, options)
         node.refresh_limits()
         node.detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes"), flags)
-        node.open(options, flags)
+        _open_format(node, options, flags)
         _check_leftovers(node, options, positional)
     except BaseException:
         _close_sync(file)
@@ -229,7 +230,8 @@ def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, w
     node.flags = flags
     node.read_only = flags.read_only
     try:
-        node.open_children(options, flags, warn)
+        node.open_children(options, flags, lambda opts, fl, pos: open_node(opts, fl, warn, protocol=True,
+                                                                          positional=pos))
         _name_node(node, options)
         node.refresh_limits()
         node.detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes"), flags)
@@ -326,6 +328,162 @@ class PauseGate:
         return n
 
 
+# -- backing files (bdrv_open_backing_file) ----------------------------------------------------
+#: Deepest backing chain qio opens (each level costs Python stack frames).
+MAX_BACKING_DEPTH = 64
+
+#: (st_dev, st_ino) of the qcow2 images being opened, outermost first (backing-chain cycles).
+_opening: list[tuple[int, int]] = []
+_opening_ro: list[bool] = []
+
+
+def _protocol_node(node: BlockDriver) -> BlockDriver:
+    while node.children:
+        primary = node.primary_child()
+        if primary is None:
+            break
+        node = primary
+    return node
+
+
+
+def _file_identity(node: BlockDriver) -> tuple[int, int] | None:
+    fd = getattr(_protocol_node(node), "fd", -1)
+    if not isinstance(fd, int) or fd < 0:
+        return None
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+
+
+
+def _has_protocol(name: str) -> bool:
+    for ch in name:
+        if ch == "/":
+            return False
+        if ch == ":":
+            return True
+    return False
+
+def full_backing_filename(bs: BlockDriver, name: str) -> str:
+    """``bdrv_get_full_backing_filename``: relative names are relative to the image's directory."""
+    if name.startswith("/") or name.startswith("json:") or _has_protocol(name):
+        return name
+    base = _protocol_node(bs.file).filename
+    if base.startswith("json:"):
+        raise QemuError(f"Cannot use relative backing file names for '{base}'")
+    return base[: base.rfind("/") + 1] + name
+
+
+
+def _take_backing_options(options: dict[str, Any]) -> dict[str, Any] | None:
+    """Remove ``backing``/``backing.*``; None means ``"backing": null`` (no backing file)."""
+    sub = sub_options(options, "backing")
+    ref = options.get("backing")
+    if "backing" in options and (ref is None or ref == ""):
+        del options["backing"]
+        return None
+    if isinstance(ref, str):  # a node reference; qemu-io's only nodes are this image's own
+        raise QemuError(f"Could not open backing file: Cannot find device='{ref}' nor node-name='{ref}'")
+    return sub  # any other value stays in options: "does not support the option 'backing'"
+
+
+
+def _open_format(node: BlockDriver, options: Options, flags: OpenFlags) -> None:
+    """``bdrv_open_driver`` then, for a format with a backing file, ``bdrv_open_backing_file``;
+    a chain that loops or is too deep is refused (QEMU notices the loop by its image locks)."""
+    if not node.supports_backing:
+        node.open(options, flags)
+        return
+    ident = _file_identity(node.file)
+    if ident is not None and ident in _opening:
+        # QEMU finds the loop when the second instance of the image wants its lock (and recurses
+        # forever when every instance is read-only).
+        if _opening_ro[_opening.index(ident)]:
+            raise QemuError("Backing file chain contains a loop")
+        raise QemuError(f'Failed to get shared "write" lock\nIs another process using the image '
+                        f"[{node.filename}]?", errno.EAGAIN)
+    if len(_opening) >= MAX_BACKING_DEPTH:
+        raise QemuError(f"Backing file chain is too deep (more than {MAX_BACKING_DEPTH} images)")
+    backing_opts = _take_backing_options(options)
+    _opening.append(ident or (-1, -1))
+    _opening_ro.append(flags.read_only)
+    try:
+        node.open(options, flags)
+        try:
+            open_backing(node, backing_opts, flags)
+        except BlockError as e:
+            raise QemuError(str(e), e.code) from None
+    finally:
+        _opening.pop()
+        _opening_ro.pop()
+
+
+def open_backing(bs: BlockDriver, backing_opts: dict[str, Any] | None, flags: OpenFlags) -> None:
+    """``bdrv_open_backing_file``: the backing image, read-only, relative to this image's directory."""
+    if backing_opts is None:
+        return
+    backing_file, backing_format = bs.backing_file_info()
+    if not backing_file and not backing_opts:
+        return
+    child_opts = dict(backing_opts)
+    if "file.filename" not in child_opts and backing_file:
+        child_opts.setdefault("filename", full_backing_filename(bs, backing_file))
+    if backing_format and "driver" not in child_opts:
+        child_opts["driver"] = backing_format
+    child_opts.setdefault("read-only", "on")
+    bflags = flags.copy()
+    bflags.read_only = True
+    bflags.snapshot = False
+    bflags.copy_on_read = False
+    bflags.unmap = True
+    warn = bs.warn if callable(bs.warn) else (lambda _msg: None)
+    try:
+        node = open_node(child_opts, bflags, warn)
+    except QemuError as e:
+        raise QemuError(f"Could not open backing file: {e}", e.errno) from None
+    bs.backing = node
+    bs.children.append(Child("backing", node, role_primary=False))
+    # bdrv_set_backing_hd refreshes the limits: a COW child's transfer limit counts too
+    if node.max_transfer and (not bs.max_transfer or node.max_transfer < bs.max_transfer):
+        bs.max_transfer = node.max_transfer
+
+
+def temp_overlay(base: BlockDriver, flags: OpenFlags, warn: Warn) -> BlockDriver:
+    """``bdrv_append_temp_snapshot``: a temporary qcow2 image (deleted at once, as QEMU's
+    BDRV_O_TEMPORARY does) whose backing node is ``base``; made and opened through the registry."""
+    size = io.getlength(base)
+    tmpdir = tempfile.gettempdir()
+    if tmpdir == "/tmp":
+        tmpdir = "/var/tmp"
+    try:
+        fd, name = tempfile.mkstemp(prefix="vl.", dir=tmpdir)
+    except OSError as e:
+        raise QemuError(f"Could not open temporary file '{tmpdir}/vl.XXXXXX': "
+                        f"{os.strerror(e.errno or errno.EIO)}") from None
+    os.close(fd)
+    try:
+        try:
+            registry.create("qcow2", name, size)
+        except QemuError as e:
+            raise QemuError(f"Could not create temporary overlay '{name}': {e}", e.errno) from None
+        oflags = flags.copy()
+        oflags.snapshot = False
+        oflags.no_flush = True
+        oflags.nocache = False
+        opts: dict[str, Any] = {"driver": "qcow2", "file.driver": "file", "file.filename": name}
+        node = open_node(opts, oflags, warn)
+    finally:
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+    node.backing = base
+    node.children.append(Child("backing", base, role_primary=False))
+    return node
+
+
 class BlockBackend:
     """The image as qemu-io sees it: byte-range checks, write-through FUA, permissions."""
 
@@ -356,8 +514,6 @@ class BlockBackend:
         if flags.copy_on_read and flags.read_only:
             raise QemuError("Can't use copy-on-read on read-only device")
         if flags.snapshot:  # -s: the image becomes the read-only backing node of a temporary overlay
-            from qio.block.qcow2_create import temp_overlay
-
             base_flags = flags.copy()
             base_flags.read_only, base_flags.snapshot, base_flags.copy_on_read = True, False, False
             base = open_node(options, base_flags, warn, positional=positional)
@@ -499,6 +655,14 @@ class BlockBackend:
             except BlockError:
                 pass
             for node in iter_nodes(self.root):
+                if node is not self.root:
+                    # bdrv_close of a child runs after its parent's driver closed (bdrv_unref_child) and
+                    # starts with bdrv_flush: what the parent wrote while closing (qcow2's caches, the
+                    # cleared dirty bit) is flushed too
+                    try:
+                        await io.flush(node)
+                    except BlockError:
+                        pass
                 node.report = report
                 await node.close()
         finally:

@@ -30,6 +30,7 @@ from qio.block.driver import (
     BlockDriver,
     Child,
     IOVec,
+    OpenChild,
 )
 from qio.block.errors import BlockError, QemuError
 from qio.block.events import EVENT_NAMES, Event
@@ -237,9 +238,8 @@ class BlkdebugDriver(BlockDriver):
         options["x-image"] = img
         return True
 
-    def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
-        """Parse ``blkdebug:CONFIG:IMAGE``, read the rules, then open the ``image`` child."""
-        from qio.block.backend import open_node
+    def open_children(self, options: dict[str, Any], flags: OpenFlags, open_child: OpenChild) -> None:
+        """Read the rules, then open the ``image`` child."""
         from qio.qemuopts import sub_options
 
         cfg_opt = options.get("config")
@@ -265,8 +265,7 @@ class BlkdebugDriver(BlockDriver):
             raise QemuError("Node references are not supported by qio; give the image's options instead")
         if not child_opts:
             raise QemuError('A block device must be specified for "image"')
-        self.children.append(Child("image", open_node(child_opts, flags, warn, protocol=True,
-                                                         positional=positional)))
+        self.children.append(Child("image", open_child(child_opts, flags, positional)))
 
     def _read_config(self, options: dict[str, Any]) -> None:
         sections: list[tuple[str, dict[str, Any]]] = []

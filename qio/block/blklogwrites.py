@@ -25,7 +25,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from qio.aio import AIO, run_sync
 from qio.block import io
-from qio.block.driver import SECTOR, BlockDriver, Child, IOVec
+from qio.block.driver import SECTOR, BlockDriver, Child, IOVec, OpenChild
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
@@ -165,10 +165,9 @@ class BlkLogWritesDriver(BlockDriver):
         assert c is not None
         return c.node
 
-    def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
+    def open_children(self, options: dict[str, Any], flags: OpenFlags, open_child: OpenChild) -> None:
         """``blk_log_writes_open``: option types, the ``file`` then the ``log`` child, then the log's
         superblock when appending (with QEMU's messages, in its order)."""
-        from qio.block.backend import open_node
         from qio.block.blkdebug_config import check_value
 
         append = opt_bool(options, "log-append", False)
@@ -186,7 +185,7 @@ class BlkLogWritesDriver(BlockDriver):
                 raise QemuError(f'A block device must be specified for "{name}"')
             cflags = flags.copy()
             cflags.unmap = True  # bdrv_inherited_options: children default to discard=unmap
-            self.children.append(Child(name, open_node(child_opts, cflags, warn, protocol=True, positional=False)))
+            self.children.append(Child(name, open_child(child_opts, cflags, False)))
         if append:
             if size_given:
                 raise QemuError("log-append and log-sector-size are mutually exclusive")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from qio.block.errors import BlockError
@@ -43,12 +44,18 @@ BLOCK_DATA = 0x01
 BLOCK_ZERO = 0x02
 BLOCK_OFFSET_VALID = 0x04
 BLOCK_ALLOCATED = 0x10
+BLOCK_RAW = 0x08  # from a driver: the child named as file answers for the range (raw, filters)
+BLOCK_EOF = 0x20
+BLOCK_RECURSE = 0x40  # from a driver: data whose zeroes the file knows better (preallocated metadata)
 
 SECTOR = 512
 BDRV_REQUEST_MAX_BYTES = 0x7FFFFE00
 BDRV_MAX_LENGTH = 2**63 - 2**30  # QEMU: QEMU_ALIGN_DOWN(INT64_MAX, BDRV_MAX_ALIGNMENT = 1 GiB)
 
 IOVec = list[memoryview]
+#: How a filter opens a protocol child (the generic layer passes it in, so no driver imports it):
+#: ``open_child(options, flags, positional)``.
+OpenChild = Callable[[dict[str, Any], OpenFlags, bool], "BlockDriver"]
 
 
 class BlockInfo(NamedTuple):
@@ -88,6 +95,48 @@ class NodeState:
         return self.flush_queue
 
 
+FIX_LEAKS = 1
+FIX_ERRORS = 2
+
+
+class CheckResult:
+    """``BdrvCheckResult``, with the block fragmentation info (``bfi``) that ``qemu-img check`` prints."""
+
+    __slots__ = ("allocated_clusters", "check_errors", "compressed_clusters", "corruptions", "corruptions_fixed",
+                 "fragmented_clusters", "image_end_offset", "leaks", "leaks_fixed", "total_clusters")
+
+    def __init__(self) -> None:
+        self.corruptions = 0
+        self.leaks = 0
+        self.check_errors = 0
+        self.corruptions_fixed = 0
+        self.leaks_fixed = 0
+        self.image_end_offset = 0
+        self.total_clusters = 0
+        self.allocated_clusters = 0
+        self.fragmented_clusters = 0
+        self.compressed_clusters = 0
+
+    def copy(self) -> CheckResult:
+        r = CheckResult()
+        for k in self.__slots__:
+            setattr(r, k, getattr(self, k))
+        return r
+
+
+@dataclass(slots=True)
+class SnapshotInfo:
+    """``QEMUSnapshotInfo``: what ``bdrv_snapshot_list`` tells about one internal snapshot."""
+
+    id_str: str = ""
+    name: str = ""
+    vm_state_size: int = 0
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    icount: int = (1 << 64) - 1
+
+
 class BlockDriver:
     """Base class of every driver; instances are nodes."""
 
@@ -95,6 +144,8 @@ class BlockDriver:
     protocol_name: ClassVar[str | None] = None
     is_filter: ClassVar[bool] = False
     is_format: ClassVar[bool] = False
+    #: A format with a backing file (``supports_backing``): unallocated ranges come from ``backing``.
+    supports_backing: ClassVar[bool] = False
     #: Options this driver consumes (besides ``driver``/``node-name``); others are an error.
     runtime_opts: ClassVar[frozenset[str]] = frozenset()
     #: Options ``reopen -o`` may change on this node (its ``bdrv_reopen_prepare`` consumes them); any
@@ -132,6 +183,8 @@ class BlockDriver:
         self.gen = NodeState()
         self.perm = 0
         self.shared = PERM_ALL
+        #: The backing node (``bs->backing``) of a format with a backing file, opened by the generic layer.
+        self.backing: BlockDriver | None = None
 
     # -- graph -------------------------------------------------------------------------------
     def child(self, name: str) -> Child | None:
@@ -178,8 +231,8 @@ class BlockDriver:
         malformed one; True when the driver consumed it (``filename`` is then no option of the node)."""
         return False
 
-    def open_children(self, options: dict[str, Any], flags: OpenFlags, warn: Any) -> None:
-        """Protocol-level filters (blkdebug) open their own child here, before ``open``."""
+    def open_children(self, options: dict[str, Any], flags: OpenFlags, open_child: OpenChild) -> None:
+        """Protocol-level filters (blkdebug) open their own child here, with ``open_child``, before ``open``."""
 
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
         """Open the node from its (already flattened, child-free) option dict."""
@@ -242,6 +295,55 @@ class BlockDriver:
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
         """``(BLOCK_* flags, pnum)`` for the extent starting at ``offset``."""
         return BLOCK_DATA | BLOCK_ALLOCATED, nbytes
+
+    async def co_block_status_map(self, want_zero: bool, offset: int,
+                                  nbytes: int) -> tuple[int, int, int, BlockDriver | None]:
+        """The driver's ``bdrv_co_block_status``: ``(BLOCK_* flags, pnum, host offset, file node)`` of
+        its own layer; ``qio.block.io.co_block_status`` adds the generic flags and walks on from it.
+        By default a node with a child hands the range to it (``BLOCK_RAW``, at the node's offset)."""
+        if not want_zero:
+            return BLOCK_DATA | BLOCK_OFFSET_VALID, nbytes, offset, self
+        if self.children:
+            child = self.primary_child()
+            if child is None:
+                return BLOCK_DATA | BLOCK_ALLOCATED, nbytes, 0, None
+            shift = getattr(self, "offset", 0) if self.is_format else 0
+            return BLOCK_RAW, nbytes, offset + (shift if isinstance(shift, int) else 0), child
+        return BLOCK_DATA | BLOCK_OFFSET_VALID, nbytes, offset, self
+
+    def get_allocated_file_size(self) -> int | None:
+        """``bdrv_get_allocated_file_size``; None where QEMU fails (-ENOTSUP).
+
+        A protocol driver knows its own size or has none (blkdebug, even though it filters); a format
+        node sums its children except the backing file."""
+        if self.protocol_name is not None:
+            return None
+        total = 0
+        for c in self.children:
+            if c.name == "backing":
+                continue
+            size = c.node.get_allocated_file_size()
+            if size is None:
+                return None
+            total += size
+        return total
+
+    # -- what qemu-img asks a format (its own names stay private) -----------------------------
+    def backing_file_info(self) -> tuple[str | None, str | None]:
+        """``bs->backing_file`` and ``bs->backing_format`` as the image header names them."""
+        return None, None
+
+    def is_dirty(self) -> bool:
+        """``BlockDriverInfo.is_dirty``: the image was not closed cleanly."""
+        return False
+
+    def snapshot_list(self) -> list[SnapshotInfo]:
+        """``bdrv_snapshot_list``: the internal snapshots (ENOTSUP, i.e. none, by default)."""
+        return []
+
+    async def co_check(self, fix: int) -> CheckResult:
+        """``bdrv_co_check``: consistency check and repair (``fix``: FIX_LEAKS | FIX_ERRORS)."""
+        raise BlockError(errno.ENOTSUP)
 
     def get_info(self) -> BlockInfo | None:
         return None

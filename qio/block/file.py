@@ -29,6 +29,9 @@ from qio.aio import (
     in_aio_request,
 )
 from qio.block.driver import (
+    BLOCK_DATA,
+    BLOCK_OFFSET_VALID,
+    BLOCK_ZERO,
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
     BlockDriver,
@@ -136,6 +139,29 @@ def _pwrite_all(fd: int, bufs: IOVec, offset: int) -> None:
         while done < want:
             done += os.pwritev(fd, _skip(group, done), offset + done)
         offset += want
+
+
+def _seek_status(fd: int, offset: int, nbytes: int) -> tuple[int, int]:
+    """file-posix ``raw_co_block_status`` with ``want_zero``: holes are zero (SEEK_DATA/SEEK_HOLE)."""
+    if fd < 0:
+        return BLOCK_DATA | BLOCK_OFFSET_VALID, nbytes
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return BLOCK_DATA | BLOCK_OFFSET_VALID, nbytes
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return BLOCK_ZERO | BLOCK_OFFSET_VALID, nbytes
+        return BLOCK_DATA | BLOCK_OFFSET_VALID, nbytes
+    if data > offset:
+        return BLOCK_ZERO | BLOCK_OFFSET_VALID, min(nbytes, data - offset)
+    try:
+        hole = os.lseek(fd, offset, os.SEEK_HOLE)
+    except OSError:
+        return BLOCK_DATA | BLOCK_OFFSET_VALID, nbytes
+    if hole > offset:
+        return BLOCK_DATA | BLOCK_OFFSET_VALID, min(nbytes, hole - offset)
+    return BLOCK_DATA | BLOCK_OFFSET_VALID, nbytes
 
 
 class FileDriver(BlockDriver):
@@ -303,6 +329,23 @@ class FileDriver(BlockDriver):
             self.fd = -1
 
     # -- I/O -------------------------------------------------------------------------------
+    async def co_block_status_map(self, want_zero: bool, offset: int,
+                                  nbytes: int) -> tuple[int, int, int, BlockDriver | None]:
+        """``raw_co_block_status``: data everywhere, or with ``want_zero`` holes read as zeroes."""
+        if not want_zero:
+            return BLOCK_DATA | BLOCK_OFFSET_VALID, nbytes, offset, self
+        ret, pnum = _seek_status(self.fd, offset, nbytes)
+        return ret, pnum, offset, self
+
+    def get_allocated_file_size(self) -> int | None:
+        """``raw_get_allocated_file_size``: the blocks the file takes (st_blocks)."""
+        if self.children or self.fd < 0:
+            return None
+        try:
+            return int(os.fstat(self.fd).st_blocks) * 512
+        except OSError:
+            return None
+
     def getlength(self) -> int:
         return self.size
 

@@ -18,6 +18,12 @@ from qio.block.driver import (
     BDRV_MAX_LENGTH,
     BDRV_REQUEST_MAX_BYTES,
     BLOCK_ALLOCATED,
+    BLOCK_DATA,
+    BLOCK_EOF,
+    BLOCK_OFFSET_VALID,
+    BLOCK_RAW,
+    BLOCK_RECURSE,
+    BLOCK_ZERO,
     REQ_FUA,
     REQ_MAY_UNMAP,
     REQ_NO_FALLBACK,
@@ -658,3 +664,69 @@ async def is_allocated(node: BlockDriver, offset: int, nbytes: int) -> tuple[boo
     nbytes = min(nbytes, total - offset)
     status, pnum = await node.co_block_status(offset, nbytes)
     return bool(status & BLOCK_ALLOCATED), min(pnum, nbytes)
+
+
+async def co_block_status(node: BlockDriver, want_zero: bool, offset: int,
+                          nbytes: int) -> tuple[int, int, int, BlockDriver | None]:
+    """``bdrv_co_block_status`` of one node: ``(BLOCK_* flags, pnum, host offset, file node)``.
+
+    The one walk of the block layer: the driver answers for its own layer (``co_block_status_map``),
+    a raw or filter node hands the range to its child, and this adds what QEMU's generic code adds
+    (ALLOCATED, ZERO past a short backing file, the file's zeroes under preallocated metadata, EOF)."""
+    total = getlength(node)
+    if offset >= total:
+        return BLOCK_EOF, 0, 0, None
+    if not nbytes:
+        return 0, 0, 0, None
+    nbytes = min(nbytes, total - offset)
+    ret, pnum, mapped, file = await node.co_block_status_map(want_zero, offset, nbytes)
+    if ret & BLOCK_RAW:
+        assert file is not None
+        ret, pnum, mapped, file = await co_block_status(file, want_zero, mapped, pnum)
+    else:
+        if ret & (BLOCK_DATA | BLOCK_ZERO):
+            ret |= BLOCK_ALLOCATED
+        elif node.supports_backing and (node.backing is None or
+                                        (want_zero and offset >= getlength(node.backing))):
+            ret |= BLOCK_ZERO
+        if want_zero and ret & BLOCK_RECURSE and ret & BLOCK_DATA and not ret & BLOCK_ZERO and \
+                ret & BLOCK_OFFSET_VALID and file is not None:
+            ret2, file_pnum, _, _ = await co_block_status(file, True, mapped, pnum)
+            if ret2 & BLOCK_EOF and (not file_pnum or ret2 & BLOCK_ZERO):
+                ret |= BLOCK_ZERO
+            else:
+                pnum = file_pnum
+                ret |= ret2 & BLOCK_ZERO
+        ret &= ~BLOCK_RECURSE
+    if offset + pnum == total:
+        ret |= BLOCK_EOF
+    return ret, pnum, mapped, file
+
+
+async def block_status_above(bs: BlockDriver, want_zero: bool, offset: int, nbytes: int) -> tuple[int, int]:
+    """``bdrv_co_common_block_status_above`` down the whole backing chain: ``(BLOCK_* flags, pnum)``."""
+    ret, pnum, _, _ = await co_block_status(bs, want_zero, offset, nbytes)
+    if pnum == 0 or ret & BLOCK_ALLOCATED:
+        return ret, pnum
+    eof = offset + pnum if ret & BLOCK_EOF else None
+    nbytes = pnum
+    p = bs.backing
+    while p is not None:
+        ret, pnum, _, _ = await co_block_status(p, want_zero, offset, nbytes)
+        if pnum == 0:
+            pnum = nbytes
+            ret = BLOCK_ZERO | BLOCK_ALLOCATED
+            break
+        if ret & BLOCK_ALLOCATED:
+            ret &= ~BLOCK_EOF
+            break
+        nbytes = pnum
+        p = p.backing
+    if eof is not None and offset + pnum == eof:
+        ret |= BLOCK_EOF
+    return ret, pnum
+
+
+def allocated_file_size(node: BlockDriver) -> int | None:
+    """``bdrv_get_allocated_file_size``: bytes the image takes on the host; None where QEMU fails."""
+    return node.get_allocated_file_size()

@@ -31,7 +31,7 @@ from qio.block.driver import (
 )
 from qio.block.errors import QemuError, abort_error
 from qio.block.modes import OpenFlags
-from qio.qemuopts import _BOOL
+from qio.qemuopts import opt_bool
 
 INT64 = 2**63
 U64 = 2**64
@@ -73,15 +73,11 @@ def _opt_number(options: dict[str, Any], key: str) -> int:
 
 
 def _opt_bool(options: dict[str, Any], key: str) -> bool:
-    v = options.get(key)
-    if v is None:
-        return False
-    if isinstance(v, bool):
-        return v
-    b = _BOOL.get(str(v))
-    if b is None:
-        abort_error("qapi_bool_parse", "qapi/qapi-util.c:104", f"Parameter '{key}' expects 'on' or 'off'")
-    return b
+    """:func:`qio.qemuopts.opt_bool`, whose error null's ``&error_abort`` turns into an abort."""
+    try:
+        return opt_bool(options, key, False)
+    except QemuError as e:
+        abort_error("qapi_bool_parse", "qapi/qapi-util.c:104", str(e))
 
 
 class NullCoDriver(BlockDriver):
@@ -155,6 +151,17 @@ class NullCoDriver(BlockDriver):
     async def co_flush_to_disk(self) -> bool:
         await self._complete()
         return False
+
+    async def co_block_status_map(self, want_zero: bool, offset: int,
+                                  nbytes: int) -> tuple[int, int, int, BlockDriver | None]:
+        """``null_co_block_status`` in the block-status walk (qio-img map; zero tests under want_zero)."""
+        if not want_zero:
+            return await super().co_block_status_map(want_zero, offset, nbytes)
+        ret, pnum = await self.co_block_status(offset, nbytes)
+        return ret, pnum, offset, self
+
+    def get_allocated_file_size(self) -> int | None:
+        return 0  # null_allocated_file_size
 
     async def co_block_status(self, offset: int, nbytes: int) -> tuple[int, int]:
         if self.read_zeroes:

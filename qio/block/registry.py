@@ -5,9 +5,11 @@ Lazy imports keep ``qio -c`` start-up short: a raw image never loads the qcow2 o
 
 from __future__ import annotations
 
+import errno
 import importlib
 
 from qio.block.driver import BlockDriver
+from qio.block.errors import QemuError
 
 _MODULES = {
     "file": ("qio.block.file", "FileDriver"),
@@ -42,6 +44,18 @@ def protocol_of(filename: str) -> str | None:
         if ch == ":":
             return filename[:i]
     return None
+
+
+#: Image creation with default options (``bdrv_create``), by format: module and function.
+_CREATORS = {"qcow2": ("qio.block.qcow2.create", "create")}
+
+
+def create(fmt: str, filename: str, size: int) -> None:
+    """``bdrv_create(drv, filename, size)``: a new image; for the ``-s`` overlay."""
+    entry = _CREATORS.get(fmt)
+    if entry is None:
+        raise QemuError(f"Driver '{fmt}' does not support image creation", errno.ENOTSUP)
+    getattr(importlib.import_module(entry[0]), entry[1])(filename, size)
 
 
 def find(name: str) -> type[BlockDriver] | None:

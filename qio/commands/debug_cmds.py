@@ -138,7 +138,7 @@ async def run_wait_break(session: Session, cmd: WaitBreak) -> int:
     node = session.debug_node()
     if node is None:
         session.out.out(f"wait_break: no blkdebug node below the image, request '{cmd.tag}' can never be "
-                   "suspended\n")
+                        "suspended\n")
         return -errno.ENOTSUP
     outcome = await session.wait_for(lambda: node.debug_is_suspended(cmd.tag), cmd.timeout)
     if outcome == "ok":
@@ -152,6 +152,8 @@ async def run_wait_break(session: Session, cmd: WaitBreak) -> int:
 
 async def run_debug_state(session: Session, cmd: object) -> int:
     """qio extension: what the debugger knows (qemu-io cannot show any of it)."""
+    for export in session.exports:
+        session.out.out("".join(f"{line}\n" for line in export.describe()))
     node = session.debug_node()
     if node is None:
         session.out.out("no blkdebug node below the image\n")

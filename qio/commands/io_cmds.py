@@ -37,6 +37,16 @@ def _aligned(inv: Invocation, offset: int, count: int) -> None:
         raise inv.fail(EINVAL, f"{count} is not a sector-aligned value for 'count'\n")
 
 
+def _offset_count(inv: Invocation, args: list[str]) -> tuple[int, int]:
+    """``off len`` of read, discard and aio_discard, with qemu-io's request length limit."""
+    if len(args) != 2:
+        raise inv.usage(EINVAL)
+    offset, count = num(inv, args[0]), num(inv, args[1])
+    if count > BDRV_REQUEST_MAX_BYTES:
+        raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {args[1]}\n")
+    return offset, count
+
+
 async def _timed(session: Session, coro: Coroutine[Any, Any, Any], name: str, always_poll: bool = False) -> int:
     """Run a synchronous command's request: elapsed ns, or -errno after qemu-io's ``NAME failed: ...``."""
     t1 = time.monotonic_ns()
@@ -65,11 +75,7 @@ def parse_read(inv: Invocation) -> Read:
     n = partial(num, inv)
     o, args = inv.options({"b": None, "C": None, "l": n, "p": None, "P": partial(pattern, inv), "q": None,
                            "s": n, "v": None})
-    if len(args) != 2:
-        raise inv.usage(EINVAL)
-    offset, count = n(args[0]), n(args[1])
-    if count > BDRV_REQUEST_MAX_BYTES:
-        raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {args[1]}\n")
+    offset, count = _offset_count(inv, args)
     pat = o.get("P")
     if pat is None and ("l" in o or "s" in o):
         raise inv.usage(EINVAL)
@@ -376,11 +382,7 @@ class Discard(NamedTuple):
 
 def parse_discard(inv: Invocation) -> Discard:
     o, args = inv.options({"C": None, "q": None})
-    if len(args) != 2:
-        raise inv.usage(EINVAL)
-    offset, count = num(inv, args[0]), num(inv, args[1])
-    if count > BDRV_REQUEST_MAX_BYTES:
-        raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {args[1]}\n")
+    offset, count = _offset_count(inv, args)
     return Discard(offset, count, "C" in o, "q" in o)
 
 async def run_discard(session: Session, cmd: Discard) -> int:
@@ -528,7 +530,7 @@ async def run_map(session: Session, cmd: object) -> int:
             return -errno.EIO
         state = "    allocated" if first else "not allocated"
         session.out.out(f"{render.cvtstr(pnum)} (0x{pnum:x}) bytes {state} at offset "
-                   f"{render.cvtstr(offset)} (0x{offset:x})\n")
+                        f"{render.cvtstr(offset)} (0x{offset:x})\n")
         offset += pnum
         remaining -= pnum
     return 0
@@ -548,11 +550,7 @@ def parse_aio_discard(inv: Invocation) -> AioDiscard | AioInvalid:
         o, args = inv.options({"C": None, "i": _invalid, "q": None})
     except _Invalid:
         return AioInvalid("discard")
-    if len(args) != 2:
-        raise inv.usage(EINVAL)
-    offset, count = num(inv, args[0]), num(inv, args[1])
-    if count > BDRV_REQUEST_MAX_BYTES:
-        raise inv.fail(EINVAL, f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {args[1]}\n")
+    offset, count = _offset_count(inv, args)
     return AioDiscard(offset, count, "C" in o, "q" in o)
 
 

@@ -37,7 +37,7 @@ async def run_nbd_server_start(session: Session, cmd: Start) -> int:
         session.out.error_report("an NBD server is already running; stop it with nbd_server_stop")
         return -errno.EBUSY
     export = Export(session.aio, lambda: session.blk, cmd.name, cmd.writable and not blk.flags.read_only,
-                    session.out.error_report)
+                    session.out.error_report, session.nbd_faults)
     try:
         await export.start(cmd.address)
     except QemuError as e:
@@ -67,4 +67,50 @@ async def run_nbd_server_stop(session: Session, clients: int) -> int:
         exports = session.exports
         await session.wait_for(lambda: all(e.served >= clients and not e.clients for e in exports), None)
     await session.stop_exports()
+    return 0
+
+
+class FaultCmd(NamedTuple):
+    remove: int | None
+    keys: dict[str, str]
+
+
+def parse_nbd_fault(inv: Invocation) -> FaultCmd:
+    """``nbd_fault KEY=VALUE...`` adds a rule, ``nbd_fault -r ID`` removes one, no words list them."""
+    from qio.commands.common import num
+
+    o, args = inv.options({"r": lambda a: num(inv, a)})
+    keys: dict[str, str] = {}
+    for word in args:
+        key, eq, value = word.partition("=")
+        if not eq or not key:
+            raise inv.fail(-errno.EINVAL, f"nbd_fault: expected KEY=VALUE, not '{word}'\n")
+        keys[key] = value
+    if "r" in o and keys:
+        raise inv.fail(-errno.EINVAL, "nbd_fault: -r takes no KEY=VALUE words\n")
+    return FaultCmd(o.get("r"), keys)
+
+
+async def run_nbd_fault(session: Session, cmd: FaultCmd) -> int:
+    from qio.nbd_server import Fault
+
+    faults = session.nbd_faults
+    if cmd.remove is not None:
+        for f in faults:
+            if f.id == cmd.remove:
+                faults.remove(f)
+                return 0
+        session.out.error_report(f"nbd_fault: no rule #{cmd.remove}")
+        return -errno.ENOENT
+    if not cmd.keys:
+        for f in faults:
+            session.out.out(f"{f.describe()}\n")
+        return 0
+    try:
+        fault = Fault(max((f.id for f in faults), default=0) + 1, cmd.keys)
+    except QemuError as e:
+        session.out.error_report(str(e))
+        return -errno.EINVAL
+    faults.append(fault)
+    session.out.out(f"nbd_fault: rule #{fault.id} added\n")
     return 0

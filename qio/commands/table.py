@@ -97,6 +97,9 @@ COMMANDS = (
     C("nbd_server_start", "serves the open image over NBD while commands go on (clients' requests hit breakpoints)",
       nbd.parse_nbd_server_start, nbd.run_nbd_server_start, args="[-r] [-n export] unix:PATH|HOST:PORT", argmin=1,
       argmax=-1, optstring="n:r", flags=EXTENSION),
+    C("nbd_fault", "adds (KEY=VALUE...), lists or removes (-r ID) NBD protocol fault rules of the server",
+      nbd.parse_nbd_fault, nbd.run_nbd_fault, args="[-r id] [point=handshake|reply action=... cmd= after= count= ns= "
+      "errno=]", argmin=0, argmax=-1, optstring="r:", flags=NOFILE_OK | EXTENSION),
     C("nbd_server_stop", "stops the NBD server: requests in flight finish and are answered",
       nbd.parse_nbd_server_stop, nbd.run_nbd_server_stop, args="[-c clients]", argmin=0, argmax=2,
       optstring="c:", flags=NOFILE_OK | EXTENSION),

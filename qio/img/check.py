@@ -1,5 +1,5 @@
 """``qio-img check``: qemu-img 7.2's ``img_check`` on the qcow2 driver's refcount check
-(:mod:`qio.block.qcow2_check`), with ``dump_human_image_check`` / ``dump_json_image_check`` output."""
+(:mod:`qio.block.qcow2.check`), with ``dump_human_image_check`` / ``dump_json_image_check`` output."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import errno
 import os
 from typing import Any
 
+from qio.block.driver import FIX_ERRORS, FIX_LEAKS, BlockDriver, CheckResult
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags, parse_cache_mode
-from qio.block.qcow2_check import FIX_ERRORS, FIX_LEAKS, CheckResult
 from qio.getopt import LongOpt
 from qio.img.common import Ctx, Options, UsageError, close_image, open_image, output_format, unsupported
 from qio.img.qjson import to_json_pretty
@@ -106,17 +106,14 @@ async def img_check(ctx: Ctx, argv: list[str]) -> int:
 
 async def _collect(blk: Any, fix: int, report: Any = None) -> CheckResult:
     """``bdrv_check`` of the top node; ENOTSUP for formats without a check."""
-    from qio.block.qcow2 import Qcow2Driver
-    from qio.block.qcow2_check import check
-
-    root = blk.root
-    if getattr(root, "broken", False):  # a fatal corruption took the driver away (bs->drv == NULL)
+    root: BlockDriver = blk.root
+    if not root.has_driver():  # a fatal corruption took the driver away (bs->drv == NULL)
         raise BlockError(errno.ENOMEDIUM)
-    if not isinstance(root, Qcow2Driver):
-        raise BlockError(95)
+    if type(root).co_check is BlockDriver.co_check:  # the format has no bdrv_co_check
+        raise BlockError(errno.ENOTSUP)
     if report is not None:
         root.report = report  # error_report() of a failed repair step
-    return await check(root, fix)
+    return await root.co_check(fix)
 
 
 async def _check(ctx: Ctx, blk: Any, filename: str, fix: int, ofmt: str, quiet: bool) -> int:

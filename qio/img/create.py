@@ -2,7 +2,7 @@
 
 The ``-o`` list is parsed against the merged QemuOpts description of the format and the ``file``
 protocol, so values are checked and the ``Formatting ...`` line is printed in QEMU's option order and
-spelling.  The image itself is made by :func:`qio.block.qcow2_create.create` (the code behind ``qio -s``)
+spelling.  The image itself is made by :func:`qio.block.qcow2.create.create` (the code behind ``qio -s``)
 or, for raw, by the ``file`` driver's truncate with preallocation.
 """
 
@@ -315,7 +315,7 @@ def _probe_backing(ctx: Ctx, filename: str, backing_file: str, backing_fmt: str 
 async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> None:
     """``qcow2_co_create_opts``: the file is created first; option values are then checked as the QAPI
     visitor and ``qcow2_co_create`` check them, and the file is removed again on failure."""
-    from qio.block.qcow2_create import PREALLOC_MODES, create_async
+    from qio.block.qcow2.create import PREALLOC_MODES, create_async
 
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -369,7 +369,7 @@ def create_raw(filename: str, size: int, prealloc: str | None) -> None:
     the ``file`` driver's preallocation."""
     from qio.aio import run_sync
     from qio.block.backend import _close_sync, open_node
-    from qio.block.qcow2_create import PREALLOC_MODES
+    from qio.block.qcow2.create import PREALLOC_MODES
 
     mode = prealloc or "off"
     if mode not in PREALLOC_MODES:

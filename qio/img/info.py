@@ -16,8 +16,6 @@ from qio.getopt import LongOpt
 from qio.img.common import Ctx, Options, close_image, open_image, output_format, unsupported
 from qio.img.qjson import to_json_pretty
 
-BLOCK_EOF = 0x20
-BLOCK_RECURSE = 0x40
 _SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
 _LONG = (LongOpt("format", True, "f"), LongOpt("output", True, "output"), LongOpt("object", True, "object"),
          LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U"))
@@ -79,26 +77,25 @@ def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool) -> Query |
 # ================================================================================== info
 def image_info(root: BlockDriver) -> list[tuple[str, Any]]:
     """``bdrv_query_image_info``: the QAPI ImageInfo members, in field order, absent ones left out."""
-    from qio.block.qcow2 import allocated_file_size
+    from qio.block.backend import full_backing_filename
 
     info: list[tuple[str, Any]] = [("filename", root.filename), ("format", root.format_name)]
     bdi = root.get_info()
     if bdi is not None:
-        info.append(("dirty-flag", bool(getattr(root, "incompatible_features", 0) & 1)))
-    actual = allocated_file_size(root)
+        info.append(("dirty-flag", root.is_dirty()))
+    actual = io.allocated_file_size(root)
     if actual is not None:
         info.append(("actual-size", actual))
     info.append(("virtual-size", io.getlength(root)))
     if bdi is not None and bdi.cluster_size:
         info.append(("cluster-size", bdi.cluster_size))
-    backing = getattr(root, "image_backing_file", None)
+    backing, bfmt = root.backing_file_info()
     if backing:
         info.append(("backing-filename", backing))
         try:
-            info.append(("full-backing-filename", root._full_backing_filename(backing)))  # type: ignore[attr-defined]
+            info.append(("full-backing-filename", full_backing_filename(root, backing)))
         except QemuError:
             pass
-        bfmt = getattr(root, "image_backing_format", None)
         if bfmt:
             info.append(("backing-filename-format", bfmt))
     snapshots = snapshot_infos(root)
@@ -124,12 +121,8 @@ def _cstr(text: str, size: int) -> str:
 def snapshot_infos(root: BlockDriver) -> list[list[tuple[str, Any]]]:
     """``bdrv_query_snapshot_info_list``: the QAPI SnapshotInfo of each internal snapshot (qcow2 only;
     other formats answer ENOTSUP, which leaves the list out)."""
-    from qio.block.qcow2 import Qcow2Driver
-
-    if not isinstance(root, Qcow2Driver):
-        return []
     out = []
-    for sn in root.snapshots:
+    for sn in root.snapshot_list():
         item: list[tuple[str, Any]] = [
             ("id", _cstr(sn.id_str, 128)), ("name", _cstr(sn.name, 256)), ("vm-state-size", _s64(sn.vm_state_size)),
             ("date-sec", sn.date_sec), ("date-nsec", sn.date_nsec), ("vm-clock-sec", sn.vm_clock_nsec // 10**9),
@@ -243,48 +236,6 @@ class MapEntry(NamedTuple):
     filename: str | None
 
 
-async def block_status(node: BlockDriver, offset: int, nbytes: int) -> tuple[int, int, int, BlockDriver | None]:
-    """``bdrv_co_block_status`` with ``want_zero`` of one node: (BLOCK_* flags, pnum, map, file)."""
-    from qio.block.qcow2 import Qcow2Driver, _file_status
-
-    total = io.getlength(node)
-    if offset >= total:
-        return BLOCK_EOF, 0, 0, None
-    nbytes = min(nbytes, total - offset)
-    file: BlockDriver | None = None
-    mapped = 0
-    if isinstance(node, Qcow2Driver):
-        ret, pnum, mapped = await node._own_block_status(offset, nbytes)
-        file = node.file if ret & BLOCK_OFFSET_VALID else None
-    elif node.children:  # raw and filters answer BDRV_BLOCK_RAW: ask the child at the mapped offset
-        child = node.primary_child()
-        if child is None:
-            return BLOCK_DATA | BLOCK_ALLOCATED, nbytes, 0, None
-        shift = getattr(node, "offset", 0) if node.is_format else 0
-        ret, pnum, mapped, file = await block_status(child, offset + shift, nbytes)
-        if offset + pnum == total:
-            ret |= BLOCK_EOF
-        return ret, pnum, mapped, file
-    else:
-        ret, pnum = _file_status(node, offset, nbytes)
-        mapped, file = offset, node
-    if ret & (BLOCK_DATA | BLOCK_ZERO):
-        ret |= BLOCK_ALLOCATED
-    elif isinstance(node, Qcow2Driver) and (node.backing is None or offset >= io.getlength(node.backing)):
-        ret |= BLOCK_ZERO
-    if ret & BLOCK_RECURSE and file is not None and file is not node and ret & BLOCK_DATA and \
-            not ret & BLOCK_ZERO and ret & BLOCK_OFFSET_VALID:
-        ret2, file_pnum, _, _ = await block_status(file, mapped, pnum)
-        if ret2 & BLOCK_EOF and (not file_pnum or ret2 & BLOCK_ZERO):
-            ret |= BLOCK_ZERO
-        else:
-            pnum = file_pnum
-            ret |= ret2 & BLOCK_ZERO
-    if offset + pnum == total:
-        ret |= BLOCK_EOF
-    return ret, pnum, mapped, file
-
-
 async def get_block_status(bs: BlockDriver, offset: int, nbytes: int) -> MapEntry:
     """qemu-img's ``get_block_status``: the first layer of the chain that knows the range."""
     depth = 0
@@ -293,10 +244,10 @@ async def get_block_status(bs: BlockDriver, offset: int, nbytes: int) -> MapEntr
         assert node is not None
         while node.is_filter and node.children:  # bdrv_skip_filters
             node = node.children[0].node
-        ret, nbytes, mapped, file = await block_status(node, offset, nbytes)
+        ret, nbytes, mapped, file = await io.co_block_status(node, True, offset, nbytes)
         if ret & (BLOCK_ZERO | BLOCK_DATA):
             break
-        node = getattr(node, "backing", None)
+        node = node.backing
         if node is None:
             ret = 0
             break

@@ -1,8 +1,8 @@
 """Random blkdebug/AIO race scripts (tests/aio_fuzz.py) replayed against qio.
 
 The qemu-io 7.2 results of a fixed set of generated cases are recorded in
-``tests/aio_fuzz_records.json`` (``python tests/aio_fuzz.py --record N`` rewrites it; only cases
-that qemu-io reproduced identically in 10 runs, and no case with a real-time ``sleep``).  Each record
+``tests/aio_fuzz_records.json`` (``python tests/aio_fuzz.py --record N`` rewrites it, ``--record-add``
+adds cases; only cases that qemu-io reproduced identically in 10 runs).  Each record
 is replayed through qio and
 must match: stdout, stderr, exit status, the sha256 of every file in the run directory and, for
 qcow2, ``qemu-img check`` of the image.  Cases listed in ``known_failures`` are strict xfails, so

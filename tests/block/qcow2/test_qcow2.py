@@ -594,7 +594,7 @@ CREATE_CASES = [((), "64M"), ((), "1T"), ((), "1000000"), (("compat=0.10",), "1G
 @oracle
 @pytest.mark.parametrize("opts,size", CREATE_CASES, ids=[",".join(o) + "-" + s for o, s in CREATE_CASES])
 def test_create_identical_to_qemu_img(tmp_path: Path, opts: tuple[str, ...], size: str) -> None:
-    from qio.block.qcow2_create import create as qio_create
+    from qio.block.qcow2.create import create as qio_create
 
     ref = create(tmp_path / "ref.qcow2", size, *opts)
     kw: dict[str, object] = {}
@@ -644,7 +644,7 @@ def test_snapshot_mode_overlay(tmp_path: Path) -> None:
 def test_snapshot_mode_on_huge_image(tmp_path: Path) -> None:
     """-s on a 600 TiB image: the L1 table (9.4 MiB) is larger than the inline I/O limit, yet the open-time
     reads and the overlay's creation run to completion without the thread pool (no premature result)."""
-    from qio.block.qcow2_create import create as qio_create
+    from qio.block.qcow2.create import create as qio_create
 
     base = tmp_path / "big.qcow2"
     qio_create(str(base), 600 << 40)

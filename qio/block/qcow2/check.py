@@ -13,47 +13,47 @@ from __future__ import annotations
 import errno
 import os
 import re
-import struct
-from typing import TYPE_CHECKING, NamedTuple
+from functools import partial
+from typing import TYPE_CHECKING
 
 from qio.block import io
-from qio.block import qcow2_layout as L
+from qio.block.driver import FIX_ERRORS, FIX_LEAKS, CheckResult
 from qio.block.errors import BlockError, QemuError, report_error
+from qio.block.qcow2 import layout as L
+from qio.block.qcow2.bitmap import (
+    BME_TABLE_ENTRY_OFFSET_MASK,
+    load_bitmap_list,
+    load_bitmap_table,
+)
+from qio.block.qcow2.cluster import write_l1_entry
+from qio.block.qcow2.header import update_header
+from qio.block.qcow2.overlap import _l1_changed, pre_write_overlap_check
+from qio.block.qcow2.refcount import (
+    _update_max_refcount_table_index,
+    flush_caches,
+    get_refcount,
+    mark_clean,
+    update_refcount,
+)
+from qio.block.qcow2.snapshot import fix_snapshot_table, read_snapshot_table
+from qio.block.qcow2.state import (
+    DISCARD_ALWAYS,
+    OL_ACTIVE_L2,
+    OL_INACTIVE_L2,
+    Qcow2State,
+    _pread,
+    _stderr,
+    pwrite_sync,
+    size_to_clusters,
+)
 
 if TYPE_CHECKING:
-    from qio.block.qcow2 import Qcow2Driver
+    from qio.block.qcow2.state import Qcow2State
 
-FIX_LEAKS = 1
 INT64_MAX = 2**63 - 1
-FIX_ERRORS = 2
 CHECK_FRAG_INFO = 0x2
 _ENTRY = L.ENTRY
 _NONZERO = re.compile(rb"[^\x00]")
-
-
-class CheckResult:
-    """``BdrvCheckResult``, with the block fragmentation info (``bfi``) that ``qemu-img check`` prints."""
-
-    __slots__ = ("allocated_clusters", "check_errors", "compressed_clusters", "corruptions", "corruptions_fixed",
-                 "fragmented_clusters", "image_end_offset", "leaks", "leaks_fixed", "total_clusters")
-
-    def __init__(self) -> None:
-        self.corruptions = 0
-        self.leaks = 0
-        self.check_errors = 0
-        self.corruptions_fixed = 0
-        self.leaks_fixed = 0
-        self.image_end_offset = 0
-        self.total_clusters = 0
-        self.allocated_clusters = 0
-        self.fragmented_clusters = 0
-        self.compressed_clusters = 0
-
-    def copy(self) -> CheckResult:
-        r = CheckResult()
-        for k in self.__slots__:
-            setattr(r, k, getattr(self, k))
-        return r
 
 
 class Imrt:
@@ -62,15 +62,15 @@ class Imrt:
 
     MAX_BYTES = 1 << 30
 
-    def __init__(self, drv: Qcow2Driver) -> None:
-        self.drv = drv
+    def __init__(self, s: Qcow2State) -> None:
+        self.s = s
         self.buf = bytearray()
         self.size = 0  # entries
 
     def _bytes(self, entries: int) -> int:
-        drv = self.drv
-        n = -(-(entries << drv.refcount_order) // 8)
-        return drv.size_to_clusters(n) * drv.cluster_size
+        s = self.s
+        n = -(-(entries << s.refcount_order) // 8)
+        return size_to_clusters(s, n) * s.cluster_size
 
     def realloc(self, new_size: int) -> None:
         """``realloc_refcount_array``; ENOMEM beyond ``MAX_BYTES``, as ``g_try_realloc`` may fail (a hostile
@@ -85,145 +85,38 @@ class Imrt:
         self.size = new_size
 
     def get(self, i: int) -> int:
-        return self.drv.get_rc(self.buf, i)
+        return self.s.get_rc(self.buf, i)
 
     def next_used(self, i: int, end: int) -> int:
         """The first cluster in ``[i, end)`` with a non-zero count (``end`` if none): lets the scans
         jump over the empty stretches of a huge sparse file instead of visiting every cluster."""
-        order = self.drv.refcount_order
+        order = self.s.refcount_order
         m = _NONZERO.search(self.buf, (i << order) >> 3, -(-(end << order) // 8))
         if m is None:
             return end
         return min(end, max(i, (m.start() << 3) >> order))
 
     def set(self, i: int, v: int) -> None:
-        self.drv.set_rc(self.buf, i, v)
-
-
-BME_MAX_TABLE_SIZE = 0x8000000
-BME_MAX_PHYS_SIZE = 0x20000000
-BME_MIN_GRANULARITY_BITS, BME_MAX_GRANULARITY_BITS = 9, 31
-BME_MAX_NAME_SIZE = 1023
-BME_RESERVED_FLAGS = 0xFFFFFFFC
-BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
-BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-BT_DIRTY_TRACKING_BITMAP = 1
-
-
-def bitmap_table_entry_ok(entry: int, cluster_size: int) -> bool:
-    """``check_table_entry``: no reserved bits; a data offset is cluster aligned and excludes the
-    all-ones flag."""
-    if entry & BME_TABLE_ENTRY_RESERVED_MASK:
-        return False
-    offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
-    return not offset or (not entry & 1 and not offset % cluster_size)
-
-
-def _c_int(v: int) -> int:
-    """The low 32 bits of ``v`` as a C ``int``."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >> 31 else v
-
-
-class Bitmap(NamedTuple):
-    """One entry of the bitmap directory."""
-
-    table_offset: int
-    table_size: int
-    flags: int
-    granularity_bits: int
-    name: str
-
-
-async def load_bitmap_list(drv: Qcow2Driver) -> list[Bitmap]:
-    """``bitmap_list_load``: the bitmap directory, which must hold exactly ``nb_bitmaps`` valid
-    entries; QemuError with QEMU's message otherwise."""
-    size = drv.bitmap_directory_size
-    if size == 0:
-        raise QemuError("Requested bitmap directory size is zero", errno.EINVAL)
-    if size > L.MAX_BITMAP_DIRECTORY_SIZE:
-        raise QemuError("Requested bitmap directory size is too big", errno.EINVAL)
-    try:
-        raw = bytes(await drv._pread(drv.bitmap_directory_offset, size))
-    except BlockError as e:
-        raise QemuError(f"Failed to read bitmap directory: {os.strerror(e.code)}", e.code) from None
-    esize = L.BITMAP_DIR_ENTRY.size
-    out: list[Bitmap] = []
-    pos = 0
-    while pos < size:
-        if pos + esize > size:
-            raise QemuError("Broken bitmap directory", errno.EINVAL)
-        if len(out) + 1 > drv.nb_bitmaps:
-            raise QemuError("More bitmaps found than specified in header extension", errno.EINVAL)
-        tbl_off, tbl_size, flags, typ, gbits, name_size, extra = L.BITMAP_DIR_ENTRY.unpack_from(raw, pos)
-        entry_size = _c_int(_c_int(esize + name_size + extra) + 7) & ~7  # QEMU's int arithmetic
-        if pos + entry_size > size:
-            raise QemuError("Broken bitmap directory", errno.EINVAL)
-        if extra:
-            raise QemuError("Bitmap extra data is not supported", errno.EINVAL)
-        phys = tbl_size * drv.cluster_size
-        length = drv.total_sectors * 512
-        bad = (not tbl_size or not tbl_off or tbl_off % drv.cluster_size or tbl_size > BME_MAX_TABLE_SIZE
-               or not BME_MIN_GRANULARITY_BITS <= gbits <= BME_MAX_GRANULARITY_BITS or flags & BME_RESERVED_FLAGS
-               or name_size > BME_MAX_NAME_SIZE or typ != BT_DIRTY_TRACKING_BITMAP or phys > BME_MAX_PHYS_SIZE
-               or (not flags & L.BITMAP_FLAG_IN_USE and length > (phys * 8) << gbits))
-        name = raw[pos + esize + extra: pos + esize + extra + name_size].split(b"\0", 1)[0]
-        text = name.decode("utf-8", "surrogateescape")
-        if bad:
-            raise QemuError(f"Bitmap '{text}' doesn't satisfy the constraints", errno.EINVAL)
-        out.append(Bitmap(tbl_off, tbl_size, flags, gbits, text))
-        pos += entry_size
-    if len(out) != drv.nb_bitmaps:
-        raise QemuError("Less bitmaps found than specified in header extension", errno.EINVAL)
-    return out
-
-
-async def load_bitmap_table(drv: Qcow2Driver, bm: Bitmap) -> list[int]:
-    """``bitmap_table_load``: the table's entries; EINVAL if any of them is invalid."""
-    raw = await drv._pread(bm.table_offset, bm.table_size * 8)
-    entries = [_ENTRY.unpack_from(raw, i * 8)[0] for i in range(bm.table_size)]
-    if not all(bitmap_table_entry_ok(e, drv.cluster_size) for e in entries):
-        raise BlockError(errno.EINVAL)
-    return entries
-
-
-async def load_bitmaps(drv: Qcow2Driver) -> list[Bitmap]:
-    """``qcow2_load_dirty_bitmaps`` as far as it can fail: the directory, then the table of each
-    bitmap not marked in use and its size against the image length (``load_bitmap_data``)."""
-    bitmaps = await load_bitmap_list(drv)
-    for bm in bitmaps:
-        if bm.flags & L.BITMAP_FLAG_IN_USE:
-            continue
-        try:
-            await load_bitmap_table(drv, bm)
-        except BlockError as e:
-            raise QemuError(f"Could not read bitmap_table table from image for bitmap '{bm.name}': "
-                            f"{os.strerror(e.code)}", e.code) from None
-        bits = -(-drv.total_sectors * 512 // (1 << bm.granularity_bits))
-        serialized = -(-bits // 64) * 8
-        if drv.size_to_clusters(serialized) != bm.table_size:
-            raise QemuError(f"Could not read bitmap '{bm.name}' from image: {os.strerror(errno.EINVAL)}",
-                            errno.EINVAL)
-    return bitmaps
+        self.s.set_rc(self.buf, i, v)
 
 
 class Checker:
-    def __init__(self, drv: Qcow2Driver) -> None:
-        self.drv = drv
-        self.say = drv._stderr
+    def __init__(self, s: Qcow2State) -> None:
+        self.s = s
+        self.say = partial(_stderr, s)
 
     async def inc_refcounts(self, res: CheckResult, imrt: Imrt, offset: int, size: int) -> None:
         """``qcow2_inc_refcounts_imrt``."""
-        drv = self.drv
+        s = self.s
         if size <= 0:
             return
-        file_len = io.getlength(drv.file)
-        if offset + size - file_len >= drv.cluster_size:
+        file_len = io.getlength(s.bs.file)
+        if offset + size - file_len >= s.cluster_size:
             self.say(f"ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
                      f"offset 0x{offset:x} size 0x{size:x}\n")
             res.corruptions += 1
             return
-        cs, cb = drv.cluster_size, drv.cluster_bits
+        cs, cb = s.cluster_size, s.cluster_bits
         start = offset & ~(cs - 1)
         last = (offset + size - 1) & ~(cs - 1)
         for cluster_offset in range(start, last + 1, cs):
@@ -231,7 +124,7 @@ class Checker:
             if k >= imrt.size:
                 imrt.realloc(k + 1)
             refcount = imrt.get(k)
-            if refcount == drv.refcount_max:
+            if refcount == s.refcount_max:
                 self.say(f"ERROR: overflow cluster offset=0x{cluster_offset:x}\n")
                 self.say("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a "
                          "clean copy if the image cannot be opened for writing\n")
@@ -242,19 +135,18 @@ class Checker:
     async def fix_l2_entry_by_zero(self, res: CheckResult, l2_offset: int, table: bytearray, index: int,
                                    active: bool) -> tuple[bool, bool]:
         """(fixed, metadata overlap)."""
-        drv = self.drv
+        s = self.s
         _ENTRY.pack_into(table, index * 8, L.OFLAG_ZERO)
         entry_offset = l2_offset + index * 8
-        from qio.block.qcow2 import OL_ACTIVE_L2, OL_INACTIVE_L2
 
         try:
-            await drv.pre_write_overlap_check(OL_ACTIVE_L2 if active else OL_INACTIVE_L2, entry_offset, 8, False)
+            await pre_write_overlap_check(s, OL_ACTIVE_L2 if active else OL_INACTIVE_L2, entry_offset, 8, False)
         except BlockError:
             self.say("ERROR: Overlap check failed\n")
             res.check_errors += 1
             return False, True
         try:
-            await drv.pwrite_sync(entry_offset, bytes(table[index * 8: index * 8 + 8]))
+            await pwrite_sync(s, entry_offset, bytes(table[index * 8: index * 8 + 8]))
         except BlockError as e:
             self.say(f"ERROR: Failed to overwrite L2 table entry: {os.strerror(e.code)}\n")
             res.check_errors += 1
@@ -265,17 +157,17 @@ class Checker:
 
     async def check_l2(self, res: CheckResult, imrt: Imrt, l2_offset: int, flags: int, fix: int,
                        active: bool) -> None:
-        drv = self.drv
-        cs = drv.cluster_size
+        s = self.s
+        cs = s.cluster_size
         frag = bool(flags & CHECK_FRAG_INFO)
         next_contiguous = 0
         try:
-            table = await drv._pread(l2_offset, drv.l2_size * 8)
+            table = await _pread(s, l2_offset, s.l2_size * 8)
         except BlockError:
             self.say("ERROR: I/O error in check_refcounts_l2\n")
             res.check_errors += 1
             raise
-        for i in range(drv.l2_size):
+        for i in range(s.l2_size):
             entry = _ENTRY.unpack_from(table, i * 8)[0]
             if not entry:
                 continue
@@ -285,11 +177,11 @@ class Checker:
                 res.corruptions += 1
             if ctype == L.CLUSTER_COMPRESSED:
                 if entry & L.OFLAG_COPIED:
-                    self.say(f"ERROR: coffset=0x{entry & drv.csize.offset_mask:x}: copied flag must never be set "
+                    self.say(f"ERROR: coffset=0x{entry & s.csize.offset_mask:x}: copied flag must never be set "
                              "for compressed clusters\n")
                     entry &= ~L.OFLAG_COPIED
                     res.corruptions += 1
-                coffset, csize = L.parse_compressed(entry, drv.csize)
+                coffset, csize = L.parse_compressed(entry, s.csize)
                 await self.inc_refcounts(res, imrt, coffset, csize)
                 if frag:  # compressed clusters count as fragmented by nature
                     res.allocated_clusters += 1
@@ -321,12 +213,12 @@ class Checker:
 
     async def check_l1(self, res: CheckResult, imrt: Imrt, l1_offset: int, l1_size: int, flags: int, fix: int,
                        active: bool) -> None:
-        drv = self.drv
+        s = self.s
         if not l1_size:
             return
         await self.inc_refcounts(res, imrt, l1_offset, l1_size * 8)
         try:
-            raw = await drv._pread(l1_offset, l1_size * 8)
+            raw = await _pread(s, l1_offset, l1_size * 8)
         except BlockError:
             self.say("ERROR: I/O error in check_refcounts_l1\n")
             res.check_errors += 1
@@ -339,28 +231,28 @@ class Checker:
                 self.say(f"ERROR found L1 entry with reserved bits set: {e:x}\n")
                 res.corruptions += 1
             l2_offset = e & L.L1E_OFFSET_MASK
-            await self.inc_refcounts(res, imrt, l2_offset, drv.cluster_size)
-            if l2_offset & (drv.cluster_size - 1):
+            await self.inc_refcounts(res, imrt, l2_offset, s.cluster_size)
+            if l2_offset & (s.cluster_size - 1):
                 self.say(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted\n")
                 res.corruptions += 1
             await self.check_l2(res, imrt, l2_offset, flags, fix, active)
 
     async def check_oflag_copied(self, res: CheckResult, fix: int) -> None:
-        drv = self.drv
+        s = self.s
         if fix & FIX_ERRORS:
             repair = True
         elif fix & FIX_LEAKS:
             repair = not res.check_errors and not res.corruptions and not res.leaks
         else:
             repair = False
-        cb = drv.cluster_bits
-        for i in range(drv.l1_size):
-            l1_entry = drv.l1_table[i]
+        cb = s.cluster_bits
+        for i in range(s.l1_size):
+            l1_entry = s.l1_table[i]
             l2_offset = l1_entry & L.L1E_OFFSET_MASK
             if not l2_offset:
                 continue
             try:
-                refcount = await drv.get_refcount(l2_offset >> cb)
+                refcount = await get_refcount(s, l2_offset >> cb)
             except BlockError:
                 continue
             if (refcount == 1) != bool(l1_entry & L.OFLAG_COPIED):
@@ -368,28 +260,28 @@ class Checker:
                 self.say(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED L2 cluster: l1_index={i} "
                          f"l1_entry={l1_entry:x} refcount={refcount}\n")
                 if repair:
-                    drv.l1_table[i] = l1_entry | L.OFLAG_COPIED if refcount == 1 else l1_entry & ~L.OFLAG_COPIED
-                    drv._l1_changed()
+                    s.l1_table[i] = l1_entry | L.OFLAG_COPIED if refcount == 1 else l1_entry & ~L.OFLAG_COPIED
+                    _l1_changed(s)
                     try:
-                        await drv.write_l1_entry(i)
+                        await write_l1_entry(s, i)
                     except BlockError:
                         res.check_errors += 1
                         raise
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
             try:
-                table = await drv._pread(l2_offset, drv.l2_size * 8)
+                table = await _pread(s, l2_offset, s.l2_size * 8)
             except BlockError as e:
                 self.say(f"ERROR: Could not read L2 table: {os.strerror(e.code)}\n")
                 res.check_errors += 1
                 raise
             dirty = 0
-            for j in range(drv.l2_size):
+            for j in range(s.l2_size):
                 entry = _ENTRY.unpack_from(table, j * 8)[0]
                 if L.cluster_type(entry) not in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
                     continue
                 try:
-                    refcount = await drv.get_refcount((entry & L.L2E_OFFSET_MASK) >> cb)
+                    refcount = await get_refcount(s, (entry & L.L2E_OFFSET_MASK) >> cb)
                 except BlockError:
                     continue
                 if (refcount == 1) != bool(entry & L.OFLAG_COPIED):
@@ -401,17 +293,16 @@ class Checker:
                                          else entry & ~L.OFLAG_COPIED)
                         dirty += 1
             if dirty:
-                from qio.block.qcow2 import OL_ACTIVE_L2
 
                 try:
-                    await drv.pre_write_overlap_check(OL_ACTIVE_L2, l2_offset, drv.cluster_size, False)
+                    await pre_write_overlap_check(s, OL_ACTIVE_L2, l2_offset, s.cluster_size, False)
                 except BlockError as e:
                     self.say(f"ERROR: Could not write L2 table; metadata overlap check failed: "
                              f"{os.strerror(e.code)}\n")
                     res.check_errors += 1
                     raise
                 try:
-                    await io.pwritev(drv.file, l2_offset, drv.cluster_size, [memoryview(table)])
+                    await io.pwritev(s.bs.file, l2_offset, s.cluster_size, [memoryview(table)])
                 except BlockError as e:
                     self.say(f"ERROR: Could not write L2 table: {os.strerror(e.code)}\n")
                     res.check_errors += 1
@@ -421,11 +312,11 @@ class Checker:
 
     async def check_refblocks(self, res: CheckResult, fix: int, imrt: Imrt, nb: list[int]) -> bool:
         """``check_refblocks``; returns whether a rebuild is needed.  ``nb`` holds the cluster count."""
-        drv = self.drv
+        s = self.s
         rebuild = False
-        cs, cb = drv.cluster_size, drv.cluster_bits
-        for i in range(drv.refcount_table_size):
-            entry = drv.refcount_table[i]
+        cs, cb = s.cluster_size, s.cluster_bits
+        for i in range(s.refcount_table_size):
+            entry = s.refcount_table[i]
             offset = entry & L.REFT_OFFSET_MASK
             cluster = offset >> cb
             if entry & L.REFT_RESERVED_MASK:
@@ -446,13 +337,13 @@ class Checker:
                         if offset > INT64_MAX - cs:
                             raise BlockError(errno.EINVAL)
                         try:
-                            await io.truncate(drv.file, offset + cs, False, "off")
+                            await io.truncate(s.bs.file, offset + cs, False, "off")
                         except QemuError as e:  # error_report_err(local_err), then the resize_fail message
-                            if drv.report is not None:
-                                drv.report(str(e))
+                            if s.bs.report is not None:
+                                s.bs.report(str(e))
                             raise
-                        size = io.getlength(drv.file)
-                        new_nb = drv.size_to_clusters(size)
+                        size = io.getlength(s.bs.file)
+                        new_nb = size_to_clusters(s, size)
                         imrt.realloc(new_nb)
                         nb[0] = new_nb
                         if cluster >= nb[0]:
@@ -475,13 +366,13 @@ class Checker:
         return rebuild
 
     async def calculate(self, res: CheckResult, fix: int, imrt: Imrt, nb: list[int]) -> bool:
-        drv = self.drv
+        s = self.s
         if imrt.size == 0 and not imrt.buf:
             imrt.realloc(nb[0])
-        await self.inc_refcounts(res, imrt, 0, drv.cluster_size)
-        await self.check_l1(res, imrt, drv.l1_table_offset, drv.l1_size, CHECK_FRAG_INFO, fix, True)
-        for sn in drv.snapshots:
-            if sn.l1_table_offset & (drv.cluster_size - 1):
+        await self.inc_refcounts(res, imrt, 0, s.cluster_size)
+        await self.check_l1(res, imrt, s.l1_table_offset, s.l1_size, CHECK_FRAG_INFO, fix, True)
+        for sn in s.snapshots:
+            if sn.l1_table_offset & (s.cluster_size - 1):
                 self.say(f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: L1 table is not "
                          "cluster aligned; snapshot table entry corrupted\n")
                 res.corruptions += 1
@@ -492,8 +383,8 @@ class Checker:
                 res.corruptions += 1
                 continue
             await self.check_l1(res, imrt, sn.l1_table_offset, sn.l1_size, 0, fix, False)
-        await self.inc_refcounts(res, imrt, drv.snapshots_offset, drv.snapshots_size)
-        await self.inc_refcounts(res, imrt, drv.refcount_table_offset, drv.refcount_table_size * 8)
+        await self.inc_refcounts(res, imrt, s.snapshots_offset, s.snapshots_size)
+        await self.inc_refcounts(res, imrt, s.refcount_table_offset, s.refcount_table_size * 8)
         await self.bitmaps_refcounts(res, imrt)
         return await self.check_refblocks(res, fix, imrt, nb)
 
@@ -501,43 +392,43 @@ class Checker:
         """``qcow2_check_bitmaps_refcounts``: the bitmap directory, each bitmap table and the data
         clusters it points at are references too; a broken directory or table is one corruption and
         fails the check (EINVAL), as in QEMU."""
-        drv = self.drv
-        if not drv.nb_bitmaps:
+        s = self.s
+        if not s.nb_bitmaps:
             return
-        await self.inc_refcounts(res, imrt, drv.bitmap_directory_offset, drv.bitmap_directory_size)
+        await self.inc_refcounts(res, imrt, s.bitmap_directory_offset, s.bitmap_directory_size)
         try:
-            bitmaps = await load_bitmap_list(drv)
+            bitmaps = await load_bitmap_list(s)
         except QemuError:
             res.corruptions += 1
             raise BlockError(errno.EINVAL) from None
         for bm in bitmaps:
             await self.inc_refcounts(res, imrt, bm.table_offset, bm.table_size * 8)
             try:
-                entries = await load_bitmap_table(drv, bm)
+                entries = await load_bitmap_table(s, bm)
             except BlockError:
                 res.corruptions += 1
                 raise
             for entry in entries:
                 if entry & BME_TABLE_ENTRY_OFFSET_MASK:
-                    await self.inc_refcounts(res, imrt, entry & BME_TABLE_ENTRY_OFFSET_MASK, drv.cluster_size)
+                    await self.inc_refcounts(res, imrt, entry & BME_TABLE_ENTRY_OFFSET_MASK, s.cluster_size)
 
     async def compare(self, res: CheckResult, fix: int, imrt: Imrt, nb: int) -> tuple[bool, int]:
         """``compare_refcounts``: (rebuild needed, highest cluster in use)."""
-        drv = self.drv
+        s = self.s
         rebuild = False
         highest = 0
-        cb = drv.cluster_bits
-        rbb = drv.refcount_block_bits
+        cb = s.cluster_bits
+        rbb = s.refcount_block_bits
         i = -1
         while i + 1 < nb:
             i += 1
             rti = i >> rbb
-            if (rti >= drv.refcount_table_size or not drv.refcount_table[rti] & L.REFT_OFFSET_MASK) \
+            if (rti >= s.refcount_table_size or not s.refcount_table[rti] & L.REFT_OFFSET_MASK) \
                     and not imrt.get(i):  # no refcount block and nothing counted: skip to what matters
                 i = imrt.next_used(i, min((rti + 1) << rbb, nb)) - 1
                 continue
             try:
-                r1 = await drv.get_refcount(i)
+                r1 = await get_refcount(s, i)
             except BlockError as e:
                 self.say(f"Can't get refcount for cluster {i}: {os.strerror(e.code)}\n")
                 res.check_errors += 1
@@ -557,10 +448,9 @@ class Checker:
             tag = "Repairing" if num_fixed else ("ERROR" if r1 < r2 else "Leaked")
             self.say(f"{tag} cluster {i} refcount={r1} reference={r2}\n")
             if num_fixed:
-                from qio.block.qcow2 import DISCARD_ALWAYS
 
                 try:
-                    await drv.update_refcount(i << cb, 1, abs(r1 - r2), r1 > r2, DISCARD_ALWAYS)
+                    await update_refcount(s, i << cb, 1, abs(r1 - r2), r1 > r2, DISCARD_ALWAYS)
                     setattr(res, num_fixed, getattr(res, num_fixed) + 1)
                     continue
                 except BlockError:
@@ -591,13 +481,13 @@ class Checker:
         cluster -= contiguous
         for i in range(count):
             imrt.set(cluster + i, 1)
-        return cluster << self.drv.cluster_bits
+        return cluster << self.s.cluster_bits
 
     async def write_refblocks(self, imrt: Imrt, first: int, end: int, reftable: list[int]) -> bool:
         """``rebuild_refcounts_write_refblocks``: returns whether the reftable grew."""
-        drv = self.drv
-        cs = drv.cluster_size
-        rbb, rbs = drv.refcount_block_bits, drv.refcount_block_size
+        s = self.s
+        cs = s.cluster_size
+        rbb, rbs = s.refcount_block_bits, s.refcount_block_size
         first_free = [0]
         grown = False
         cluster = first
@@ -621,8 +511,8 @@ class Checker:
                     grown = True
                 reftable[index] = offset
             try:
-                await drv.pre_write_overlap_check(0, offset, cs, False)
-                await io.pwritev(drv.file, offset, cs, [memoryview(bytes(imrt.buf[index * cs: (index + 1) * cs]))])
+                await pre_write_overlap_check(s, 0, offset, cs, False)
+                await io.pwritev(s.bs.file, offset, cs, [memoryview(bytes(imrt.buf[index * cs: (index + 1) * cs]))])
             except BlockError as e:
                 raise QemuError(f"ERROR writing refblock: {os.strerror(e.code)}", e.code) from None
             cluster = start + rbs
@@ -630,17 +520,17 @@ class Checker:
 
     async def rebuild(self, res: CheckResult, imrt: Imrt) -> None:
         """``rebuild_refcount_structure``: a new refcount structure from the in-memory table."""
-        drv = self.drv
-        await drv.rbc.empty()
+        s = self.s
+        await s.rbc.empty()
         reftable: list[int] = []
         try:
             changed = await self.write_refblocks(imrt, 0, imrt.size, reftable)
             assert changed
             while True:
                 length = len(reftable) * 8
-                clusters = drv.size_to_clusters(length)
+                clusters = size_to_clusters(s, length)
                 offset = self.alloc_imrt(clusters, imrt, [0])
-                start = offset // drv.cluster_size
+                start = offset // s.cluster_size
                 changed = await self.write_refblocks(imrt, start, start + clusters, reftable)
                 if not changed:
                     break
@@ -648,12 +538,12 @@ class Checker:
             for i, e in enumerate(reftable):
                 _ENTRY.pack_into(raw, i * 8, e)
             try:
-                await drv.pre_write_overlap_check(0, offset, length, False)
-                await io.pwritev(drv.file, offset, length, [memoryview(raw)])
+                await pre_write_overlap_check(s, 0, offset, length, False)
+                await io.pwritev(s.bs.file, offset, length, [memoryview(raw)])
             except BlockError as e:
                 raise QemuError(f"ERROR writing reftable: {os.strerror(e.code)}", e.code) from None
             try:
-                await drv.pwrite_sync(L.OFF_REFCOUNT_TABLE_OFFSET,
+                await pwrite_sync(s, L.OFF_REFCOUNT_TABLE_OFFSET,
                                       L.REFTABLE_OFFSET_AND_CLUSTERS.pack(offset, clusters))
             except BlockError as e:
                 raise QemuError(f"ERROR setting reftable: {os.strerror(e.code)}", e.code) from None
@@ -662,21 +552,21 @@ class Checker:
             raise
         import array
 
-        drv.refcount_table = array.array("Q", reftable)
-        drv.refcount_table_offset = offset
-        drv.refcount_table_size = len(reftable)
-        drv._update_max_refcount_table_index()
+        s.refcount_table = array.array("Q", reftable)
+        s.refcount_table_offset = offset
+        s.refcount_table_size = len(reftable)
+        _update_max_refcount_table_index(s)
 
     async def check_refcounts(self, res: CheckResult, fix: int) -> int:
         """``qcow2_check_refcounts``; returns the image end offset."""
-        drv = self.drv
-        size = io.getlength(drv.file)
-        nb = [drv.size_to_clusters(size)]
+        s = self.s
+        size = io.getlength(s.bs.file)
+        nb = [size_to_clusters(s, size)]
         if nb[0] > 2**31 - 1:
             res.check_errors += 1
             raise BlockError(errno.EFBIG)
-        res.total_clusters = drv.size_to_clusters(drv.total_sectors * 512)
-        imrt = Imrt(drv)
+        res.total_clusters = size_to_clusters(s, s.total_sectors * 512)
+        imrt = Imrt(s)
         rebuild = await self.calculate(res, fix, imrt, nb)
         pre_compare = res.copy()
         rb, highest = await self.compare(res, 0, imrt, nb[0])
@@ -688,7 +578,7 @@ class Checker:
             try:
                 await self.rebuild(res, imrt)
             except QemuError as e:
-                report_error(drv.warn, str(e))
+                report_error(s.bs.warn, str(e))
                 raise BlockError(e.errno) from None
             nb[0] = imrt.size
             res.corruptions = 0
@@ -718,145 +608,32 @@ class Checker:
                     setattr(res, k, getattr(pre_compare, k))
                 rb, highest = await self.compare(res, fix, imrt, nb[0])
         await self.check_oflag_copied(res, fix)
-        res.image_end_offset = (highest + 1) * drv.cluster_size
+        res.image_end_offset = (highest + 1) * s.cluster_size
         return res.image_end_offset
 
 
-async def read_snapshot_table(drv: Qcow2Driver, res: CheckResult, fix: int) -> None:
-    """``qcow2_check_read_snapshot_table``: the open in check mode skipped the snapshot table, so read
-    it here from the header's pointer -- with ``-r all`` dropping what cannot be kept -- and count
-    v3 entries without the 16 bytes of mandatory extra data as corruptions."""
-    try:
-        raw = await drv._pread(L.OFF_NB_SNAPSHOTS, 12)
-    except BlockError as e:
-        res.check_errors += 1
-        drv._stderr(f"ERROR failed to read the snapshot table pointer from the image header: "
-                    f"{os.strerror(e.code)}\n")
-        raise
-    nb, offset = struct.unpack(">IQ", bytes(raw))
-    drv.snapshots_offset, drv.nb_snapshots = offset, nb
-    reduced = dropped = 0
-    if nb > L.MAX_SNAPSHOTS and fix & FIX_ERRORS:
-        drv._stderr(f"Discarding {nb - L.MAX_SNAPSHOTS} overhanging snapshots\n")
-        reduced += nb - L.MAX_SNAPSHOTS
-        drv.nb_snapshots = nb = L.MAX_SNAPSHOTS
-    try:
-        drv._validate_table(offset, nb, L.SNAPSHOT_HEADER.size, L.SNAPSHOT_HEADER.size * L.MAX_SNAPSHOTS,
-                            "snapshot table")
-    except QemuError as e:
-        res.check_errors += 1
-        report_error(drv.warn, f"ERROR {e}")
-        if nb > L.MAX_SNAPSHOTS:
-            drv._stderr(f"You can force-remove all {nb - L.MAX_SNAPSHOTS} overhanging snapshots with qemu-img "
-                        "check -r all\n")
-        drv.snapshots_offset = drv.nb_snapshots = 0
-        raise BlockError(e.errno) from None
-    try:
-        r, dropped = await drv._read_snapshots(bool(fix & FIX_ERRORS))
-    except QemuError as e:
-        res.check_errors += 1
-        report_error(drv.warn, f"ERROR failed to read the snapshot table: {e}")
-        drv.snapshots_offset = drv.nb_snapshots = 0
-        raise BlockError(e.errno) from None
-    reduced += r
-    res.corruptions += reduced + dropped
-    if reduced:
-        try:
-            await drv.pwrite_sync(L.OFF_NB_SNAPSHOTS, struct.pack(">I", drv.nb_snapshots))
-        except BlockError as e:
-            res.check_errors += 1
-            drv._stderr(f"ERROR failed to update the snapshot count in the image header: {os.strerror(e.code)}\n")
-            raise
-        res.corruptions_fixed += reduced
-        res.corruptions -= reduced
-    if drv.qcow_version >= 3:
-        for i, sn in enumerate(drv.snapshots):
-            if sn.extra_data_size < 16:
-                res.corruptions += 1
-                drv._stderr(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} snapshot table entry {i} is "
-                            "incomplete\n")
-
-
-async def write_snapshots(drv: Qcow2Driver) -> None:
-    """``qcow2_write_snapshots``: the whole snapshot table to newly allocated clusters, every entry
-    with at least the 24 bytes of known extra data, then the header pointer; the old table is freed."""
-    from qio.block.qcow2 import DISCARD_ALWAYS, DISCARD_SNAPSHOT
-
-    hsize, esize = L.SNAPSHOT_HEADER.size, L.SNAPSHOT_EXTRA.size
-    pieces: list[tuple[int, bytes]] = []  # (offset in the table, bytes): the padding is never written
-    size = 0
-    for sn in drv.snapshots:
-        ident = sn.id_str.encode("utf-8", "surrogateescape")
-        name = sn.name.encode("utf-8", "surrogateescape")
-        size = _round_up8(size)
-        vm_state = sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0
-        pieces.append((size, L.SNAPSHOT_HEADER.pack(sn.l1_table_offset, sn.l1_size, len(ident), len(name),
-                                                    sn.date_sec, sn.date_nsec, sn.vm_clock_nsec, vm_state,
-                                                    max(esize, sn.extra_data_size))))
-        size += hsize
-        pieces.append((size, L.SNAPSHOT_EXTRA.pack(sn.vm_state_size, sn.disk_size, sn.icount)
-                       + sn.unknown_extra_data))
-        size += max(esize, sn.extra_data_size)
-        pieces.append((size, ident + name))
-        size += len(ident) + len(name)
-        if size > L.MAX_SNAPSHOTS_SIZE:
-            raise BlockError(errno.EFBIG)
-    new_offset = await drv.alloc_clusters(size)
-    try:
-        await io.flush(drv)
-        await drv.pre_write_overlap_check(0, new_offset, size, False)
-        for off, data in pieces:
-            if data:
-                await io.pwritev(drv.file, new_offset + off, len(data), [memoryview(data)])
-        await io.flush(drv)
-        await drv.pwrite_sync(L.OFF_NB_SNAPSHOTS, struct.pack(">IQ", len(drv.snapshots), new_offset))
-    except BlockError:
-        if new_offset > 0:
-            await drv.free_clusters(new_offset, size, DISCARD_ALWAYS)
-        raise
-    await drv.free_clusters(drv.snapshots_offset, drv.snapshots_size, DISCARD_SNAPSHOT)
-    drv.snapshots_offset, drv.snapshots_size = new_offset, size
-
-
-def _round_up8(n: int) -> int:
-    return (n + 7) & ~7
-
-
-async def fix_snapshot_table(drv: Qcow2Driver, res: CheckResult, fix: int) -> None:
-    """``qcow2_check_fix_snapshot_table``: with ``-r all`` rewrite a table found corrupt."""
-    if res.corruptions and fix & FIX_ERRORS:
-        try:
-            await write_snapshots(drv)
-        except BlockError as e:
-            res.check_errors += 1
-            drv._stderr(f"ERROR failed to update snapshot table: {os.strerror(e.code)}\n")
-            raise
-        res.corruptions_fixed += res.corruptions
-        res.corruptions = 0
-
-
-async def check(drv: Qcow2Driver, fix: int) -> CheckResult:
+async def check(s: Qcow2State, fix: int) -> CheckResult:
     """``qcow2_co_check_locked``: the snapshot table, the refcounts, then the snapshot table's repair."""
     snap = CheckResult()
-    await read_snapshot_table(drv, snap, fix)
+    await read_snapshot_table(s, snap, fix)
     res = CheckResult()
-    await Checker(drv).check_refcounts(res, fix)
-    await fix_snapshot_table(drv, snap, fix)
+    await Checker(s).check_refcounts(res, fix)
+    await fix_snapshot_table(s, snap, fix)
     for k in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed"):
         setattr(res, k, getattr(res, k) + getattr(snap, k))
     if fix and res.check_errors == 0 and res.corruptions == 0:
-        await drv.mark_clean()
-        if drv.incompatible_features & L.INCOMPAT_CORRUPT:
-            await drv.flush_caches()
-            drv.incompatible_features &= ~L.INCOMPAT_CORRUPT
-            await drv.update_header()
+        await mark_clean(s)
+        if s.incompatible_features & L.INCOMPAT_CORRUPT:
+            await flush_caches(s)
+            s.incompatible_features &= ~L.INCOMPAT_CORRUPT
+            await update_header(s)
     return res
 
 
-async def repair_dirty(drv: Qcow2Driver) -> None:
+async def repair_dirty(s: Qcow2State) -> None:
     """The automatic repair of ``qcow2_do_open`` for a dirty image opened read-write."""
     try:
-        res = await check(drv, FIX_ERRORS | FIX_LEAKS)
+        res = await check(s, FIX_ERRORS | FIX_LEAKS)
     except BlockError as e:
         raise QemuError(f"Could not repair dirty image: {os.strerror(e.code)}", e.code) from None
     if res.check_errors:

@@ -1,4 +1,4 @@
-"""The qcow2 metadata caches (QEMU's ``Qcow2Cache``) and the coroutine lock of the qcow2 driver.
+"""The qcow2 metadata caches (QEMU's ``Qcow2Cache``) .
 
 A cache holds fixed-size tables (L2 slices or refcount blocks) read from the image file.  Entries are
 reference counted while a caller uses them and replaced least-recently-used, exactly as QEMU 7.2
@@ -13,103 +13,44 @@ from __future__ import annotations
 import bisect
 import errno
 import heapq
-from collections import deque
 from typing import TYPE_CHECKING
 
-from qio.aio import AIO, YIELD, AioContext, Co, WaitQueue, current_co, request_seq, wake
 from qio.block import io
 from qio.block.errors import BlockError
 from qio.block.events import Event
+from qio.block.qcow2.header import signal_corruption
+from qio.block.qcow2.overlap import pre_write_overlap_check
+from qio.block.qcow2.state import OL_ACTIVE_L2, OL_REFCOUNT_BLOCK, Qcow2State, cx
 
 if TYPE_CHECKING:
-    from qio.block.qcow2 import Qcow2Driver
-
-
-class CoMutex:
-    """``CoMutex``: uncontended lock and unlock never yield; waiters are served in FIFO order.
-
-    ``unlock`` hands the lock to the first waiter and wakes it with ``aio_co_wake``: from inside a
-    coroutine the waiter only runs once the unlocking coroutine yields or terminates
-    (``qemu_co_mutex_unlock``), so the unlocking request runs on to its next I/O first.
-
-    Without blkdebug, where host I/O is inline and the lock never makes anyone wait, it also remembers
-    the last AIO request that did host I/O while holding it: in QEMU that I/O would still be running
-    when the next request asks for the lock (see :mod:`qio.aio`)."""
-
-    __slots__ = ("io_holder", "io_poll", "io_yields", "locked", "waiters", "yields_at_lock")
-
-    def __init__(self) -> None:
-        self.locked = False
-        self.waiters: deque[Co] = deque()
-        self.io_holder: int | None = None
-        self.io_poll = -1
-        self.io_yields = 0
-        self.yields_at_lock = 0
-
-    async def lock(self) -> None:
-        if not self.locked:
-            self.locked = True
-        else:
-            co = current_co()
-            assert co is not None, "CoMutex contended outside a request"
-            self.waiters.append(co)
-            await YIELD  # ownership is handed over by unlock()
-        if AIO.yield_on_io:
-            return
-        if self.io_holder is not None:
-            seq = request_seq.get()
-            if seq is not None and seq != self.io_holder:
-                # Only if the holder finished right after its last I/O under the lock: with more I/O
-                # of its own afterwards, both would be in QEMU's thread pool together.
-                ctx = AioContext.current()
-                if ctx.polls == self.io_poll and ctx.finished_yields.get(self.io_holder) == self.io_yields:
-                    ctx.order_after(seq, self.io_holder)
-        self.yields_at_lock = AIO.yields
-
-    def unlock(self) -> None:
-        if not AIO.yield_on_io and AIO.yields != self.yields_at_lock:
-            seq = request_seq.get()
-            if seq is not None:
-                self.io_holder, self.io_poll, self.io_yields = seq, AioContext.current().polls, AIO.yields
-        while self.waiters:
-            co = self.waiters.popleft()
-            if co.waiting:
-                wake(co)
-                return
-        self.locked = False
-
-
-class CoQueue:
-    """``CoQueue``: requests waiting for an in-flight allocation to complete."""
-
-    __slots__ = ("queue",)
-
-    def __init__(self) -> None:
-        self.queue = WaitQueue()
-
-    async def wait(self, mutex: CoMutex) -> None:
-        """``qemu_co_queue_wait``: queue, release the lock, yield; take the lock again when woken."""
-        queue = self.queue
-        co = current_co()
-        if co is not None:
-            queue.waiters.append(co)
-        mutex.unlock()
-        if co is not None:
-            await YIELD
-        await mutex.lock()
-
-    def restart_all(self) -> None:
-        self.queue.restart_all()
+    from qio.block.qcow2.state import Qcow2State
 
 
 class Qcow2Cache:
     """A table cache; callers get an entry index, use ``tables[i]``, and ``put`` it back."""
 
-    __slots__ = ("depends", "depends_on_flush", "dirty", "dirty_set", "drv", "heap", "is_l2", "lru", "lru_counter",
-                 "name", "offsets", "ref", "size", "table_size", "tables", "where", "zero_lru")
+    __slots__ = (
+        "depends",
+        "depends_on_flush",
+        "dirty",
+        "dirty_set",
+        "heap",
+        "is_l2",
+        "lru",
+        "lru_counter",
+        "name",
+        "offsets",
+        "ref",
+        "s",
+        "size",
+        "table_size",
+        "tables",
+        "where",
+        "zero_lru",
+    )
 
-    def __init__(self, drv: Qcow2Driver, size: int, table_size: int, is_l2: bool) -> None:
-        self.drv = drv
+    def __init__(self, s: Qcow2State, size: int, table_size: int, is_l2: bool) -> None:
+        self.s = s
         self.size = size
         self.table_size = table_size
         self.is_l2 = is_l2
@@ -141,16 +82,16 @@ class Qcow2Cache:
     async def entry_flush(self, i: int) -> None:
         if not self.dirty[i] or not self.offsets[i]:
             return
-        drv = self.drv
+        s = self.s
         if self.depends is not None:
             await self._flush_dependency()
         elif self.depends_on_flush:
-            await io.flush(drv.file)
+            await io.flush(s.bs.file)
             self.depends_on_flush = False
         offset = self.offsets[i]
-        await drv.pre_write_overlap_check(drv.OL_ACTIVE_L2 if self.is_l2 else drv.OL_REFCOUNT_BLOCK,
+        await pre_write_overlap_check(s, OL_ACTIVE_L2 if self.is_l2 else OL_REFCOUNT_BLOCK,
                                           offset, self.table_size, False)
-        file = drv.file
+        file = s.bs.file
         if file.has_debug_hooks:
             await file.debug_event(Event.L2_UPDATE if self.is_l2 else Event.REFBLOCK_UPDATE_PART)
         await io.pwritev(file, offset, self.table_size, [memoryview(self.tables[i])])
@@ -174,7 +115,7 @@ class Qcow2Cache:
     async def flush(self) -> None:
         """``qcow2_cache_flush``: write back, then flush the file."""
         await self.write()
-        await io.flush(self.drv.file)
+        await io.flush(self.s.bs.file)
 
     async def set_dependency(self, dependency: Qcow2Cache) -> None:
         if dependency.depends is not None:
@@ -223,10 +164,10 @@ class Qcow2Cache:
         if i is not None:
             self._taken(i)
             return i
-        drv = self.drv
+        s = self.s
         if offset % self.table_size:
-            await drv.signal_corruption(True, f"Cannot get entry from {self.name} cache: Offset "
-                                              f"{drv.cx(offset)} is unaligned")
+            await signal_corruption(s, True, f"Cannot get entry from {self.name} cache: Offset "
+                                              f"{cx(offset)} is unaligned")
             raise BlockError(errno.EIO)
         i = self._victim((offset // self.table_size * 4) % self.size)
         if i < 0:
@@ -237,7 +178,7 @@ class Qcow2Cache:
             del self.where[old]
             self.offsets[i] = 0
         if read:
-            file = drv.file
+            file = s.bs.file
             if self.is_l2 and file.has_debug_hooks:
                 await file.debug_event(Event.L2_LOAD)
             await io.preadv(file, offset, self.table_size, [memoryview(self.tables[i])])

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from qio.aio import run_sync
-from qio.block import io
-from qio.block import qcow2_layout as L
 from qio.block.driver import BlockDriver, Child
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
+from qio.block.qcow2 import layout as L
 
 Warn = Callable[[str], None]
 
@@ -102,25 +100,50 @@ def _write_minimal_image(fd: int, cluster_size: int, version: int, refcount_bits
         raise QemuError(f"Could not write qcow2 header: {os.strerror(code)}", code) from None
 
 
+def _open_new(filename: str, flags: OpenFlags, warn: Warn) -> BlockDriver:
+    """The new image as a qcow2 node over a file node (no backing file, no options to check), opened
+    here rather than through ``backend.open_node``: drivers stay below the generic layer."""
+    from qio.block import registry
+
+    file_cls, fmt_cls = registry.find("file"), registry.find("qcow2")
+    assert file_cls is not None and fmt_cls is not None
+    file = file_cls()
+    file.flags = flags
+    file.open({"filename": filename}, flags)
+    node = fmt_cls()
+    node.warn = warn
+    node.flags = flags
+    node.filename = file.filename
+    node.children.append(Child("file", file))
+    node.refresh_limits()
+    try:
+        node.open({}, flags)
+    except BaseException:
+        file.closed()
+        raise
+    return node
+
+
 async def _build(filename: str, size: int, cluster_size: int, backing_file: str | None, backing_fmt: str | None,
                  preallocation: str, warn: Warn | None) -> None:
     """Open the minimal image with the qcow2 driver and let it make itself consistent and grow."""
-    from qio.block.backend import _close_sync, open_node
-    from qio.block.qcow2 import Qcow2Driver
+    from qio.block.qcow2.driver import Qcow2Driver
+    from qio.block.qcow2.header import update_header
+    from qio.block.qcow2.refcount import alloc_clusters
 
     flags = OpenFlags()
     flags.no_flush = True
-    node = open_node({"driver": "qcow2", "file.filename": filename}, flags, warn or (lambda _m: None))
+    node = _open_new(filename, flags, warn or (lambda _m: None))
     assert isinstance(node, Qcow2Driver)
 
     async def build() -> None:
         try:
-            if await node.alloc_clusters(3 * cluster_size) != 0:
+            if await alloc_clusters(node.s, 3 * cluster_size) != 0:
                 raise QemuError("Huh, first cluster in empty image is already in use?")
         except BlockError as e:
             raise QemuError(f"Could not allocate clusters for qcow2 header and refcount table: {e}", e.code) from None
         try:
-            await node.update_header()
+            await update_header(node.s)
         except BlockError as e:
             raise QemuError(f"Could not update qcow2 header: {e}", e.code) from None
         try:
@@ -131,10 +154,10 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
         except QemuError as e:
             raise QemuError(f"Could not resize image: {e}", e.errno) from None
         if backing_file is not None:
-            node.image_backing_file = backing_file
-            node.image_backing_format = backing_fmt
+            node.s.image_backing_file = backing_file
+            node.s.image_backing_format = backing_fmt
             try:
-                await node.update_header()
+                await update_header(node.s)
             except BlockError as e:
                 raise QemuError(f"Could not assign backing file '{backing_file}' with format '{backing_fmt}': {e}",
                                 e.code) from None
@@ -145,42 +168,6 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
     except BlockError as e:
         raise QemuError(f"Could not create '{filename}': {e}", e.code) from None
     finally:
-        _close_sync(node)
-
-
-def temp_overlay(base: BlockDriver, flags: OpenFlags, warn: Warn) -> BlockDriver:
-    """``bdrv_append_temp_snapshot``: a temporary qcow2 image (deleted at once, as QEMU's
-    BDRV_O_TEMPORARY does) whose backing node is ``base``."""
-    from qio.block.backend import open_node
-    from qio.block.qcow2 import Qcow2Driver
-
-    size = io.getlength(base)
-    tmpdir = tempfile.gettempdir()
-    if tmpdir == "/tmp":
-        tmpdir = "/var/tmp"
-    try:
-        fd, name = tempfile.mkstemp(prefix="vl.", dir=tmpdir)
-    except OSError as e:
-        raise QemuError(f"Could not open temporary file '{tmpdir}/vl.XXXXXX': "
-                        f"{os.strerror(e.errno or errno.EIO)}") from None
-    os.close(fd)
-    try:
-        try:
-            create(name, size)
-        except QemuError as e:
-            raise QemuError(f"Could not create temporary overlay '{name}': {e}", e.errno) from None
-        oflags = flags.copy()
-        oflags.snapshot = False
-        oflags.no_flush = True
-        oflags.nocache = False
-        opts: dict[str, Any] = {"driver": "qcow2", "file.driver": "file", "file.filename": name}
-        node = open_node(opts, oflags, warn)
-    finally:
-        try:
-            os.unlink(name)
-        except OSError:
-            pass
-    assert isinstance(node, Qcow2Driver)
-    node.backing = base
-    node.children.append(Child("backing", base, role_primary=False))
-    return node
+        for c in node.children:
+            c.node.closed()
+        node.closed()

@@ -1,0 +1,348 @@
+"""The request paths of qcow2.c: reads, writes, zero writes, discards, block status, flush, VM state."""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from qio.aio import AIO, TaskPool
+from qio.block import io
+from qio.block.driver import (
+    BDRV_MAX_LENGTH,
+    BLOCK_DATA,
+    BLOCK_OFFSET_VALID,
+    BLOCK_RECURSE,
+    BLOCK_ZERO,
+    REQ_NO_FALLBACK,
+    IOVec,
+)
+from qio.block.errors import BlockError
+from qio.block.events import Event
+from qio.block.qcow2 import layout as L
+from qio.block.qcow2.cluster import (
+    alloc_host_offset,
+    cluster_discard,
+    get_host_offset,
+    handle_l2meta,
+    subcluster_zeroize,
+)
+from qio.block.qcow2.compress import _preadv_compressed
+from qio.block.qcow2.overlap import pre_write_overlap_check
+from qio.block.qcow2.refcount import get_refcount, write_caches
+from qio.block.qcow2.state import (
+    DISCARD_REQUEST,
+    INT64_MAX,
+    INT_MAX,
+    L2Meta,
+    Qcow2State,
+    _check_usable,
+    _event,
+    _length,
+    _round_up,
+    _task_pool,
+    size_to_clusters,
+    vm_state_offset,
+)
+
+if TYPE_CHECKING:
+    pass
+
+
+
+async def co_pwrite_zeroes(s: Qcow2State, offset: int, nbytes: int, flags: int) -> None:
+    _check_usable(s)
+    cs = s.cluster_size
+    head = offset & (cs - 1)
+    tail = _round_up(offset + nbytes, cs) - (offset + nbytes)
+    if offset + nbytes == _length(s):
+        tail = 0
+    if head or tail:
+        if not (await _is_zero(s, offset - head, head) and await _is_zero(s, offset + nbytes, tail)):
+            raise BlockError(errno.ENOTSUP)
+        await s.lock.lock()
+        offset -= head
+        nbytes = cs
+        try:
+            _, _, ctype = await get_host_offset(s, offset, cs)
+        except BaseException:
+            s.lock.unlock()
+            raise
+        if ctype not in (L.CLUSTER_UNALLOCATED, L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC):
+            s.lock.unlock()
+            raise BlockError(errno.ENOTSUP)
+    else:
+        await s.lock.lock()
+    try:
+        await subcluster_zeroize(s, offset, nbytes, flags)
+    finally:
+        s.lock.unlock()
+
+
+async def co_pdiscard(s: Qcow2State, offset: int, nbytes: int) -> None:
+    _check_usable(s)
+    cs = s.cluster_size
+    if s.qcow_version < 3 and s.bs.backing is not None:
+        raise BlockError(errno.ENOTSUP)
+    if (offset | nbytes) & (cs - 1) and (offset & (cs - 1) or offset + nbytes != _length(s)):
+        raise BlockError(errno.ENOTSUP)
+    await s.lock.lock()
+    try:
+        await cluster_discard(s, offset, nbytes, DISCARD_REQUEST, False)
+    finally:
+        s.lock.unlock()
+
+
+async def _preadv_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> None:
+    """``qcow2_co_preadv_part``; with blkdebug the parts run in parallel (``_task_pool``)."""
+    qoff = 0
+    pool: TaskPool | None = None
+    try:
+        while nbytes and (pool is None or pool.status is None):
+            cur = min(nbytes, INT_MAX)
+            await s.lock.lock()
+            try:
+                cur, host, ctype = await get_host_offset(s, offset, cur)
+            finally:
+                s.lock.unlock()
+            if ctype in (L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC) or \
+                    (ctype == L.CLUSTER_UNALLOCATED and s.bs.backing is None):
+                io.iov_memset(qiov, qoff, cur)
+            else:
+                pool = pool or _task_pool(cur != nbytes)
+                task = _preadv_task(s, ctype, host, offset, cur, io.iov_slice(qiov, qoff, cur))
+                await (pool.start(task) if pool is not None else task)
+            nbytes -= cur
+            offset += cur
+            qoff += cur
+    finally:
+        if pool is not None:
+            await pool.wait_all()
+    if pool is not None and pool.status is not None:
+        raise pool.status
+
+
+async def _preadv_task(s: Qcow2State, ctype: int, host: int, offset: int, nbytes: int, qiov: IOVec) -> None:
+    if ctype == L.CLUSTER_UNALLOCATED:
+        assert s.bs.backing is not None
+        await _event(s, Event.READ_BACKING_AIO)
+        await io.preadv(s.bs.backing, offset, nbytes, qiov)
+    elif ctype == L.CLUSTER_COMPRESSED:
+        await _preadv_compressed(s, host, offset, nbytes, qiov)
+    else:
+        await _event(s, Event.READ_AIO)
+        await io.preadv(s.bs.file, host, nbytes, qiov)
+
+
+async def _pwritev_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> None:
+    """``qcow2_co_pwritev_part``; with blkdebug the parts run in parallel (``_task_pool``)."""
+    qoff = 0
+    pool: TaskPool | None = None
+    try:
+        while nbytes and (pool is None or pool.status is None):
+            metas: list[L2Meta] = []
+            cur = min(nbytes, INT_MAX)
+            await s.lock.lock()
+            try:
+                cur, host = await alloc_host_offset(s, offset, cur, metas)
+                await pre_write_overlap_check(s, 0, host, cur, True)
+            except BaseException:
+                try:
+                    await handle_l2meta(s, metas, False)
+                finally:
+                    s.lock.unlock()
+                raise
+            s.lock.unlock()
+            pool = pool or _task_pool(cur != nbytes)
+            task = _pwritev_task(s, host, offset, cur, io.iov_slice(qiov, qoff, cur), metas)
+            await (pool.start(task) if pool is not None else task)
+            nbytes -= cur
+            offset += cur
+            qoff += cur
+        if AIO.yield_on_io:
+            await s.lock.lock()  # QEMU takes the lock once more to drop an unused l2meta
+            s.lock.unlock()
+    finally:
+        if pool is not None:
+            await pool.wait_all()
+    if pool is not None and pool.status is not None:
+        raise pool.status
+
+
+async def _pwritev_task(s: Qcow2State, host: int, offset: int, nbytes: int, qiov: IOVec, metas: list[L2Meta]) -> None:
+    """``qcow2_co_pwritev_task``: data (merged with the COW when possible), then the L2 update."""
+    try:
+        await _handle_alloc_space(s, metas)
+        if not _merge_cow(offset, nbytes, qiov, metas):
+            await _event(s, Event.WRITE_AIO)
+            await io.pwritev(s.bs.file, host, nbytes, qiov)
+    except BaseException:
+        await s.lock.lock()
+        try:
+            await handle_l2meta(s, metas, False)
+        finally:
+            s.lock.unlock()
+        raise
+    await s.lock.lock()
+    try:
+        try:
+            await handle_l2meta(s, metas, True)
+        except BaseException:
+            await handle_l2meta(s, metas, False)
+            raise
+    finally:
+        s.lock.unlock()
+
+
+def _merge_cow(offset: int, nbytes: int, qiov: IOVec, metas: list[L2Meta]) -> bool:
+    for m in reversed(metas):
+        if (m.cow_start_n == 0 and m.cow_end_n == 0) or m.skip_cow:
+            continue
+        if m.cow_start() + m.cow_start_n != offset:
+            continue
+        if m.offset + m.cow_end_off != offset + nbytes:
+            continue
+        m.data_qiov = qiov
+        return True
+    return False
+
+
+async def _handle_alloc_space(s: Qcow2State, metas: list[L2Meta]) -> None:
+    """``handle_alloc_space``: zero whole new clusters instead of copying zeroes into them."""
+    if not s.bs.file.supported_zero_flags & REQ_NO_FALLBACK:
+        return
+    for m in reversed(metas):
+        if not m.cow_start_n and not m.cow_end_n:
+            continue
+        if not (await _is_zero_fast(s, m.offset + m.cow_start_off, m.cow_start_n) and
+                await _is_zero_fast(s, m.offset + m.cow_end_off, m.cow_end_n)):
+            continue
+        start = m.alloc_offset + m.cow_start_off
+        n = m.cow_end_off + m.cow_end_n - m.cow_start_off
+        await pre_write_overlap_check(s, 0, start, n, True)
+        await _event(s, Event.CLUSTER_ALLOC_SPACE)
+        try:
+            await io.pwrite_zeroes(s.bs.file, start, n, REQ_NO_FALLBACK)
+        except BlockError as e:
+            if e.code not in (errno.ENOTSUP, errno.EAGAIN):
+                raise
+            continue
+        m.skip_cow = True
+
+
+async def _own_block_status(s: Qcow2State, offset: int, nbytes: int) -> tuple[int, int, int]:
+    """``qcow2_co_block_status``: (BLOCK_* flags without ALLOCATED, bytes, host offset)."""
+    await s.lock.lock()
+    try:
+        if not s.metadata_preallocation_checked:
+            try:
+                s.metadata_preallocation = await _detect_metadata_preallocation(s)
+            except BlockError:
+                s.metadata_preallocation = False
+            s.metadata_preallocation_checked = True
+        n, host, ctype = await get_host_offset(s, offset, min(INT_MAX, nbytes))
+    finally:
+        s.lock.unlock()
+    status = 0
+    if ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
+        status |= BLOCK_OFFSET_VALID
+    if ctype in (L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC):
+        status |= BLOCK_ZERO
+    elif ctype != L.CLUSTER_UNALLOCATED:
+        status |= BLOCK_DATA
+    if s.metadata_preallocation and status & BLOCK_DATA and status & BLOCK_OFFSET_VALID:
+        status |= BLOCK_RECURSE
+    return status, n, host
+
+
+async def _detect_metadata_preallocation(s: Qcow2State) -> bool:
+    file_length = io.getlength(s.bs.file)
+    real_allocation = s.bs.file.get_allocated_file_size()
+    if real_allocation is None:
+        raise BlockError(errno.ENOTSUP)  # e.g. blkdebug: QEMU then reads no refcount block
+    real_clusters = real_allocation // s.cluster_size
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    end_cluster = size_to_clusters(s, file_length)
+    count = 0
+    i = 0
+    rbb, rbs = s.refcount_block_bits, s.refcount_block_size
+    while i < end_cluster and count < threshold:
+        rti = i >> rbb
+        block_end = min(end_cluster, (rti + 1) << rbb)
+        rbo = s.refcount_table[rti] & L.REFT_OFFSET_MASK if rti < s.refcount_table_size else 0
+        if not rbo:
+            i = block_end
+            continue
+        if rbo & (s.cluster_size - 1):
+            await get_refcount(s, i)  # signals the corruption
+        c = s.rbc
+        blk = await c.get(rbo)
+        tbl = c.tables[blk]
+        while i < block_end and count < threshold:
+            if s.get_rc(tbl, i & (rbs - 1)):
+                count += 1
+            i += 1
+        c.put(blk)
+    return count >= threshold
+
+
+async def co_block_status(s: Qcow2State, offset: int, nbytes: int) -> tuple[int, int]:
+    _check_usable(s)
+    ret, pnum, _, _ = await io.co_block_status(s.bs, False, offset, nbytes)
+    return ret, pnum
+
+
+async def _is_zero_fast(s: Qcow2State, offset: int, nbytes: int) -> bool:
+    """``bdrv_co_is_zero_fast``."""
+    if not nbytes:
+        return True
+    ret, pnum = await io.block_status_above(s.bs, False, offset, nbytes)
+    return pnum == nbytes and bool(ret & BLOCK_ZERO)
+
+
+async def _is_zero(s: Qcow2State, offset: int, nbytes: int) -> bool:
+    """``is_zero`` of qcow2.c (with ``want_zero``, over the whole backing chain)."""
+    total = _length(s)
+    if offset + nbytes > total:
+        nbytes = total - offset
+    if nbytes <= 0:
+        return True
+    while True:
+        ret, nr = await io.block_status_above(s.bs, True, offset, nbytes)
+        offset += nr
+        nbytes -= nr
+        if not (ret & BLOCK_ZERO and nr and nbytes):
+            break
+    return bool(ret & BLOCK_ZERO) and nbytes == 0
+
+
+async def co_flush_to_os(s: Qcow2State) -> None:
+    _check_usable(s)
+    await s.lock.lock()
+    try:
+        await write_caches(s)
+    finally:
+        s.lock.unlock()
+
+
+def _vmstate_offset(s: Qcow2State, pos: int, nbytes: int) -> int:
+    vmo = vm_state_offset(s)
+    if INT64_MAX - pos < vmo:
+        raise BlockError(errno.EIO)
+    pos += vmo
+    if pos > BDRV_MAX_LENGTH or nbytes > BDRV_MAX_LENGTH - pos:
+        raise BlockError(errno.EIO)
+    return pos
+
+
+async def co_save_vmstate(s: Qcow2State, pos: int, nbytes: int, qiov: IOVec) -> None:
+    _check_usable(s)
+    offset = _vmstate_offset(s, pos, nbytes)
+    await _event(s, Event.VMSTATE_SAVE)
+    await _pwritev_part(s, offset, nbytes, qiov)
+
+
+async def co_load_vmstate(s: Qcow2State, pos: int, nbytes: int, qiov: IOVec) -> None:
+    _check_usable(s)
+    offset = _vmstate_offset(s, pos, nbytes)
+    await _event(s, Event.VMSTATE_LOAD)
+    await _preadv_part(s, offset, nbytes, qiov)
