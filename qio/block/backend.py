@@ -260,7 +260,7 @@ def _probe(file: BlockDriver) -> type[BlockDriver]:
         try:
             run_sync(io.preadv(file, 0, PROBE_BUF, [memoryview(buf)]))
         except BlockError as e:
-            raise QemuError(f"Could not read image for determining its format: {e}", e.code) from None
+            raise QemuError.wrap(e, "Could not read image for determining its format") from None
         name = probe_format(bytes(buf), file.filename)
     cls = registry.find(name)
     if cls is None:

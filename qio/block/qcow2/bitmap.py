@@ -131,7 +131,7 @@ async def load_for_write(s: Qcow2State) -> list[LoadedBitmap]:
             s.autoclear_features |= L.AUTOCLEAR_BITMAPS
             await _update_header_sync(s)
         except BlockError as e:
-            raise QemuError(f"Can't update bitmap directory: {e}", e.code) from None
+            raise QemuError.wrap(e, "Can't update bitmap directory") from None
     loaded.reverse()  # bdrv_create_dirty_bitmap inserts at the head of the node's list
     return loaded
 
@@ -234,7 +234,7 @@ async def store(s: Qcow2State, loaded: list[LoadedBitmap]) -> None:
     except BlockError as e:
         for i in stored:
             await _free_bitmap_clusters(s, bitmaps[i])
-        raise QemuError(f"Failed to update bitmap extension: {e}", e.code) from None
+        raise QemuError.wrap(e, "Failed to update bitmap extension") from None
     for bm in drop:
         await _free_bitmap_clusters(s, bm)
 

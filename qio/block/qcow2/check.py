@@ -46,11 +46,11 @@ from qio.block.qcow2.state import (
     pwrite_sync,
     size_to_clusters,
 )
+from qio.numbers import INT64_MAX
 
 if TYPE_CHECKING:
     from qio.block.qcow2.state import Qcow2State
 
-INT64_MAX = 2**63 - 1
 CHECK_FRAG_INFO = 0x2
 _ENTRY = L.ENTRY
 _NONZERO = re.compile(rb"[^\x00]")

@@ -323,14 +323,21 @@ async def _handle_dependencies(s: Qcow2State, guest_offset: int, cur_bytes: int,
     return nbytes
 
 
+def _clamp_clusters(s: Qcow2State, guest_offset: int, nbytes: int) -> tuple[int, int]:
+    """The opening both allocation handlers share: (offset in the first cluster, clusters of the range
+    within one L2 slice and one request's limit)."""
+    cb = s.cluster_bits
+    oic = guest_offset & (s.cluster_size - 1)
+    l2_index = (guest_offset >> cb) & (s.l2_slice_size - 1)
+    return oic, min((oic + nbytes + s.cluster_size - 1) >> cb, s.l2_slice_size - l2_index,
+                    BDRV_REQUEST_MAX_BYTES >> cb)
+
+
 async def _handle_copied(s: Qcow2State, guest_offset: int, host_offset: int | None, nbytes: int,
                          metas: list[L2Meta]) -> tuple[int, int | None, int]:
     """``handle_copied``: (1 if in-place clusters were found else 0, host offset, bytes)."""
-    cs, cb = s.cluster_size, s.cluster_bits
-    oic = guest_offset & (cs - 1)
-    nb_clusters = (oic + nbytes + cs - 1) >> cb
-    l2_index = (guest_offset >> cb) & (s.l2_slice_size - 1)
-    nb_clusters = min(nb_clusters, s.l2_slice_size - l2_index, BDRV_REQUEST_MAX_BYTES >> cb)
+    cs = s.cluster_size
+    oic, nb_clusters = _clamp_clusters(s, guest_offset, nbytes)
     c = s.l2c
     ci, l2_index = await get_cluster_table(s, guest_offset)
     ret = 0
@@ -362,10 +369,7 @@ async def _handle_alloc(s: Qcow2State, guest_offset: int, host_offset: int | Non
                         metas: list[L2Meta]) -> tuple[int, int | None, int]:
     """``handle_alloc``: allocate new clusters for the start of the range."""
     cs, cb = s.cluster_size, s.cluster_bits
-    oic = guest_offset & (cs - 1)
-    nb_clusters = (oic + nbytes + cs - 1) >> cb
-    l2_index = (guest_offset >> cb) & (s.l2_slice_size - 1)
-    nb_clusters = min(nb_clusters, s.l2_slice_size - l2_index, BDRV_REQUEST_MAX_BYTES >> cb)
+    oic, nb_clusters = _clamp_clusters(s, guest_offset, nbytes)
     c = s.l2c
     ci, l2_index = await get_cluster_table(s, guest_offset)
     try:

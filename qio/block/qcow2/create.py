@@ -141,11 +141,11 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
             if await alloc_clusters(node.s, 3 * cluster_size) != 0:
                 raise QemuError("Huh, first cluster in empty image is already in use?")
         except BlockError as e:
-            raise QemuError(f"Could not allocate clusters for qcow2 header and refcount table: {e}", e.code) from None
+            raise QemuError.wrap(e, "Could not allocate clusters for qcow2 header and refcount table") from None
         try:
             await update_header(node.s)
         except BlockError as e:
-            raise QemuError(f"Could not update qcow2 header: {e}", e.code) from None
+            raise QemuError.wrap(e, "Could not update qcow2 header") from None
         try:
             try:
                 await node.co_truncate(size, False, preallocation)
@@ -166,7 +166,7 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
     try:
         await build()
     except BlockError as e:
-        raise QemuError(f"Could not create '{filename}': {e}", e.code) from None
+        raise QemuError.wrap(e, f"Could not create '{filename}'") from None
     finally:
         for c in node.children:
             c.node.closed()

@@ -61,7 +61,7 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
     try:
         buf = await _pread(s, 0, L.HEADER_LENGTH_V3)
     except BlockError as e:
-        raise QemuError(f"Could not read qcow2 header: {e}", e.code) from None
+        raise QemuError.wrap(e, "Could not read qcow2 header") from None
     h = L.parse_header(bytes(buf))
     if h.magic != L.MAGIC:
         raise QemuError("Image is not in qcow2 format", errno.EINVAL)
@@ -81,7 +81,7 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
             s.unknown_header_fields = bytes(await _pread(s, L.HEADER_LENGTH_V3,
                                                                  h.header_length - L.HEADER_LENGTH_V3))
         except BlockError as e:
-            raise QemuError(f"Could not read unknown qcow2 header fields: {e}", e.code) from None
+            raise QemuError.wrap(e, "Could not read unknown qcow2 header fields") from None
     if h.backing_file_offset > cs:
         raise QemuError("Invalid backing file offset", errno.EINVAL)
     ext_end = h.backing_file_offset or cs
@@ -143,7 +143,7 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
         try:
             raw = await _pread(s, s.l1_table_offset, s.l1_size * 8)
         except BlockError as e:
-            raise QemuError(f"Could not read L1 table: {e}", e.code) from None
+            raise QemuError.wrap(e, "Could not read L1 table") from None
         s.l1_table = _be64_array(raw)
     _update_options(s, options, flags, initial=True)
     await _refcount_init(s)
@@ -164,7 +164,7 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
         try:
             name = await _pread(s, h.backing_file_offset, n)
         except BlockError as e:
-            raise QemuError(f"Could not read backing file name: {e}", e.code) from None
+            raise QemuError.wrap(e, "Could not read backing file name") from None
         s.image_backing_file = bytes(name).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
     if not flags.check:
         s.snapshots_offset = h.snapshots_offset
@@ -190,7 +190,7 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
         try:
             await update_header(s)
         except BlockError as e:
-            raise QemuError(f"Could not update qcow2 header: {e}", e.code) from None
+            raise QemuError.wrap(e, "Could not update qcow2 header") from None
     if _is_writable(s) and s.incompatible_features & L.INCOMPAT_DIRTY and not flags.check:
         from qio.block.qcow2.check import repair_dirty
 
@@ -329,7 +329,7 @@ async def _refcount_init(s: Qcow2State) -> None:
         try:
             raw = await _pread(s, s.refcount_table_offset, n * 8)
         except BlockError as e:
-            raise QemuError(f"Could not initialize refcount handling: {e}", e.code) from None
+            raise QemuError.wrap(e, "Could not initialize refcount handling") from None
         s.refcount_table = _be64_array(raw)
     _update_max_refcount_table_index(s)
 

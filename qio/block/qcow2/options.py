@@ -166,16 +166,16 @@ def reopen(s: Qcow2State, flags: OpenFlags, options: dict[str, Any]) -> None:
         try:
             await s.l2c.flush()
         except BlockError as e:
-            raise QemuError(f"Failed to flush the L2 table cache: {e}", e.code) from None
+            raise QemuError.wrap(e, "Failed to flush the L2 table cache") from None
         try:
             await s.rbc.flush()
         except BlockError as e:
-            raise QemuError(f"Failed to flush the refcount block cache: {e}", e.code) from None
+            raise QemuError.wrap(e, "Failed to flush the refcount block cache") from None
         if new is not None and s.use_lazy_refcounts and not new.lazy_refcounts:
             try:
                 await mark_clean(s)
             except BlockError as e:
-                raise QemuError(f"Failed to disable lazy refcounts: {e}", e.code) from None
+                raise QemuError.wrap(e, "Failed to disable lazy refcounts") from None
         if going_ro:
             try:
                 await mark_clean(s)
@@ -195,9 +195,9 @@ async def _recreate_caches(s: Qcow2State) -> None:
     try:
         await s.l2c.flush()
     except BlockError as e:
-        raise QemuError(f"Failed to flush the L2 table cache: {e}", e.code) from None
+        raise QemuError.wrap(e, "Failed to flush the L2 table cache") from None
     try:
         await s.rbc.flush()
     except BlockError as e:
-        raise QemuError(f"Failed to flush the refcount block cache: {e}", e.code) from None
+        raise QemuError.wrap(e, "Failed to flush the refcount block cache") from None
     _update_options(s, {}, s.bs.flags, initial=False)

@@ -72,7 +72,7 @@ async def co_truncate(s: Qcow2State, offset: int, exact: bool, prealloc: str, fl
             try:
                 await grow_l1_table(s, new_l1_size, True)
             except BlockError as e:
-                raise QemuError(f"Failed to grow the L1 table: {e}", e.code) from None
+                raise QemuError.wrap(e, "Failed to grow the L1 table") from None
         if prealloc == "metadata":
             await _preallocate(s, old_length, offset, prealloc)
         elif prealloc != "off":
@@ -83,14 +83,14 @@ async def co_truncate(s: Qcow2State, offset: int, exact: bool, prealloc: str, fl
             try:
                 await write_caches(s)
             except BlockError as e:
-                raise QemuError(f"Failed to flush the preallocated area to disk: {e}", e.code) from None
+                raise QemuError.wrap(e, "Failed to flush the preallocated area to disk") from None
         s.total_sectors = offset // SECTOR
         data = bytearray(8)
         _pack_entry(data, 0, offset)
         try:
             await pwrite_sync(s, L.OFF_SIZE, bytes(data))
         except BlockError as e:
-            raise QemuError(f"Failed to update the image size: {e}", e.code) from None
+            raise QemuError.wrap(e, "Failed to update the image size") from None
         s.l1_vm_state_index = new_l1_size
         await _recreate_caches(s)
     finally:
@@ -105,14 +105,14 @@ async def _zero_new_area(s: Qcow2State, old_length: int, offset: int) -> None:
         try:
             await subcluster_zeroize(s, zero_start, offset - zero_start, 0)
         except BlockError as e:
-            raise QemuError(f"Failed to zero out new clusters: {e}", e.code) from None
+            raise QemuError.wrap(e, "Failed to zero out new clusters") from None
     if zero_start > old_length:
         n = min(zero_start, offset) - old_length
         s.lock.unlock()
         try:
             await _pwritev_part(s, old_length, n, [memoryview(bytearray(n))])
         except BlockError as e:
-            raise QemuError(f"Failed to zero out the new area: {e}", e.code) from None
+            raise QemuError.wrap(e, "Failed to zero out the new area") from None
         finally:
             await s.lock.lock()
 
@@ -133,11 +133,11 @@ async def _preallocate_data(s: Qcow2State, old_length: int, offset: int, mode: s
     try:
         start = await refcount_area(s, old_file_size, nb_data + nb_l2, True, 0, 0)
     except BlockError as e:
-        raise QemuError(f"Failed to resize refcount structures: {e}", e.code) from None
+        raise QemuError.wrap(e, "Failed to resize refcount structures") from None
     try:
         await alloc_clusters_at(s, start, nb_data)
     except BlockError as e:
-        raise QemuError(f"Failed to allocate data clusters: {e}", e.code) from None
+        raise QemuError.wrap(e, "Failed to allocate data clusters") from None
     new_file_size = start + nb_data * cs
     done = False
     if flags & REQ_ZERO_WRITE:
@@ -165,7 +165,7 @@ async def _preallocate_data(s: Qcow2State, old_length: int, offset: int, mode: s
             await alloc_cluster_link_l2(s, m)
         except BlockError as e:
             await free_clusters(s, host, nb_data * cs, DISCARD_OTHER)
-            raise QemuError(f"Failed to update L2 tables: {e}", e.code) from None
+            raise QemuError.wrap(e, "Failed to update L2 tables") from None
         guest += n * cs
         host += n * cs
         nb_data -= n
@@ -179,20 +179,20 @@ async def _shrink(s: Qcow2State, offset: int, old_length: int, new_l1_size: int)
     try:
         await cluster_discard(s, start, old_length - start, DISCARD_ALWAYS, True)
     except BlockError as e:
-        raise QemuError(f"Failed to discard cropped clusters: {e}", e.code) from None
+        raise QemuError.wrap(e, "Failed to discard cropped clusters") from None
     try:
         await _shrink_l1_table(s, new_l1_size)
     except BlockError as e:
-        raise QemuError(f"Failed to reduce the number of L2 tables: {e}", e.code) from None
+        raise QemuError.wrap(e, "Failed to reduce the number of L2 tables") from None
     try:
         await _shrink_reftable(s)
     except BlockError as e:
-        raise QemuError(f"Failed to discard unused refblocks: {e}", e.code) from None
+        raise QemuError.wrap(e, "Failed to discard unused refblocks") from None
     old_file_size = io.getlength(s.bs.file)
     try:
         last_cluster = await _get_last_cluster(s, old_file_size)
     except BlockError as e:
-        raise QemuError(f"Failed to find the last cluster: {e}", e.code) from None
+        raise QemuError.wrap(e, "Failed to find the last cluster") from None
     if (last_cluster + 1) * cs < old_file_size:
         try:
             await io.truncate(s.bs.file, (last_cluster + 1) * cs, False, "off")
@@ -212,13 +212,13 @@ async def _preallocate(s: Qcow2State, offset: int, new_length: int, mode: str) -
             try:
                 cur, host = await alloc_host_offset(s, offset, nbytes, metas)
             except BlockError as e:
-                raise QemuError(f"Allocating clusters failed: {e}", e.code) from None
+                raise QemuError.wrap(e, "Allocating clusters failed") from None
             for m in metas:
                 m.prealloc = True
             try:
                 await handle_l2meta(s, metas, True)
             except BlockError as e:
-                raise QemuError(f"Mapping clusters failed: {e}", e.code) from None
+                raise QemuError.wrap(e, "Mapping clusters failed") from None
         finally:
             await handle_l2meta(s, metas, False)
         offset += cur

@@ -47,7 +47,7 @@ async def _read_snapshots(s: Qcow2State, repair: bool = False) -> tuple[int, int
         try:
             return bytes(await _pread(s, off, n))
         except BlockError as e:
-            raise QemuError(f"Failed to read snapshot table: {e}", e.code) from None
+            raise QemuError.wrap(e, "Failed to read snapshot table") from None
 
     for i in range(s.nb_snapshots):
         pre_offset = offset

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 from qio.aio import AIO, CoMutex, CoQueue, TaskPool, current_co
 from qio.block import io
 from qio.block.driver import (
+    BDRV_REQUEST_MAX_BYTES as BDRV_REQUEST_MAX_BYTES,
+)
+from qio.block.driver import (
     SECTOR,
     BlockDriver,
     IOVec,
@@ -20,15 +23,14 @@ from qio.block.driver import (
 from qio.block.errors import BlockError, QemuError
 from qio.block.events import Event
 from qio.block.qcow2 import layout as L
+from qio.numbers import INT64_MAX as INT64_MAX  # re-exported: the qcow2 modules take their limits from here
+from qio.numbers import INT_MAX as INT_MAX
 
 if TYPE_CHECKING:
     from qio.block.qcow2.bitmap import LoadedBitmap
     from qio.block.qcow2.cache import Qcow2Cache
 
 
-INT_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
-BDRV_REQUEST_MAX_BYTES = 0x7FFFFE00
 DEFAULT_L2_CACHE_MAX_SIZE = 32 << 20
 MIN_L2_CACHE_SIZE = 2
 MIN_REFCOUNT_CACHE_SIZE = 4
