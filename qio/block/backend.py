@@ -13,7 +13,6 @@ import errno
 import itertools
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -453,6 +452,8 @@ def open_backing(bs: BlockDriver, backing_opts: dict[str, Any] | None, flags: Op
 def temp_overlay(base: BlockDriver, flags: OpenFlags, warn: Warn) -> BlockDriver:
     """``bdrv_append_temp_snapshot``: a temporary qcow2 image (deleted at once, as QEMU's
     BDRV_O_TEMPORARY does) whose backing node is ``base``; made and opened through the registry."""
+    import tempfile  # only -s needs it (tempfile imports random: start-up time)
+
     size = io.getlength(base)
     tmpdir = tempfile.gettempdir()
     if tmpdir == "/tmp":
