@@ -99,16 +99,6 @@ def _name_node(node: BlockDriver, options: Options) -> None:
     node.open_options["driver"] = node.format_name
 
 
-def _protocol_of(filename: str) -> str | None:
-    """The ``proto:`` prefix of a filename, if it has one (a ':' before any '/')."""
-    for i, ch in enumerate(filename):
-        if ch == "/":
-            return None
-        if ch == ":":
-            return filename[:i]
-    return None
-
-
 def _check_leftovers(node: BlockDriver, options: Options, positional: bool = True) -> None:
     for key in options:
         if (key in GENERIC_OPTS and (positional or key != "filename")) or key in node.runtime_opts:
@@ -210,7 +200,7 @@ def _protocol_class(filename: Any, positional: bool = True) -> type[BlockDriver]
             cls = registry.find("host_device")
             assert cls is not None
             return cls
-        proto = _protocol_of(filename) if positional else None
+        proto = registry.protocol_of(filename) if positional else None
         if proto is not None:
             if proto not in registry.PROTOCOL_PREFIXES:
                 raise QemuError(f"Unknown protocol '{proto}'")
