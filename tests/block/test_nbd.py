@@ -838,3 +838,51 @@ def test_huge_data_chunk_for_block_status(tmp_path: Path) -> None:
     out, _, _ = fake_differential(tmp_path, script, ["-f", "raw", "-c", "alloc 0 2G", "nbd:unix:SOCK"],
                                   env={"QIO_NBD_TIMEOUT": "5"}, reference=QEMU_IO is not None)
     assert out == "is_allocated failed: Invalid argument\n"
+
+
+def _fuzz_server(seed: int) -> Callable[[Conn], None]:
+    """A seeded hostile server: garbage at a random stage (greeting, option replies, the reply to a
+    request), or well-formed headers with random types, flags and lengths, then it hangs up."""
+    import random
+
+    rng = random.Random(seed)
+    stage = rng.randrange(4)
+    junk = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 96)))
+
+    def script(c: Conn) -> None:
+        if stage == 0:
+            c.send(junk)
+            return
+        if stage == 1:
+            c.send(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3))
+            c.read(4)
+            _, opt, length = struct.unpack(">QII", c.read(16))
+            c.read(length)
+            c.send(struct.pack(">QII", REP_MAGIC, opt, rng.choice([1, 3, 4, 0x80000001, rng.getrandbits(32)]))
+                   + struct.pack(">I", rng.choice([0, 4, 18, 1 << 20, 0xFFFFFFFF])) + junk)
+            return
+        c.handshake()
+        _, _, handle, _, length = c.request()
+        if stage == 2:
+            c.send(junk)
+            return
+        ctype = rng.choice([0, 1, 2, 5, 0x8001, 0x8002, rng.getrandbits(16)])
+        clen = rng.choice([0, 4, 8, 12, length, length + 8, 0x7FFFFFF0, rng.getrandbits(32)])
+        flags = rng.getrandbits(16)
+        h = handle if rng.random() < 0.8 else rng.getrandbits(64)
+        c.send(struct.pack(">IHHQI", CHUNK, flags, ctype, h, clen) + junk)
+
+    return script
+
+
+@oracle
+@pytest.mark.parametrize("seed", range(24))
+def test_fuzzed_hostile_server(tmp_path: Path, seed: int) -> None:
+    """Whatever a broken server sends, qio ends with an error message: no traceback, no hang (the
+    run is bounded by QIO_NBD_TIMEOUT), no unbounded allocation (a 2 GiB length is never buffered)."""
+    out, err, rc = fake_differential(tmp_path, _fuzz_server(seed),
+                                     ["-f", "raw", "-c", "read 0 512", "-c", "map", "nbd:unix:SOCK"],
+                                     env={"QIO_NBD_TIMEOUT": "5"}, reference=False)
+    assert "Traceback" not in err and "Traceback" not in out, err
+    assert rc in (0, 1)
+    assert "read failed" in out or "can't open" in err or "read 512/512" in out, (out, err)
