@@ -382,6 +382,11 @@ def status_text(sh: Session) -> str:
         parts.append("suspended " + " ".join(suspended))
     if armed:
         parts.append("armed " + " ".join(f"{t}@{e}" for t, e in armed))
+    for export in sh.exports:  # qio's NBD server: its clients and what they have in flight
+        n = len(export.clients)
+        busy = sum(c.pending for c in export.clients)
+        where = os.path.basename(export.address) if export.address.startswith("unix:") else export.address
+        parts.append(f"nbd {where} {n} client{'s' if n != 1 else ''}" + (f" ({busy} req)" if busy else ""))
     return " " + "  ".join(p for p in parts if p) + "   F2: hide"
 
 

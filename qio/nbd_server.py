@@ -208,6 +208,7 @@ class Export:
         self.served += 1
         client = Client(self, reader, writer, self.served)
         self.clients.add(client)
+        self.aio.notify()  # the status line and a waiting ``nbd_server_stop -c`` look again
         task = asyncio.ensure_future(client.run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

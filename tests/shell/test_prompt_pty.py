@@ -238,3 +238,30 @@ def test_help_at_a_terminal_lists_no_refused_option(tmp_path: Path) -> None:
     t.wait("--image-opts")
     t.close()
     assert "--object" not in t.text()
+
+
+def test_status_line_shows_nbd_clients(term, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The NBD server's clients and their requests in flight appear in the status line as they come."""
+    import socket
+    import subprocess
+
+    sock = tmp_path / "s.sock"
+    t = term(DEBUG, cols=160)
+    t.sendline("break write_aio A")
+    ready(t, 2)
+    t.sendline(f"nbd_server_start unix:{sock}")
+    t.wait(lambda t: "nbd s.sock 0 clients" in t.lines()[-1])
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(str(sock))
+    t.wait(lambda t: "nbd s.sock 1 client " in t.lines()[-1])
+    client = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "write 0 4k", f"nbd+unix:///?socket={sock}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t.wait(lambda t: "2 clients (1 req)" in t.lines()[-1] and "suspended A" in t.lines()[-1])
+        t.sendline("resume A")
+        out, _ = client.communicate(timeout=30)
+    finally:
+        client.kill()
+        raw.close()
+    assert "wrote 4096/4096" in out
+    t.wait(lambda t: "nbd s.sock 0 clients" in t.lines()[-1])
