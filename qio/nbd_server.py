@@ -183,7 +183,13 @@ class Export:
                 # Listen on a temporary name, then rename: the socket appears only once it accepts.
                 tmp = f"{where}.{os.getpid()}.tmp"
                 self._server = await asyncio.start_unix_server(self._accept, tmp)
-                os.rename(tmp, where)
+                try:
+                    os.rename(tmp, where)
+                except OSError:
+                    self._server.close()
+                    self._server = None
+                    os.unlink(tmp)
+                    raise
                 self.address = f"unix:{where}"
             else:
                 assert isinstance(where, tuple)

@@ -243,6 +243,7 @@ def test_errors(raw: Path, tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     res = subprocess.run([sys.executable, "-m", "qio", "-f", "raw", "-c", "nbd_server_stop", "-c",
                           "nbd_server_start bogus", "-c", f"nbd_server_start unix:{tmp_path}/no/such/dir/s",
+                          "-c", f"nbd_server_start unix:{tmp_path}",
                           "-c", f"nbd_server_start unix:{sock}", "-c", f"nbd_server_start unix:{sock}2",
                           "-c", "nbd_server_start", str(raw)],
                          capture_output=True, text=True, env=ENV, timeout=60)
@@ -250,11 +251,12 @@ def test_errors(raw: Path, tmp_path: Path) -> None:
         "qio: no NBD server is running",
         "qio: nbd_server_start: bad address 'bogus' (unix:PATH or HOST:PORT)",
         f"qio: Failed to listen on 'unix:{tmp_path}/no/such/dir/s': No such file or directory",
+        f"qio: Failed to listen on 'unix:{tmp_path}': Is a directory",
         "qio: an NBD server is already running; stop it with nbd_server_stop",
         "bad argument count 0 to nbd_server_start, expected at least 1 arguments",
     ], res.stderr
     assert "stopped; 0 clients served" in res.stdout
-    assert not sock.exists()
+    assert not sock.exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_read_only_export_refuses_writes(raw: Path, tmp_path: Path) -> None:
