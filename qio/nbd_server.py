@@ -154,12 +154,11 @@ class Export:
     """One listening NBD server exporting the session's image under ``name``."""
 
     def __init__(self, aio: AioContext, blk: Callable[[], BlockBackend | None], name: str, writable: bool,
-                 report: Callable[[str], None], faults: list[Fault]) -> None:
+                 faults: list[Fault]) -> None:
         self.aio = aio
         self._blk = blk
         self.name = name
         self.writable = writable
-        self.report = report
         self.address = ""
         self.clients: set[Client] = set()
         self.served = 0

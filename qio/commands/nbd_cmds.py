@@ -37,7 +37,7 @@ async def run_nbd_server_start(session: Session, cmd: Start) -> int:
         session.out.error_report("an NBD server is already running; stop it with nbd_server_stop")
         return -errno.EBUSY
     export = Export(session.aio, lambda: session.blk, cmd.name, cmd.writable and not blk.flags.read_only,
-                    session.out.error_report, session.nbd_faults)
+                    session.nbd_faults)
     try:
         await export.start(cmd.address)
     except QemuError as e:
