@@ -51,6 +51,7 @@ FAULT_POINTS = ("handshake", "reply")
 FAULT_ACTIONS = ("disconnect", "delay", "error", "short", "malformed")
 FAULT_CMDS = {"read": P.CMD_READ, "write": P.CMD_WRITE, "flush": P.CMD_FLUSH, "trim": P.CMD_TRIM,
               "write-zeroes": P.CMD_WRITE_ZEROES, "block-status": P.CMD_BLOCK_STATUS}
+_CMD_NAMES = {v: k for k, v in FAULT_CMDS.items()}
 _ERRNO_NAMES = {"EPERM": errno.EPERM, "EIO": errno.EIO, "ENOMEM": errno.ENOMEM, "EINVAL": errno.EINVAL,
                 "ENOSPC": errno.ENOSPC, "EOVERFLOW": errno.EOVERFLOW, "ENOTSUP": errno.ENOTSUP,
                 "ESHUTDOWN": errno.ESHUTDOWN}
@@ -124,7 +125,7 @@ class Fault:
         return True
 
     def describe(self) -> str:
-        cmd = next((k for k, v in FAULT_CMDS.items() if v == self.cmd), "any")
+        cmd = "any" if self.cmd is None else _CMD_NAMES[self.cmd]
         extra = f" ns={self.ns}" if self.action == "delay" else f" errno={self.errno}" if self.errno else ""
         return (f"#{self.id} point={self.point} action={self.action}{extra} cmd={cmd} after={self.after} "
                 f"count={self.count} matched={self.matched} fired={self.fired}")
@@ -489,8 +490,7 @@ class Client:
             coro = _extents(blk.root, offset, length, bool(flags & P.CMD_FLAG_REQ_ONE))
         self.pending += 1
         self._idle.clear()
-        name = next(k for k, v in FAULT_CMDS.items() if v == cmd)
-        self.inflight[handle] = f"{name} {length} bytes at offset {offset} (handle {handle:#x})"
+        self.inflight[handle] = f"{_CMD_NAMES[cmd]} {length} bytes at offset {offset} (handle {handle:#x})"
 
         def finish(reply: list[bytes | memoryview], fault: Fault | None) -> None:
             self.inflight.pop(handle, None)

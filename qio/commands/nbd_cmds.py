@@ -33,7 +33,7 @@ async def run_nbd_server_start(session: Session, cmd: Start) -> int:
     from qio.nbd_server import Export
 
     blk = session.require_blk()
-    if any(e.address for e in session.exports):
+    if session.exports:
         session.out.error_report("an NBD server is already running; stop it with nbd_server_stop")
         return -errno.EBUSY
     export = Export(session.aio, lambda: session.blk, cmd.name, cmd.writable and not blk.flags.read_only,

@@ -163,14 +163,7 @@ def reopen(s: Qcow2State, flags: OpenFlags, options: dict[str, Any]) -> None:
     new = _prepare_options(s, opts, flags) if s.l2_cache is not None else None
 
     async def flush() -> None:
-        try:
-            await s.l2c.flush()
-        except BlockError as e:
-            raise QemuError.wrap(e, "Failed to flush the L2 table cache") from None
-        try:
-            await s.rbc.flush()
-        except BlockError as e:
-            raise QemuError.wrap(e, "Failed to flush the refcount block cache") from None
+        await _flush_caches(s)
         if new is not None and s.use_lazy_refcounts and not new.lazy_refcounts:
             try:
                 await mark_clean(s)
@@ -190,8 +183,8 @@ def reopen(s: Qcow2State, flags: OpenFlags, options: dict[str, Any]) -> None:
         _commit_options(s, new)
 
 
-async def _recreate_caches(s: Qcow2State) -> None:
-    """The cache part of ``qcow2_update_options``: flush the old caches, size new ones."""
+async def _flush_caches(s: Qcow2State) -> None:
+    """Write back the L2 and refcount-block caches, with ``qcow2_update_options_prepare``'s messages."""
     try:
         await s.l2c.flush()
     except BlockError as e:
@@ -200,4 +193,9 @@ async def _recreate_caches(s: Qcow2State) -> None:
         await s.rbc.flush()
     except BlockError as e:
         raise QemuError.wrap(e, "Failed to flush the refcount block cache") from None
+
+
+async def _recreate_caches(s: Qcow2State) -> None:
+    """The cache part of ``qcow2_update_options``: flush the old caches, size new ones."""
+    await _flush_caches(s)
     _update_options(s, {}, s.bs.flags, initial=False)
