@@ -162,6 +162,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     cflags.unmap = True
     file = open_node(child_opts, cflags, warn, protocol=True, positional=child_positional)
     probed = False
+    node: BlockDriver | None = None
     try:
         if cls is None:
             cls = _probe(file)
@@ -173,6 +174,7 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         node.filename = file.filename
         node.probed = probed
         node.children.append(Child("file", file))
+        node.open_child = lambda opts, fl, pos: open_node(opts, fl, warn, protocol=True, positional=pos)
         _name_node(node, options)
         node.refresh_limits()
         node.detect_zeroes = parse_detect_zeroes(options.get("detect-zeroes"), flags)
@@ -180,6 +182,9 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
         _check_leftovers(node, options, positional)
     except BaseException:
         _close_sync(file)
+        for c in node.children if node is not None else ():
+            if c.node is not file and c.name != "backing":  # a further data child (qcow2's data file)
+                _close_sync(c.node)
         raise
     if probed and node.format_name == "raw" and not flags.read_only:
         warn(f"WARNING: Image format was not specified for '{file.filename}' and probing guessed raw.\n"

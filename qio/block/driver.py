@@ -155,6 +155,9 @@ class BlockDriver:
     can_compress: ClassVar[bool] = False
     #: Set by the open code: raw text to stderr (warnings, qcow2 corruption messages).
     warn: Callable[[str], None] | None = None
+    #: Set by the open code for a format node: opens a further protocol-level child while the driver
+    #: opens (qcow2's data file), as ``bdrv_open_child`` does; drivers never import the backend.
+    open_child: OpenChild | None = None
     #: Set by ``BlockBackend.close``: QEMU's ``error_report`` for errors while closing.
     report: Callable[[str], None] | None = None
 

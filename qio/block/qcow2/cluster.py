@@ -42,6 +42,8 @@ from qio.block.qcow2.state import (
     _round_up,
     _unpack_entry,
     cx,
+    data_file_is_raw,
+    has_data_file,
     pwrite_sync,
     size_to_clusters,
 )
@@ -86,6 +88,10 @@ async def get_host_offset(s: Qcow2State, offset: int, nbytes: int) -> tuple[int,
                                                f"{cx(l2_offset)}, L2 index: {cx(slice_index)})")
             raise BlockError(errno.EIO)
         if ctype == L.CLUSTER_COMPRESSED:
+            if has_data_file(s):
+                await signal_corruption(s, True, f"Compressed cluster entry found in image with external data file "
+                                                   f"(L2 offset: {cx(l2_offset)}, L2 index: {cx(slice_index)})")
+                raise BlockError(errno.EIO)
             host = entry
         elif ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
             hc = entry & L.L2E_OFFSET_MASK
@@ -93,6 +99,11 @@ async def get_host_offset(s: Qcow2State, offset: int, nbytes: int) -> tuple[int,
             if hc & (cs - 1):
                 await signal_corruption(s, True, f"Cluster allocation offset {cx(hc)} unaligned (L2 offset: "
                                                    f"{cx(l2_offset)}, L2 index: {cx(slice_index)})")
+                raise BlockError(errno.EIO)
+            if has_data_file(s) and host != offset:
+                await signal_corruption(s, True, f"External data file host cluster offset {cx(hc)} does not match "
+                                                   f"guest cluster offset: {cx(offset - oic)}, L2 index: "
+                                                   f"{cx(slice_index)})")
                 raise BlockError(errno.EIO)
         nb_clusters = (needed + cs - 1) >> cb
         count = _count_contiguous(s, tbl, slice_index, nb_clusters, ctype, entry)
@@ -376,7 +387,9 @@ async def _handle_alloc(s: Qcow2State, guest_offset: int, host_offset: int | Non
         tbl = c.tables[ci]
         nb_clusters = _count_single_write_clusters(s, nb_clusters, tbl, l2_index, True)
         assert nb_clusters > 0
-        if host_offset is None:
+        if has_data_file(s):  # do_alloc_cluster_offset: the data file maps guest offsets 1:1
+            alloc = guest_offset & ~(cs - 1)
+        elif host_offset is None:
             alloc = await alloc_clusters(s, nb_clusters * cs)
         else:
             alloc = host_offset & ~(cs - 1)
@@ -466,7 +479,7 @@ async def alloc_cluster_link_l2(s: Qcow2State, m: L2Meta) -> None:
 
 
 async def alloc_cluster_abort(s: Qcow2State, m: L2Meta) -> None:
-    if not m.keep_old:
+    if not m.keep_old and not has_data_file(s):
         await free_clusters(s, m.alloc_offset, m.nb_clusters << s.cluster_bits, DISCARD_NEVER)
 
 
@@ -551,6 +564,8 @@ async def _zero_in_l2_slice(s: Qcow2State, offset: int, nb: int, flags: int) -> 
 async def subcluster_zeroize(s: Qcow2State, offset: int, nbytes: int, flags: int) -> None:
     """``qcow2_subcluster_zeroize`` without subclusters (lock held)."""
     cs = s.cluster_size
+    if data_file_is_raw(s):  # the raw data file must read as zeroes too
+        await io.pwrite_zeroes(s.data_file, offset, nbytes, flags)
     end = offset + nbytes
     if s.qcow_version < 3:
         if s.bs.backing is None:

@@ -16,7 +16,7 @@ from qio.block.qcow2 import layout as L
 from qio.block.qcow2.cluster import _l2_entry, get_cluster_table
 from qio.block.qcow2.overlap import pre_write_overlap_check
 from qio.block.qcow2.refcount import alloc_bytes
-from qio.block.qcow2.state import Qcow2State, _event, _length, _pack_entry, _pread
+from qio.block.qcow2.state import Qcow2State, _event, _length, _pack_entry
 
 if TYPE_CHECKING:
     pass
@@ -27,7 +27,8 @@ async def _preadv_compressed(s: Qcow2State, l2_entry: int, offset: int, nbytes: 
     coffset, csize = L.parse_compressed(l2_entry, s.csize)
     cs = s.cluster_size
     await _event(s, Event.READ_COMPRESSED)
-    buf = await _pread(s, coffset, csize)
+    buf = bytearray(csize)
+    await io.preadv(s.data_file, coffset, csize, [memoryview(buf)])
     try:
         out = zlib.decompressobj(-12).decompress(bytes(buf), cs)
     except zlib.error:
@@ -40,6 +41,8 @@ async def _preadv_compressed(s: Qcow2State, l2_entry: int, offset: int, nbytes: 
 
 async def _pwritev_compressed_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> None:
     cs = s.cluster_size
+    if s.data_node is not None:  # has_data_file: no compressed clusters in an external data file
+        raise BlockError(errno.ENOTSUP)
     if nbytes == 0:
         await io.truncate(s.bs.file, io.getlength(s.bs.file), False, "off")
         return
@@ -72,7 +75,7 @@ async def _pwritev_compressed_task(s: Qcow2State, offset: int, nbytes: int, qiov
     finally:
         s.lock.unlock()
     await _event(s, Event.WRITE_COMPRESSED)
-    await io.pwritev(s.bs.file, host, len(out), [memoryview(out)])
+    await io.pwritev(s.data_file, host, len(out), [memoryview(out)])
 
 
 async def _alloc_compressed_cluster_offset(s: Qcow2State, offset: int, size: int) -> int:

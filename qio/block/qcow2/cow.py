@@ -75,4 +75,4 @@ async def _do_cow_write(s: Qcow2State, host: int, qiov: IOVec) -> None:
         return
     await pre_write_overlap_check(s, 0, host, n, True)
     await _event(s, Event.COW_WRITE)
-    await io.pwritev(s.bs.file, host, n, qiov)
+    await io.pwritev(s.data_file, host, n, qiov)

@@ -20,10 +20,10 @@ from qio.block.driver import (
 )
 from qio.block.modes import OpenFlags
 from qio.block.perms import PERM_CONSISTENT_READ, PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED
+from qio.block.qcow2 import datafile, resize, rw
 from qio.block.qcow2 import layout as L
 from qio.block.qcow2 import open as qopen
 from qio.block.qcow2 import options as qoptions
-from qio.block.qcow2 import resize, rw
 from qio.block.qcow2.compress import _pwritev_compressed_part
 from qio.block.qcow2.rw import _preadv_part, _pwritev_part
 from qio.block.qcow2.state import OL_OPTIONS, Qcow2State, _check_usable, _length, vm_state_offset
@@ -156,8 +156,9 @@ class Qcow2Driver(BlockDriver):
             ("lazy-refcounts", bool(s.compatible_features & L.COMPAT_LAZY_REFCOUNTS))]
         if s.bitmaps_info:
             info.append(("bitmaps", s.bitmaps_info))
-        info += [("refcount-bits", s.refcount_bits),
-                 ("corrupt", bool(s.incompatible_features & L.INCOMPAT_CORRUPT)),
+        info.append(("refcount-bits", s.refcount_bits))
+        info += datafile.specific_info(s)
+        info += [("corrupt", bool(s.incompatible_features & L.INCOMPAT_CORRUPT)),
                  ("extended-l2", bool(s.incompatible_features & L.INCOMPAT_EXTL2))]
         return info
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from qio.block import io
 from qio.block.errors import BlockError
+from qio.block.qcow2 import datafile
 from qio.block.qcow2 import layout as L
 from qio.block.qcow2.state import Qcow2State, _is_writable, _length, _pack_entry, _stderr, pwrite_sync
 
@@ -60,6 +61,7 @@ async def update_header(s: Qcow2State) -> None:
         out += s.unknown_header_fields
     if s.image_backing_format:
         out += L.ext_record(L.EXT_BACKING_FORMAT, s.image_backing_format.encode("utf-8", "surrogateescape"))
+    out += datafile.ext_record(s)
     if s.qcow_version >= 3 and cs > 4096:
         out += L.ext_record(L.EXT_FEATURE_TABLE, L.feature_table_bytes())
     if s.nb_bitmaps > 0:

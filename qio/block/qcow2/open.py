@@ -15,6 +15,7 @@ from qio.block.driver import (
 from qio.block.errors import BlockError, QemuError, report_error
 from qio.block.events import Event
 from qio.block.modes import OpenFlags
+from qio.block.qcow2 import datafile
 from qio.block.qcow2 import layout as L
 from qio.block.qcow2.header import update_header
 from qio.block.qcow2.options import _update_options
@@ -46,9 +47,13 @@ def qcow2_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> None
     s.bs.flags = flags
     s.bs.read_only = flags.read_only
     try:
-        run_sync(_do_open(s, options, flags))
-    except BlockError as e:
-        raise QemuError(str(e), e.code) from None
+        try:
+            run_sync(_do_open(s, options, flags))
+        except BlockError as e:
+            raise QemuError(str(e), e.code) from None
+    except BaseException:
+        datafile.close_on_failure(s)
+        raise
     s.bs.supported_zero_flags = (REQ_MAY_UNMAP | REQ_NO_FALLBACK) if s.qcow_version >= 3 else 0
     s.bs.supported_write_flags = 0
     s.bs.request_alignment = 1
@@ -148,15 +153,11 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
     _update_options(s, options, flags, initial=True)
     await _refcount_init(s)
     await _read_extensions(s, h.header_length, ext_end, want_feature_table=False)
+    datafile.open_data_file(s, options, flags)
     if s.crypt_method_header == L.CRYPT_AES:
         raise QemuError(NO_KEY, errno.EINVAL)
     if s.crypt_method_header == L.CRYPT_LUKS:
         raise QemuError("Missing CRYPTO header for crypt method 2", errno.EINVAL)
-    if s.incompatible_features & L.INCOMPAT_DATA_FILE:
-        raise QemuError("qio does not support qcow2 images with an external data file "
-                        "(incompatible feature bit 2)", errno.ENOTSUP)
-    if s.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW:
-        raise QemuError("data-file-raw requires a data file", errno.EINVAL)
     if h.backing_file_offset:
         n = h.backing_file_size
         if n > min(L.MAX_BACKING_FILE_NAME, cs - h.backing_file_offset):
@@ -282,7 +283,7 @@ async def _read_extensions(s: Qcow2State, start: int, end: int, want_feature_tab
         elif magic == L.EXT_BITMAPS:
             _read_bitmaps_ext(s, data, length)
         elif magic == L.EXT_DATA_FILE:
-            pass  # refused with the incompatible bit below
+            datafile.read_ext(s, data)
         else:
             s.unknown_header_ext.insert(0, (magic, data))
         offset += (length + 7) & ~7

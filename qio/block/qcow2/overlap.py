@@ -24,6 +24,7 @@ from qio.block.qcow2.state import (
     _round_up,
     _unpack_entry,
     _validate_table,
+    has_data_file,
 )
 
 if TYPE_CHECKING:
@@ -156,6 +157,8 @@ def _set_overlaps(s: Qcow2State, offsets: set[int], unaligned: int, start: int, 
 
 
 async def pre_write_overlap_check(s: Qcow2State, ign: int, offset: int, size: int, data_file: bool) -> None:
+    if data_file and has_data_file(s):
+        return  # a write to the external data file cannot hit the metadata
     ret = await check_metadata_overlap(s, ign, offset, size)
     if ret:
         bit = ret & -ret

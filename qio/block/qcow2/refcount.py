@@ -206,8 +206,15 @@ async def free_clusters(s: Qcow2State, offset: int, size: int, dtype: int) -> No
 
 
 async def free_any_cluster(s: Qcow2State, l2_entry: int, dtype: int) -> None:
-    """``qcow2_free_any_cluster``."""
+    """``qcow2_free_any_cluster``; with a data file only a discard passes through to it."""
     ctype = L.cluster_type(l2_entry)
+    if s.data_node is not None:  # has_data_file
+        if s.discard_passthrough[dtype] and ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
+            try:
+                await io.pdiscard(s.data_file, l2_entry & L.L2E_OFFSET_MASK, s.cluster_size)
+            except BlockError:
+                pass  # bdrv_pdiscard's result is ignored
+        return
     if ctype == L.CLUSTER_COMPRESSED:
         coffset, csize = L.parse_compressed(l2_entry, s.csize)
         await free_clusters(s, coffset, csize, dtype)

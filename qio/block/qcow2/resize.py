@@ -41,6 +41,8 @@ from qio.block.qcow2.state import (
     _length,
     _pack_entry,
     _round_up,
+    data_file_is_raw,
+    has_data_file,
     pwrite_sync,
     size_to_l1,
 )
@@ -73,7 +75,11 @@ async def co_truncate(s: Qcow2State, offset: int, exact: bool, prealloc: str, fl
                 await grow_l1_table(s, new_l1_size, True)
             except BlockError as e:
                 raise QemuError.wrap(e, "Failed to grow the L1 table") from None
-        if prealloc == "metadata":
+            if data_file_is_raw(s) and prealloc == "off":
+                prealloc = "metadata"  # the raw data file stays mapped 1:1
+        if prealloc == "off" and has_data_file(s):
+            await io.truncate(s.data_file, offset, exact, prealloc)
+        elif prealloc == "metadata" or (prealloc != "off" and has_data_file(s)):
             await _preallocate(s, old_length, offset, prealloc)
         elif prealloc != "off":
             flags = await _preallocate_data(s, old_length, offset, prealloc, flags)
@@ -222,6 +228,6 @@ async def _preallocate(s: Qcow2State, offset: int, new_length: int, mode: str) -
         finally:
             await handle_l2meta(s, metas, False)
         offset += cur
-    file_length = io.getlength(s.bs.file)
+    file_length = io.getlength(s.data_file)
     if host + cur > file_length:
-        await io.truncate(s.bs.file, host + cur, False, "off" if mode == "metadata" else mode)
+        await io.truncate(s.data_file, host + cur, False, "off" if mode == "metadata" else mode)

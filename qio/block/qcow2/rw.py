@@ -130,7 +130,7 @@ async def _preadv_task(s: Qcow2State, ctype: int, host: int, offset: int, nbytes
         await _preadv_compressed(s, host, offset, nbytes, qiov)
     else:
         await _event(s, Event.READ_AIO)
-        await io.preadv(s.bs.file, host, nbytes, qiov)
+        await io.preadv(s.data_file, host, nbytes, qiov)
 
 
 async def _pwritev_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> None:
@@ -174,7 +174,7 @@ async def _pwritev_task(s: Qcow2State, host: int, offset: int, nbytes: int, qiov
         await _handle_alloc_space(s, metas)
         if not _merge_cow(offset, nbytes, qiov, metas):
             await _event(s, Event.WRITE_AIO)
-            await io.pwritev(s.bs.file, host, nbytes, qiov)
+            await io.pwritev(s.data_file, host, nbytes, qiov)
     except BaseException:
         await s.lock.lock()
         try:
@@ -208,7 +208,7 @@ def _merge_cow(offset: int, nbytes: int, qiov: IOVec, metas: list[L2Meta]) -> bo
 
 async def _handle_alloc_space(s: Qcow2State, metas: list[L2Meta]) -> None:
     """``handle_alloc_space``: zero whole new clusters instead of copying zeroes into them."""
-    if not s.bs.file.supported_zero_flags & REQ_NO_FALLBACK:
+    if not s.data_file.supported_zero_flags & REQ_NO_FALLBACK:
         return
     for m in reversed(metas):
         if not m.cow_start_n and not m.cow_end_n:
@@ -221,7 +221,7 @@ async def _handle_alloc_space(s: Qcow2State, metas: list[L2Meta]) -> None:
         await pre_write_overlap_check(s, 0, start, n, True)
         await _event(s, Event.CLUSTER_ALLOC_SPACE)
         try:
-            await io.pwrite_zeroes(s.bs.file, start, n, REQ_NO_FALLBACK)
+            await io.pwrite_zeroes(s.data_file, start, n, REQ_NO_FALLBACK)
         except BlockError as e:
             if e.code not in (errno.ENOTSUP, errno.EAGAIN):
                 raise

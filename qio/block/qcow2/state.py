@@ -211,6 +211,17 @@ class Qcow2State:
     _drop_bitmaps_ext: bool = False
     bitmaps_info: list[list[tuple[str, Any]]] = field(default_factory=list)
     rw_bitmaps: list[LoadedBitmap] | None = None  # only for qemu-img check -r
+    #: the external data file's name from the header extension (``s->image_data_file``)
+    image_data_file: str | None = None
+    #: the external data file node (QEMU's ``s->data_file`` when it is not ``bs->file``)
+    data_node: BlockDriver | None = None
+
+    @property
+    def data_file(self) -> BlockDriver:
+        """The data child (``s->data_file``): every guest-data access of qcow2 goes to this node,
+        the external data file when there is one, else the image file itself."""
+        d = self.data_node
+        return d if d is not None else self.bs.file
 
     @property
     def l2c(self) -> Qcow2Cache:
@@ -223,6 +234,16 @@ class Qcow2State:
         """The refcount block cache (exists once the image is open)."""
         assert self.refblock_cache is not None
         return self.refblock_cache
+
+def has_data_file(s: Qcow2State) -> bool:
+    """``has_data_file``: guest data lives in an external data file (not in the image file)."""
+    return s.data_node is not None
+
+
+def data_file_is_raw(s: Qcow2State) -> bool:
+    """``data_file_is_raw``: the data file is kept a valid raw image of the guest disk."""
+    return bool(s.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW)
+
 
 def _stderr(s: Qcow2State, text: str) -> None:
     if callable(s.bs.warn):
