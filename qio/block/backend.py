@@ -119,7 +119,8 @@ def open_node(options: Options, flags: OpenFlags, warn: Warn, *, protocol: bool 
     ``--image-opts``) of a format node is not.
     """
     filename = options.get("filename")
-    if isinstance(filename, str) and filename.startswith("json:"):
+    # bdrv_open_inherit parses json: in the file name argument only, never in a "filename" option
+    if positional and isinstance(filename, str) and filename.startswith("json:"):
         parsed = parse_json_filename(filename)
         del options["filename"]
         for k, v in parsed.items():

@@ -471,6 +471,13 @@ class FileDriver(BlockDriver):
                 os.ftruncate(self.fd, offset)
             except OSError as e:
                 raise fail("Could not resize file", e) from None
+            if current == 0 and offset > 0:
+                # allocate_first_block: file-posix writes zeroes to the first block of a file grown from
+                # empty (it speeds up later alignment probing); failures are ignored
+                try:
+                    os.pwrite(self.fd, bytes(512 if offset < 4096 else 4096), 0)
+                except OSError:
+                    pass
         elif prealloc == "falloc":
             if offset != current:
                 try:

@@ -297,6 +297,7 @@ def _probe_backing(ctx: Ctx, filename: str, backing_file: str, backing_fmt: str 
         full = filename[: filename.rfind("/") + 1] + backing_file
     flags = OpenFlags()
     flags.read_only = True
+    flags.no_io = True  # bdrv_img_create opens the backing image with BDRV_O_NO_IO
     try:
         blk = open_backend(ctx, full, backing_fmt, flags, force_share=True, no_backing=True)
     except QemuError as e:
@@ -323,6 +324,14 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
     except OSError as e:
         code = e.errno or errno.EIO
         raise QemuError(f"Could not create '{filename}': {os.strerror(code)}", code) from None
+    data_file = o.get("data_file")
+    if data_file is not None:
+        # bdrv_create_file of the data file: created empty (qcow2's truncate gives it its size)
+        try:
+            create_raw(data_file, 0, None)
+        except QemuError:
+            os.unlink(filename)
+            raise
     try:
         version = 3
         compat = o.get("compat")
@@ -340,7 +349,7 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
         ctype = o.get("compression_type") or "zlib"
         if ctype not in ("zlib", "zstd"):
             raise QemuError(f"Parameter 'compression-type' does not accept value '{ctype}'")
-        unsupported = [name for name in ("encryption", "encrypt.format", "data_file", "data_file_raw")
+        unsupported = [name for name in ("encryption", "encrypt.format")
                        if o.get(name) is not None and opt_bool_or_str(o.get(name))]
         if opt_bool({"x": o.get("extended_l2") or "off"}, "x", False):
             unsupported.append("extended_l2")
@@ -351,12 +360,15 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
                             "for qcow2 images", errno.ENOTSUP)
     except QemuError:
         os.unlink(filename)
+        if data_file is not None:
+            os.unlink(data_file)
         raise
     rc = o.num.get("refcount_bits", 16)
     await create_async(filename, (size + 511) // 512 * 512, cluster_size=o.num.get("cluster_size", 65536),
                        version=version, refcount_bits=rc - 2**64 if rc >= 2**63 else rc,
                        lazy_refcounts=opt_bool(o.str, "lazy_refcounts", False), backing_file=o.get("backing_file"),
-                       backing_fmt=backing_fmt, preallocation=prealloc, warn=ctx.out.reporter())
+                       backing_fmt=backing_fmt, preallocation=prealloc, warn=ctx.out.reporter(),
+                       data_file=data_file, data_file_raw=opt_bool(o.str, "data_file_raw", False))
 
 
 def opt_bool_or_str(value: str | None) -> bool:

@@ -198,7 +198,9 @@ async def img_info(ctx: Ctx, argv: list[str]) -> int:
             ctx.out.error_report(f"Backing file '{filename}' creates an infinite loop.")
             return 1
         seen.add(filename)
-        blk = open_image(ctx, filename, fmt, _read_only(), force_share=force_share, no_backing=True,
+        flags = _read_only()
+        flags.no_io = True  # BDRV_O_NO_IO: info opens no data file
+        blk = open_image(ctx, filename, fmt, flags, force_share=force_share, no_backing=True,
                          image_opts=image_opts)
         if blk is None:
             return 1

@@ -43,6 +43,7 @@ from qio.block.qcow2.state import (
     Qcow2State,
     _pread,
     _stderr,
+    cluster_type,
     pwrite_sync,
     size_to_clusters,
 )
@@ -171,7 +172,7 @@ class Checker:
             entry = _ENTRY.unpack_from(table, i * 8)[0]
             if not entry:
                 continue
-            ctype = L.cluster_type(entry)
+            ctype = cluster_type(s, entry)
             if ctype != L.CLUSTER_COMPRESSED and entry & L.L2E_STD_RESERVED_MASK:
                 self.say(f"ERROR found l2 entry with reserved bits set: {entry:x}\n")
                 res.corruptions += 1
@@ -181,6 +182,10 @@ class Checker:
                              "for compressed clusters\n")
                     entry &= ~L.OFLAG_COPIED
                     res.corruptions += 1
+                if s.data_node is not None:  # has_data_file
+                    self.say(f"ERROR compressed cluster {i} with data file, entry=0x{entry:x}\n")
+                    res.corruptions += 1
+                    continue
                 coffset, csize = L.parse_compressed(entry, s.csize)
                 await self.inc_refcounts(res, imrt, coffset, csize)
                 if frag:  # compressed clusters count as fragmented by nature
@@ -209,7 +214,8 @@ class Checker:
                     if next_contiguous and offset != next_contiguous:
                         res.fragmented_clusters += 1
                     next_contiguous = offset + cs
-                await self.inc_refcounts(res, imrt, offset, cs)
+                if s.data_node is None:  # data clusters in an external data file have no refcount
+                    await self.inc_refcounts(res, imrt, offset, cs)
 
     async def check_l1(self, res: CheckResult, imrt: Imrt, l1_offset: int, l1_size: int, flags: int, fix: int,
                        active: bool) -> None:
@@ -278,10 +284,11 @@ class Checker:
             dirty = 0
             for j in range(s.l2_size):
                 entry = _ENTRY.unpack_from(table, j * 8)[0]
-                if L.cluster_type(entry) not in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
+                if cluster_type(s, entry) not in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
                     continue
                 try:
-                    refcount = await get_refcount(s, (entry & L.L2E_OFFSET_MASK) >> cb)
+                    refcount = 1 if s.data_node is not None else \
+                        await get_refcount(s, (entry & L.L2E_OFFSET_MASK) >> cb)
                 except BlockError:
                     continue
                 if (refcount == 1) != bool(entry & L.OFLAG_COPIED):
@@ -371,6 +378,9 @@ class Checker:
             imrt.realloc(nb[0])
         await self.inc_refcounts(res, imrt, 0, s.cluster_size)
         await self.check_l1(res, imrt, s.l1_table_offset, s.l1_size, CHECK_FRAG_INFO, fix, True)
+        if s.data_node is not None and s.nb_snapshots:
+            self.say(f"ERROR {s.nb_snapshots} snapshots in image with data file\n")
+            res.corruptions += 1
         for sn in s.snapshots:
             if sn.l1_table_offset & (s.cluster_size - 1):
                 self.say(f"ERROR snapshot {sn.id_str} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: L1 table is not "

@@ -41,6 +41,7 @@ from qio.block.qcow2.state import (
     _pack_entry,
     _round_up,
     _unpack_entry,
+    cluster_type,
     cx,
     data_file_is_raw,
     has_data_file,
@@ -81,7 +82,7 @@ async def get_host_offset(s: Qcow2State, offset: int, nbytes: int) -> tuple[int,
     try:
         tbl = c.tables[ci]
         entry = _l2_entry(s, tbl, slice_index)
-        ctype = L.cluster_type(entry)
+        ctype = cluster_type(s, entry)
         host = 0
         if s.qcow_version < 3 and ctype in (L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC):
             await signal_corruption(s, True, f"Zero cluster entry found in pre-v3 image (L2 offset: "
@@ -123,7 +124,7 @@ def _count_contiguous(s: Qcow2State, tbl: bytearray, index: int, nb_clusters: in
         # fast path over a run of all-zero entries, then entry by entry
         chunk = tbl[(index + 1) * 8: end * 8]
         k = index + 1 + (len(chunk) - len(chunk.lstrip(b"\0"))) // 8
-        while k < end and L.cluster_type(_l2_entry(s, tbl, k)) == L.CLUSTER_UNALLOCATED:
+        while k < end and cluster_type(s, _l2_entry(s, tbl, k)) == L.CLUSTER_UNALLOCATED:
             k += 1
         return k - index
     check_offset = ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC)
@@ -132,7 +133,7 @@ def _count_contiguous(s: Qcow2State, tbl: bytearray, index: int, nb_clusters: in
     count = 1
     for k in range(index + 1, end):
         e = _l2_entry(s, tbl, k)
-        if L.cluster_type(e) != ctype:
+        if cluster_type(s, e) != ctype:
             break
         if check_offset:
             expected += cs
@@ -260,8 +261,8 @@ async def grow_l1_table(s: Qcow2State, min_size: int, exact_size: bool) -> None:
     await free_clusters(s, old_offset, old_size * 8, DISCARD_OTHER)
 
 
-def _needs_new_alloc(entry: int) -> bool:
-    ctype = L.cluster_type(entry)
+def _needs_new_alloc(s: Qcow2State, entry: int) -> bool:
+    ctype = cluster_type(s, entry)
     if ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
         return not entry & L.OFLAG_COPIED
     return True
@@ -273,7 +274,7 @@ def _count_single_write_clusters(s: Qcow2State, nb: int, tbl: bytearray, index: 
     i = 0
     while i < nb:
         e = _l2_entry(s, tbl, index + i)
-        if _needs_new_alloc(e) != new_alloc:
+        if _needs_new_alloc(s, e) != new_alloc:
             break
         if not new_alloc:
             if expected != e & L.L2E_OFFSET_MASK:
@@ -293,12 +294,12 @@ def _calculate_l2_meta(s: Qcow2State, host_cluster_offset: int, guest_offset: in
     nb_clusters = (cow_end_from + cs - 1) >> cb
     if keep_old:
         # a write into allocated, COPIED clusters needs no metadata update (no subclusters)
-        skip = all(L.cluster_type(_l2_entry(s, tbl, l2_index + i)) == L.CLUSTER_NORMAL
+        skip = all(cluster_type(s, _l2_entry(s, tbl, l2_index + i)) == L.CLUSTER_NORMAL
                    for i in range(nb_clusters))
         if skip:
             return
-    first_type = L.cluster_type(_l2_entry(s, tbl, l2_index))
-    last_type = L.cluster_type(_l2_entry(s, tbl, l2_index + nb_clusters - 1))
+    first_type = cluster_type(s, _l2_entry(s, tbl, l2_index))
+    last_type = cluster_type(s, _l2_entry(s, tbl, l2_index + nb_clusters - 1))
     if not keep_old:
         cow_start_from = 0
         cow_end_to = _round_up(cow_end_from, cs)
@@ -357,7 +358,7 @@ async def _handle_copied(s: Qcow2State, guest_offset: int, host_offset: int | No
         tbl = c.tables[ci]
         entry = _l2_entry(s, tbl, l2_index)
         cluster_offset = entry & L.L2E_OFFSET_MASK
-        if not _needs_new_alloc(entry):
+        if not _needs_new_alloc(s, entry):
             if cluster_offset & (cs - 1):
                 kind = "Preallocated zero" if entry & L.OFLAG_ZERO else "Data"
                 await signal_corruption(s, True, f"{kind} cluster offset {cx(cluster_offset)} unaligned "
@@ -527,7 +528,7 @@ async def _discard_in_l2_slice(s: Qcow2State, offset: int, nb: int, dtype: int, 
             new = old
             if full_discard:
                 new = 0
-            elif s.bs.backing is not None or L.cluster_is_allocated(L.cluster_type(old)):
+            elif s.bs.backing is not None or L.cluster_is_allocated(cluster_type(s, old)):
                 new = L.OFLAG_ZERO if s.qcow_version >= 3 else 0
             if old == new:
                 continue
@@ -547,7 +548,7 @@ async def _zero_in_l2_slice(s: Qcow2State, offset: int, nb: int, flags: int) -> 
     try:
         for i in range(nb):
             old = _l2_entry(s, tbl, l2_index + i)
-            ctype = L.cluster_type(old)
+            ctype = cluster_type(s, old)
             unmap = ctype == L.CLUSTER_COMPRESSED or bool(flags & REQ_MAY_UNMAP and L.cluster_is_allocated(ctype))
             new = (0 if unmap else old) | L.OFLAG_ZERO
             if old == new:

@@ -18,6 +18,7 @@ from qio.block.driver import BlockDriver, Child
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 from qio.block.qcow2 import layout as L
+from qio.block.qcow2.datafile import set_feature_bits, validate_create
 
 Warn = Callable[[str], None]
 
@@ -55,7 +56,8 @@ def create(filename: str, size: int, **kw: Any) -> None:
 
 async def create_async(filename: str, size: int, *, cluster_size: int = 65536, version: int = 3,
                        refcount_bits: int = 16, lazy_refcounts: bool = False, backing_file: str | None = None,
-                       backing_fmt: str | None = None, preallocation: str = "off", warn: Warn | None = None) -> None:
+                       backing_fmt: str | None = None, preallocation: str = "off", warn: Warn | None = None,
+                       data_file: str | None = None, data_file_raw: bool = False) -> None:
     """Create (or overwrite) ``filename`` as a qcow2 image of ``size`` bytes (``qcow2_co_create_opts``).
 
     The file is created (emptied) first and deleted again if anything fails, as QEMU does.  Errors are
@@ -72,15 +74,20 @@ async def create_async(filename: str, size: int, *, cluster_size: int = 65536, v
             validate(size, cluster_size=cluster_size, version=version, refcount_bits=refcount_bits,
                      lazy_refcounts=lazy_refcounts, backing_file=backing_file, backing_fmt=backing_fmt,
                      preallocation=preallocation)
+            preallocation = validate_create(version, data_file, data_file_raw, backing_file, preallocation)
             _write_minimal_image(fd, cluster_size, version, refcount_bits, lazy_refcounts)
+            if data_file is not None:
+                set_feature_bits(fd, data_file_raw)
         finally:
             os.close(fd)
-        await _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn)
+        await _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn, data_file)
     except BaseException:
-        try:
-            os.unlink(filename)
-        except OSError:
-            pass
+        for name in (filename, data_file):
+            try:
+                if name is not None:
+                    os.unlink(name)
+            except OSError:
+                pass
         raise
 
 
@@ -100,7 +107,7 @@ def _write_minimal_image(fd: int, cluster_size: int, version: int, refcount_bits
         raise QemuError(f"Could not write qcow2 header: {os.strerror(code)}", code) from None
 
 
-def _open_new(filename: str, flags: OpenFlags, warn: Warn) -> BlockDriver:
+def _open_new(filename: str, flags: OpenFlags, warn: Warn, data_file: str | None = None) -> BlockDriver:
     """The new image as a qcow2 node over a file node (no backing file, no options to check), opened
     here rather than through ``backend.open_node``: drivers stay below the generic layer."""
     from qio.block import registry
@@ -116,8 +123,19 @@ def _open_new(filename: str, flags: OpenFlags, warn: Warn) -> BlockDriver:
     node.filename = file.filename
     node.children.append(Child("file", file))
     node.refresh_limits()
+    opts: dict[str, Any] = {}
+    if data_file is not None:  # qcow2_co_create opens the new image with its data file node
+        def open_child(o: dict[str, Any], fl: OpenFlags, _positional: bool) -> BlockDriver:
+            assert file_cls is not None
+            child = file_cls()
+            child.flags = fl
+            child.open(o, fl)
+            return child
+
+        node.open_child = open_child
+        opts["data-file.filename"] = data_file
     try:
-        node.open({}, flags)
+        node.open(opts, flags)
     except BaseException:
         file.closed()
         raise
@@ -125,7 +143,7 @@ def _open_new(filename: str, flags: OpenFlags, warn: Warn) -> BlockDriver:
 
 
 async def _build(filename: str, size: int, cluster_size: int, backing_file: str | None, backing_fmt: str | None,
-                 preallocation: str, warn: Warn | None) -> None:
+                 preallocation: str, warn: Warn | None, data_file: str | None = None) -> None:
     """Open the minimal image with the qcow2 driver and let it make itself consistent and grow."""
     from qio.block.qcow2.driver import Qcow2Driver
     from qio.block.qcow2.header import update_header
@@ -133,8 +151,9 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
 
     flags = OpenFlags()
     flags.no_flush = True
-    node = _open_new(filename, flags, warn or (lambda _m: None))
+    node = _open_new(filename, flags, warn or (lambda _m: None), data_file)
     assert isinstance(node, Qcow2Driver)
+    node.s.image_data_file = data_file
 
     async def build() -> None:
         try:

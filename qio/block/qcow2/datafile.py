@@ -62,7 +62,7 @@ def open_data_file(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
         return
     opener = bs.open_child
     node = None
-    if isinstance(ref, str) and ref != "":
+    if isinstance(ref, str):
         if sub:
             raise QemuError("Cannot reference an existing block device with additional options or a new filename")
         raise QemuError(f"Cannot find device='{ref}' nor node-name='{ref}'")
@@ -75,9 +75,11 @@ def open_data_file(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
     if incompat:
         if node is None and s.image_data_file is not None:
             assert opener is not None
-            child = {"filename": s.image_data_file}
+            # the name from the image is a plain file name: QEMU 7.2 applies no protocol prefix and no
+            # json: syntax to it
+            child = {"driver": "file", "filename": s.image_data_file}
             cflags = _inherit(options, child, flags)
-            node = opener(child, cflags, True)
+            node = opener(child, cflags, False)
         if node is None:
             raise QemuError("'data-file' is required for this image", errno.EINVAL)
         s.data_node = node
@@ -130,6 +132,15 @@ def validate_create(version: int, data_file: str | None, data_file_raw: bool, ba
         raise QemuError("External data files are only supported with compatibility level 1.1 and above "
                         "(use version=v3 or greater)", errno.EINVAL)
     return preallocation
+
+
+def set_feature_bits(fd: int, data_file_raw: bool) -> None:
+    """The data file bits of the minimal header ``qcow2_co_create`` writes first."""
+    import os
+
+    os.pwrite(fd, L.ENTRY.pack(L.INCOMPAT_DATA_FILE), L.OFF_INCOMPATIBLE_FEATURES)
+    if data_file_raw:
+        os.pwrite(fd, L.ENTRY.pack(L.AUTOCLEAR_DATA_FILE_RAW), L.OFF_INCOMPATIBLE_FEATURES + 16)
 
 
 class _NoIO(BlockDriver):

@@ -91,7 +91,7 @@ class Qcow2Driver(BlockDriver):
     async def co_block_status_map(self, want_zero: bool, offset: int,
                                   nbytes: int) -> tuple[int, int, int, BlockDriver | None]:
         status, pnum, host = await rw._own_block_status(self.s, offset, nbytes)
-        return status, pnum, host, (self.file if status & BLOCK_OFFSET_VALID else None)
+        return status, pnum, host, (self.s.data_file if status & BLOCK_OFFSET_VALID else None)
 
     async def co_save_vmstate(self, pos: int, nbytes: int, qiov: IOVec) -> None:
         await rw.co_save_vmstate(self.s, pos, nbytes, qiov)

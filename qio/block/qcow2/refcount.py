@@ -24,6 +24,7 @@ from qio.block.qcow2.state import (
     _pack_entry,
     _round_up,
     _stderr,
+    cluster_type,
     cx,
     pwrite_sync,
     size_to_clusters,
@@ -207,7 +208,7 @@ async def free_clusters(s: Qcow2State, offset: int, size: int, dtype: int) -> No
 
 async def free_any_cluster(s: Qcow2State, l2_entry: int, dtype: int) -> None:
     """``qcow2_free_any_cluster``; with a data file only a discard passes through to it."""
-    ctype = L.cluster_type(l2_entry)
+    ctype = cluster_type(s, l2_entry)
     if s.data_node is not None:  # has_data_file
         if s.discard_passthrough[dtype] and ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
             try:

@@ -245,6 +245,16 @@ def data_file_is_raw(s: Qcow2State) -> bool:
     return bool(s.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW)
 
 
+def cluster_type(s: Qcow2State, entry: int) -> int:
+    """``qcow2_get_cluster_type``: offset 0 is a valid data cluster in an external data file (guest
+    cluster 0), told apart from an unallocated entry by its COPIED flag (data clusters there always
+    have refcount 1)."""
+    ctype = L.cluster_type(entry)
+    if ctype == L.CLUSTER_UNALLOCATED and entry & L.OFLAG_COPIED and s.data_node is not None:
+        return L.CLUSTER_NORMAL
+    return ctype
+
+
 def _stderr(s: Qcow2State, text: str) -> None:
     if callable(s.bs.warn):
         s.bs.warn(text)
