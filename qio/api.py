@@ -156,6 +156,7 @@ class Request:
 
     @property
     def state(self) -> str:
+        """``"running"``, ``"suspended"`` (parked at a breakpoint), ``"done"`` or ``"failed"``."""
         if self.done:
             return "failed" if self._exc is not None else "done"
         return "suspended" if self.tag is not None else "running"
@@ -649,7 +650,14 @@ class Image:
     # -- closing -------------------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
+        """True after :meth:`close` (every request method then raises :class:`ImageClosedError`)."""
         return self.session.blk is None
+
+    @property
+    def requests(self) -> list[Request]:
+        """The requests submitted through this image that have not ended yet, oldest first (what a
+        test that timed out was waiting for)."""
+        return list(self._requests)
 
     async def close(self) -> None:
         """Drain and close (parked requests are resumed first, as the shell does); idempotent."""
