@@ -307,6 +307,7 @@ class EventStream:
         return _trace_event(self._buf.popleft())
 
     def close(self) -> None:
+        """Stop recording and restore the trace settings from before the stream; idempotent."""
         from qio import trace
 
         if not self.closed:
@@ -768,6 +769,7 @@ class SyncImage:
 
     @property
     def log(self) -> list[str]:
+        """:attr:`Image.log`: the lines the block layer printed."""
         return self.image.log
 
     def read(self, offset: int, length: int) -> bytes:

@@ -146,7 +146,9 @@ async def _check(path: Path, fmt: str) -> CheckReport:
         return CheckReport(path, 0, 0, 1, f"check failed: {e}\n")
     finally:
         await blk.close(warnings.append)
-    return CheckReport(path, res.corruptions, res.leaks, res.check_errors, human(res))
+    # the per-cluster messages (``ERROR cluster 4 refcount=0 reference=1``) come through the node's warn
+    said = "".join(w if w.endswith("\n") else w + "\n" for w in warnings)
+    return CheckReport(path, res.corruptions, res.leaks, res.check_errors, said + human(res))
 
 
 def _opt_text(options: Mapping[str, Any]) -> str:
@@ -240,7 +242,7 @@ class _TrackedOpening:
 
     async def _open(self) -> Image:
         img: Image = await self._opening
-        self._images._opened.append(img)
+        self._images._track(img)
         return img
 
     def __await__(self) -> Generator[Any, None, Image]:
@@ -384,9 +386,16 @@ class QioImages:
         import qio.api
 
         img = qio.api.open_sync(filename, fmt, options, read_only, cache, snapshot=snapshot, force_share=force_share)
-        self._sync.append(img)
-        self._opened.append(img.image)
+        self._track(img.image, img)
         return img
+
+    def _track(self, img: Image, sync: SyncImage | None = None) -> None:
+        """Remember an open image for the clean-up (and forget closed ones: a Hypothesis test opens many)."""
+        self._opened = [i for i in self._opened if not i.closed]
+        self._sync = [s for s in self._sync if not s.image.closed]
+        self._opened.append(img)
+        if sync is not None:
+            self._sync.append(sync)
 
     # -- after the test -------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -597,8 +606,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
         text = [*problems]
         for r in reports:
             text.append(f"qio-img check {r.path.name}: {r.corruptions} corruptions, {r.leaks} leaked clusters, "
-                        f"{r.check_errors} check errors\n" + "".join("    " + line + "\n"
-                                                                     for line in r.text.strip().splitlines()))
+                        f"{r.check_errors} check errors\n"
+                        + "".join(("    " + line).rstrip() + "\n" for line in r.text.strip().splitlines()))
         pytest.fail("qio: the images failed the post-test check:\n" + "\n".join(text), pytrace=False)
     return result
 
