@@ -61,6 +61,25 @@ def test_chain(qio_images):
         img.write(512, b"t" * 512)
         assert img.read(0, 1024) == b"b" * 512 + b"t" * 512
 
+def test_chain_under_blkdebug(qio_images):
+    base, top = qio_images.chain(2, cluster_size=4096)
+    with base.open_sync() as img:
+        img.write(0, b"b" * 512)
+    stack = top.blkdebug([("inject-error", {"event": "read_aio", "errno": 5, "once": True})])
+    assert stack.base is top and stack.backing is base
+    with stack.open_sync() as img:
+        assert img.read(0, 512) == b"b" * 512  # from the backing file: not through the blkdebug node
+        img.write(512, b"t" * 512)  # allocates the cluster in the overlay (copying the backing's bytes)
+        with pytest.raises(qio.QioError, match="Input/output error"):
+            img.read(0, 512)
+        assert img.read(0, 1024) == b"b" * 512 + b"t" * 512
+        assert img.info().cluster_size == 4096
+    assert stack.check().failed() is False
+
+def test_raw_options(qio_images):
+    img = qio_images.raw(size=8192, preallocation="full")
+    assert img.path.stat().st_blocks * 512 >= 8192
+
 async def test_blkdebug_rules(qio_images):
     stack = qio_images.qcow2().blkdebug([("inject-error", {"event": "write_aio", "errno": 28, "once": True})])
     async with stack.open() as img:
@@ -94,7 +113,7 @@ def test_errors(qio_images):
 def test_fixtures(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_fixtures=FIXTURES)
     result = run(pytester, "-v")
-    result.assert_outcomes(passed=8)
+    result.assert_outcomes(passed=10)
 
 
 HANGS = '''
