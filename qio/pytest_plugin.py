@@ -37,7 +37,7 @@ import pytest
 if TYPE_CHECKING:
     from qio.api import Image, SyncImage
 
-__all__ = ["CheckReport", "ImageFile", "QioImages", "qio_images", "qio_qcow2", "qio_raw"]
+__all__ = ["CheckReport", "ImageFile", "QioImages", "QioTimeout", "qio_images", "qio_qcow2", "qio_raw"]
 
 T = TypeVar("T")
 
@@ -422,7 +422,7 @@ class QioImages:
                 try:
                     with _Watchdog(grace, lambda: "closing the image", None):
                         sync.close()
-                except BaseException as e:
+                except (Exception, QioTimeout) as e:  # not KeyboardInterrupt
                     problems.append(f"closing {_image_name(sync.image)} failed: {_message(e)}")
         self._sync.clear()
         for img in self._opened:
@@ -433,7 +433,7 @@ class QioImages:
                 try:
                     with _Watchdog(grace, lambda: "closing the image", None):
                         _run(img.close)
-                except BaseException as e:
+                except (Exception, QioTimeout) as e:
                     problems.append(f"closing {_image_name(img)} failed: {_message(e)}")
         self._opened.clear()
         return problems
