@@ -4,7 +4,7 @@ image fails the post-test check, and tests that do not use the fixtures are left
 
 from __future__ import annotations
 
-import importlib.metadata
+import os
 import time
 
 import pytest
@@ -15,15 +15,15 @@ pytest_plugins = ["pytester"]
 
 
 def _plugin_args() -> list[str]:
-    """``-p qio.pytest_plugin`` unless the installed entry point loads it already."""
-    names = {ep.name for ep in importlib.metadata.entry_points(group="pytest11")}
-    return [] if "qio.pytest_plugin" in names else ["-p", "qio.pytest_plugin"]
+    """``-p qio.pytest_plugin``: also right when the installed entry point of that name would load it (pytest
+    then skips the entry point, the name being taken)."""
+    return ["-p", "qio.pytest_plugin"]
 
 
 @pytest.fixture(autouse=True)
 def _tree_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pytest that pytester starts imports this tree's qio."""
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    """The pytest that pytester starts imports this tree's qio (and sees what else is on the path)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -297,7 +297,13 @@ def test_post_test_check(pytester: pytest.Pytester) -> None:
 
 
 UNRELATED = '''
+import pytest
+
 async def test_async_without_qio():
+    pass
+
+@pytest.mark.asyncio
+async def test_owned_by_pytest_asyncio(qio_raw):
     pass
 
 def test_plain(tmp_path):
@@ -308,8 +314,9 @@ def test_plain(tmp_path):
 def test_other_tests_untouched(pytester: pytest.Pytester) -> None:
     """Tests that use none of the fixtures: no watchdog, no check, and async tests are not taken over."""
     pytester.makepyfile(test_other=UNRELATED)
+    pytester.makeini("[pytest]\nmarkers = asyncio: pytest-asyncio's (absent here)\n")
     result = run(pytester)
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=1, failed=2)  # the asyncio-marked test is left to pytest-asyncio
     result.stdout.fnmatch_lines(["*async def functions are not natively supported*"])
 
 

@@ -4,7 +4,7 @@ A block whose first line is ``# test_NAME.py`` starts a file, ``# test_NAME.py, 
 
 from __future__ import annotations
 
-import importlib.metadata
+import os
 import re
 
 import pytest
@@ -35,14 +35,12 @@ def count_tests(files: dict[str, str]) -> int:
 
 @pytest.fixture(autouse=True)
 def _tree_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    """pytest in a subprocess with qio's plugin (``-p`` unless the installed entry point loads it)."""
-    names = {ep.name for ep in importlib.metadata.entry_points(group="pytest11")}
-    plugin = [] if "qio.pytest_plugin" in names else ["-p", "qio.pytest_plugin"]
-    return pytester.runpytest_subprocess(*plugin, "-p", "no:cacheprovider", *args, timeout=300)
+    """pytest in a subprocess with qio's plugin (``-p``, harmless when the installed entry point has it too)."""
+    return pytester.runpytest_subprocess("-p", "qio.pytest_plugin", "-p", "no:cacheprovider", *args, timeout=300)
 
 
 def test_doc_tests_pass(pytester: pytest.Pytester) -> None:
