@@ -104,7 +104,9 @@ async def test_limits_and_arguments(qio_raw: ImageFile) -> None:
             with pytest.raises(qio.QioError, match="length cannot exceed 2147483136, given 2147483648") as e:
                 await call()
             assert e.value.errno == errno.EINVAL
-        for sync_call in (lambda: img.submit_read(0, 1 << 31), lambda: img.submit_discard(0, 1 << 31)):
+        sync_calls: list[Callable[[], qio.Request]] = [lambda: img.submit_read(0, 1 << 31),
+                                                       lambda: img.submit_discard(0, 1 << 31)]
+        for sync_call in sync_calls:
             with pytest.raises(qio.QioError, match="length cannot exceed"):
                 sync_call()
         assert await img.read(0, 0) == b""
