@@ -52,7 +52,7 @@ def qcow2_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> None
     s.bs.supported_zero_flags = (REQ_MAY_UNMAP | REQ_NO_FALLBACK) if s.qcow_version >= 3 else 0
     s.bs.supported_write_flags = 0
     s.bs.request_alignment = 1
-    s.bs.pwrite_zeroes_alignment = s.cluster_size
+    s.bs.pwrite_zeroes_alignment = s.subcluster_size
     s.bs.pdiscard_alignment = s.cluster_size  # qcow2_refresh_limits overrides the child's
 
 
