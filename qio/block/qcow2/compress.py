@@ -62,12 +62,14 @@ async def _pwritev_compressed_part(s: Qcow2State, offset: int, nbytes: int, qiov
 
 async def _pwritev_compressed_task(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> None:
     cs = s.cluster_size
-    buf = bytearray(cs)
-    buf[:nbytes] = io.iov_to_bytes(qiov)
     if s.compression_type == L.COMPRESSION_ZSTD:
-        zout = zstd.compress(bytes(buf), cs - 1)
+        # a whole cluster in one buffer is compressed in place; else gathered and zero-padded
+        src = qiov[0] if len(qiov) == 1 and nbytes == cs else io.iov_to_bytes(qiov).ljust(cs, b"\0")
+        zout = zstd.compress(src, cs - 1)
         out = b"" if zout is None else zout
     else:
+        buf = bytearray(cs)
+        buf[:nbytes] = io.iov_to_bytes(qiov)
         comp = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
         out = comp.compress(bytes(buf)) + comp.flush()
     if not out or len(out) > cs - 1:

@@ -20,6 +20,7 @@ what a hostile header claims.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 from qio.block.errors import BlockError
 
@@ -29,11 +30,20 @@ _BLOCK_RESERVED = 3
 _BLOCK_RLE = 1
 
 
-def compress(src: bytes, dest_size: int) -> bytes | None:
-    """The zstd frame of ``src`` if it fits in ``dest_size`` bytes, else None (QEMU's -ENOMEM)."""
-    import zstandard
+_compressor: Any = None
 
-    out = zstandard.ZstdCompressor(level=3).compress(src)
+
+def compress(src: bytes | memoryview, dest_size: int) -> bytes | None:
+    """The zstd frame of ``src`` if it fits in ``dest_size`` bytes, else None (QEMU's -ENOMEM).
+
+    One compressor is kept: a reused context gives the same frames as QEMU's fresh one per cluster (every
+    ``compress`` call starts a new frame with the same parameters) without re-allocating its tables."""
+    global _compressor
+    if _compressor is None:
+        import zstandard
+
+        _compressor = zstandard.ZstdCompressor(level=3)
+    out: bytes = _compressor.compress(src)
     return out if len(out) <= dest_size else None
 
 
@@ -64,10 +74,23 @@ def _frame_end(buf: bytes, pos: int) -> int:
     return p
 
 
+_decompressor: Any = None
+
+
 def decompress(src: bytes, dest_size: int) -> bytes:
     """Exactly ``dest_size`` bytes out of the zstd frames at the start of ``src``; BlockError(EIO) otherwise."""
     import zstandard
 
+    global _decompressor
+    if _decompressor is None:
+        _decompressor = zstandard.ZstdDecompressor()
+    try:  # fast path, what QEMU writes: one frame that declares exactly one cluster
+        if zstandard.frame_content_size(src[:18]) == dest_size:
+            data: bytes = _decompressor.decompress(src)
+            if len(data) == dest_size:
+                return data
+    except zstandard.ZstdError:
+        pass  # the frame walk below gives the exact verdict
     out = bytearray()
     pos = 0
     while len(out) < dest_size:
