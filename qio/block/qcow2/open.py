@@ -223,8 +223,6 @@ def _validate_compression_type(s: Qcow2State) -> None:
     else:
         if not s.incompatible_features & L.INCOMPAT_COMPRESSION:
             raise QemuError("qcow2: Compression type incompatible feature bit must be set", errno.EINVAL)
-        raise QemuError("qio does not support zstd-compressed qcow2 images (incompatible feature bit 3)",
-                        errno.ENOTSUP)
 
 
 def _unsupported_features(table: bytes, mask: int) -> str:
