@@ -86,7 +86,9 @@ async def _alloc_compressed_cluster_offset(s: Qcow2State, offset: int, size: int
         desc = L.make_compressed(host, size, s.csize)
         await _event(s, Event.L2_UPDATE_COMPRESSED)
         c.mark_dirty(ci)
-        _pack_entry(tbl, l2_index * 8, desc)
+        _pack_entry(tbl, l2_index << s.l2e_shift, desc)
+        if s.subclusters:
+            _pack_entry(tbl, (l2_index << s.l2e_shift) + 8, 0)  # compressed clusters have no bitmap
     finally:
         c.put(ci)
     return host

@@ -141,7 +141,7 @@ class Qcow2Driver(BlockDriver):
         super().refresh_limits()
         s = self.s
         if s.l2_cache is not None:
-            self.pwrite_zeroes_alignment = s.cluster_size
+            self.pwrite_zeroes_alignment = s.subcluster_size
             self.pdiscard_alignment = s.cluster_size  # qcow2_refresh_limits overrides the child's
             if s.crypto is not None:
                 self.request_alignment = s.crypto.sector_size

@@ -101,8 +101,9 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
     if s.incompatible_features & L.INCOMPAT_CORRUPT and not flags.read_only and not flags.check:
         raise QemuError("qcow2: Image is corrupt; cannot be opened read/write", errno.EACCES)
     if s.incompatible_features & L.INCOMPAT_EXTL2:
-        raise QemuError("qio does not support qcow2 images with extended L2 entries "
-                        "(incompatible feature bit 4)", errno.ENOTSUP)
+        from qio.block.qcow2.subcluster import init_subclusters
+
+        init_subclusters(s)
     if h.refcount_order > 6:
         raise QemuError("Reference count entry width too large; may not exceed 64 bits", errno.EINVAL)
     s.refcount_order = h.refcount_order
@@ -112,7 +113,7 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
     s.crypt_method_header = h.crypt_method
     if h.crypt_method and h.crypt_method not in (L.CRYPT_AES, L.CRYPT_LUKS):
         raise QemuError(f"Unsupported encryption method {h.crypt_method}", errno.EINVAL)
-    s.l2_bits = cb - 3
+    s.l2_bits = cb - s.l2e_shift
     s.l2_size = 1 << s.l2_bits
     s.refcount_block_bits = cb - (h.refcount_order - 3)
     s.refcount_block_size = 1 << s.refcount_block_bits

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 async def co_pwrite_zeroes(s: Qcow2State, offset: int, nbytes: int, flags: int) -> None:
     _check_usable(s)
-    cs = s.cluster_size
+    cs = s.subcluster_size  # the zero-write granularity: a cluster, or a subcluster
     head = offset & (cs - 1)
     tail = _round_up(offset + nbytes, cs) - (offset + nbytes)
     if offset + nbytes == _length(s):
@@ -68,7 +68,8 @@ async def co_pwrite_zeroes(s: Qcow2State, offset: int, nbytes: int, flags: int) 
         except BaseException:
             s.lock.unlock()
             raise
-        if ctype not in (L.CLUSTER_UNALLOCATED, L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC):
+        if ctype not in (L.CLUSTER_UNALLOCATED, L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC,
+                         L.CLUSTER_UNALLOCATED_ALLOC):
             s.lock.unlock()
             raise BlockError(errno.ENOTSUP)
     else:
@@ -107,6 +108,8 @@ async def _preadv_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> 
                 cur, host, ctype = await get_host_offset(s, offset, cur)
             finally:
                 s.lock.unlock()
+            if ctype == L.CLUSTER_UNALLOCATED_ALLOC:
+                ctype = L.CLUSTER_UNALLOCATED  # reads as an unallocated cluster
             if ctype in (L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC) or \
                     (ctype == L.CLUSTER_UNALLOCATED and s.bs.backing is None):
                 io.iov_memset(qiov, qoff, cur)
@@ -265,11 +268,11 @@ async def _own_block_status(s: Qcow2State, offset: int, nbytes: int) -> tuple[in
     finally:
         s.lock.unlock()
     status = 0
-    if ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC) and s.crypto is None:
+    if ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC, L.CLUSTER_UNALLOCATED_ALLOC) and s.crypto is None:
         status |= BLOCK_OFFSET_VALID
     if ctype in (L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC):
         status |= BLOCK_ZERO
-    elif ctype != L.CLUSTER_UNALLOCATED:
+    elif ctype not in (L.CLUSTER_UNALLOCATED, L.CLUSTER_UNALLOCATED_ALLOC):
         status |= BLOCK_DATA
     if s.metadata_preallocation and status & BLOCK_DATA and status & BLOCK_OFFSET_VALID:
         status |= BLOCK_RECURSE

@@ -153,6 +153,12 @@ class Qcow2State:
     l2_bits: int = 13
     l2_size: int = 1 << 13
     l2_slice_size: int = 1 << 13
+    #: extended L2 entries (``has_subclusters``): 16-byte L2 entries with 32 subclusters per cluster
+    subclusters: bool = False
+    l2e_shift: int = 3  # log2 of the L2 entry size (8 or 16 bytes)
+    subcluster_bits: int = 16
+    subcluster_size: int = 1 << 16
+    subclusters_per_cluster: int = 1
     l1_size: int = 0
     l1_vm_state_index: int = 0
     l1_table_offset: int = 0
