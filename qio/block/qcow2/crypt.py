@@ -22,6 +22,15 @@ CRYPT_OPTS = frozenset({"encrypt.format", "encrypt.key-secret"})
 SECTOR_ALIGN = 512
 
 
+def take_extra_crypt_opts(options: dict[str, Any]) -> list[str]:
+    """qcow2 takes every ``encrypt.*`` option (``qdict_extract_subqdict``); those other than format and
+    key-secret are errors only for an encrypted image (the crypto layer's QAPI visitor rejects them)."""
+    extra = [k for k in options if k.startswith("encrypt.") and k not in CRYPT_OPTS]
+    for k in extra:
+        del options[k]
+    return [k[len("encrypt."):] for k in extra]
+
+
 def check_format_option(s: Qcow2State, opts: dict[str, Any]) -> None:
     """The ``encrypt.format`` checks of ``qcow2_update_options_prepare``."""
     fmt = opts.get("encrypt.format")
@@ -33,6 +42,8 @@ def check_format_option(s: Qcow2State, opts: dict[str, Any]) -> None:
             raise QemuError(f"Header reported 'aes' encryption format but options specify '{fmt}'")
     elif s.crypt_method_header == L.CRYPT_LUKS and fmt is not None and fmt != "luks":
         raise QemuError(f"Header reported 'luks' encryption format but options specify '{fmt}'")
+    if s.crypt_method_header and s.crypt_extra_opts:
+        raise QemuError(f"Parameter '{s.crypt_extra_opts[0]}' is unexpected")
     s.crypt_physical_offset = s.crypt_method_header != L.CRYPT_AES
 
 

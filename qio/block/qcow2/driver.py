@@ -25,7 +25,7 @@ from qio.block.qcow2 import open as qopen
 from qio.block.qcow2 import options as qoptions
 from qio.block.qcow2 import resize, rw
 from qio.block.qcow2.compress import _pwritev_compressed_part
-from qio.block.qcow2.crypt import CRYPT_OPTS, specific_info
+from qio.block.qcow2.crypt import CRYPT_OPTS, specific_info, take_extra_crypt_opts
 from qio.block.qcow2.rw import _preadv_part, _pwritev_part
 from qio.block.qcow2.state import OL_OPTIONS, Qcow2State, _check_usable, _length, vm_state_offset
 
@@ -47,6 +47,7 @@ class Qcow2Driver(BlockDriver):
         self.s = Qcow2State(self)
 
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
+        self.s.crypt_extra_opts = take_extra_crypt_opts(options)
         qopen.qcow2_open(self.s, options, flags)
 
     async def close(self) -> None:

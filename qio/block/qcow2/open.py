@@ -72,6 +72,7 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
         raise QemuError(f"Unsupported cluster size: 2^{h.cluster_bits}", errno.EINVAL)
     cb = s.cluster_bits = h.cluster_bits
     cs = s.cluster_size = 1 << cb
+    s.subcluster_bits, s.subcluster_size = cb, cs  # one subcluster per cluster unless extended L2
     if h.version == 3 and h.header_length < L.MIN_HEADER_LENGTH_V3:
         raise QemuError("qcow2 header too short", errno.EINVAL)
     if h.header_length > cs:

@@ -184,6 +184,7 @@ class Qcow2State:
     crypto: Any = None
     crypto_header: tuple[int, int] = (0, 0)
     crypt_physical_offset: bool = False
+    crypt_extra_opts: list[str] = field(default_factory=list)  # encrypt.* keys beyond format/key-secret
     incompatible_features: int = 0
     compatible_features: int = 0
     autoclear_features: int = 0
