@@ -271,6 +271,8 @@ def test_images_cross_between_the_tools(tmp_path: Path) -> None:
     strip = [ln for ln in theirs_by_qio[0].splitlines() if " ops; " not in ln]
     assert strip == [ln for ln in ours_by_qemu[0].splitlines() if " ops; " not in ln]
     assert "Pattern verification failed" not in theirs_by_qio[0] + ours_by_qemu[0]
+    check = _qemu_img(["check", "i.qcow2"], tmp_path)  # qio's image, by QEMU's checker
+    assert check[2] == 0 and "No errors were found" in check[0], check
     for args in (["check", "i.qcow2"], ["check", "--output=json", "i.qcow2"], ["info", "i.qcow2"],
                  ["info", "--output=json", "i.qcow2"], ["map", "i.qcow2"], ["map", "--output=json", "i.qcow2"]):
         assert _qio_img(args, tmp_path) == _qemu_img(args, tmp_path), args
@@ -293,3 +295,16 @@ def test_compress_filter_images_equal_and_clean(tmp_path: Path) -> None:
     check = _qemu_img(["check", "i.qcow2"], tmp_path)
     assert check[2] == 0 and "No errors were found" in check[0]
     assert "compressed clusters" in check[0]
+
+
+@oracle
+@pytest.mark.parametrize("extra", ["", ",file.lazy-refcounts=on", ",file.file.aio=threads"])
+def test_qio_img_on_the_compress_filter(tmp_path: Path, extra: str) -> None:
+    """info (the filter's json: name, its child's cluster size), check and map through the filter."""
+    _prepare(tmp_path, "i.qcow2")
+    assert _qemu_io(["-c", "write -c -P 1 0 64k", "-c", "write -P 2 64k 64k", "i.qcow2"], tmp_path)[2] == 0
+    spec = f"driver=compress,file.driver=qcow2,file.file.filename=i.qcow2{extra}"
+    for cmd in (["info"], ["info", "--output=json"], ["check"], ["check", "--output=json"],
+                ["map", "--output=json"]):
+        args = [*cmd, "--image-opts", spec]
+        assert _qio_img(args, tmp_path)[::2] == _qemu_img(args, tmp_path)[::2], args
