@@ -73,6 +73,7 @@ class Cipher:
         self.niv = 0 if mode == "ecb" else self.block
         #: XTS built on two ECB ciphers where OpenSSL has no XTS (AES-192) or refuses the key
         self._xts: tuple[Cipher, Cipher] | None = None
+        self._algo: Any = None
         if mode == "xts":
             from cryptography.hazmat.primitives.ciphers import algorithms
 
@@ -81,7 +82,6 @@ class Cipher:
                 self._algo = algorithms.AES(key)
             else:
                 self._xts = (Cipher(alg, "ecb", key[:half]), Cipher(alg, "ecb", key[half:]))
-                self._algo = None
         else:
             self._algo = _algorithm(alg, key)
         from cryptography.hazmat.primitives.ciphers import Cipher as _C
