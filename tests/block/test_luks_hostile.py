@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from oracle import QEMU_IMG, QEMU_IO, missing, qio_wrapper
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason="needs qemu-io and qemu-img")

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from oracle import QEMU_IO, missing, qio_wrapper
 
 pytestmark = pytest.mark.skipif(bool(missing("qemu-io")), reason="needs qemu-io")
