@@ -134,13 +134,11 @@ def validate_create(version: int, data_file: str | None, data_file_raw: bool, ba
     return preallocation
 
 
-def set_feature_bits(fd: int, data_file_raw: bool) -> None:
-    """The data file bits of the minimal header ``qcow2_co_create`` writes first."""
+def set_raw_bit(fd: int) -> None:
+    """The ``data_file_raw`` autoclear bit of the minimal header ``qcow2_co_create`` writes first."""
     import os
 
-    os.pwrite(fd, L.ENTRY.pack(L.INCOMPAT_DATA_FILE), L.OFF_INCOMPATIBLE_FEATURES)
-    if data_file_raw:
-        os.pwrite(fd, L.ENTRY.pack(L.AUTOCLEAR_DATA_FILE_RAW), L.OFF_INCOMPATIBLE_FEATURES + 16)
+    os.pwrite(fd, L.ENTRY.pack(L.AUTOCLEAR_DATA_FILE_RAW), L.OFF_INCOMPATIBLE_FEATURES + 16)
 
 
 class _NoIO(BlockDriver):
