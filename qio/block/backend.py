@@ -13,6 +13,7 @@ import errno
 import itertools
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -238,14 +239,45 @@ def _open_protocol(cls: type[BlockDriver], options: Options, flags: OpenFlags, w
     return node
 
 
-def _check_unchanged(node: BlockDriver, key: str, value: Any) -> None:
+def _check_unchanged(node: BlockDriver, key: str, value: Any, new_ro: bool = False) -> None:
     """``bdrv_reopen_prepare``'s leftover check; ``file.X`` is the ``file`` child's option ``X``."""
     prefix, dot, rest = key.partition(".")
     child = node.child(prefix) if dot and key not in GENERIC_OPTS and key not in node.runtime_opts else None
     if child is not None:
-        _check_unchanged(child.node, rest, value)
+        _check_unchanged(child.node, rest, value, new_ro)
+    elif key in CHILD_REOPEN_OPTS and node.node_name:
+        _reopen_child_generic(node, key, value, new_ro)
     elif key not in node.open_options or str(node.open_options[key]) != str(value):
         raise QemuError(f"Cannot change the option '{key}'")
+
+
+#: Generic options ``reopen -o CHILD.X=...`` may set on any node (``bdrv_reopen_prepare`` takes them
+#: from every node's options, not only the root's).
+CHILD_REOPEN_OPTS = frozenset({"read-only", "auto-read-only", "cache.direct", "cache.no-flush", "discard",
+                               "detect-zeroes"})
+
+
+def _reopen_child_generic(node: BlockDriver, key: str, value: Any, new_ro: bool) -> None:
+    """A generic option given to a child on reopen: checked as ``bdrv_reopen_prepare`` checks it; a
+    child made read-only under a writing parent is refused as ``bdrv_reopen_prepare`` refuses it."""
+    if key in ("discard", "detect-zeroes"):
+        f = _node_flags({key: value}, node.flags, opening=False)
+        if key == "detect-zeroes":
+            parse_detect_zeroes(value, f)
+        return
+    on = opt_bool({key: value}, key, False)
+    if key == "read-only" and on and not new_ro and node.perm & (PERM_WRITE | PERM_WRITE_UNCHANGED):
+        raise QemuError(f"Read-only block node '{node.node_name}' cannot support read-write users", errno.EPERM)
+    if key == "read-only":  # an explicit option of the child: it stays until a reopen changes it
+        if on:
+            _reopened_ro.add(node)
+        else:
+            _reopened_ro.discard(node)
+
+
+#: Child nodes a reopen made read-only with their own ``read-only=on`` (QEMU keeps it in the node's
+#: explicit options, so a later ``reopen -w`` of the parent fails).
+_reopened_ro: weakref.WeakSet[BlockDriver] = weakref.WeakSet()
 
 
 def _probe(file: BlockDriver) -> type[BlockDriver]:
@@ -635,13 +667,15 @@ class BlockBackend:
             if key in root_opts or (key in GENERIC_OPTS
                                     and key not in ("driver", "filename", "node-name", "force-share")):
                 continue
-            _check_unchanged(self.root, key, value)
+            _check_unchanged(self.root, key, value, flags.read_only)
         perm = self.perm if not flags.read_only else self.perm & ~(PERM_WRITE | PERM_RESIZE)
         primary = _primary_nodes(self.root)
+        if not flags.read_only and any(n in _reopened_ro for n in primary):
+            raise QemuError("Block node is read-only", errno.EPERM)
         backing_flags = flags.copy()
         backing_flags.read_only = True
         for node in iter_nodes(self.root):
-            node.reopen(flags if any(node is n for n in primary) else backing_flags,
+            node.reopen(backing_flags if node in _reopened_ro or not any(node is n for n in primary) else flags,
                         root_opts if node is self.root else {})
         _apply_perms(self.root, perm, self.shared)
         self.root.detect_zeroes = detect_zeroes
