@@ -102,14 +102,21 @@ def parse_args(argv: list[str], out: Output) -> Args | int:
             return 0
         elif c == "h":
             text = USAGE.format(prg)
-            if os.isatty(1):  # a person reading: no option that qio refuses (piped, qemu-io's text)
-                text = text.replace("  --object OBJECTDEF   define an object such as 'secret' for\n"
-                                    "                       passwords and/or encryption keys\n", "")
             out.out(text)
             return 0
         elif c == "object":
-            out.error_report("--object is not supported by qio (no secrets or encrypted images)")
-            return 1
+            from qio import secrets
+            from qio.block.errors import QemuError
+
+            help_text = secrets.object_help(v)
+            if help_text is not None:
+                out.out(help_text)
+                return 0
+            try:
+                secrets.add_object(v)
+            except QemuError as e:
+                out.error_report(str(e))
+                return 1
         elif c == "image-opts":
             a.image_opts = True
         elif c == "output":
