@@ -299,7 +299,7 @@ def parse_aio_write(inv: Invocation) -> AioWrite | AioInvalid:
                                "u": None, "z": None})
     except _Invalid:
         return AioInvalid("write")
-    flags = ops.write_flags("f" in o, "u" in o)
+    flags = (REQ_FUA if "f" in o else 0) | (REQ_MAY_UNMAP if "u" in o else 0)
     zero = "z" in o
     if len(args) < 2:
         raise inv.usage(EINVAL)
