@@ -315,7 +315,8 @@ async def run_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
     if isinstance(cmd, AioInvalid):
         session.out.out(f"injecting invalid {cmd.what} request\n")
         return 0
-    blk = session.require_blk()
+    blk = session.blk  # the shell checked it (no Session.require_blk call: this is the per-request path)
+    assert blk is not None
     total = sum(cmd.sizes)
     # qemu-io never records the start time of ``aio_write -z``: its duration is the system uptime.
     # (-q prints no times: a long queue of quiet requests does not read the clock.)
