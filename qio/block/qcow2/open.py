@@ -52,7 +52,7 @@ def qcow2_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> None
     s.bs.supported_zero_flags = (REQ_MAY_UNMAP | REQ_NO_FALLBACK) if s.qcow_version >= 3 else 0
     s.bs.supported_write_flags = 0
     s.bs.request_alignment = crypt.SECTOR_ALIGN if s.crypto is not None else 1
-    s.bs.pwrite_zeroes_alignment = s.cluster_size
+    s.bs.pwrite_zeroes_alignment = s.subcluster_size
     s.bs.pdiscard_alignment = s.cluster_size  # qcow2_refresh_limits overrides the child's
 
 
@@ -101,6 +101,7 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
                         errno.ENOTSUP)
     if s.incompatible_features & L.INCOMPAT_CORRUPT and not flags.read_only and not flags.check:
         raise QemuError("qcow2: Image is corrupt; cannot be opened read/write", errno.EACCES)
+    s.subcluster_size, s.subcluster_bits = cs, cb  # one subcluster per cluster without extended L2
     if s.incompatible_features & L.INCOMPAT_EXTL2:
         from qio.block.qcow2.subcluster import init_subclusters
 
@@ -220,8 +221,6 @@ def _validate_compression_type(s: Qcow2State) -> None:
     else:
         if not s.incompatible_features & L.INCOMPAT_COMPRESSION:
             raise QemuError("qcow2: Compression type incompatible feature bit must be set", errno.EINVAL)
-        raise QemuError("qio does not support zstd-compressed qcow2 images (incompatible feature bit 3)",
-                        errno.ENOTSUP)
 
 
 def _unsupported_features(table: bytes, mask: int) -> str:
