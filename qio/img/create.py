@@ -62,6 +62,12 @@ def _option_help(desc: list[tuple[str, str, str | None]], owner: dict[str, str])
     return "".join(f"{line}\n" for line in sorted(lines))
 
 
+def _luks_opts() -> list[tuple[str, str, str | None]]:
+    from qio.img.crypt import LUKS_OPTS
+
+    return LUKS_OPTS
+
+
 def _luks_help(name: str) -> str:
     from qio.img.crypt import LUKS_HELP
 
@@ -96,10 +102,11 @@ def has_help_option(text: str) -> bool:
 def print_option_help(ctx: Ctx, filename: str | None, fmt: str) -> int:
     """``print_block_option_help``: the format's creation options, merged with the protocol's when a
     file name is given."""
-    if fmt not in ("raw", "qcow2"):
+    if fmt not in ("raw", "qcow2", "luks"):
         ctx.out.error_report(f"Unknown file format '{fmt}'")
         return 1
-    desc = _QCOW2_OPTS if fmt == "qcow2" else [_FILE_OPTS[0]]
+    desc = create_opts(fmt)[:len(_luks_opts())] if fmt == "luks" else (
+        _QCOW2_OPTS if fmt == "qcow2" else [_FILE_OPTS[0]])
     owner = {n: "qcow2" for n, _, _ in desc}
     if filename is not None:
         if protocol_of(filename) not in (None, "file"):
