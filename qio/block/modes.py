@@ -6,7 +6,7 @@ from __future__ import annotations
 class OpenFlags:
     """What ``bdrv_open`` was asked for (``BDRV_O_*`` and the cache mode)."""
 
-    __slots__ = ("aio", "check", "copy_on_read", "force_share", "native_aio", "no_flush", "nocache",
+    __slots__ = ("aio", "check", "copy_on_read", "force_share", "native_aio", "no_flush", "no_io", "nocache",
                  "read_only", "snapshot", "unmap", "writethrough")
 
     def __init__(self) -> None:
@@ -21,6 +21,7 @@ class OpenFlags:
         self.snapshot = False
         self.copy_on_read = False
         self.check = False  # BDRV_O_CHECK (qemu-img check): no dirty repair or corrupt refusal at open
+        self.no_io = False  # BDRV_O_NO_IO (qemu-img info): encrypted images open without their key
 
     def copy(self) -> OpenFlags:
         new = OpenFlags()
