@@ -33,7 +33,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from qio.aio import AIO, AioContext
+from qio.aio import AIO, AioContext, External
 from qio.block import io
 from qio.block import nbd_proto as P
 from qio.block.driver import (
@@ -280,7 +280,7 @@ class Req:
     done: bool = False
     err: int = 0
     extent: tuple[int, int] | None = None
-    fut: asyncio.Future[None] | None = None
+    wait: External | None = None
 
     def finish(self, err: int = 0) -> None:
         if self.done:
@@ -288,8 +288,8 @@ class Req:
         if err and not self.err:
             self.err = err
         self.done = True
-        if self.fut is not None and not self.fut.done():
-            self.fut.set_result(None)
+        if self.wait is not None:
+            self.wait.complete()
 
 
 class ProtocolError(Exception):
@@ -702,12 +702,14 @@ class NbdDriver(BlockDriver):
         if loop is None:
             self._sync_roundtrip(req, b"".join(data))
         else:
-            req.fut = loop.create_future()
+            req.wait = External()
             self._send(loop, data)
-            if self._reader is None and self.state == CONNECTED:
+            if len(self.inflight) == 1:  # a silent server is timed from now
+                self._last_reply = time.monotonic()
+            if self.state == CONNECTED and (self._reader is not loop or self._reader_timer is None):
                 self._start_reading(loop)
             if not req.done:
-                await _wait_net(req.fut)
+                await _wait_reply(req.wait)
         return req
 
     def _sync_roundtrip(self, req: Req, data: bytes) -> None:
@@ -771,13 +773,19 @@ class NbdDriver(BlockDriver):
     def _start_reading(self, loop: asyncio.AbstractEventLoop) -> None:
         """Parse replies as they arrive while requests are in flight: a callback on the socket's
         readability (one event-loop wake-up per batch of replies; a reader task awaiting ``sock_recv``
-        under ``wait_for`` took several per reply), with a timer for a silent server."""
+        under ``wait_for`` took several per reply), with a timer for a silent server.
+
+        Both stay in place between requests (no registration per request); the socket is only read
+        while requests are in flight: readable with none (EOF, unsolicited bytes), the callback
+        unregisters itself and the next request finds what happened, as before."""
         sock = self.sock
         assert sock is not None
-        loop.add_reader(sock.fileno(), self._on_readable)
-        self._reader = loop
-        self._last_reply = time.monotonic()
-        self._reader_timer = loop.call_later(self.timeout, self._on_silence)
+        if self._reader is not loop:  # (a later asyncio.run of an API user: a new loop)
+            self._stop_reading()
+            loop.add_reader(sock.fileno(), self._on_readable)
+            self._reader = loop
+        if self._reader_timer is None:
+            self._reader_timer = loop.call_later(self.timeout, self._on_silence)
 
     def _stop_reading(self) -> None:
         loop, self._reader = self._reader, None
@@ -792,7 +800,7 @@ class NbdDriver(BlockDriver):
 
     def _on_readable(self) -> None:
         sock = self.sock
-        if sock is None:
+        if sock is None or not self.inflight:
             self._stop_reading()
             return
         try:
@@ -808,13 +816,16 @@ class NbdDriver(BlockDriver):
         self._last_reply = time.monotonic()
         self._rbuf += chunk
         self._parse_all()
-        if self._reader is not None and (not self.inflight or self.state != CONNECTED or self.sock is None):
+        if self._reader is not None and (self.state != CONNECTED or self.sock is None):
             self._stop_reading()
 
     def _on_silence(self) -> None:
         """No reply for ``timeout`` seconds while requests wait: the server is given up on."""
         loop = self._reader
         if loop is None:
+            return
+        if not self.inflight:  # idle: armed again by the next request
+            self._reader_timer = None
             return
         left = self._last_reply + self.timeout - time.monotonic()
         if left > 0:
@@ -902,6 +913,17 @@ class NbdDriver(BlockDriver):
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+async def _wait_reply(wait: External) -> None:
+    """A request waits for its reply: as :func:`_wait_net`, but completed by a plain call from the
+    reader callback (:class:`qio.aio.External`), one event-loop pass sooner."""
+    AIO.busy += 1
+    try:
+        await wait
+    finally:
+        AIO.busy -= 1
+        AioContext.current().notify()
 
 
 async def _wait_net(fut: asyncio.Future[None]) -> None:
