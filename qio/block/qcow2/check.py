@@ -635,8 +635,7 @@ class Checker:
                 res.check_errors += 1
                 raise BlockError(errno.EIO)
             if res.leaks or res.corruptions:
-                for k in CheckResult.__slots__:
-                    setattr(res, k, getattr(pre_compare, k))
+                res.assign(pre_compare)
                 rb, highest = await self.compare(res, fix, imrt, nb[0])
         await self.check_oflag_copied(res, fix)
         res.image_end_offset = (highest + 1) * s.cluster_size
