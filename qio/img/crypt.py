@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qio.block.errors import BlockError, QemuError
+from qio.block.errors import QemuError
 
 if TYPE_CHECKING:
     from qio.crypto.luks import CreateOptions
@@ -87,55 +87,6 @@ def qcow2_encrypt_spec(strs: dict[str, str], nums: dict[str, int]) -> EncryptSpe
         return EncryptSpec("aes", sub.get("key-secret"))
     it = nums.get("encrypt.iter-time")
     return EncryptSpec("luks", sub.get("key-secret"), luks_options(sub, it))
-
-
-async def set_up_qcow2(node: Any, spec: EncryptSpec) -> None:
-    """``qcow2_set_up_encryption`` on the new image (after its L1 table and backing file): the LUKS header
-    in freshly allocated clusters, the crypt method and header extension in the qcow2 header."""
-    from qio.block import io
-    from qio.block.qcow2 import layout as L
-    from qio.block.qcow2.header import update_header
-    from qio.block.qcow2.refcount import alloc_clusters
-    from qio.crypto.luks import luks_create
-
-    s = node.s
-    if spec.fmt == "aes":
-        if spec.key_secret is None:
-            raise QemuError("Parameter 'encrypt.key-secret' is required for cipher")
-        from qio.secrets import lookup_as_utf8
-
-        lookup_as_utf8(spec.key_secret)
-        s.crypt_method_header = L.CRYPT_AES
-    else:
-        assert spec.luks is not None
-        s.crypt_method_header = L.CRYPT_LUKS
-
-        async def init(headerlen: int) -> None:
-            try:
-                off = await alloc_clusters(s, headerlen)
-            except BlockError as e:
-                raise QemuError.wrap(e, f"Cannot allocate cluster for LUKS header size {headerlen}") from None
-            s.crypto_header = (off, headerlen)
-            n = -(-headerlen // s.cluster_size) * s.cluster_size
-            try:
-                await io.pwrite_zeroes(node.file, off, n)
-            except BlockError as e:
-                raise QemuError.wrap(e, "Could not zero fill encryption header") from None
-
-        async def write(off: int, data: bytes) -> None:
-            if off + len(data) > s.crypto_header[1]:
-                raise QemuError("Request for data outside of extension header")
-            try:
-                await io.pwritev(node.file, s.crypto_header[0] + off, len(data), [memoryview(data)])
-            except BlockError as e:
-                raise QemuError.wrap(e, "Could not read encryption header") from None
-
-        spec.luks.key_secret = spec.key_secret
-        await luks_create(spec.luks, "encrypt.", init, write)
-    try:
-        await update_header(s)
-    except BlockError as e:
-        raise QemuError.wrap(e, "Could not write encryption header") from None
 
 
 def create_luks(filename: str, size: int, strs: dict[str, str], nums: dict[str, int]) -> None:

@@ -178,8 +178,8 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
             except BlockError as e:
                 raise QemuError(f"Could not assign backing file '{backing_file}' with format '{backing_fmt}': {e}",
                                 e.code) from None
-        if encrypt is not None:  # qcow2_set_up_encryption (qio.img.crypt)
-            from qio.img.crypt import set_up_qcow2
+        if encrypt is not None:  # qcow2_set_up_encryption
+            from qio.block.qcow2.crypt import set_up_qcow2
 
             await set_up_qcow2(node, encrypt)
         await node.close()
