@@ -266,6 +266,15 @@ class BlockDriver:
     async def co_pwritev(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
         raise BlockError(errno.ENOTSUP)
 
+    def can_write_inline(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> bool:
+        """Whether :meth:`write_inline` would do this write as ``co_pwritev`` does it, never waiting
+        (see :func:`qio.block.io.can_pwritev_inline`); a pure test, most drivers cannot."""
+        return False
+
+    def write_inline(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
+        """``co_pwritev`` without a coroutine, for a request :meth:`can_write_inline` accepted."""
+        raise AssertionError(f"{self.format_name} cannot write inline")
+
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
         raise BlockError(errno.ENOTSUP)
 

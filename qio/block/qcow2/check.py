@@ -20,6 +20,7 @@ from qio.block import io
 from qio.block.driver import FIX_ERRORS, FIX_LEAKS, CheckResult
 from qio.block.errors import BlockError, QemuError, report_error
 from qio.block.qcow2 import layout as L
+from qio.block.qcow2 import subcluster as SC
 from qio.block.qcow2.bitmap import (
     BME_TABLE_ENTRY_OFFSET_MASK,
     load_bitmap_list,
@@ -136,17 +137,24 @@ class Checker:
                                    active: bool) -> tuple[bool, bool]:
         """(fixed, metadata overlap)."""
         s = self.s
-        _ENTRY.pack_into(table, index * 8, L.OFLAG_ZERO)
-        entry_offset = l2_offset + index * 8
+        esize = 1 << s.l2e_shift
+        if s.subclusters:  # allocated subclusters become zero
+            bitmap = _ENTRY.unpack_from(table, index * esize + 8)[0]
+            _ENTRY.pack_into(table, index * esize + 8, (bitmap | (bitmap << 32)) & SC.BITMAP_ALL_ZEROES)
+            _ENTRY.pack_into(table, index * esize, 0)
+        else:
+            _ENTRY.pack_into(table, index * esize, L.OFLAG_ZERO)
+        entry_offset = l2_offset + index * esize
 
         try:
-            await pre_write_overlap_check(s, OL_ACTIVE_L2 if active else OL_INACTIVE_L2, entry_offset, 8, False)
+            await pre_write_overlap_check(s, OL_ACTIVE_L2 if active else OL_INACTIVE_L2, entry_offset, esize,
+                                          False)
         except BlockError:
             self.say("ERROR: Overlap check failed\n")
             res.check_errors += 1
             return False, True
         try:
-            await pwrite_sync(s, entry_offset, bytes(table[index * 8: index * 8 + 8]))
+            await pwrite_sync(s, entry_offset, bytes(table[index * esize: (index + 1) * esize]))
         except BlockError as e:
             self.say(f"ERROR: Failed to overwrite L2 table entry: {os.strerror(e.code)}\n")
             res.check_errors += 1
@@ -162,16 +170,24 @@ class Checker:
         frag = bool(flags & CHECK_FRAG_INFO)
         next_contiguous = 0
         try:
-            table = await _pread(s, l2_offset, s.l2_size * 8)
+            table = await _pread(s, l2_offset, s.l2_size << s.l2e_shift)
         except BlockError:
             self.say("ERROR: I/O error in check_refcounts_l2\n")
             res.check_errors += 1
             raise
+        ext = s.subclusters
         for i in range(s.l2_size):
-            entry = _ENTRY.unpack_from(table, i * 8)[0]
-            if not entry:
-                continue
-            ctype = L.cluster_type(entry)
+            bitmap = 0
+            if ext:
+                entry, bitmap = SC.pair(table, i)
+                if not entry and not bitmap:
+                    continue
+                ctype = SC.cluster_type(entry)
+            else:
+                entry = _ENTRY.unpack_from(table, i * 8)[0]
+                if not entry:
+                    continue
+                ctype = L.cluster_type(entry)
             if ctype != L.CLUSTER_COMPRESSED and entry & L.L2E_STD_RESERVED_MASK:
                 self.say(f"ERROR found l2 entry with reserved bits set: {entry:x}\n")
                 res.corruptions += 1
@@ -181,6 +197,11 @@ class Checker:
                              "for compressed clusters\n")
                     entry &= ~L.OFLAG_COPIED
                     res.corruptions += 1
+                if bitmap:
+                    self.say(f"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, "
+                             f"entry=0x{entry:x}\n")
+                    res.corruptions += 1
+                    continue
                 coffset, csize = L.parse_compressed(entry, s.csize)
                 await self.inc_refcounts(res, imrt, coffset, csize)
                 if frag:  # compressed clusters count as fragmented by nature
@@ -189,9 +210,14 @@ class Checker:
                     res.fragmented_clusters += 1
             elif ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
                 offset = entry & L.L2E_OFFSET_MASK
+                if (bitmap >> 32) & bitmap:
+                    res.corruptions += 1
+                    self.say(f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation "
+                             "bitmap\n")
                 if offset & (cs - 1):
                     res.corruptions += 1
-                    if entry & L.OFLAG_ZERO:
+                    no_data = not bitmap & SC.BITMAP_ALL_ALLOC if ext else bool(entry & L.OFLAG_ZERO)
+                    if no_data:
                         tag = "Repairing" if fix & FIX_ERRORS else "ERROR"
                         self.say(f"{tag} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry "
                                  "corrupted.\n")
@@ -210,6 +236,9 @@ class Checker:
                         res.fragmented_clusters += 1
                     next_contiguous = offset + cs
                 await self.inc_refcounts(res, imrt, offset, cs)
+            elif ctype == L.CLUSTER_UNALLOCATED and bitmap & SC.BITMAP_ALL_ALLOC:
+                res.corruptions += 1
+                self.say("ERROR: Unallocated cluster has non-zero subcluster allocation map\n")
 
     async def check_l1(self, res: CheckResult, imrt: Imrt, l1_offset: int, l1_size: int, flags: int, fix: int,
                        active: bool) -> None:
@@ -270,14 +299,14 @@ class Checker:
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
             try:
-                table = await _pread(s, l2_offset, s.l2_size * 8)
+                table = await _pread(s, l2_offset, s.l2_size << s.l2e_shift)
             except BlockError as e:
                 self.say(f"ERROR: Could not read L2 table: {os.strerror(e.code)}\n")
                 res.check_errors += 1
                 raise
             dirty = 0
             for j in range(s.l2_size):
-                entry = _ENTRY.unpack_from(table, j * 8)[0]
+                entry = _ENTRY.unpack_from(table, j << s.l2e_shift)[0]
                 if L.cluster_type(entry) not in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC):
                     continue
                 try:
@@ -289,7 +318,7 @@ class Checker:
                     self.say(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED data cluster: l2_entry={entry:x} "
                              f"refcount={refcount}\n")
                     if repair:
-                        _ENTRY.pack_into(table, j * 8, entry | L.OFLAG_COPIED if refcount == 1
+                        _ENTRY.pack_into(table, j << s.l2e_shift, entry | L.OFLAG_COPIED if refcount == 1
                                          else entry & ~L.OFLAG_COPIED)
                         dirty += 1
             if dirty:

@@ -13,6 +13,7 @@ from qio.block.driver import (
 from qio.block.errors import BlockError
 from qio.block.events import Event
 from qio.block.qcow2 import layout as L
+from qio.block.qcow2 import subcluster as SC
 from qio.block.qcow2.cow import _perform_cow
 from qio.block.qcow2.header import mark_dirty, signal_corruption
 from qio.block.qcow2.overlap import _l1_changed, _set_l1, pre_write_overlap_check
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 
 
 def _l2_entry(s: Qcow2State, tbl: bytearray, i: int) -> int:
-    return int(_unpack_entry(tbl, i * 8)[0])
+    return int(_unpack_entry(tbl, i << s.l2e_shift)[0])
 
 
 async def get_host_offset(s: Qcow2State, offset: int, nbytes: int) -> tuple[int, int, int]:
@@ -78,6 +79,8 @@ async def get_host_offset(s: Qcow2State, offset: int, nbytes: int) -> tuple[int,
     ci = await _l2_load(s, offset, l2_offset)
     try:
         tbl = c.tables[ci]
+        if s.subclusters:
+            return await SC.host_offset_in_slice(s, tbl, slice_index, offset, needed, l2_offset)
         entry = _l2_entry(s, tbl, slice_index)
         ctype = L.cluster_type(entry)
         host = 0
@@ -134,7 +137,7 @@ def _count_contiguous(s: Qcow2State, tbl: bytearray, index: int, nb_clusters: in
 async def _l2_load(s: Qcow2State, offset: int, l2_offset: int) -> int:
     """``l2_load``: the cache entry of the L2 slice that maps guest ``offset``."""
     cb = s.cluster_bits
-    start_of_slice = 8 * (((offset >> cb) & (s.l2_size - 1)) - ((offset >> cb) & (s.l2_slice_size - 1)))
+    start_of_slice = (((offset >> cb) & (s.l2_size - 1)) - ((offset >> cb) & (s.l2_slice_size - 1))) << s.l2e_shift
     return await s.l2c.get(l2_offset + start_of_slice)
 
 
@@ -164,7 +167,7 @@ async def _l2_allocate(s: Qcow2State, l1_index: int) -> None:
             await signal_corruption(s, True, "Preventing invalid allocation of L2 table at offset 0")
             raise BlockError(errno.EIO)
         await s.rbc.flush()
-        slice_size2 = s.l2_slice_size * 8
+        slice_size2 = s.l2_slice_size << s.l2e_shift
         for sl in range(cs // slice_size2):
             slice_i = await c.get_empty(l2_offset + sl * slice_size2)
             if not old_l2_offset & L.L1E_OFFSET_MASK:
@@ -272,26 +275,28 @@ def _count_single_write_clusters(s: Qcow2State, nb: int, tbl: bytearray, index: 
     return i
 
 
-def _calculate_l2_meta(s: Qcow2State, host_cluster_offset: int, guest_offset: int, nbytes: int, tbl: bytearray,
-                       metas: list[L2Meta], keep_old: bool) -> None:
-    """``calculate_l2_meta`` (no subclusters): record the allocation and its COW regions."""
+async def _calculate_l2_meta(s: Qcow2State, host_cluster_offset: int, guest_offset: int, nbytes: int,
+                             tbl: bytearray, metas: list[L2Meta], keep_old: bool) -> None:
+    """``calculate_l2_meta``: record the allocation and its COW regions."""
     cs, cb = s.cluster_size, s.cluster_bits
     l2_index = (guest_offset >> cb) & (s.l2_slice_size - 1)
     cow_start_to = guest_offset & (cs - 1)
     cow_end_from = cow_start_to + nbytes
     nb_clusters = (cow_end_from + cs - 1) >> cb
-    if keep_old:
-        # a write into allocated, COPIED clusters needs no metadata update (no subclusters)
-        skip = all(L.cluster_type(_l2_entry(s, tbl, l2_index + i)) == L.CLUSTER_NORMAL
-                   for i in range(nb_clusters))
-        if skip:
+    if s.subclusters:
+        bounds = await SC.cow_bounds(s, tbl, l2_index, guest_offset, nbytes, keep_old)
+        if bounds is None:
             return
-    first_type = L.cluster_type(_l2_entry(s, tbl, l2_index))
-    last_type = L.cluster_type(_l2_entry(s, tbl, l2_index + nb_clusters - 1))
-    if not keep_old:
+        cow_start_from, cow_end_to = bounds
+    elif not keep_old:
         cow_start_from = 0
         cow_end_to = _round_up(cow_end_from, cs)
     else:
+        # a write into allocated, COPIED clusters needs no metadata update (no subclusters)
+        if all(L.cluster_type(_l2_entry(s, tbl, l2_index + i)) == L.CLUSTER_NORMAL for i in range(nb_clusters)):
+            return
+        first_type = L.cluster_type(_l2_entry(s, tbl, l2_index))
+        last_type = L.cluster_type(_l2_entry(s, tbl, l2_index + nb_clusters - 1))
         cow_start_from = cow_start_to if first_type == L.CLUSTER_NORMAL else 0
         cow_end_to = cow_end_from if last_type == L.CLUSTER_NORMAL else _round_up(cow_end_from, cs)
     m = L2Meta(guest_offset & ~(cs - 1), host_cluster_offset, nb_clusters, keep_old,
@@ -356,7 +361,7 @@ async def _handle_copied(s: Qcow2State, guest_offset: int, host_offset: int | No
                 return 0, host_offset, 0
             keep = _count_single_write_clusters(s, nb_clusters, tbl, l2_index, False)
             nbytes = min(nbytes, keep * cs - oic)
-            _calculate_l2_meta(s, cluster_offset, guest_offset, nbytes, tbl, metas, True)
+            await _calculate_l2_meta(s, cluster_offset, guest_offset, nbytes, tbl, metas, True)
             ret = 1
     finally:
         c.put(ci)
@@ -388,7 +393,7 @@ async def _handle_alloc(s: Qcow2State, guest_offset: int, host_offset: int | Non
         nb_bytes = min(requested, avail)
         host_offset = alloc + oic
         nbytes = min(nbytes, nb_bytes - oic)
-        _calculate_l2_meta(s, alloc, guest_offset, nbytes, tbl, metas, False)
+        await _calculate_l2_meta(s, alloc, guest_offset, nbytes, tbl, metas, False)
         return 1, host_offset, nbytes
     finally:
         c.put(ci)
@@ -458,7 +463,9 @@ async def alloc_cluster_link_l2(s: Qcow2State, m: L2Meta) -> None:
         old = _l2_entry(s, tbl, l2_index + i)
         if old:
             old_clusters.append(old)
-        _pack_entry(tbl, (l2_index + i) * 8, off | L.OFLAG_COPIED)
+        _pack_entry(tbl, (l2_index + i) << s.l2e_shift, off | L.OFLAG_COPIED)
+        if s.subclusters and not m.prealloc:
+            SC.mark_written(s, tbl, l2_index, i, m.cow_start_off, m.cow_end_off + m.cow_end_n)
     c.put(ci)
     if not m.keep_old:
         for old in old_clusters:
@@ -505,6 +512,12 @@ async def _discard_in_l2_slice(s: Qcow2State, offset: int, nb: int, dtype: int, 
     ci, l2_index = await get_cluster_table(s, offset)
     nb = min(nb, s.l2_slice_size - l2_index)
     tbl = c.tables[ci]
+    if s.subclusters:
+        try:
+            await SC.discard_entries(s, ci, tbl, l2_index, nb, dtype, full_discard)
+        finally:
+            c.put(ci)
+        return nb
     # entries that are 0 stay 0 unless a backing file needs them to read as zeroes
     indices = range(nb) if s.bs.backing is not None and not full_discard else \
         _nonzero_entries(tbl, l2_index, nb)
@@ -531,6 +544,12 @@ async def _zero_in_l2_slice(s: Qcow2State, offset: int, nb: int, flags: int) -> 
     ci, l2_index = await get_cluster_table(s, offset)
     nb = min(nb, s.l2_slice_size - l2_index)
     tbl = c.tables[ci]
+    if s.subclusters:
+        try:
+            await SC.zero_entries(s, ci, tbl, l2_index, nb, flags)
+        finally:
+            c.put(ci)
+        return nb
     try:
         for i in range(nb):
             old = _l2_entry(s, tbl, l2_index + i)
@@ -548,8 +567,18 @@ async def _zero_in_l2_slice(s: Qcow2State, offset: int, nb: int, flags: int) -> 
     return nb
 
 
+async def _zero_l2_subclusters(s: Qcow2State, offset: int, nbytes: int) -> None:
+    c = s.l2c
+    ci, l2_index = await get_cluster_table(s, offset)
+    try:
+        SC.zero_subclusters(s, ci, c.tables[ci], l2_index, offset, -(-nbytes // s.subcluster_size))
+    finally:
+        c.put(ci)
+
+
 async def subcluster_zeroize(s: Qcow2State, offset: int, nbytes: int, flags: int) -> None:
-    """``qcow2_subcluster_zeroize`` without subclusters (lock held)."""
+    """``qcow2_subcluster_zeroize`` (lock held); a partial head or tail cluster only exists with
+    subclusters."""
     cs = s.cluster_size
     end = offset + nbytes
     if s.qcow_version < 3:
@@ -561,15 +590,18 @@ async def subcluster_zeroize(s: Qcow2State, offset: int, nbytes: int, flags: int
     offset += head
     tail = 0 if end >= _length(s) else end - max(offset, end & ~(cs - 1))
     end -= tail
-    assert head == 0 and tail == 0
     s.cache_discards = True
     ok = False
     try:
+        if head:
+            await _zero_l2_subclusters(s, offset - head, head)
         nb = size_to_clusters(s, end - offset)
         while nb > 0:
             cleared = await _zero_in_l2_slice(s, offset, nb, flags)
             nb -= cleared
             offset += cleared * cs
+        if tail:
+            await _zero_l2_subclusters(s, end, tail)
         ok = True
     finally:
         s.cache_discards = False

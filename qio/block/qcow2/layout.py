@@ -169,6 +169,8 @@ CLUSTER_ZERO_PLAIN = 1
 CLUSTER_ZERO_ALLOC = 2
 CLUSTER_NORMAL = 3
 CLUSTER_COMPRESSED = 4
+#: Subcluster type only (extended L2 entries): an unallocated subcluster of an allocated cluster.
+CLUSTER_UNALLOCATED_ALLOC = 5
 
 
 def cluster_type(entry: int) -> int:

@@ -85,7 +85,7 @@ def _prepare_options(s: Qcow2State, opts: dict[str, Any], flags: OpenFlags) -> R
 
 def _commit_options(s: Qcow2State, new: RuntimeOptions) -> None:
     s.l2_cache_entry_size = new.l2_entry_size
-    s.l2_slice_size = new.l2_entry_size // 8
+    s.l2_slice_size = new.l2_entry_size >> s.l2e_shift
     s.l2_cache = Qcow2Cache(s, new.l2_entries, new.l2_entry_size, True)
     s.refblock_cache = Qcow2Cache(s, new.refcount_entries, s.cluster_size, False)
     s.overlap_check = new.overlap_check
@@ -101,7 +101,7 @@ def _read_cache_sizes(s: Qcow2State, opts: dict[str, Any]) -> tuple[int, int, in
     cs = s.cluster_size
     min_rc = MIN_REFCOUNT_CACHE_SIZE * cs
     max_l2_entries = -(-_length(s) // cs)
-    max_l2_cache = _round_up(max_l2_entries * 8, cs)
+    max_l2_cache = _round_up(max_l2_entries << s.l2e_shift, cs)
     combined_set = "cache-size" in opts
     l2_set = "l2-cache-size" in opts
     rc_set = "refcount-cache-size" in opts

@@ -153,6 +153,12 @@ class Qcow2State:
     l2_bits: int = 13
     l2_size: int = 1 << 13
     l2_slice_size: int = 1 << 13
+    #: extended L2 entries (``has_subclusters``): 16-byte L2 entries with 32 subclusters per cluster
+    subclusters: bool = False
+    l2e_shift: int = 3  # log2 of the L2 entry size (8 or 16 bytes)
+    subcluster_bits: int = 16
+    subcluster_size: int = 1 << 16
+    subclusters_per_cluster: int = 1
     l1_size: int = 0
     l1_vm_state_index: int = 0
     l1_table_offset: int = 0
@@ -173,6 +179,12 @@ class Qcow2State:
     csize: L.CompressedLayout = field(default_factory=lambda: L.compressed_layout(16))
     total_sectors: int = 0
     crypt_method_header: int = 0
+    #: the unlocked encryption context (``s->crypto``, a ``qio.crypto.block.CryptoBlock``), its header
+    #: extension (offset, length) and whether IVs count host sectors (LUKS) or guest sectors (AES)
+    crypto: Any = None
+    crypto_header: tuple[int, int] = (0, 0)
+    crypt_physical_offset: bool = False
+    crypt_extra_opts: list[str] = field(default_factory=list)  # encrypt.* keys beyond format/key-secret
     incompatible_features: int = 0
     compatible_features: int = 0
     autoclear_features: int = 0
