@@ -181,6 +181,8 @@ def _step(to: Co) -> None:
         to.waiting = True
         if isinstance(value, asyncio.Future):
             _await_thread(to, value)
+        elif isinstance(value, External):
+            AioContext.current().pool.external(to, value)
     finally:
         _running = prev
 
@@ -200,6 +202,42 @@ def _await_thread(co: Co, fut: asyncio.Future[Any]) -> None:
     """The coroutine awaits a real thread (a large transfer): its completion goes through the pool."""
     fut._asyncio_future_blocking = False
     AioContext.current().pool.real(co, fut)
+
+
+class External:
+    """A wait for something outside qio (an NBD reply, read by the socket's reader callback) that the
+    outside side ends with :meth:`complete`.
+
+    Under the scheduler it is a real thread's completion (:meth:`ThreadPool.external`: the request
+    continues from the pool's completion bottom half), signalled by a plain call: an asyncio future
+    would add an event-loop pass (its done callbacks are scheduled with ``call_soon``).  Awaited
+    outside the scheduler (by an asyncio task), it waits on a future instead."""
+
+    __slots__ = ("done", "fut", "req")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.req: PoolReq | None = None
+        self.fut: asyncio.Future[None] | None = None
+
+    def complete(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        req = self.req
+        if req is not None:
+            AioContext.current().pool.external_done(req)
+        elif self.fut is not None and not self.fut.done():
+            self.fut.set_result(None)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if self.done:
+            return
+        if _running is None:
+            self.fut = asyncio.get_running_loop().create_future()
+            yield from self.fut.__await__()
+            return
+        yield self
 
 
 @dataclass(slots=True, eq=False)
@@ -443,6 +481,18 @@ class ThreadPool:
             self.ctx.bh_schedule(self.completion_bh)
 
         fut.add_done_callback(done)
+
+    def external(self, co: Co, wait: External) -> None:
+        """``co`` waits for an outside event (:class:`External`), like a request in a real thread."""
+        req = PoolReq(co, 0, self.now)
+        self.elems.append(req)
+        AIO.busy += 1
+        wait.req = req
+
+    def external_done(self, req: PoolReq) -> None:
+        AIO.busy -= 1
+        req.state = DONE
+        self.ctx.bh_schedule(self.completion_bh)
 
     def busy(self) -> bool:
         """Simulated work that the next polls will complete."""

@@ -25,6 +25,8 @@ class OpenFlags:
     copy_on_read: bool = False
     #: BDRV_O_CHECK (qemu-img check): no dirty repair or corrupt refusal at open.
     check: bool = False
+    #: BDRV_O_NO_IO (qemu-img info): encrypted images open without their key.
+    no_io: bool = False
 
     def copy(self) -> OpenFlags:
         return replace(self)
