@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from qio.aio import AIO, WaitQueue, current_co
@@ -95,17 +96,18 @@ def _check_request(offset: int, nbytes: int) -> None:
 
 
 # -- tracked requests (serialisation of overlapping read-modify-write) ------------------------------
+@dataclass(slots=True, eq=False)
 class Tracked:
     """An in-flight request on a node.  A read-modify-write request is *serialising*: requests that
     overlap it (its range widened to the alignment) wait for it, and it waits for them, as in QEMU."""
 
-    __slots__ = ("done", "end", "node", "offset", "serialising", "waiting_for")
-
-    def __init__(self, node: BlockDriver, offset: int, nbytes: int) -> None:
-        self.node, self.offset, self.end = node, offset, offset + nbytes
-        self.serialising = False
-        self.done: WaitQueue | None = None  # the requests waiting for this one (wait_queue)
-        self.waiting_for: Tracked | None = None
+    node: BlockDriver
+    offset: int
+    end: int
+    serialising: bool = False
+    #: The requests waiting for this one (``wait_queue``), made when the first one waits.
+    done: WaitQueue | None = None
+    waiting_for: Tracked | None = None
 
 
 def _tracking(node: BlockDriver) -> bool:
@@ -115,7 +117,7 @@ def _tracking(node: BlockDriver) -> bool:
 
 
 def _begin(node: BlockDriver, offset: int, nbytes: int) -> Tracked:
-    req = Tracked(node, offset, nbytes)
+    req = Tracked(node, offset, offset + nbytes)
     node.tracked.append(req)
     return req
 
