@@ -156,6 +156,7 @@ class Request:
 
     @property
     def state(self) -> str:
+        """``"running"``, ``"suspended"`` (parked at a breakpoint), ``"done"`` or ``"failed"``."""
         if self.done:
             return "failed" if self._exc is not None else "done"
         return "suspended" if self.tag is not None else "running"
@@ -306,6 +307,7 @@ class EventStream:
         return _trace_event(self._buf.popleft())
 
     def close(self) -> None:
+        """Stop recording and restore the trace settings from before the stream; idempotent."""
         from qio import trace
 
         if not self.closed:
@@ -530,6 +532,8 @@ class Image:
     async def block_status(self, offset: int, length: int) -> Extent:
         """The allocation status of the first run of bytes at ``offset`` (``bdrv_is_allocated``); its
         length is 0 at the end of the image."""
+        if offset < 0 or length < 0:  # qemu-io's alloc refuses them while parsing; the block layer asserts
+            raise QioError(errno.EINVAL, f"offset and length must not be negative, given {offset} {length}")
         allocated, n = await self._is_allocated(offset, length)
         return Extent(offset, n, allocated)
 
@@ -584,6 +588,10 @@ class Image:
             raise BreakpointError(errno.ENOTSUP, "Could not set breakpoint: no blkdebug node below the image")
         if offset is not None or iotype is not None or nth != 1:
             from qio.block.blkdebug import BlkdebugDriver
+            from qio.block.blkdebug_config import IOTYPES
+
+            if iotype is not None and iotype not in IOTYPES[:5]:  # as the shell's break -i
+                raise BreakpointError(errno.EINVAL, f"unknown iotype '{iotype}' (one of {', '.join(IOTYPES[:5])})")
 
             if not isinstance(node, BlkdebugDriver):
                 raise BreakpointError(errno.ENOTSUP, f"Could not set breakpoint: {os.strerror(errno.ENOTSUP)}")
@@ -649,7 +657,14 @@ class Image:
     # -- closing -------------------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
+        """True after :meth:`close` (every request method then raises :class:`ImageClosedError`)."""
         return self.session.blk is None
+
+    @property
+    def requests(self) -> list[Request]:
+        """The requests submitted through this image that have not ended yet, oldest first (what a
+        test that timed out was waiting for)."""
+        return list(self._requests)
 
     async def close(self) -> None:
         """Drain and close (parked requests are resumed first, as the shell does); idempotent."""
@@ -750,9 +765,15 @@ class SyncImage:
 
     def __init__(self, runner: asyncio.Runner, image: Image) -> None:
         self._runner = runner
+        self._runner_closed = False
         self.image = image
 
     def _run(self, aw: Awaitable[Any]) -> Any:
+        if self._runner_closed:
+            if isinstance(aw, Coroutine):
+                aw.close()  # never started: no "never awaited" warning
+            raise ImageClosedError(errno.EBADF, "image is closed")
+
         async def call() -> Any:
             return await aw
 
@@ -760,6 +781,7 @@ class SyncImage:
 
     @property
     def log(self) -> list[str]:
+        """:attr:`Image.log`: the lines the block layer printed."""
         return self.image.log
 
     def read(self, offset: int, length: int) -> bytes:
@@ -817,10 +839,13 @@ class SyncImage:
         return self._run(bp.hit(timeout))  # type: ignore[no-any-return]
 
     def close(self) -> None:
+        if self._runner_closed:  # idempotent, as Image.close
+            return
         try:
             self._run(self.image.close())
         finally:
             self._runner.close()
+            self._runner_closed = True
 
     def __enter__(self) -> SyncImage:
         return self

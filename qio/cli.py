@@ -25,6 +25,7 @@ LONG = (
     LongOpt("native-aio", False, "k"), LongOpt("aio", True, "i"), LongOpt("discard", True, "d"),
     LongOpt("cache", True, "t"), LongOpt("trace", True, "T"), LongOpt("object", True, "object"),
     LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U"),
+    LongOpt("output", True, "output"),
 )
 
 USAGE = """Usage: {0} [OPTIONS]... [-c STRING]... [file]
@@ -67,6 +68,8 @@ class Args:
         self.fmt: str | None = None
         self.image_opts = False
         self.image: str | None = None
+        #: ``--output=json`` (qio's own option, qemu-img's spelling): results as JSON lines.
+        self.json = False
 
 
 def parse_args(argv: list[str], out: Output) -> Args | int:
@@ -99,16 +102,28 @@ def parse_args(argv: list[str], out: Output) -> Args | int:
             return 0
         elif c == "h":
             text = USAGE.format(prg)
-            if os.isatty(1):  # a person reading: no option that qio refuses (piped, qemu-io's text)
-                text = text.replace("  --object OBJECTDEF   define an object such as 'secret' for\n"
-                                    "                       passwords and/or encryption keys\n", "")
             out.out(text)
             return 0
         elif c == "object":
-            out.error_report("--object is not supported by qio (no secrets or encrypted images)")
-            return 1
+            from qio import secrets
+            from qio.block.errors import QemuError
+
+            help_text = secrets.object_help(v)
+            if help_text is not None:
+                out.out(help_text)
+                return 0
+            try:
+                secrets.add_object(v)
+            except QemuError as e:
+                out.error_report(str(e))
+                return 1
         elif c == "image-opts":
             a.image_opts = True
+        elif c == "output":
+            if v not in ("human", "json"):
+                out.error_report("--output must be used with human or json as argument.")
+                return 1
+            a.json = v == "json"
         else:
             out.out(USAGE.format(prg))
             return 1
@@ -131,7 +146,7 @@ async def _amain(args: Args, out: Output) -> int:
         from qio import trace
 
         if not trace._sink:
-            trace.set_sink(out.err)
+            trace.set_sink(out.trace)
     if args.image is not None:
         options: dict[str, Any] = {}
         path: str | None = args.image
@@ -221,6 +236,11 @@ def _main(argv: list[str] | None) -> int:
     if isinstance(parsed, int):
         out.flush()
         return parsed
+    if parsed.json:
+        from qio.render_json import JsonOutput  # only here: the text mode never imports json
+
+        out.flush()
+        out = JsonOutput(out.prgname)
     return program.run(out, _amain(parsed, out))
 
 

@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from qio import render
+
 if TYPE_CHECKING:
     from qio.block.errors import Reporter
 
@@ -37,7 +39,14 @@ def _writer(fd: int) -> Callable[[bytes], None]:
 
 
 class Output:
-    """The two output streams of the process, plus QEMU's ``error_report`` prefixing."""
+    """The two output streams of the process, plus QEMU's ``error_report`` prefixing.
+
+    The result methods (:meth:`report`, :meth:`failed`, ...) print qemu-io's text; commands call them
+    with the values, so :class:`qio.render_json.JsonOutput` (``--output=json``) can print the same
+    results as JSON objects instead."""
+
+    #: True for a renderer that wants :meth:`command_start`/:meth:`command_done` around each command line.
+    structured = False
 
     def __init__(self, prgname: str, out_fd: int = 1, err_fd: int = 2) -> None:
         self.prgname = prgname
@@ -121,3 +130,45 @@ class Output:
         from qio.block.errors import Reporter
 
         return Reporter(self.prgname, self.err)
+
+    # -- results: qemu-io's text here, JSON objects in qio.render_json.JsonOutput --------------------
+    def report(self, command: str, op: str, ns: int, offset: int, count: int, csv: bool) -> None:
+        """``print_report`` of a finished request (``wrote 512/512 bytes at offset 0`` and the stats)."""
+        for line in render.report_lines(op, ns, offset, count, count, 1, csv):
+            self.out(line)
+
+    def failed(self, command: str, what: str, offset: int, count: int, code: int, message: str) -> None:
+        """A failed request: ``WHAT failed: MESSAGE`` (``code`` is the positive errno)."""
+        self.out(f"{what} failed: {message}\n")
+
+    def mismatch(self, command: str, offset: int, count: int) -> None:
+        """``-P`` verification of read data failed."""
+        self.out(f"Pattern verification failed at offset {offset}, {count} bytes\n")
+
+    def dump(self, command: str, buf: bytes | bytearray | memoryview, offset: int) -> None:
+        """``-v``: the data read, as a hex dump."""
+        self.out(render.dump_buffer(buf, offset))
+
+    def length(self, size: int) -> None:
+        """``length``: the image size."""
+        self.out(render.cvtstr(size) + "\n")
+
+    def allocation(self, offset: int, count: int, allocated: int) -> None:
+        """``alloc``: how many of ``count`` bytes at ``offset`` are allocated."""
+        self.out(f"{allocated}/{count} bytes allocated at offset {render.cvtstr(offset)}\n")
+
+    def extent(self, offset: int, count: int, allocated: bool) -> None:
+        """One line of ``map``."""
+        state = "    allocated" if allocated else "not allocated"
+        self.out(f"{render.cvtstr(count)} (0x{count:x}) bytes {state} at offset "
+                 f"{render.cvtstr(offset)} (0x{offset:x})\n")
+
+    def trace(self, line: str) -> None:
+        """A trace event line (``-T``) without a trace file: stderr."""
+        self.err(line)
+
+    def command_start(self, argv: list[str]) -> None:
+        """Called before a command line runs when :attr:`structured`."""
+
+    def command_done(self, argv: list[str], ret: int) -> None:
+        """Called after a command line ran when :attr:`structured` (``ret``: 0 or -errno)."""

@@ -34,7 +34,18 @@ class Shell:
         if not words:
             return 0
         self.session.aio.pool.tick()
+        if self.out.structured:
+            return await self._structured(words)
         ret = await self._dispatch(words)
+        if ret < 0:
+            self.last_error = ret
+        return ret
+
+    async def _structured(self, words: list[str]) -> int:
+        """:meth:`execute` for a renderer that marks each command line (``--output=json``)."""
+        self.out.command_start(words)
+        ret = await self._dispatch(words)
+        self.out.command_done(words, ret)
         if ret < 0:
             self.last_error = ret
         return ret

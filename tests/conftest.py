@@ -6,11 +6,17 @@ tools instead.  Paths and run helpers live in ``oracle.py`` (importable from eve
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 from oracle import missing, qemu_img, qio_wrapper
+
+# qio's own pytest plugin (qio_images, qio_raw, qio_qcow2; docs/testing.md), also when this tree is not
+# installed; installed, its entry point has the same name, so it is registered once.  (Absent when the
+# qio imported is an older installed one: pytest started outside the tree's root.)
+pytest_plugins = ["qio.pytest_plugin"] if importlib.util.find_spec("qio.pytest_plugin") else []
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -65,6 +65,8 @@ def find(name: str) -> type[BlockDriver] | None:
     cls: type[BlockDriver] = getattr(importlib.import_module(entry[0]), entry[1])
     return cls
 register("qcow2", "qio.block.qcow2", "Qcow2Driver", is_format=True)
+register("luks", "qio.block.luks", "LuksDriver", is_format=True)
 register("null-co", "qio.block.null", "NullCoDriver", protocol_prefix=True)
 register("null-aio", "qio.block.null", "NullAioDriver", protocol_prefix=True)
 register("blklogwrites", "qio.block.blklogwrites", "BlkLogWritesDriver")
+register("compress", "qio.block.compress_filter", "CompressDriver")

@@ -173,7 +173,7 @@ async def run_trace(session: Session, pattern: str | None) -> int:
     from qio import trace
 
     if not trace._sink:
-        trace.set_sink(session.out.err)
+        trace.set_sink(session.out.trace)
     if pattern is None:
         for name, what in trace.EVENTS.items():
             mark = "on " if name in trace.enabled else "off"

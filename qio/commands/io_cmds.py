@@ -47,13 +47,14 @@ def _offset_count(inv: Invocation, args: list[str]) -> tuple[int, int]:
     return offset, count
 
 
-async def _timed(session: Session, coro: Coroutine[Any, Any, Any], name: str, always_poll: bool = False) -> int:
+async def _timed(session: Session, coro: Coroutine[Any, Any, Any], name: str, offset: int, count: int,
+                 always_poll: bool = False, command: str | None = None) -> int:
     """Run a synchronous command's request: elapsed ns, or -errno after qemu-io's ``NAME failed: ...``."""
     t1 = time.monotonic_ns()
     try:
         await session.sync(coro, always_poll=always_poll)
     except BlockError as e:
-        session.out.out(f"{name} failed: {e}\n")
+        session.out.failed(command or name, name, offset, count, e.code, str(e))
         return -e.code
     return time.monotonic_ns() - t1
 
@@ -91,17 +92,17 @@ async def run_read(session: Session, cmd: Read) -> int:
     blk = session.require_blk()
     buf = memoryview(bytearray(b"\xab") * cmd.nbytes)  # qemu-io pre-fills read buffers with 0xab
     req = blk.load_vmstate if cmd.vmstate else blk.preadv
-    ns = await _timed(session, req(cmd.offset, cmd.nbytes, [buf]), "read")
+    ns = await _timed(session, req(cmd.offset, cmd.nbytes, [buf]), "read", cmd.offset, cmd.nbytes)
     if ns < 0:
         return ns
     ret = 0
     if cmd.pattern is not None and not verify(buf[cmd.poff : cmd.poff + cmd.plen], cmd.pattern):
-        session.out.out(f"Pattern verification failed at offset {cmd.offset + cmd.poff}, {cmd.plen} bytes\n")
+        session.out.mismatch("read", cmd.offset + cmd.poff, cmd.plen)
         ret = EINVAL
     if not cmd.quiet:
         if cmd.verbose:
-            session.out.out(render.dump_buffer(buf, cmd.offset))
-        render.report(session.out, "read", ns, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
+            session.out.dump("read", buf, cmd.offset)
+        session.out.report("read", "read", ns, cmd.offset, cmd.nbytes, cmd.csv)
     return ret
 
 
@@ -133,17 +134,18 @@ async def run_readv(session: Session, cmd: Vector) -> int:
     blk = session.require_blk()
     total = sum(cmd.sizes)
     buf = memoryview(bytearray(b"\xab") * total)
-    ns = await _timed(session, blk.preadv(cmd.offset, total, split_iov(buf, list(cmd.sizes))), "readv", True)
+    ns = await _timed(session, blk.preadv(cmd.offset, total, split_iov(buf, list(cmd.sizes))), "readv",
+                      cmd.offset, total, True)
     if ns < 0:
         return ns
     ret = 0
     if cmd.pattern is not None and not verify(buf, cmd.pattern):
-        session.out.out(f"Pattern verification failed at offset {cmd.offset}, {total} bytes\n")
+        session.out.mismatch("readv", cmd.offset, total)
         ret = EINVAL
     if not cmd.quiet:
         if cmd.verbose:
-            session.out.out(render.dump_buffer(buf, cmd.offset))
-        render.report(session.out, "read", ns, cmd.offset, total, total, cmd.csv)
+            session.out.dump("readv", buf, cmd.offset)
+        session.out.report("readv", "read", ns, cmd.offset, total, cmd.csv)
     return ret
 
 
@@ -158,11 +160,11 @@ async def run_writev(session: Session, cmd: Vector) -> int:
     assert cmd.pattern is not None
     ns = await _timed(session, blk.pwritev(cmd.offset, total, pattern_vector(cmd.pattern, cmd.sizes),
                                           REQ_FUA if cmd.fua else 0),
-                      "writev", True)
+                      "writev", cmd.offset, total, True)
     if ns < 0:
         return ns
     if not cmd.quiet:
-        render.report(session.out, "wrote", ns, cmd.offset, total, total, cmd.csv)
+        session.out.report("writev", "wrote", ns, cmd.offset, total, cmd.csv)
     return 0
 
 
@@ -240,11 +242,11 @@ async def run_write(session: Session, cmd: Write) -> int:
         req = blk.pwritev(cmd.offset, cmd.nbytes, None, cmd.flags | REQ_ZERO_WRITE)
     else:
         req = blk.pwritev(cmd.offset, cmd.nbytes, iov, REQ_WRITE_COMPRESSED if cmd.compressed else cmd.flags)
-    ns = await _timed(session, req, "write")
+    ns = await _timed(session, req, "write", cmd.offset, cmd.nbytes)
     if ns < 0:
         return ns
     if not cmd.quiet:
-        render.report(session.out, "wrote", ns, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
+        session.out.report("write", "wrote", ns, cmd.offset, cmd.nbytes, cmd.csv)
     return 0
 
 
@@ -282,15 +284,15 @@ async def run_aio_read(session: Session, cmd: Vector | AioInvalid) -> int:
     def done(exc: BaseException | None, _: object) -> None:
         t2 = time.monotonic_ns()
         if exc is not None:
-            session.out.out(f"readv failed: {_errstr(exc)}\n")
+            session.out.failed("aio_read", "readv", cmd.offset, total, *_errinfo(exc))
             return
         if cmd.pattern is not None and not verify(buf, cmd.pattern):
-            session.out.out(f"Pattern verification failed at offset {cmd.offset}, {total} bytes\n")
+            session.out.mismatch("aio_read", cmd.offset, total)
         if cmd.quiet:
             return
         if cmd.verbose:
-            session.out.out(render.dump_buffer(buf, cmd.offset))
-        render.report(session.out, "read", t2 - t1, cmd.offset, total, total, cmd.csv)
+            session.out.dump("aio_read", buf, cmd.offset)
+        session.out.report("aio_read", "read", t2 - t1, cmd.offset, total, cmd.csv)
 
     session.aio.submit(blk.preadv(cmd.offset, total, split_iov(buf, list(cmd.sizes))), done)
     return 0
@@ -336,10 +338,10 @@ async def run_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
 
     def done(exc: BaseException | None, _: object) -> None:
         if exc is not None:
-            session.out.out(f"aio_write failed: {_errstr(exc)}\n")
+            session.out.failed("aio_write", "aio_write", cmd.offset, total, *_errinfo(exc))
             return
         if not cmd.quiet:
-            render.report(session.out, "wrote", time.monotonic_ns() - t1, cmd.offset, total, total, cmd.csv)
+            session.out.report("aio_write", "wrote", time.monotonic_ns() - t1, cmd.offset, total, cmd.csv)
 
     if cmd.zero:
         session.aio.submit(blk.pwritev(cmd.offset, total, None, cmd.flags | REQ_ZERO_WRITE), done)
@@ -348,14 +350,15 @@ async def run_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
     return 0
 
 
-def _errstr(exc: BaseException) -> str:
+def _errinfo(exc: BaseException) -> tuple[int, str]:
+    """The errno and message of an asynchronous request's failure."""
     if isinstance(exc, BlockError):
-        return str(exc)
+        return exc.code, str(exc)
     if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
+        return exc.errno, os.strerror(exc.errno)
     # A bug in qio, not an I/O error: say so (on stderr) rather than hide it behind EIO.
     os.write(2, f"qio: internal error: {type(exc).__name__}: {exc}\n".encode())
-    return os.strerror(errno.EIO)
+    return errno.EIO, os.strerror(errno.EIO)
 
 
 async def run_aio_flush(session: Session, cmd: object) -> int:
@@ -387,11 +390,11 @@ def parse_discard(inv: Invocation) -> Discard:
 
 async def run_discard(session: Session, cmd: Discard) -> int:
     blk = session.require_blk()
-    ns = await _timed(session, blk.pdiscard(cmd.offset, cmd.nbytes), "discard")
+    ns = await _timed(session, blk.pdiscard(cmd.offset, cmd.nbytes), "discard", cmd.offset, cmd.nbytes)
     if ns < 0:
         return ns
     if not cmd.quiet:
-        render.report(session.out, "discard", ns, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
+        session.out.report("discard", "discard", ns, cmd.offset, cmd.nbytes, cmd.csv)
     return 0
 
 
@@ -446,7 +449,7 @@ async def run_length(session: Session, cmd: object) -> int:
     except BlockError as e:
         session.out.out(f"getlength: {e}\n")
         return -e.code
-    session.out.out(render.cvtstr(size) + "\n")
+    session.out.length(size)
     return 0
 
 
@@ -502,7 +505,7 @@ async def run_alloc(session: Session, cmd: Alloc) -> int:
         if n == 0:
             count -= remaining
             remaining = 0
-    session.out.out(f"{total}/{count} bytes allocated at offset {render.cvtstr(cmd.offset)}\n")
+    session.out.allocation(cmd.offset, count, total)
     return 0
 
 
@@ -528,9 +531,7 @@ async def run_map(session: Session, cmd: object) -> int:
         if not pnum:
             session.out.error_report("Unexpected end of image")
             return -errno.EIO
-        state = "    allocated" if first else "not allocated"
-        session.out.out(f"{render.cvtstr(pnum)} (0x{pnum:x}) bytes {state} at offset "
-                        f"{render.cvtstr(offset)} (0x{offset:x})\n")
+        session.out.extent(offset, pnum, first)
         offset += pnum
         remaining -= pnum
     return 0
@@ -565,10 +566,10 @@ async def run_aio_discard(session: Session, cmd: AioDiscard | AioInvalid) -> int
     def done(exc: BaseException | None, _: object) -> None:
         t2 = time.monotonic_ns()
         if exc is not None:
-            session.out.out(f"aio_discard failed: {_errstr(exc)}\n")
+            session.out.failed("aio_discard", "aio_discard", cmd.offset, cmd.nbytes, *_errinfo(exc))
             return
         if not cmd.quiet:
-            render.report(session.out, "discard", t2 - t1, cmd.offset, cmd.nbytes, cmd.nbytes, cmd.csv)
+            session.out.report("aio_discard", "discard", t2 - t1, cmd.offset, cmd.nbytes, cmd.csv)
 
     session.aio.submit(blk.pdiscard(cmd.offset, cmd.nbytes), done)
     return 0

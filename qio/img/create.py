@@ -342,8 +342,6 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
             raise QemuError(f"Parameter 'compression-type' does not accept value '{ctype}'")
         unsupported = [name for name in ("encryption", "encrypt.format", "data_file", "data_file_raw")
                        if o.get(name) is not None and opt_bool_or_str(o.get(name))]
-        if ctype != "zlib":
-            unsupported.append("compression_type")
         if unsupported:
             raise QemuError(f"qio-img does not support the option(s) {', '.join(unsupported)} "
                             "for qcow2 images", errno.ENOTSUP)
@@ -355,7 +353,8 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
                        version=version, refcount_bits=rc - 2**64 if rc >= 2**63 else rc,
                        lazy_refcounts=opt_bool(o.str, "lazy_refcounts", False), backing_file=o.get("backing_file"),
                        backing_fmt=backing_fmt, preallocation=prealloc, warn=ctx.out.reporter(),
-                       extended_l2=opt_bool({"x": o.get("extended_l2") or "off"}, "x", False))
+                       extended_l2=opt_bool({"x": o.get("extended_l2") or "off"}, "x", False),
+                       compression_type=ctype)
 
 
 def opt_bool_or_str(value: str | None) -> bool:

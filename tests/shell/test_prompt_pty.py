@@ -232,12 +232,13 @@ def test_prompt_is_written_before_the_line_editor_loads(term) -> None:  # type: 
     assert t.lines()[0] == "qio>"
 
 
-def test_help_at_a_terminal_lists_no_refused_option(tmp_path: Path) -> None:
+def test_help_at_a_terminal_lists_object(tmp_path: Path) -> None:
+    """qio takes ``--object`` (secrets), so its help at a terminal lists it like qemu-io's."""
     t = Term(["-h"], tmp_path, rows=80)
     t.wait("QEMU Disk exerciser")
     t.wait("--image-opts")
     t.close()
-    assert "--object" not in t.text()
+    assert "--object OBJECTDEF" in t.text()
 
 
 def test_status_line_shows_nbd_clients(term, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ from qio.block.driver import (
 from qio.block.errors import BlockError
 from qio.block.events import Event
 from qio.block.qcow2 import layout as L
+from qio.block.qcow2 import zstd
 from qio.block.qcow2.cluster import _l2_entry, get_cluster_table
 from qio.block.qcow2.overlap import pre_write_overlap_check
 from qio.block.qcow2.refcount import alloc_bytes
@@ -28,12 +29,15 @@ async def _preadv_compressed(s: Qcow2State, l2_entry: int, offset: int, nbytes: 
     cs = s.cluster_size
     await _event(s, Event.READ_COMPRESSED)
     buf = await _pread(s, coffset, csize)
-    try:
-        out = zlib.decompressobj(-12).decompress(bytes(buf), cs)
-    except zlib.error:
-        raise BlockError(errno.EIO) from None
-    if len(out) != cs:
-        raise BlockError(errno.EIO)
+    if s.compression_type == L.COMPRESSION_ZSTD:
+        out = zstd.decompress(bytes(buf), cs)
+    else:
+        try:
+            out = zlib.decompressobj(-12).decompress(bytes(buf), cs)
+        except zlib.error:
+            raise BlockError(errno.EIO) from None
+        if len(out) != cs:
+            raise BlockError(errno.EIO)
     oic = offset & (cs - 1)
     io.iov_from_bytes(qiov, 0, memoryview(out)[oic: oic + nbytes])
 
@@ -58,11 +62,17 @@ async def _pwritev_compressed_part(s: Qcow2State, offset: int, nbytes: int, qiov
 
 async def _pwritev_compressed_task(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> None:
     cs = s.cluster_size
-    buf = bytearray(cs)
-    buf[:nbytes] = io.iov_to_bytes(qiov)
-    comp = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
-    out = comp.compress(bytes(buf)) + comp.flush()
-    if len(out) > cs - 1:
+    if s.compression_type == L.COMPRESSION_ZSTD:
+        # a whole cluster in one buffer is compressed in place; else gathered and zero-padded
+        src = qiov[0] if len(qiov) == 1 and nbytes == cs else io.iov_to_bytes(qiov).ljust(cs, b"\0")
+        zout = zstd.compress(src, cs - 1)
+        out = b"" if zout is None else zout
+    else:
+        buf = bytearray(cs)
+        buf[:nbytes] = io.iov_to_bytes(qiov)
+        comp = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+        out = comp.compress(bytes(buf)) + comp.flush()
+    if not out or len(out) > cs - 1:
         await s.bs.co_pwritev(offset, nbytes, qiov, 0)  # qcow2_co_pwritev_part
         return
     await s.lock.lock()

@@ -41,6 +41,13 @@ async def _perform_cow(s: Qcow2State, m: L2Meta) -> None:
             await _do_cow_read(s, m.offset + m.cow_start_off, [memoryview(sb)])
             await _do_cow_read(s, m.offset + m.cow_end_off, [memoryview(eb)])
             start_buf, end_buf = memoryview(sb), memoryview(eb)
+        if s.crypto is not None:  # do_perform_cow_encrypt: the copied head and tail at their new place
+            from qio.block.qcow2.crypt import encrypt
+
+            if start_n:
+                encrypt(s, m.alloc_offset + m.cow_start_off, m.offset + m.cow_start_off, start_buf)
+            if end_n:
+                encrypt(s, m.alloc_offset + m.cow_end_off, m.offset + m.cow_end_off, end_buf)
         if m.data_qiov is not None:
             qiov: IOVec = []
             if start_n:

@@ -27,7 +27,7 @@ PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
 def validate(size: int, *, cluster_size: int = 65536, version: int = 3, refcount_bits: int = 16,
              lazy_refcounts: bool = False, backing_file: str | None = None, backing_fmt: str | None = None,
-             preallocation: str = "off", extended_l2: bool = False) -> None:
+             preallocation: str = "off", extended_l2: bool = False, compression_type: str = "zlib") -> None:
     """The option checks of ``qcow2_co_create``, in its order and words."""
     if size % 512:
         raise QemuError("Image size must be a multiple of 512 bytes", errno.EINVAL)
@@ -52,6 +52,12 @@ def validate(size: int, *, cluster_size: int = 65536, version: int = 3, refcount
     if version < 3 and refcount_bits != 16:
         raise QemuError("Different refcount widths than 16 bits require compatibility level 1.1 or above (use "
                         "version=v3 or greater)", errno.EINVAL)
+    if compression_type != "zlib":
+        if version < 3:
+            raise QemuError("Non-zlib compression type is only supported with compatibility level 1.1 and above "
+                            "(use version=v3 or greater)", errno.EINVAL)
+        if compression_type != "zstd":
+            raise QemuError("Unknown compression type", errno.EINVAL)
 
 
 def create(filename: str, size: int, **kw: Any) -> None:
@@ -62,7 +68,7 @@ def create(filename: str, size: int, **kw: Any) -> None:
 async def create_async(filename: str, size: int, *, cluster_size: int = 65536, version: int = 3,
                        refcount_bits: int = 16, lazy_refcounts: bool = False, backing_file: str | None = None,
                        backing_fmt: str | None = None, preallocation: str = "off", warn: Warn | None = None,
-                       extended_l2: bool = False) -> None:
+                       extended_l2: bool = False, compression_type: str = "zlib") -> None:
     """Create (or overwrite) ``filename`` as a qcow2 image of ``size`` bytes (``qcow2_co_create_opts``).
 
     The file is created (emptied) first and deleted again if anything fails, as QEMU does.  Errors are
@@ -78,9 +84,11 @@ async def create_async(filename: str, size: int, *, cluster_size: int = 65536, v
         try:
             validate(size, cluster_size=cluster_size, version=version, refcount_bits=refcount_bits,
                      lazy_refcounts=lazy_refcounts, backing_file=backing_file, backing_fmt=backing_fmt,
-                     preallocation=preallocation, extended_l2=extended_l2)
+                     preallocation=preallocation, extended_l2=extended_l2, compression_type=compression_type)
+            ctype = L.COMPRESSION_ZSTD if compression_type == "zstd" else L.COMPRESSION_ZLIB
             _write_minimal_image(fd, cluster_size, version, refcount_bits, lazy_refcounts,
-                                 L.INCOMPAT_EXTL2 if extended_l2 else 0)
+                                 (L.INCOMPAT_EXTL2 if extended_l2 else 0) | (L.INCOMPAT_COMPRESSION if ctype else 0),
+                                 ctype)
         finally:
             os.close(fd)
         await _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn)
@@ -93,12 +101,12 @@ async def create_async(filename: str, size: int, *, cluster_size: int = 65536, v
 
 
 def _write_minimal_image(fd: int, cluster_size: int, version: int, refcount_bits: int, lazy: bool,
-                         incompatible: int = 0) -> None:
+                         incompatible: int = 0, ctype: int = 0) -> None:
     """Header in cluster 0, a one-cluster refcount table in cluster 1 pointing at cluster 2."""
     order = refcount_bits.bit_length() - 1
     header = L.Header(L.MAGIC, version, 0, 0, cluster_size.bit_length() - 1, 0, 0, 0, 0, cluster_size, 1, 0, 0,
-                      incompatible, L.COMPAT_LAZY_REFCOUNTS if lazy else 0, 0, order, L.HEADER_LENGTH_V3, 0)
-    raw = L.HEADER_V2.pack(*header[:13]) + L.HEADER_V3.pack(*header[13:18]) + bytes(8)
+                      incompatible, L.COMPAT_LAZY_REFCOUNTS if lazy else 0, 0, order, L.HEADER_LENGTH_V3, ctype)
+    raw = L.HEADER_V2.pack(*header[:13]) + L.HEADER_V3.pack(*header[13:18]) + bytes([ctype]) + bytes(7)
     first = bytearray(3 * cluster_size)
     first[: len(raw)] = raw
     L.ENTRY.pack_into(first, cluster_size, 2 * cluster_size)

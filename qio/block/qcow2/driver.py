@@ -25,6 +25,7 @@ from qio.block.qcow2 import open as qopen
 from qio.block.qcow2 import options as qoptions
 from qio.block.qcow2 import resize, rw
 from qio.block.qcow2.compress import _pwritev_compressed_part
+from qio.block.qcow2.crypt import CRYPT_OPTS, specific_info, take_extra_crypt_opts
 from qio.block.qcow2.rw import _preadv_part, _pwritev_part
 from qio.block.qcow2.state import OL_OPTIONS, Qcow2State, _check_usable, _length, vm_state_offset
 
@@ -37,7 +38,8 @@ class Qcow2Driver(BlockDriver):
     runtime_opts: ClassVar[frozenset[str]] = frozenset(
         {"lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
          "overlap-check", "overlap-check.template", "cache-size", "l2-cache-size", "l2-cache-entry-size",
-         "refcount-cache-size", "cache-clean-interval"} | {f"overlap-check.{k}" for k in OL_OPTIONS})
+         "refcount-cache-size", "cache-clean-interval"} | {f"overlap-check.{k}" for k in OL_OPTIONS}
+        | CRYPT_OPTS)
     reopen_opts = runtime_opts
 
     def __init__(self) -> None:
@@ -45,6 +47,7 @@ class Qcow2Driver(BlockDriver):
         self.s = Qcow2State(self)
 
     def open(self, options: dict[str, Any], flags: OpenFlags) -> None:
+        self.s.crypt_extra_opts = take_extra_crypt_opts(options)
         qopen.qcow2_open(self.s, options, flags)
 
     async def close(self) -> None:
@@ -141,6 +144,8 @@ class Qcow2Driver(BlockDriver):
         if s.l2_cache is not None:
             self.pwrite_zeroes_alignment = s.subcluster_size
             self.pdiscard_alignment = s.cluster_size  # qcow2_refresh_limits overrides the child's
+            if s.crypto is not None:
+                self.request_alignment = s.crypto.sector_size
 
     def get_info(self) -> BlockInfo | None:
         return BlockInfo(self.s.cluster_size, vm_state_offset(self.s))
@@ -150,13 +155,20 @@ class Qcow2Driver(BlockDriver):
         s = self.s
         ctype = L.COMPRESSION_NAMES.get(s.compression_type, str(s.compression_type))
         if s.qcow_version == 2:
-            return [("compat", "0.10"), ("compression-type", "zlib"), ("refcount-bits", s.refcount_bits)]
+            v2: list[tuple[str, Any]] = [("compat", "0.10"), ("compression-type", "zlib"),
+                                         ("refcount-bits", s.refcount_bits)]
+            enc2 = specific_info(s)
+            return v2 if enc2 is None else [*v2, ("encrypt", enc2)]
         info: list[tuple[str, Any]] = [
             ("compat", "1.1"), ("compression-type", ctype),
             ("lazy-refcounts", bool(s.compatible_features & L.COMPAT_LAZY_REFCOUNTS))]
         if s.bitmaps_info:
             info.append(("bitmaps", s.bitmaps_info))
-        info += [("refcount-bits", s.refcount_bits),
+        info.append(("refcount-bits", s.refcount_bits))
+        enc = specific_info(s)
+        if enc is not None:
+            info.append(("encrypt", enc))
+        info += [
                  ("corrupt", bool(s.incompatible_features & L.INCOMPAT_CORRUPT)),
                  ("extended-l2", bool(s.incompatible_features & L.INCOMPAT_EXTL2))]
         return info

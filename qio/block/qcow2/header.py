@@ -60,6 +60,8 @@ async def update_header(s: Qcow2State) -> None:
         out += s.unknown_header_fields
     if s.image_backing_format:
         out += L.ext_record(L.EXT_BACKING_FORMAT, s.image_backing_format.encode("utf-8", "surrogateescape"))
+    if s.crypto_header[0]:
+        out += L.ext_record(L.EXT_CRYPTO_HEADER, L.CRYPTO_EXT.pack(*s.crypto_header))
     if s.qcow_version >= 3 and cs > 4096:
         out += L.ext_record(L.EXT_FEATURE_TABLE, L.feature_table_bytes())
     if s.nb_bitmaps > 0:

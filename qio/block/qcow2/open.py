@@ -15,6 +15,7 @@ from qio.block.driver import (
 from qio.block.errors import BlockError, QemuError, report_error
 from qio.block.events import Event
 from qio.block.modes import OpenFlags
+from qio.block.qcow2 import crypt
 from qio.block.qcow2 import layout as L
 from qio.block.qcow2.header import update_header
 from qio.block.qcow2.options import _update_options
@@ -22,7 +23,6 @@ from qio.block.qcow2.refcount import _update_max_refcount_table_index, mark_clea
 from qio.block.qcow2.snapshot import _read_snapshots
 from qio.block.qcow2.state import (
     INT_MAX,
-    NO_KEY,
     Qcow2State,
     _be64_array,
     _event,
@@ -51,7 +51,7 @@ def qcow2_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> None
         raise QemuError(str(e), e.code) from None
     s.bs.supported_zero_flags = (REQ_MAY_UNMAP | REQ_NO_FALLBACK) if s.qcow_version >= 3 else 0
     s.bs.supported_write_flags = 0
-    s.bs.request_alignment = 1
+    s.bs.request_alignment = crypt.SECTOR_ALIGN if s.crypto is not None else 1
     s.bs.pwrite_zeroes_alignment = s.subcluster_size
     s.bs.pdiscard_alignment = s.cluster_size  # qcow2_refresh_limits overrides the child's
 
@@ -72,6 +72,7 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
         raise QemuError(f"Unsupported cluster size: 2^{h.cluster_bits}", errno.EINVAL)
     cb = s.cluster_bits = h.cluster_bits
     cs = s.cluster_size = 1 << cb
+    s.subcluster_bits, s.subcluster_size = cb, cs  # one subcluster per cluster unless extended L2
     if h.version == 3 and h.header_length < L.MIN_HEADER_LENGTH_V3:
         raise QemuError("qcow2 header too short", errno.EINVAL)
     if h.header_length > cs:
@@ -113,7 +114,6 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
     s.get_rc, s.set_rc = L.refcount_accessors(h.refcount_order)
     s.crypt_method_header = h.crypt_method
     if h.crypt_method and h.crypt_method not in (L.CRYPT_AES, L.CRYPT_LUKS):
-        # AES and LUKS are refused below, where QEMU fails without a key (qio takes no --object)
         raise QemuError(f"Unsupported encryption method {h.crypt_method}", errno.EINVAL)
     s.l2_bits = cb - s.l2e_shift
     s.l2_size = 1 << s.l2_bits
@@ -148,12 +148,10 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
             raise QemuError.wrap(e, "Could not read L1 table") from None
         s.l1_table = _be64_array(raw)
     _update_options(s, options, flags, initial=True)
+    crypt.check_format_option(s, s.opts)
     await _refcount_init(s)
     await _read_extensions(s, h.header_length, ext_end, want_feature_table=False)
-    if s.crypt_method_header == L.CRYPT_AES:
-        raise QemuError(NO_KEY, errno.EINVAL)
-    if s.crypt_method_header == L.CRYPT_LUKS:
-        raise QemuError("Missing CRYPTO header for crypt method 2", errno.EINVAL)
+    crypt.open_without_extension(s, flags)
     if s.incompatible_features & L.INCOMPAT_DATA_FILE:
         raise QemuError("qio does not support qcow2 images with an external data file "
                         "(incompatible feature bit 2)", errno.ENOTSUP)
@@ -223,8 +221,6 @@ def _validate_compression_type(s: Qcow2State) -> None:
     else:
         if not s.incompatible_features & L.INCOMPAT_COMPRESSION:
             raise QemuError("qcow2: Compression type incompatible feature bit must be set", errno.EINVAL)
-        raise QemuError("qio does not support zstd-compressed qcow2 images (incompatible feature bit 3)",
-                        errno.ENOTSUP)
 
 
 def _unsupported_features(table: bytes, mask: int) -> str:
@@ -279,8 +275,7 @@ async def _read_extensions(s: Qcow2State, start: int, end: int, want_feature_tab
             if crypto_offset % s.cluster_size:
                 raise QemuError(f"Encryption header offset '{crypto_offset}' is not a multiple of cluster "
                                 f"size '{s.cluster_size}'", errno.EINVAL)
-            # QEMU opens the LUKS header here and fails without the key (qio cannot take one).
-            raise QemuError(NO_KEY, errno.EINVAL)
+            await crypt.open_luks_header(s, data)
         elif magic == L.EXT_BITMAPS:
             _read_bitmaps_ext(s, data, length)
         elif magic == L.EXT_DATA_FILE:

@@ -18,6 +18,7 @@ from qio.block.driver import (
 )
 from qio.block.errors import BlockError
 from qio.block.events import Event
+from qio.block.qcow2 import crypt
 from qio.block.qcow2 import layout as L
 from qio.block.qcow2.cluster import (
     alloc_host_offset,
@@ -100,6 +101,8 @@ async def _preadv_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> 
     try:
         while nbytes and (pool is None or pool.status is None):
             cur = min(nbytes, INT_MAX)
+            if s.crypto is not None:
+                cur = min(cur, crypt.MAX_CRYPT_CLUSTERS * s.cluster_size)
             await s.lock.lock()
             try:
                 cur, host, ctype = await get_host_offset(s, offset, cur)
@@ -131,9 +134,20 @@ async def _preadv_task(s: Qcow2State, ctype: int, host: int, offset: int, nbytes
         await io.preadv(s.bs.backing, offset, nbytes, qiov)
     elif ctype == L.CLUSTER_COMPRESSED:
         await _preadv_compressed(s, host, offset, nbytes, qiov)
+    elif s.crypto is not None:
+        await _preadv_encrypted(s, host, offset, nbytes, qiov)
     else:
         await _event(s, Event.READ_AIO)
         await io.preadv(s.bs.file, host, nbytes, qiov)
+
+
+async def _preadv_encrypted(s: Qcow2State, host: int, offset: int, nbytes: int, qiov: IOVec) -> None:
+    """``qcow2_co_preadv_encrypted``: read into a bounce buffer, decrypt, copy out."""
+    buf = bytearray(nbytes)
+    await _event(s, Event.READ_AIO)
+    await io.preadv(s.bs.file, host, nbytes, [memoryview(buf)])
+    crypt.decrypt(s, host, offset, buf)
+    io.iov_from_bytes(qiov, 0, memoryview(buf))
 
 
 async def _pwritev_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> None:
@@ -144,6 +158,8 @@ async def _pwritev_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) ->
         while nbytes and (pool is None or pool.status is None):
             metas: list[L2Meta] = []
             cur = min(nbytes, INT_MAX)
+            if s.crypto is not None:
+                cur = min(cur, crypt.MAX_CRYPT_CLUSTERS * s.cluster_size - (offset & (s.cluster_size - 1)))
             await s.lock.lock()
             try:
                 cur, host = await alloc_host_offset(s, offset, cur, metas)
@@ -174,6 +190,10 @@ async def _pwritev_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) ->
 async def _pwritev_task(s: Qcow2State, host: int, offset: int, nbytes: int, qiov: IOVec, metas: list[L2Meta]) -> None:
     """``qcow2_co_pwritev_task``: data (merged with the COW when possible), then the L2 update."""
     try:
+        if s.crypto is not None:
+            cbuf = bytearray(io.iov_to_bytes(qiov))
+            crypt.encrypt(s, host, offset, cbuf)
+            qiov = [memoryview(cbuf)]
         await _handle_alloc_space(s, metas)
         if not _merge_cow(offset, nbytes, qiov, metas):
             await _event(s, Event.WRITE_AIO)
@@ -213,6 +233,8 @@ async def _handle_alloc_space(s: Qcow2State, metas: list[L2Meta]) -> None:
     """``handle_alloc_space``: zero whole new clusters instead of copying zeroes into them."""
     if not s.bs.file.supported_zero_flags & REQ_NO_FALLBACK:
         return
+    if s.crypto is not None:
+        return
     for m in reversed(metas):
         if not m.cow_start_n and not m.cow_end_n:
             continue
@@ -246,7 +268,7 @@ async def _own_block_status(s: Qcow2State, offset: int, nbytes: int) -> tuple[in
     finally:
         s.lock.unlock()
     status = 0
-    if ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC, L.CLUSTER_UNALLOCATED_ALLOC):
+    if ctype in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC, L.CLUSTER_UNALLOCATED_ALLOC) and s.crypto is None:
         status |= BLOCK_OFFSET_VALID
     if ctype in (L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC):
         status |= BLOCK_ZERO

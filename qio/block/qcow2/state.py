@@ -179,6 +179,12 @@ class Qcow2State:
     csize: L.CompressedLayout = field(default_factory=lambda: L.compressed_layout(16))
     total_sectors: int = 0
     crypt_method_header: int = 0
+    #: the unlocked encryption context (``s->crypto``, a ``qio.crypto.block.CryptoBlock``), its header
+    #: extension (offset, length) and whether IVs count host sectors (LUKS) or guest sectors (AES)
+    crypto: Any = None
+    crypto_header: tuple[int, int] = (0, 0)
+    crypt_physical_offset: bool = False
+    crypt_extra_opts: list[str] = field(default_factory=list)  # encrypt.* keys beyond format/key-secret
     incompatible_features: int = 0
     compatible_features: int = 0
     autoclear_features: int = 0
