@@ -492,7 +492,8 @@ class _Watchdog:
         self.start = time.monotonic()
         self.deadline = self.start + self.seconds
         old_left, _ = signal.setitimer(signal.ITIMER_REAL, 0)
-        self.old_handler = signal.signal(signal.SIGALRM, self._fire)
+        # None: a handler installed from C, which Python cannot put back; the default is the closest
+        self.old_handler = signal.signal(signal.SIGALRM, self._fire) or signal.SIG_DFL
         self.old_deadline = self.start + old_left if old_left > 0 else None
         first = self.seconds if self.old_deadline is None else min(self.seconds, old_left)
         signal.setitimer(signal.ITIMER_REAL, first)

@@ -41,6 +41,8 @@ def clear() -> None:
 def _keyval(text: str) -> list[tuple[str, str]]:
     """``keyval_parse`` with the implied key ``qom-type``: ``key=value`` pairs, ``,,`` escapes a comma."""
     out: list[tuple[str, str]] = []
+    if not text:
+        return out
     pos, n = 0, len(text)
     first = True
     while pos < n or first:

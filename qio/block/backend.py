@@ -574,7 +574,12 @@ class BlockBackend:
         self._check(offset, nbytes)
         if self.writethrough:
             flags |= REQ_FUA
-        await io.pwritev(self.root, offset, nbytes, qiov, flags)
+        root = self.root
+        if io.can_pwritev_inline(root, offset, nbytes, qiov, flags):
+            assert qiov is not None
+            io.pwritev_inline(root, offset, nbytes, qiov, flags)
+            return
+        await io.pwritev(root, offset, nbytes, qiov, flags)
 
     async def pdiscard(self, offset: int, nbytes: int) -> None:
         current_request.set(("discard", offset, nbytes))

@@ -14,12 +14,34 @@ fails with QEMU's "Compression is not supported for underlying format: NAME".
 from __future__ import annotations
 
 import errno
+import json
 from typing import Any
 
 from qio.block import io
-from qio.block.driver import REQ_FUA, REQ_WRITE_COMPRESSED, BlockDriver, IOVec
+from qio.block.driver import REQ_FUA, REQ_WRITE_COMPRESSED, BlockDriver, BlockInfo, IOVec
 from qio.block.errors import QemuError
 from qio.block.modes import OpenFlags
+
+
+def _plain_options(node: BlockDriver) -> dict[str, Any] | None:
+    """The options of a node chain opened from nothing but drivers and a file name (what QEMU's
+    ``full_open_options`` holds then), or None for anything else (qio then keeps the plain name)."""
+    opts = {k: v for k, v in node.open_options.items() if k not in ("driver", "node-name")}
+    if node.format_name == "qcow2":  # only its encryption secret is a strong option (qcow2_strong_runtime_opts)
+        opts = {k: v for k, v in opts.items() if k.startswith("encrypt.")}
+    out: dict[str, Any] = {"driver": node.format_name}
+    if node.children:
+        if opts or len(node.children) != 1 or node.children[0].name != "file":
+            return None
+        sub = _plain_options(node.children[0].node)
+        if sub is None:
+            return None
+        out["file"] = sub
+        return out
+    if node.format_name != "file" or not isinstance(opts.get("filename"), str):
+        return None  # file-posix's json: form holds only its file name
+    out["filename"] = opts["filename"]
+    return out
 
 
 class CompressDriver(BlockDriver):
@@ -37,6 +59,13 @@ class CompressDriver(BlockDriver):
         self.supported_write_flags = child.supported_write_flags & REQ_FUA
         self.supported_zero_flags = child.supported_zero_flags
         self.refresh_limits()
+        tree = _plain_options(child)
+        if tree is not None:  # bdrv_refresh_filename: the filter has no strong options, so a json: name
+            self.filename = "json:" + json.dumps({"driver": "compress", "file": tree})
+
+    def get_info(self) -> BlockInfo | None:
+        """``bdrv_get_info`` of a filter is its child's."""
+        return self.file.get_info()
 
     def refresh_limits(self) -> None:
         """``compress_refresh_limits``: whole clusters of the child are the unit of every request."""

@@ -61,6 +61,8 @@ class LuksDriver(BlockDriver):
         self.crypto = run_sync(luks_open(read, None if secret is None else str(secret), "",
                                          bool(getattr(flags, "no_io", False))))
         self.request_alignment = self.crypto.sector_size
+        if self.crypto.payload_offset > io.getlength(file):  # bdrv_open_driver's refresh_total_sectors
+            raise QemuError("Could not refresh total sector count: Input/output error", errno.EIO)
 
     def _block(self) -> CryptoBlock:
         assert self.crypto is not None

@@ -105,6 +105,15 @@ class RawDriver(BlockDriver):
             await file.debug_event(Event.WRITE_AIO)
         await io.pwritev(file, offset + self.offset, nbytes, qiov, flags)
 
+    def can_write_inline(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> bool:
+        if self.probed and offset < PROBE_BUF and nbytes:
+            return False
+        file = self.file
+        return not file.has_debug_hooks and io.can_pwritev_inline(file, offset + self.offset, nbytes, qiov, flags)
+
+    def write_inline(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
+        io.pwritev_inline(self.file, offset + self.offset, nbytes, qiov, flags)
+
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
         await io.pwrite_zeroes(self.file, offset + self.offset, nbytes, flags)
 

@@ -71,12 +71,17 @@ class Cipher:
             raise QemuError(f"Cipher key length {len(key)} should be {keylen}")
         self.alg, self.mode, self.key = alg, mode, key
         self.niv = 0 if mode == "ecb" else self.block
+        #: XTS built on two ECB ciphers where OpenSSL has no XTS (AES-192) or refuses the key
+        self._xts: tuple[Cipher, Cipher] | None = None
+        self._algo: Any = None
         if mode == "xts":
             from cryptography.hazmat.primitives.ciphers import algorithms
 
-            if CIPHER_ALGS[alg][0] != "aes":
-                raise QemuError(f"Unsupported cipher algorithm {alg} in XTS mode")
-            self._algo = algorithms.AES(key)
+            half = len(key) // 2
+            if CIPHER_ALGS[alg][0] == "aes" and half in (16, 32) and key[:half] != key[half:]:
+                self._algo = algorithms.AES(key)
+            else:
+                self._xts = (Cipher(alg, "ecb", key[:half]), Cipher(alg, "ecb", key[half:]))
         else:
             self._algo = _algorithm(alg, key)
         from cryptography.hazmat.primitives.ciphers import Cipher as _C
@@ -96,12 +101,36 @@ class Cipher:
         return m.XTS(iv)
 
     def encrypt(self, data: bytes | memoryview, iv: bytes = b"") -> bytes:
+        if self._xts is not None:
+            return self._xts_crypt(data, iv, True)
         e = self._C(self._algo, self._mode(iv)).encryptor()
         return e.update(data) + e.finalize()
 
     def decrypt(self, data: bytes | memoryview, iv: bytes = b"") -> bytes:
+        if self._xts is not None:
+            return self._xts_crypt(data, iv, False)
         d = self._C(self._algo, self._mode(iv)).decryptor()
         return d.update(data) + d.finalize()
+
+    def _xts_crypt(self, data: bytes | memoryview, iv: bytes, enc: bool) -> bytes:
+        """XTS (IEEE P1619, as ``crypto/xts.c``) over ECB: whole blocks, the tweak doubled in GF(2^128)."""
+        assert self._xts is not None
+        data1, data2 = self._xts
+        n = len(data)
+        if n % 16:
+            raise QemuError("XTS data must be a multiple of the block size")
+        t = int.from_bytes(data2.encrypt(iv), "little")
+        tweaks = bytearray()
+        mask = (1 << 128) - 1
+        for _ in range(n // 16):
+            tweaks += t.to_bytes(16, "little")
+            t <<= 1
+            if t >> 128:
+                t = (t & mask) ^ 0x87
+        tw = int.from_bytes(tweaks, "little")
+        x = (int.from_bytes(data, "little") ^ tw).to_bytes(n, "little")
+        y = data1.encrypt(x) if enc else data1.decrypt(x)
+        return (int.from_bytes(y, "little") ^ tw).to_bytes(n, "little")
 
 
 @dataclass

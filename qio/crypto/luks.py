@@ -322,11 +322,11 @@ def info(h: Header, p: Params) -> list[tuple[str, Any]]:
                           ("stripes", s.stripes)])
         else:
             slots.append([("active", False), ("key-offset", s.key_offset_sector * SECTOR_SIZE)])
-    out: list[tuple[str, Any]] = [("ivgen-alg", p.ivgen_alg)]
+    out: list[tuple[str, Any]] = [("ivgen-alg", p.ivgen_alg), ("hash-alg", p.hash_alg),
+                                  ("cipher-alg", p.cipher_alg), ("uuid", _cstr(h.uuid))]
     if p.ivgen_hash_alg is not None and p.ivgen_alg == "essiv":
         out.append(("ivgen-hash-alg", p.ivgen_hash_alg))
-    out += [("hash-alg", p.hash_alg), ("cipher-alg", p.cipher_alg), ("uuid", _cstr(h.uuid)),
-            ("cipher-mode", p.cipher_mode), ("slots", slots),
+    out += [("cipher-mode", p.cipher_mode), ("slots", slots),
             ("payload-offset", h.payload_offset_sector * SECTOR_SIZE),
             ("master-key-iters", h.master_key_iterations)]
     return out
@@ -352,16 +352,16 @@ def count_iters(hash_alg: str, password: bytes, salt: bytes, nout: int) -> int:
     """``qcrypto_pbkdf2_count_iters``: PBKDF2 iterations per second of CPU time."""
     iterations = 1 << 15
     while True:
-        t0 = time.process_time()
+        t0 = time.thread_time()
         pbkdf2(hash_alg, password, salt, iterations, nout)
-        ms = (time.process_time() - t0) * 1000
+        ms = int((time.thread_time() - t0) * 1000)
         if ms > 500:
             break
-        if ms < 100:
+        if ms < 100:  # QEMU fails at 0 ms ("Unable to get accurate CPU usage"); qio measures longer
             iterations *= 10
         else:
-            iterations = int(iterations * 500 / ms)
-    return int(iterations * 1000 / ms)
+            iterations = iterations * 1000 // ms
+    return iterations * 1000 // ms
 
 
 def payload_size(o: CreateOptions) -> int:

@@ -68,7 +68,7 @@ def create(filename: str, size: int, **kw: Any) -> None:
 async def create_async(filename: str, size: int, *, cluster_size: int = 65536, version: int = 3,
                        refcount_bits: int = 16, lazy_refcounts: bool = False, backing_file: str | None = None,
                        backing_fmt: str | None = None, preallocation: str = "off", warn: Warn | None = None,
-                       extended_l2: bool = False, compression_type: str = "zlib") -> None:
+                       extended_l2: bool = False, compression_type: str = "zlib", encrypt: Any = None) -> None:
     """Create (or overwrite) ``filename`` as a qcow2 image of ``size`` bytes (``qcow2_co_create_opts``).
 
     The file is created (emptied) first and deleted again if anything fails, as QEMU does.  Errors are
@@ -91,7 +91,7 @@ async def create_async(filename: str, size: int, *, cluster_size: int = 65536, v
                                  ctype)
         finally:
             os.close(fd)
-        await _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn)
+        await _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn, encrypt)
     except BaseException:
         try:
             os.unlink(filename)
@@ -142,7 +142,7 @@ def _open_new(filename: str, flags: OpenFlags, warn: Warn) -> BlockDriver:
 
 
 async def _build(filename: str, size: int, cluster_size: int, backing_file: str | None, backing_fmt: str | None,
-                 preallocation: str, warn: Warn | None) -> None:
+                 preallocation: str, warn: Warn | None, encrypt: Any = None) -> None:
     """Open the minimal image with the qcow2 driver and let it make itself consistent and grow."""
     from qio.block.qcow2.driver import Qcow2Driver
     from qio.block.qcow2.header import update_header
@@ -178,6 +178,10 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
             except BlockError as e:
                 raise QemuError(f"Could not assign backing file '{backing_file}' with format '{backing_fmt}': {e}",
                                 e.code) from None
+        if encrypt is not None:  # qcow2_set_up_encryption
+            from qio.block.qcow2.crypt import set_up_qcow2
+
+            await set_up_qcow2(node, encrypt)
         await node.close()
 
     try:

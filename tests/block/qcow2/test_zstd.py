@@ -271,6 +271,8 @@ def test_images_cross_between_the_tools(tmp_path: Path) -> None:
     strip = [ln for ln in theirs_by_qio[0].splitlines() if " ops; " not in ln]
     assert strip == [ln for ln in ours_by_qemu[0].splitlines() if " ops; " not in ln]
     assert "Pattern verification failed" not in theirs_by_qio[0] + ours_by_qemu[0]
+    check = _qemu_img(["check", "i.qcow2"], tmp_path)  # qio's image, by QEMU's checker
+    assert check[2] == 0 and "No errors were found" in check[0], check
     for args in (["check", "i.qcow2"], ["check", "--output=json", "i.qcow2"], ["info", "i.qcow2"],
                  ["info", "--output=json", "i.qcow2"], ["map", "i.qcow2"], ["map", "--output=json", "i.qcow2"]):
         assert _qio_img(args, tmp_path) == _qemu_img(args, tmp_path), args
@@ -293,3 +295,61 @@ def test_compress_filter_images_equal_and_clean(tmp_path: Path) -> None:
     check = _qemu_img(["check", "i.qcow2"], tmp_path)
     assert check[2] == 0 and "No errors were found" in check[0]
     assert "compressed clusters" in check[0]
+
+
+@oracle
+@pytest.mark.parametrize("extra", ["", ",file.lazy-refcounts=on", ",file.file.aio=threads"])
+def test_qio_img_on_the_compress_filter(tmp_path: Path, extra: str) -> None:
+    """info (the filter's json: name, its child's cluster size), check and map through the filter."""
+    _prepare(tmp_path, "i.qcow2")
+    assert _qemu_io(["-c", "write -c -P 1 0 64k", "-c", "write -P 2 64k 64k", "i.qcow2"], tmp_path)[2] == 0
+    spec = f"driver=compress,file.driver=qcow2,file.file.filename=i.qcow2{extra}"
+    for cmd in (["info"], ["info", "--output=json"], ["check"], ["check", "--output=json"],
+                ["map", "--output=json"]):
+        args = [*cmd, "--image-opts", spec]
+        assert _qio_img(args, tmp_path)[::2] == _qemu_img(args, tmp_path)[::2], args
+
+
+def _l2_entry_offset(img: bytes, index: int) -> int:
+    """File offset of the L2 entry of cluster ``index`` (first L2 table, 64 KiB clusters)."""
+    l1 = struct.unpack_from(">Q", img, 40)[0]
+    l2 = struct.unpack_from(">Q", img, l1)[0] & 0x00FFFFFFFFFFFE00
+    return int(l2) + 8 * index
+
+
+@oracle
+@pytest.mark.parametrize("seed", range(8))
+def test_hostile_zstd_clusters_read_like_qemu(tmp_path: Path, seed: int) -> None:
+    """Seeded damage to QEMU-written zstd clusters (compressed bytes, descriptor sizes and offsets): qio
+    reads each cluster with qemu-io's result (data or EIO), never a traceback."""
+    rng = random.Random(seed)
+    _prepare(tmp_path, "h.qcow2")
+    cmds = [a for i in range(4) for a in ("-c", f"write -c -s text.bin {i * 64}k 64k" if i % 2
+                                          else f"write -c -P {i + 1} {i * 64}k 64k")]
+    assert _qemu_io([*cmds, "h.qcow2"], tmp_path)[2] == 0
+    path = tmp_path / "h.qcow2"
+    img = bytearray(path.read_bytes())
+    x = 62 - (16 - 8)
+    for _ in range(3):
+        i = rng.randrange(4)
+        pos = _l2_entry_offset(bytes(img), i)
+        entry = struct.unpack_from(">Q", img, pos)[0]
+        off, nsec = entry & ((1 << x) - 1), (entry >> x) & 0xFF
+        what = rng.randrange(4)
+        if what == 0:  # flip bytes in the compressed data
+            for _ in range(rng.randrange(1, 4)):
+                img[off + rng.randrange(64)] ^= 1 << rng.randrange(8)
+        elif what == 1:  # another sector count
+            entry = (entry & ~(0xFF << x)) | (rng.randrange(256) << x)
+        elif what == 2:  # shift the data offset
+            entry = (entry & ~((1 << x) - 1)) | max(0, off + rng.randrange(-600, 600))
+        else:  # truncate the frame in place: zero its tail
+            cut = off + rng.randrange(1, (nsec + 1) * 512)
+            img[cut: off + (nsec + 1) * 512] = bytes(len(img[cut: off + (nsec + 1) * 512]))
+        struct.pack_into(">Q", img, pos, entry | (1 << 62))
+    path.write_bytes(bytes(img))
+    reads = [a for i in range(4) for a in ("-c", f"read -v {i * 64}k 32", "-c", f"read {i * 64}k 64k")]
+    ours, ref = _qio_io(["-r", *reads, "h.qcow2"], tmp_path), _qemu_io(["-r", *reads, "h.qcow2"], tmp_path)
+    assert "Traceback" not in ours[1]
+    strip = [ln for ln in ours[0].splitlines() if " ops; " not in ln]
+    assert (strip, ours[1], ours[2]) == ([ln for ln in ref[0].splitlines() if " ops; " not in ln], ref[1], ref[2])
