@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Coroutine
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,29 @@ def _iov_is_zero(qiov: IOVec) -> bool:
 def _check_request(offset: int, nbytes: int) -> None:
     if offset < 0 or nbytes < 0 or offset > BDRV_MAX_LENGTH or nbytes > BDRV_MAX_LENGTH - offset:
         raise BlockError(errno.EIO)
+
+
+# -- progress of a long synchronous command ------------------------------------------------------
+@dataclass(slots=True, eq=False)
+class Meter:
+    """Bytes of a request on ``node`` that are done: the interactive shell's progress line reads it.
+
+    A request is split into sub-requests by the node's limits (max-transfer, max-pwrite-zeroes,
+    max-pdiscard); each one adds its bytes when it completes.  Only the node the command addresses
+    counts, so a lower node's own pieces are not counted twice."""
+
+    node: BlockDriver
+    done: int = 0
+
+
+#: The meter of the synchronous command running in this context (set by the interactive shell only).
+progress_meter: ContextVar[Meter | None] = ContextVar("progress_meter", default=None)
+
+
+def _metered(node: BlockDriver) -> Meter | None:
+    """The meter that ``node``'s sub-requests add to, if a command on it is being watched."""
+    m = progress_meter.get()
+    return m if m is not None and m.node is node else None
 
 
 # -- tracked requests (serialisation of overlapping read-modify-write) ------------------------------
@@ -245,6 +269,7 @@ async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
         return
     # bdrv_aligned_preadv: fragments of max_transfer up to the end of the node, zeroes past it
     done = 0
+    meter = _metered(node)
     while done < nbytes:
         if max_bytes:
             num = min(nbytes - done, max_bytes, max_transfer)
@@ -254,6 +279,8 @@ async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
             num = nbytes - done
             iov_memset(qiov, done, num)
         done += num
+        if meter is not None:
+            meter.done += num
 
 
 def _info_cluster_size(node: BlockDriver) -> int:
@@ -489,6 +516,7 @@ def _driver_pwritev_split(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
 async def _driver_pwritev_chunks(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, flags: int,
                                  mt: int) -> None:
     done = 0
+    meter = _metered(node)
     while done < nbytes:
         n = min(mt, nbytes - done)
         f = flags
@@ -496,6 +524,8 @@ async def _driver_pwritev_chunks(node: BlockDriver, offset: int, nbytes: int, qi
             f &= ~REQ_FUA
         await _driver_pwritev(node, offset + done, n, iov_slice(qiov, done, n), f)
         done += n
+        if meter is not None:
+            meter.done += n
 
 
 def _driver_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec,
@@ -523,6 +553,7 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
     head = offset % alignment
     tail = (offset + nbytes) % alignment
     zeros: memoryview | None = None
+    meter = _metered(node)
     while nbytes > 0:
         num = nbytes
         if head:
@@ -551,6 +582,8 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
                 need_flush = True
         offset += num
         nbytes -= num
+        if meter is not None:
+            meter.done += num
     if need_flush:
         await flush(node)
 
@@ -581,6 +614,7 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
     try:
         if req is not None:
             await _wait_serialising(req)
+        meter = _metered(node)
         while nbytes > 0:
             num = nbytes
             if head:
@@ -602,6 +636,8 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
                     raise
             offset += num
             nbytes -= num
+            if meter is not None:
+                meter.done += num
     finally:
         node.gen.write_gen += 1
         if req is not None:

@@ -318,6 +318,9 @@ class NbdDriver(BlockDriver):
         self.inflight: dict[int, Req] = {}
         self._handles = 0
         self._rbuf = bytearray()
+        #: What each read of the socket lands in first (one buffer for the connection's life: a fresh
+        #: 256 KiB ``recv`` result per read cost an mmap, mremap and munmap each).
+        self._rspace = memoryview(bytearray(1 << 18))
         self._wbuf = bytearray()
         #: The event loop the socket's reader callback is registered with, while replies are awaited.
         self._reader: asyncio.AbstractEventLoop | None = None
@@ -803,18 +806,19 @@ class NbdDriver(BlockDriver):
         if sock is None or not self.inflight:
             self._stop_reading()
             return
+        space = self._rspace
         try:
-            chunk = sock.recv(1 << 18)
+            n = sock.recv_into(space)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            chunk = b""
-        if not chunk:
+            n = 0
+        if not n:
             self._stop_reading()
             self._transport_error()
             return
         self._last_reply = time.monotonic()
-        self._rbuf += chunk
+        self._rbuf += space[:n]
         self._parse_all()
         if self._reader is not None and (self.state != CONNECTED or self.sock is None):
             self._stop_reading()
