@@ -45,8 +45,8 @@ QSRC = Path(os.environ.get("QSRC") or Path(tempfile.gettempdir()) / "qsrc")
 
 def _batches() -> list[tuple[str, list[str]]]:
     """Each format's list cut into runs of BATCH tests."""
-    return [(fmt, tests[i:i + BATCH]) for fmt, tests in (("raw", RAW_TESTS), ("qcow2", QCOW2_TESTS), ("luks", LUKS_TESTS))
-            for i in range(0, len(tests), BATCH)]
+    lists = (("raw", RAW_TESTS), ("qcow2", QCOW2_TESTS), ("luks", LUKS_TESTS))
+    return [(fmt, tests[i:i + BATCH]) for fmt, tests in lists for i in range(0, len(tests), BATCH)]
 
 
 @contextlib.contextmanager
