@@ -94,7 +94,7 @@ def test_shell_and_api_share_the_operations(tmp_path: Path, monkeypatch: pytest.
     asyncio.run(go())
     api_calls = set(calls)
     # every operation the scenario exercises is reached by both front ends
-    assert {"read", "write", "submit_write", "discard", "flush", "truncate", "length", "extents", "info",
+    assert {"read", "write_request", "submit_write", "discard", "flush", "truncate", "length", "extents", "info",
             "set_breakpoint", "resume", "remove_breakpoint", "wait_break", "add_rule", "rules",
             "remove_rule"} <= shell_calls
     assert {"read", "write", "write_request", "submit", "discard", "flush", "truncate", "length", "extents",
