@@ -182,7 +182,7 @@ class Checker:
                 entry, bitmap = SC.pair(table, i)
                 if not entry and not bitmap:
                     continue
-                ctype = SC.cluster_type(entry)
+                ctype = SC.cluster_type(entry, SC.has_data_file(s))
             else:
                 entry = _ENTRY.unpack_from(table, i * 8)[0]
                 if not entry:
