@@ -15,11 +15,13 @@ import errno
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from qio import ops
 from qio.aio import AIO, AioContext, Co, current_co, enter
-from qio.block.driver import BDRV_REQUEST_MAX_BYTES, REQ_FUA, REQ_MAY_UNMAP, REQ_ZERO_WRITE
+from qio.block.driver import BDRV_REQUEST_MAX_BYTES
 from qio.block.errors import BlockError, QemuError
 from qio.block.perms import PERM_RESIZE, PERM_WRITE
 from qio.output import Output
@@ -50,7 +52,7 @@ __all__ = [
     "open_sync",
 ]
 
-PREALLOC_MODES = ("off", "metadata", "falloc", "full")
+PREALLOC_MODES = ops.PREALLOC_MODES
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -106,12 +108,9 @@ def _error(exc: BaseException) -> BaseException:
 
 
 # -- results -----------------------------------------------------------------------------------------
-class Extent(NamedTuple):
-    """A run of bytes with one allocation status (a line of qemu-io's ``map``)."""
-
-    offset: int
-    length: int
-    allocated: bool
+#: A run of bytes with one allocation status (a line of qemu-io's ``map``): ``offset``, ``length``,
+#: ``allocated``.
+Extent = ops.Extent
 
 
 class ImageInfo(NamedTuple):
@@ -205,33 +204,33 @@ class Breakpoint:
         """Wait until a request is parked under the tag; that request (None if the API did not submit
         it).  Raises :class:`BreakpointError` at once when no request can ever reach the breakpoint and
         :class:`BreakpointTimeout` after ``timeout`` seconds."""
-        node = self._check()
+        self._check()
         img = self.image
         img._enter()
-        outcome = await img.session.wait_for(lambda: node.debug_is_suspended(self.tag), timeout)
+        outcome = await ops.wait_break(img.session, self.tag, timeout)
         if outcome == "ok":
             for req in img._requests:
                 if req.tag == self.tag:
                     return req
             return None
-        if outcome == "timeout" and node.debug_can_suspend(self.tag, bool(img.session.aio.inflight)):
+        if outcome == "timeout":
             raise BreakpointTimeout(errno.ETIMEDOUT,
                                     f"timed out after {timeout:g} s waiting for request '{self.tag}'")
         raise BreakpointError(errno.ENOENT, f"no request can reach a breakpoint tagged '{self.tag}'")
 
     def resume(self) -> None:
         """qemu-io's ``resume TAG``: the parked request continues at once, until it next waits."""
-        node = self._check()
+        self._check()
         self.image._enter()
-        ret = node.debug_resume(self.tag)
+        ret = ops.resume(self.image.session, self.tag)
         if ret < 0:
             raise BreakpointError(-ret, f"Could not resume request: {os.strerror(-ret)}")
 
     def remove(self) -> None:
         """qemu-io's ``remove_break TAG``: delete the breakpoint and resume what is parked under it."""
-        node = self._check()
+        self._check()
         self.image._enter()
-        ret = node.debug_remove_breakpoint(self.tag)
+        ret = ops.remove_breakpoint(self.image.session, self.tag)
         self.removed = True
         if ret < 0:
             raise BreakpointError(-ret, f"Could not remove breakpoint {self.tag}: {os.strerror(-ret)}")
@@ -383,16 +382,17 @@ class Image:
         raise StandstillError(errno.EDEADLK, f"{what} can never finish: request(s) {parked} suspended at "
                                              "blkdebug breakpoints; resume them first")
 
-    async def _sync(self, coro: Coroutine[Any, Any, Any], what: str) -> Any:
+    async def _sync(self, coro: Coroutine[Any, Any, Any], always_poll: bool = False, what: str = "request") -> Any:
         """Run a request as the shell's synchronous commands do (:meth:`Session.sync`: entered at once,
         one poll if it did host I/O), but a request that can never finish raises
-        :class:`StandstillError` and stays in flight (closing drains it) instead of being resumed."""
+        :class:`StandstillError` and stays in flight (closing drains it) instead of being resumed.
+        This is the ``sync`` the API hands to :mod:`qio.ops`."""
         aio = self.session.aio
         before = AIO.yields
         co = Co(coro, contextvars.copy_context())
         enter(co)
         if co.finished:
-            if AIO.yields != before:
+            if always_poll or AIO.yields != before:
                 await aio.poll()
         else:
             co.on_finish = lambda _: aio.notify()
@@ -433,7 +433,7 @@ class Image:
             self._requests.remove(req)
 
         self._requests.append(req)
-        self.session.aio.submit(run(), done)
+        ops.submit(self.session, run(), done)
         return req
 
     @staticmethod
@@ -446,69 +446,68 @@ class Image:
         """Start a read (qemu-io's ``aio_read``); the request's result is the bytes read."""
         self._limit(length)
         blk = self._enter()
-        buf = bytearray(b"\xab") * max(length, 0)  # qemu-io pre-fills read buffers with 0xab
-        return self._submit("read", offset, length, blk.preadv(offset, length, [memoryview(buf)]),
-                            lambda: bytes(buf))
+        buf = ops.read_buffer(length)
+        return self._submit("read", offset, length, ops.read_request(blk, offset, length, [buf]), buf.tobytes)
 
     def submit_write(self, offset: int, data: bytes | bytearray | memoryview | int, *, fua: bool = False,
-                     zero: bool = False, unmap: bool = False) -> Request:
+                     zero: bool = False, unmap: bool = False, compressed: bool = False) -> Request:
         """Start a write (qemu-io's ``aio_write``).  With ``zero=True`` ``data`` may be the length (an
-        int) of the zeroes to write (``-z``); ``unmap`` lets zeroed clusters be deallocated (``-u``)."""
-        length, coro = self._write(offset, data, fua, zero, unmap)
-        return self._submit("write", offset, length, coro)
+        int) of the zeroes to write (``-z``); ``unmap`` lets zeroed clusters be deallocated (``-u``);
+        ``compressed`` writes compressed clusters (``write -c``)."""
+        blk, length, iov, flags = self._write(data, fua, zero, unmap, compressed)
+        return self._submit("write", offset, length, ops.write_request(blk, offset, length, iov, flags, zero,
+                                                                       compressed))
 
-    def _write(self, offset: int, data: bytes | bytearray | memoryview | int, fua: bool, zero: bool,
-               unmap: bool) -> tuple[int, Coroutine[Any, Any, None]]:
-        """Checks and the request of a write: its length and coroutine."""
+    def _write(self, data: bytes | bytearray | memoryview | int, fua: bool, zero: bool, unmap: bool,
+               compressed: bool) -> tuple[BlockBackend, int, list[memoryview] | None, int]:
+        """Checks of a write (qemu-io's, :func:`qio.ops.write_conflict`): backend, length, vector, flags."""
         if isinstance(data, int):
             if not zero:
                 raise QioError(errno.EINVAL, "data must be bytes unless zero=True")
-            length = data
+            length, iov = data, None
         else:
-            length = memoryview(data).nbytes
-        if unmap and not zero:
-            raise QioError(errno.EINVAL, "-u requires -z to be specified")
+            view = memoryview(data)
+            length = view.nbytes
+            # bytes are immutable: the request may keep them; anything else is copied first
+            iov = [view if isinstance(data, bytes) else memoryview(bytes(view))]
+        flags = ops.write_flags(fua, unmap)
+        conflict = ops.write_conflict(flags, zero, compressed, False)
+        if conflict is not None:
+            raise QioError(errno.EINVAL, conflict)
         self._limit(length)
-        blk = self._need(PERM_WRITE)
-        flags = (REQ_FUA if fua else 0) | (REQ_MAY_UNMAP if unmap else 0)
-        if zero:
-            coro = blk.pwritev(offset, length, None, flags | REQ_ZERO_WRITE)
-        else:
-            assert not isinstance(data, int)
-            coro = blk.pwritev(offset, length, [memoryview(bytes(data))], flags)
-        return length, coro
+        return self._need(PERM_WRITE), length, iov, flags
 
     def submit_discard(self, offset: int, length: int) -> Request:
         """Start a discard (qio's ``aio_discard``)."""
         self._limit(length)
         blk = self._need(PERM_WRITE)
-        return self._submit("discard", offset, length, blk.pdiscard(offset, length))
+        return self._submit("discard", offset, length, ops.discard_request(blk, offset, length))
 
     # -- requests awaited at once --------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
         """``read offset length``: the bytes (EIO outside the image, as in qemu-io)."""
         self._limit(length)
         blk = self._enter()
-        buf = bytearray(b"\xab") * max(length, 0)
-        await self._sync(blk.preadv(offset, length, [memoryview(buf)]), f"read at offset {offset}")
-        return bytes(buf)
+        buf = await ops.read(partial(self._sync, what=f"read at offset {offset}"), blk, offset, length)
+        return buf.tobytes()
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview | int, *, fua: bool = False,
-                    zero: bool = False, unmap: bool = False) -> None:
-        """``write [-f] [-z [-u]] offset length``, with ``data`` as the bytes written."""
-        _, coro = self._write(offset, data, fua, zero, unmap)
-        await self._sync(coro, f"write at offset {offset}")
+                    zero: bool = False, unmap: bool = False, compressed: bool = False) -> None:
+        """``write [-f] [-z [-u]] [-c] offset length``, with ``data`` as the bytes written."""
+        blk, length, iov, flags = self._write(data, fua, zero, unmap, compressed)
+        await ops.write(partial(self._sync, what=f"write at offset {offset}"), blk, offset, length, iov, flags,
+                        zero, compressed)
 
     async def discard(self, offset: int, length: int) -> None:
         """``discard offset length``."""
         self._limit(length)
         blk = self._need(PERM_WRITE)
-        await self._sync(blk.pdiscard(offset, length), f"discard at offset {offset}")
+        await ops.discard(partial(self._sync, what=f"discard at offset {offset}"), blk, offset, length)
 
     async def flush(self) -> None:
         """``flush``: the image's data and metadata reach stable storage."""
         blk = self._enter()
-        await self._sync(blk.flush(), "flush")
+        await ops.flush(partial(self._sync, what="flush"), blk)
 
     async def drain(self) -> None:
         """``aio_flush``: wait for every request in flight (:class:`StandstillError` if one never can)."""
@@ -520,12 +519,12 @@ class Image:
         if prealloc not in PREALLOC_MODES:
             raise QioError(errno.EINVAL, f"Invalid preallocation mode '{prealloc}'")
         blk = self._need(PERM_WRITE | PERM_RESIZE)
-        await self._sync(blk.truncate(length, prealloc), "truncate")
+        await ops.truncate(partial(self._sync, what="truncate"), blk, length, prealloc)
 
     async def length(self) -> int:
         """``length``: the image size in bytes."""
         try:
-            return self._enter().getlength()
+            return ops.length(self._enter())
         except BlockError as e:
             raise _error(e) from None
 
@@ -538,94 +537,65 @@ class Image:
         return Extent(offset, n, allocated)
 
     async def _is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
-        blk = self._enter()
-        status: tuple[bool, int] = await self._sync(blk.is_allocated(offset, length), "block_status")
-        return status
+        return await ops.is_allocated(partial(self._sync, what="block_status"), self._enter(), offset, length)
 
     async def map(self) -> list[Extent]:
         """qemu-io's ``map``: the whole image as runs of allocated / not allocated bytes."""
-        offset, remaining = 0, await self.length()
-        extents: list[Extent] = []
-        while remaining:
-            first, n = await self._is_allocated(offset, remaining)
-            pnum = n
-            while remaining - pnum > 0 and n:
-                more, n = await self._is_allocated(offset + pnum, remaining - pnum)
-                if more != first or not n:
-                    break
-                pnum += n
-            if not pnum:
-                raise QioError(errno.EIO, "Unexpected end of image")
-            extents.append(Extent(offset, pnum, first))
-            offset += pnum
-            remaining -= pnum
-        return extents
+        size = await self.length()
+        try:
+            return [ext async for ext in ops.extents(partial(self._sync, what="map"), self._enter(), size)]
+        except ops.UnexpectedEnd:
+            raise QioError(errno.EIO, "Unexpected end of image") from None
 
     async def info(self) -> ImageInfo:
         """qemu-io's ``info``, as values (ENOTSUP when the format has no information, as there)."""
-        root = self._enter().root
-        if not root.has_driver():
-            raise QioError(errno.ENOMEDIUM)
-        node = root
-        binfo = node.get_info()
-        while binfo is None and node.is_filter and node.children:
-            node = node.children[0].node
-            if not node.has_driver():
-                raise QioError(errno.ENOMEDIUM)
-            binfo = node.get_info()
-        return ImageInfo(root.format_name, root.protocol_name or None,
-                         binfo.cluster_size if binfo is not None else None,
-                         binfo.vm_state_offset if binfo is not None else None,
-                         list(root.get_specific_info() or []))
+        try:
+            info = ops.info(self._enter())
+        except BlockError as e:
+            raise QioError(e.code) from None
+        binfo = info.info
+        return ImageInfo(info.format, info.protocol, binfo.cluster_size if binfo is not None else None,
+                         binfo.vm_state_offset if binfo is not None else None, info.specific)
 
     # -- breakpoints ---------------------------------------------------------------------------------
     def breakpoint(self, event: str, tag: str, *, offset: int | None = None, length: int = 1,
                    iotype: str | None = None, nth: int = 1) -> Breakpoint:
         """``break EVENT TAG`` (with ``offset``/``iotype``/``nth``: qio's ``break -o -i -n``)."""
         self._enter()
-        node = self._debug_node()
-        if node is None:
+        if self._debug_node() is None:
             raise BreakpointError(errno.ENOTSUP, "Could not set breakpoint: no blkdebug node below the image")
+        predicate = None
         if offset is not None or iotype is not None or nth != 1:
-            from qio.block.blkdebug import BlkdebugDriver
             from qio.block.blkdebug_config import IOTYPES
 
             if iotype is not None and iotype not in IOTYPES[:5]:  # as the shell's break -i
                 raise BreakpointError(errno.EINVAL, f"unknown iotype '{iotype}' (one of {', '.join(IOTYPES[:5])})")
-
-            if not isinstance(node, BlkdebugDriver):
-                raise BreakpointError(errno.ENOTSUP, f"Could not set breakpoint: {os.strerror(errno.ENOTSUP)}")
-            ret = node.debug_break_if(event, tag, -1 if offset is None else offset, length, iotype, nth)
-        else:
-            ret = node.debug_breakpoint(event, tag)
+            predicate = (-1 if offset is None else offset, length, iotype, nth)
+        ret = ops.set_breakpoint(self.session, event, tag, predicate)
         if ret < 0:
             raise BreakpointError(-ret, f"Could not set breakpoint: {os.strerror(-ret)}")
         return Breakpoint(self, event, tag)
 
     # -- rules at run time (qio's prompt commands inject, delay, corrupt, set_state, bad_blocks) -----------
     def _blkdebug(self) -> Any:
-        from qio.block.blkdebug import BlkdebugDriver
-
         self._enter()
-        node = self._debug_node()
-        if not isinstance(node, BlkdebugDriver):
+        node = ops.blkdebug(self.session)
+        if node is None:
             raise QioError(errno.ENOTSUP, "no blkdebug node below the image")
         return node
 
     def add_rule(self, kind: str, **keys: Any) -> int:
         """Add a blkdebug rule as a configuration section ``[KIND]`` with ``keys`` would (docs/blkdebug.md):
         ``img.add_rule("inject-error", event="write_aio", errno=28, once=True)``.  Returns its id."""
-        from qio.block.blkdebug_config import make_rule, parse_words
-
         node = self._blkdebug()
-        if kind not in ("inject-error", "set-state", "delay", "corrupt", "bad-blocks"):
+        if kind not in ops.RULE_KINDS:
             raise QioError(errno.EINVAL, f"There is no option group '{kind}'")
 
         def text(v: Any) -> str:
             return ("on" if v else "off") if isinstance(v, bool) else str(v)
 
         try:
-            rule = node.add_rule(make_rule(kind, parse_words(kind, [f"{k}={text(v)}" for k, v in keys.items()])))
+            rule = ops.add_rule(node, kind, [f"{k}={text(v)}" for k, v in keys.items()])
         except QemuError as e:
             raise QioError(errno.EINVAL, str(e)) from None
         rule_id: int = rule.id
@@ -633,19 +603,17 @@ class Image:
 
     def remove_rule(self, rule_id: int) -> None:
         """Delete a rule or breakpoint by the id :meth:`add_rule` returned or :meth:`rules` shows."""
-        if not self._blkdebug().remove_rule(rule_id):
+        if not ops.remove_rule(self._blkdebug(), rule_id):
             raise QioError(errno.ENOENT, f"no rule #{rule_id}")
 
     def rules(self) -> list[str]:
         """The ``rules`` command's lines: every rule and breakpoint with its id, conditions, counters."""
-        lines: list[str] = self._blkdebug().rule_lines(breakpoints=True)
-        return lines
+        return ops.rules(self._blkdebug())
 
     def resume(self, tag: str) -> None:
         """``resume TAG``, for requests parked by a breakpoint set some other way (a config file)."""
         self._enter()
-        node = self._debug_node()
-        ret = node.debug_resume(tag) if node is not None else -errno.ENOTSUP
+        ret = ops.resume(self.session, tag)
         if ret < 0:
             raise BreakpointError(-ret, f"Could not resume request: {os.strerror(-ret)}")
 
@@ -789,8 +757,8 @@ class SyncImage:
         return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview | int, *, fua: bool = False,
-              zero: bool = False, unmap: bool = False) -> None:
-        self._run(self.image.write(offset, data, fua=fua, zero=zero, unmap=unmap))
+              zero: bool = False, unmap: bool = False, compressed: bool = False) -> None:
+        self._run(self.image.write(offset, data, fua=fua, zero=zero, unmap=unmap, compressed=compressed))
 
     def discard(self, offset: int, length: int) -> None:
         self._run(self.image.discard(offset, length))
@@ -824,8 +792,8 @@ class SyncImage:
         return self.image.submit_read(offset, length)
 
     def submit_write(self, offset: int, data: bytes | bytearray | memoryview | int, *, fua: bool = False,
-                     zero: bool = False, unmap: bool = False) -> Request:
-        return self.image.submit_write(offset, data, fua=fua, zero=zero, unmap=unmap)
+                     zero: bool = False, unmap: bool = False, compressed: bool = False) -> Request:
+        return self.image.submit_write(offset, data, fua=fua, zero=zero, unmap=unmap, compressed=compressed)
 
     def wait(self, request: Request) -> Any:
         """The request's result, running the event loop until it ends."""

@@ -478,7 +478,19 @@ async def _run_command(sh: Shell, line: str, state: _State) -> None:
     if rec is not None and line.split(" ")[0:1] != ["record"] and line.strip():
         rec.command(line)
     loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(sh.execute(line))
+    tty = os.isatty(1)
+    progress = Progress(sh, line) if tty and os.environ.get("TERM", "") != "dumb" else None
+    if progress is not None and progress.meter is not None:
+        # the command's requests (and their sub-requests) run in a copy of this context
+        import contextvars
+
+        from qio.block.io import progress_meter
+
+        ctx = contextvars.copy_context()
+        ctx.run(progress_meter.set, progress.meter)
+        task = loop.create_task(sh.execute(line), context=ctx)
+    else:
+        task = asyncio.ensure_future(sh.execute(line))
     interrupts: list[float] = []
 
     def on_sigint() -> None:
@@ -493,8 +505,6 @@ async def _run_command(sh: Shell, line: str, state: _State) -> None:
         installed = True
     except (RuntimeError, ValueError, NotImplementedError):
         installed = False
-    tty = os.isatty(1)
-    progress = Progress(sh, line) if tty and os.environ.get("TERM", "") != "dumb" else None
     # While no prompt is up, output goes straight to the terminal (patch_stdout's proxy would queue it
     # and could print it after the next prompt).
     if tty:
@@ -528,21 +538,40 @@ async def _run_command(sh: Shell, line: str, state: _State) -> None:
 
 
 class Progress:
-    """The live line of a long command: what runs, for how long, how much of it (bytes) is in flight."""
+    """The live line of a long command: what runs, how many of the bytes it asked for are done (its
+    sub-requests that completed, see :class:`qio.block.io.Meter`), the rate, the time so far, and the
+    ``aio_*`` requests in flight."""
 
     def __init__(self, sh: Shell, line: str) -> None:
         self.sh = sh
         self.line = line
         self.shown = False
         words = line.split()
-        self.total = _request_bytes(words)
+        spec = sh.table.find(words[0]) if words else None
+        self.total = _request_bytes(words, spec.optstring if spec is not None else "")
+        blk = sh.session.blk
+        if self.total and blk is not None:
+            from qio.block.io import Meter
 
-    def show(self, elapsed: float) -> None:
+            self.meter: Meter | None = Meter(blk.root)
+        else:
+            self.meter = None
+
+    def text(self, elapsed: float) -> str:
+        """The line's text after ``elapsed`` seconds."""
         from qio import render
 
-        size = f" {render.cvtstr(self.total)}" if self.total else ""
-        text = f"{self.line}:{size} running {elapsed:.1f} s, {len(self.sh.session.aio.inflight)} aio in flight"
-        os.write(1, f"\r\x1b[2K\x1b[7m{text}\x1b[0m".encode())
+        parts = [f"{self.line}:"]
+        if self.meter is not None:
+            done = min(self.meter.done, self.total)
+            parts.append(f"{render.cvtstr(done)} of {render.cvtstr(self.total)},"
+                         f" {render.cvtstr(done / elapsed if elapsed > 0 else 0)}/s,")
+        parts.append(f"running {elapsed:.1f} s")
+        inflight = len(self.sh.session.aio.inflight)
+        return " ".join(parts) + (f", {inflight} aio in flight" if inflight else "")
+
+    def show(self, elapsed: float) -> None:
+        os.write(1, f"\r\x1b[2K\x1b[7m{self.text(elapsed)}\x1b[0m".encode())
         self.shown = True
         if self not in _progress:
             _progress.append(self)
@@ -553,12 +582,26 @@ class Progress:
             os.write(1, b"\r\x1b[2K")
 
 
-def _request_bytes(words: list[str]) -> int:
-    """The bytes a read/write-like line asks for (its length operands), 0 if unknown."""
+def _request_bytes(words: list[str], optstring: str = "") -> int:
+    """The bytes a read/write-like line asks for (its length operands), 0 if unknown.  ``optstring``
+    is the command's getopt string: the argument of an option that takes one (``-P 0x14``) is not an
+    operand."""
     from qio.numbers import cvtnum
 
-    ops = [w for w in words[1:] if not w.startswith("-")]
-    if len(ops) < 2 or words[0] not in ("read", "r", "write", "w", "readv", "writev", "discard", "d"):
+    if words[:1] == [] or words[0] not in ("read", "r", "write", "w", "readv", "writev", "discard", "d"):
+        return 0
+    ops: list[str] = []
+    it = iter(words[1:])
+    for w in it:
+        if len(w) > 1 and w[0] == "-" and not ops:
+            for k, c in enumerate(w[1:], 1):
+                if optstring[optstring.find(c) + 1 : optstring.find(c) + 2] == ":" and c in optstring:
+                    if k == len(w) - 1:
+                        next(it, None)  # the argument is the next word
+                    break
+        else:
+            ops.append(w)
+    if len(ops) < 2:
         return 0
     total = 0
     for w in ops[1:]:
@@ -580,9 +623,12 @@ async def interactive_loop(sh: Shell, session: PromptSession[str] | None = None)
     async def background() -> None:
         from prompt_toolkit.application import get_app_or_none
 
+        aio = sh.session.aio
         while True:
-            await sh.session.aio.wait()
-            await sh.session.aio.poll()
+            if aio.flush_pending():  # write-through: the group commit that lets completions report
+                aio.run_flushes()
+            await aio.wait()
+            await aio.poll()
             sh.out.flush()
             app = get_app_or_none()
             if app is not None and app.is_running:

@@ -8,6 +8,7 @@ a bare ``key`` means ``key=on`` (deprecated, with QEMU's warning).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from qio.block.errors import QemuError
@@ -116,14 +117,12 @@ def parse_json_filename(filename: str) -> Options:
     return {k: qemuopts_value(k, v) for k, v in flat.items()}
 
 
+@dataclass(slots=True, eq=False)
 class NotString:
     """A child (``file``, ``backing``, ``image``) given as neither a string (a node reference) nor null
     nor options: no code consumes it, so it ends up as an unsupported option, as in QEMU."""
 
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
+    value: Any
 
     def __str__(self) -> str:
         return str(self.value)

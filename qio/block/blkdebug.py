@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import os
+from dataclasses import dataclass, field
+from errno import EIO
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from qio import trace
@@ -42,47 +44,61 @@ from qio.qemuopts import opt_size
 if TYPE_CHECKING:
     from random import Random
 
+    from qio.aio import Co
+
 INJECT, SET_STATE, SUSPEND, DELAY, CORRUPT, BAD_BLOCKS = 0, 1, 2, 3, 4, 5
 _ACTIONS = {"inject-error": INJECT, "set-state": SET_STATE, "delay": DELAY, "corrupt": CORRUPT,
             "bad-blocks": BAD_BLOCKS}
 _NAMES = {v: k for k, v in _ACTIONS.items()}
 
 
+@dataclass(slots=True, eq=False)
 class Rule:
     """One rule: QEMU's inject-error/set-state/breakpoint, or one of qio's delay, corrupt and bad-blocks
     rules.  ``matched`` counts the events (requests, for corrupt and bad-blocks) whose state, iotype
     and range matched; ``fired`` how often the rule acted."""
 
-    __slots__ = ("action", "after", "bad", "bit", "count", "errno", "event", "fired", "id", "immediately",
-                 "iotypes", "jitter", "length", "limit", "matched", "new_state", "ns", "offset", "once",
-                 "probability", "rng", "sector_key", "state", "tag")
+    action: int
+    event: Event
+    state: int = 0
+    tag: str = ""
+    errno: int = EIO
+    once: bool = False
+    immediately: bool = False
+    #: The byte range a request must meet: -1 = any.
+    offset: int = -1
+    length: int = 1
+    iotypes: frozenset[str] = frozenset()
+    new_state: int = 0
+    probability: float = 1.0
+    after: int = 0
+    #: ``count``: inject-error/delay: act at most this often (0: no limit); corrupt: bits to flip.
+    count: int = 0
+    ns: int = 0
+    jitter: int = 0
+    bit: int = -1
+    sector_key: bool = False
+    id: int = field(default=0, init=False)
+    #: How often the rule may act before it is deleted (0: no limit); ``once=on`` is 1.
+    limit: int = field(default=0, init=False)
+    matched: int = field(default=0, init=False)
+    fired: int = field(default=0, init=False)
+    rng: Random | None = field(default=None, init=False)
+    #: bad-blocks: the bad ranges, as [start, end) pairs.
+    bad: list[list[int]] = field(default_factory=list, init=False)
 
-    def __init__(self, action: int, event: Event, state: int = 0, tag: str = "",
-                 spec: RuleSpec | None = None) -> None:
-        self.action = action
-        self.event = event
-        self.state = state
-        self.tag = tag
-        self.id = 0
-        self.errno = spec.errno if spec else errno.EIO
-        self.once = spec.once if spec else False
-        self.immediately = spec.immediately if spec else False
-        self.offset = spec.offset if spec else -1
-        self.length = spec.length if spec else 1
-        self.iotypes = spec.iotypes if spec else frozenset()
-        self.new_state = spec.new_state if spec else 0
-        self.probability = spec.probability if spec else 1.0
-        self.after = spec.after if spec else 0
-        self.count = spec.repeat if spec else 0
-        self.ns = spec.ns if spec else 0
-        self.jitter = spec.jitter if spec else 0
-        self.bit = spec.bit if spec else -1
-        self.sector_key = spec.sector_key if spec else False
-        # how often the rule may act before it is deleted (0: no limit); ``once=on`` is 1
-        self.limit = 1 if self.once else (self.count if action in (INJECT, DELAY) else 0)
-        self.matched = self.fired = 0
-        self.rng: Random | None = None
-        self.bad: list[list[int]] = [[self.offset, self.offset + self.length]] if action == BAD_BLOCKS else []
+    def __post_init__(self) -> None:
+        self.limit = 1 if self.once else (self.count if self.action in (INJECT, DELAY) else 0)
+        if self.action == BAD_BLOCKS:
+            self.bad = [[self.offset, self.offset + self.length]]
+
+    @classmethod
+    def from_spec(cls, spec: RuleSpec) -> Rule:
+        """A rule of the configuration, the inline options or the prompt's ``rule`` command."""
+        return cls(_ACTIONS[spec.action], EVENT_NAMES[spec.event], spec.state, errno=spec.errno, once=spec.once,
+                   immediately=spec.immediately, offset=spec.offset, length=spec.length, iotypes=spec.iotypes,
+                   new_state=spec.new_state, probability=spec.probability, after=spec.after,
+                   count=spec.repeat, ns=spec.ns, jitter=spec.jitter, bit=spec.bit, sector_key=spec.sector_key)
 
     def overlaps(self, offset: int, nbytes: int) -> bool:
         """The request's bytes meet the rule's range (QEMU's ``sector``: the request holds that byte)."""
@@ -170,14 +186,14 @@ class Rule:
         return self.overlaps(req[1], req[2])
 
 
+@dataclass(slots=True, eq=False)
 class Parker:
     """Where a suspended request waits; one per event that suspended it (``suspend_request``)."""
 
-    __slots__ = ("co", "wakeups")
-
-    def __init__(self) -> None:
-        self.co = current_co()
-        self.wakeups = 0
+    #: The suspended request (the one running when the event fired).
+    co: Co | None = field(default_factory=current_co)
+    #: Resumes that came before the request parked (``resume`` from a completion callback).
+    wakeups: int = 0
 
     async def park(self) -> None:
         """``qemu_coroutine_yield`` once per suspend rule that fired."""
@@ -287,7 +303,7 @@ class BlkdebugDriver(BlockDriver):
 
     def add_rule(self, spec: RuleSpec) -> Rule:
         """Add a rule (from the configuration, inline options or the prompt); it gets the next id."""
-        rule = Rule(_ACTIONS[spec.action], EVENT_NAMES[spec.event], spec.state, spec=spec)
+        rule = Rule.from_spec(spec)
         self._add(rule)
         return rule
 
@@ -455,11 +471,8 @@ class BlkdebugDriver(BlockDriver):
         ev = EVENT_NAMES.get(event)
         if ev is None:
             return -errno.ENOENT
-        rule = Rule(SUSPEND, ev, 0, tag)
-        rule.offset, rule.length = offset, length
-        rule.iotypes = frozenset((iotype,)) if iotype else frozenset()
-        rule.after = nth - 1
-        self._add(rule)
+        self._add(Rule(SUSPEND, ev, 0, tag, offset=offset, length=length,
+                       iotypes=frozenset((iotype,)) if iotype else frozenset(), after=nth - 1))
         return 0
 
     def _resume(self, tag: str, all_: bool) -> int:

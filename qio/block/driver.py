@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from qio.block.errors import BlockError
@@ -63,29 +63,27 @@ class BlockInfo(NamedTuple):
     vm_state_offset: int = 0
 
 
+@dataclass(slots=True, eq=False)
 class Child:
     """An edge of the graph with the permissions the parent holds on the child."""
 
-    __slots__ = ("name", "node", "perm", "role_primary", "shared")
-
-    def __init__(self, name: str, node: BlockDriver, role_primary: bool = True) -> None:
-        self.name = name
-        self.node = node
-        self.perm = 0
-        self.shared = PERM_ALL
-        self.role_primary = role_primary
+    name: str
+    node: BlockDriver
+    role_primary: bool = True
+    perm: int = field(default=0, init=False)
+    shared: int = field(default=PERM_ALL, init=False)
 
 
+@dataclass(slots=True, eq=False)
 class NodeState:
     """Per-node bookkeeping that the generic layer (not the driver) owns."""
 
-    __slots__ = ("flush_active", "flush_queue", "flushed_gen", "write_gen")
-
-    def __init__(self) -> None:
-        self.write_gen = 0
-        self.flushed_gen = 0
-        self.flush_active = False  # active_flush_req
-        self.flush_queue: Any = None  # qio.aio.WaitQueue of flushes waiting for it, made on demand
+    write_gen: int = 0
+    flushed_gen: int = 0
+    #: ``active_flush_req``.
+    flush_active: bool = False
+    #: The qio.aio.WaitQueue of flushes waiting for the active one, made on demand.
+    flush_queue: Any = None
 
     def flush_waiters(self) -> Any:
         if self.flush_queue is None:
@@ -99,29 +97,28 @@ FIX_LEAKS = 1
 FIX_ERRORS = 2
 
 
+@dataclass(slots=True)
 class CheckResult:
     """``BdrvCheckResult``, with the block fragmentation info (``bfi``) that ``qemu-img check`` prints."""
 
-    __slots__ = ("allocated_clusters", "check_errors", "compressed_clusters", "corruptions", "corruptions_fixed",
-                 "fragmented_clusters", "image_end_offset", "leaks", "leaks_fixed", "total_clusters")
-
-    def __init__(self) -> None:
-        self.corruptions = 0
-        self.leaks = 0
-        self.check_errors = 0
-        self.corruptions_fixed = 0
-        self.leaks_fixed = 0
-        self.image_end_offset = 0
-        self.total_clusters = 0
-        self.allocated_clusters = 0
-        self.fragmented_clusters = 0
-        self.compressed_clusters = 0
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
 
     def copy(self) -> CheckResult:
-        r = CheckResult()
-        for k in self.__slots__:
-            setattr(r, k, getattr(self, k))
-        return r
+        return replace(self)
+
+    def assign(self, other: CheckResult) -> None:
+        """Take every count of ``other`` (the caller holds this object)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(other, f.name))
 
 
 @dataclass(slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NoReturn
 
 
@@ -33,17 +34,15 @@ class QemuError(Exception):
         return cls(f"{what}: {e}" if what is not None else str(e), e.code)
 
 
+@dataclass(slots=True, eq=False)
 class Reporter:
     """Where a node's messages go: the front end that opened the image passes one down, so QEMU's
     ``error_report``/``warn_report`` lines carry that program's name (``qio:``, ``qio-img:``, or
     whatever argv[0] says, as qemu-io and qemu-img print their own) rather than a fixed prefix.
     Calling it writes raw text (QEMU's ``error_printf``/``fprintf(stderr)``)."""
 
-    __slots__ = ("prgname", "write")
-
-    def __init__(self, prgname: str, write: Callable[[str], None]) -> None:
-        self.prgname = prgname
-        self.write = write
+    prgname: str
+    write: Callable[[str], None]
 
     def __call__(self, text: str) -> None:
         self.write(text)

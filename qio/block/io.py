@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Coroutine
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from qio.aio import AIO, WaitQueue, current_co
@@ -94,18 +96,42 @@ def _check_request(offset: int, nbytes: int) -> None:
         raise BlockError(errno.EIO)
 
 
+# -- progress of a long synchronous command ------------------------------------------------------
+@dataclass(slots=True, eq=False)
+class Meter:
+    """Bytes of a request on ``node`` that are done: the interactive shell's progress line reads it.
+
+    A request is split into sub-requests by the node's limits (max-transfer, max-pwrite-zeroes,
+    max-pdiscard); each one adds its bytes when it completes.  Only the node the command addresses
+    counts, so a lower node's own pieces are not counted twice."""
+
+    node: BlockDriver
+    done: int = 0
+
+
+#: The meter of the synchronous command running in this context (set by the interactive shell only).
+progress_meter: ContextVar[Meter | None] = ContextVar("progress_meter", default=None)
+
+
+def _metered(node: BlockDriver) -> Meter | None:
+    """The meter that ``node``'s sub-requests add to, if a command on it is being watched."""
+    m = progress_meter.get()
+    return m if m is not None and m.node is node else None
+
+
 # -- tracked requests (serialisation of overlapping read-modify-write) ------------------------------
+@dataclass(slots=True, eq=False)
 class Tracked:
     """An in-flight request on a node.  A read-modify-write request is *serialising*: requests that
     overlap it (its range widened to the alignment) wait for it, and it waits for them, as in QEMU."""
 
-    __slots__ = ("done", "end", "node", "offset", "serialising", "waiting_for")
-
-    def __init__(self, node: BlockDriver, offset: int, nbytes: int) -> None:
-        self.node, self.offset, self.end = node, offset, offset + nbytes
-        self.serialising = False
-        self.done: WaitQueue | None = None  # the requests waiting for this one (wait_queue)
-        self.waiting_for: Tracked | None = None
+    node: BlockDriver
+    offset: int
+    end: int
+    serialising: bool = False
+    #: The requests waiting for this one (``wait_queue``), made when the first one waits.
+    done: WaitQueue | None = None
+    waiting_for: Tracked | None = None
 
 
 def _tracking(node: BlockDriver) -> bool:
@@ -115,7 +141,7 @@ def _tracking(node: BlockDriver) -> bool:
 
 
 def _begin(node: BlockDriver, offset: int, nbytes: int) -> Tracked:
-    req = Tracked(node, offset, nbytes)
+    req = Tracked(node, offset, offset + nbytes)
     node.tracked.append(req)
     return req
 
@@ -243,6 +269,7 @@ async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
         return
     # bdrv_aligned_preadv: fragments of max_transfer up to the end of the node, zeroes past it
     done = 0
+    meter = _metered(node)
     while done < nbytes:
         if max_bytes:
             num = min(nbytes - done, max_bytes, max_transfer)
@@ -252,6 +279,8 @@ async def _aligned_preadv(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
             num = nbytes - done
             iov_memset(qiov, done, num)
         done += num
+        if meter is not None:
+            meter.done += num
 
 
 def _info_cluster_size(node: BlockDriver) -> int:
@@ -487,6 +516,7 @@ def _driver_pwritev_split(node: BlockDriver, offset: int, nbytes: int, qiov: IOV
 async def _driver_pwritev_chunks(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, flags: int,
                                  mt: int) -> None:
     done = 0
+    meter = _metered(node)
     while done < nbytes:
         n = min(mt, nbytes - done)
         f = flags
@@ -494,6 +524,8 @@ async def _driver_pwritev_chunks(node: BlockDriver, offset: int, nbytes: int, qi
             f &= ~REQ_FUA
         await _driver_pwritev(node, offset + done, n, iov_slice(qiov, done, n), f)
         done += n
+        if meter is not None:
+            meter.done += n
 
 
 def _driver_pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec,
@@ -521,6 +553,7 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
     head = offset % alignment
     tail = (offset + nbytes) % alignment
     zeros: memoryview | None = None
+    meter = _metered(node)
     while nbytes > 0:
         num = nbytes
         if head:
@@ -549,6 +582,8 @@ async def _do_pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: 
                 need_flush = True
         offset += num
         nbytes -= num
+        if meter is not None:
+            meter.done += num
     if need_flush:
         await flush(node)
 
@@ -579,6 +614,7 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
     try:
         if req is not None:
             await _wait_serialising(req)
+        meter = _metered(node)
         while nbytes > 0:
             num = nbytes
             if head:
@@ -600,6 +636,8 @@ async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
                     raise
             offset += num
             nbytes -= num
+            if meter is not None:
+                meter.done += num
     finally:
         node.gen.write_gen += 1
         if req is not None:

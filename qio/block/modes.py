@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 
+
+@dataclass(slots=True)
 class OpenFlags:
     """What ``bdrv_open`` was asked for (``BDRV_O_*`` and the cache mode)."""
 
-    __slots__ = ("aio", "check", "copy_on_read", "force_share", "native_aio", "no_flush", "no_io",
-                 "nocache", "read_only", "snapshot", "unmap", "writethrough")
-
-    def __init__(self) -> None:
-        self.read_only = False
-        self.nocache = False  # O_DIRECT
-        self.no_flush = False  # cache=unsafe
-        self.writethrough = True  # BlockBackend write cache disabled
-        self.unmap = True  # discard=unmap
-        self.native_aio = False
-        self.aio = "threads"
-        self.force_share = False
-        self.snapshot = False
-        self.copy_on_read = False
-        self.check = False  # BDRV_O_CHECK (qemu-img check): no dirty repair or corrupt refusal at open
-        self.no_io = False  # BDRV_O_NO_IO (qemu-img info): qcow2 does not open its data file
+    read_only: bool = False
+    #: O_DIRECT.
+    nocache: bool = False
+    #: cache=unsafe.
+    no_flush: bool = False
+    #: BlockBackend write cache disabled.
+    writethrough: bool = True
+    #: discard=unmap.
+    unmap: bool = True
+    native_aio: bool = False
+    aio: str = "threads"
+    force_share: bool = False
+    snapshot: bool = False
+    copy_on_read: bool = False
+    #: BDRV_O_CHECK (qemu-img check): no dirty repair or corrupt refusal at open.
+    check: bool = False
+    #: BDRV_O_NO_IO (qemu-img info): encrypted images open without their key;
+    #: qcow2 does not open its data file.
+    no_io: bool = False
 
     def copy(self) -> OpenFlags:
-        new = OpenFlags()
-        for name in self.__slots__:
-            setattr(new, name, getattr(self, name))
-        return new
-
+        return replace(self)
 
 
 def parse_cache_mode(mode: str, flags: OpenFlags) -> bool:

@@ -5,9 +5,10 @@ legacy pseudo-filenames (``nbd:HOST:PORT[:exportname=X]``, ``nbd:unix:PATH[:expo
 ``server.*``/``host``/``port``/``path``/``export`` options, with QEMU's error texts.
 
 Open-time negotiation (:class:`qio.block.nbd_proto.Handshake`) runs on a blocking socket with a timeout.
-In the transmission phase a request sends its header (and payload) at once and waits for its reply the
-way a thread-pool request waits in QEMU: the event loop keeps running, and one reader task parses
-replies from the socket and completes whichever requests they answer.  Requests driven without an
+In the transmission phase a request sends its header and payload at once (one ``sendmsg`` of the
+header and the caller's buffers) and waits for its reply the way a thread-pool request waits in QEMU:
+the event loop keeps running, and a reader callback on the socket (registered while requests are in
+flight) parses replies and completes whichever requests they answer.  Requests driven without an
 event loop (open-time probing and format headers, :func:`qio.aio.run_sync`) read their reply
 synchronously instead.  Every length from the server is bounded before it is buffered; a stalled
 server is given up after ``QIO_NBD_TIMEOUT`` seconds (qemu-io would wait forever).
@@ -32,7 +33,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from qio.aio import AIO, AioContext
+from qio.aio import AIO, AioContext, External
 from qio.block import io
 from qio.block import nbd_proto as P
 from qio.block.driver import (
@@ -279,7 +280,7 @@ class Req:
     done: bool = False
     err: int = 0
     extent: tuple[int, int] | None = None
-    fut: asyncio.Future[None] | None = None
+    wait: External | None = None
 
     def finish(self, err: int = 0) -> None:
         if self.done:
@@ -287,8 +288,8 @@ class Req:
         if err and not self.err:
             self.err = err
         self.done = True
-        if self.fut is not None and not self.fut.done():
-            self.fut.set_result(None)
+        if self.wait is not None:
+            self.wait.complete()
 
 
 class ProtocolError(Exception):
@@ -317,8 +318,14 @@ class NbdDriver(BlockDriver):
         self.inflight: dict[int, Req] = {}
         self._handles = 0
         self._rbuf = bytearray()
+        #: What each read of the socket lands in first (one buffer for the connection's life: a fresh
+        #: 256 KiB ``recv`` result per read cost an mmap, mremap and munmap each).
+        self._rspace = memoryview(bytearray(1 << 18))
         self._wbuf = bytearray()
-        self._reader: asyncio.Task[None] | None = None
+        #: The event loop the socket's reader callback is registered with, while replies are awaited.
+        self._reader: asyncio.AbstractEventLoop | None = None
+        self._reader_timer: asyncio.TimerHandle | None = None
+        self._last_reply = 0.0
         self._writer: asyncio.Task[None] | None = None
         self._slot_waiters: list[asyncio.Future[None]] = []
 
@@ -453,11 +460,12 @@ class NbdDriver(BlockDriver):
 
     # -- life cycle ---------------------------------------------------------------------------
     def _drop_connection(self) -> None:
+        self._stop_reading()
         sock, self.sock = self.sock, None
-        for task in (self._reader, self._writer):
-            if task is not None and not task.done():
-                task.cancel()
-        self._reader = self._writer = None
+        task = self._writer
+        if task is not None and not task.done():
+            task.cancel()
+        self._writer = None
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -626,7 +634,7 @@ class NbdDriver(BlockDriver):
 
     # -- sending ---------------------------------------------------------------------------------
     async def _request(self, cmd: int, flags: int, offset: int, length: int, qiov: IOVec | None = None,
-                       payload: bytes = b"") -> Req:
+                       payload: IOVec | None = None) -> Req:
         """Send one request and wait for its reply; BlockError on failure."""
         AIO.yields += 1  # QEMU's request coroutine always waits for its reply
         try:
@@ -670,7 +678,7 @@ class NbdDriver(BlockDriver):
         return self.state == CONNECTED
 
     async def _attempt(self, loop: asyncio.AbstractEventLoop | None, cmd: int, flags: int, offset: int,
-                       length: int, qiov: IOVec | None, payload: bytes) -> Req:
+                       length: int, qiov: IOVec | None, payload: IOVec | None) -> Req:
         """Send the request once and wait for its reply (``req.err`` RETRY: the connection dropped)."""
         if self.state == DISCONNECTED and self.wait_deadline is not None and not await self._wait_reconnect(loop):
             raise BlockError(errno.EIO)
@@ -691,16 +699,20 @@ class NbdDriver(BlockDriver):
         self._handles += 1
         req = Req(cmd, self._handles, offset, length, qiov)
         self.inflight[req.handle] = req
-        data = P.pack_request(cmd, flags, req.handle, offset, length) + payload
+        data: list[bytes | memoryview] = [P.pack_request(cmd, flags, req.handle, offset, length)]
+        if payload:
+            data += payload
         if loop is None:
-            self._sync_roundtrip(req, data)
+            self._sync_roundtrip(req, b"".join(data))
         else:
-            req.fut = loop.create_future()
+            req.wait = External()
             self._send(loop, data)
-            if self._reader is None and self.state == CONNECTED:
-                self._reader = loop.create_task(self._read_replies())
+            if len(self.inflight) == 1:  # a silent server is timed from now
+                self._last_reply = time.monotonic()
+            if self.state == CONNECTED and (self._reader is not loop or self._reader_timer is None):
+                self._start_reading(loop)
             if not req.done:
-                await _wait_net(req.fut)
+                await _wait_reply(req.wait)
         return req
 
     def _sync_roundtrip(self, req: Req, data: bytes) -> None:
@@ -723,24 +735,29 @@ class NbdDriver(BlockDriver):
             if self.sock is not None:
                 self.sock.setblocking(False)
 
-    def _send(self, loop: asyncio.AbstractEventLoop, data: bytes) -> None:
-        """Queue bytes for the server: sent at once if the socket takes them, else by a writer task."""
+    def _send(self, loop: asyncio.AbstractEventLoop, parts: list[bytes | memoryview]) -> None:
+        """Queue bytes for the server: sent at once if the socket takes them (header and payload
+        buffers in one ``sendmsg``, without joining them), else the rest by a writer task."""
         sock = self.sock
         if sock is None:
             return
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # (left with a timeout by a synchronous round trip or the handshake)
+            sock.setblocking(False)
         if self._writer is None:
             try:
-                n = sock.send(data)
+                n = sock.sendmsg(parts) if len(parts) <= io.IOV_MAX else 0
             except BlockingIOError:
                 n = 0
             except OSError:
                 self._transport_error()
                 return
-            data = data[n:]
-            if not data:
+            total = sum(map(len, parts))
+            if n == total:
                 return
-        self._wbuf += data
+            self._wbuf += b"".join(parts)[n:]
+        else:
+            for part in parts:
+                self._wbuf += part
         if self._writer is None:
             self._writer = loop.create_task(self._write_out())
 
@@ -756,25 +773,70 @@ class NbdDriver(BlockDriver):
         finally:
             self._writer = None
 
-    async def _read_replies(self) -> None:
-        """The reader task: parse replies while requests are in flight."""
-        loop = asyncio.get_running_loop()
+    def _start_reading(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Parse replies as they arrive while requests are in flight: a callback on the socket's
+        readability (one event-loop wake-up per batch of replies; a reader task awaiting ``sock_recv``
+        under ``wait_for`` took several per reply), with a timer for a silent server.
+
+        Both stay in place between requests (no registration per request); the socket is only read
+        while requests are in flight: readable with none (EOF, unsolicited bytes), the callback
+        unregisters itself and the next request finds what happened, as before."""
+        sock = self.sock
+        assert sock is not None
+        if self._reader is not loop:  # (a later asyncio.run of an API user: a new loop)
+            self._stop_reading()
+            loop.add_reader(sock.fileno(), self._on_readable)
+            self._reader = loop
+        if self._reader_timer is None:
+            self._reader_timer = loop.call_later(self.timeout, self._on_silence)
+
+    def _stop_reading(self) -> None:
+        loop, self._reader = self._reader, None
+        if loop is None:
+            return
+        if self._reader_timer is not None:
+            self._reader_timer.cancel()
+            self._reader_timer = None
+        if self.sock is not None:
+            loop.remove_reader(self.sock.fileno())
+        AioContext.current().notify()
+
+    def _on_readable(self) -> None:
+        sock = self.sock
+        if sock is None or not self.inflight:
+            self._stop_reading()
+            return
+        space = self._rspace
         try:
-            while self.inflight and self.state == CONNECTED and self.sock is not None:
-                try:
-                    chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 18), self.timeout)
-                except (OSError, TimeoutError):
-                    chunk = b""
-                if not chunk:
-                    self._reader = None
-                    self._transport_error()
-                    return
-                self._rbuf += chunk
-                self._parse_all()
-        finally:
-            if self._reader is asyncio.current_task():
-                self._reader = None
-            AioContext.current().notify()
+            n = sock.recv_into(space)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if not n:
+            self._stop_reading()
+            self._transport_error()
+            return
+        self._last_reply = time.monotonic()
+        self._rbuf += space[:n]
+        self._parse_all()
+        if self._reader is not None and (self.state != CONNECTED or self.sock is None):
+            self._stop_reading()
+
+    def _on_silence(self) -> None:
+        """No reply for ``timeout`` seconds while requests wait: the server is given up on."""
+        loop = self._reader
+        if loop is None:
+            return
+        if not self.inflight:  # idle: armed again by the next request
+            self._reader_timer = None
+            return
+        left = self._last_reply + self.timeout - time.monotonic()
+        if left > 0:
+            self._reader_timer = loop.call_later(left, self._on_silence)
+            return
+        self._stop_reading()
+        self._transport_error()
 
     # -- I/O ---------------------------------------------------------------------------------
     def getlength(self) -> int:
@@ -798,7 +860,7 @@ class NbdDriver(BlockDriver):
         if not nbytes:
             return
         cflags = P.CMD_FLAG_FUA if flags & REQ_FUA else 0
-        await self._request(P.CMD_WRITE, cflags, offset, nbytes, None, io.iov_to_bytes(qiov))
+        await self._request(P.CMD_WRITE, cflags, offset, nbytes, None, qiov)
 
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
         if not self.info.flags & P.TF_SEND_WRITE_ZEROES:
@@ -855,6 +917,17 @@ class NbdDriver(BlockDriver):
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+async def _wait_reply(wait: External) -> None:
+    """A request waits for its reply: as :func:`_wait_net`, but completed by a plain call from the
+    reader callback (:class:`qio.aio.External`), one event-loop pass sooner."""
+    AIO.busy += 1
+    try:
+        await wait
+    finally:
+        AIO.busy -= 1
+        AioContext.current().notify()
 
 
 async def _wait_net(fut: asyncio.Future[None]) -> None:

@@ -7,6 +7,7 @@ import errno
 from qio.block.driver import BDRV_REQUEST_MAX_BYTES
 from qio.commands.spec import STDERR, Invocation
 from qio.numbers import cvtnum, parse_pattern
+from qio.ops import split_iov
 
 PATTERN_CHUNK = 1 << 20
 
@@ -78,16 +79,9 @@ def pattern_vector(value: int, sizes: tuple[int, ...]) -> list[memoryview]:
     total = sum(sizes)
     if len(sizes) == 1:
         return pattern_iov(value, total)
-    return split_iov(memoryview(bytes([value]) * total), list(sizes))
+    return split_iov(memoryview(bytes([value]) * total), sizes)
 
 
-def split_iov(buf: memoryview, sizes: list[int]) -> list[memoryview]:
-    out = []
-    pos = 0
-    for n in sizes:
-        out.append(buf[pos : pos + n])
-        pos += n
-    return out
 
 
 def verify(buf: memoryview, value: int) -> bool:

@@ -12,6 +12,7 @@ import errno
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
+from qio import ops
 from qio.block.errors import QemuError
 from qio.commands.spec import STDERR, Invocation, ParseFailure
 from qio.numbers import strtol0
@@ -74,16 +75,7 @@ def _parse_predicate(inv: Invocation) -> Break:
 
 
 async def run_break(session: Session, cmd: Break) -> int:
-    node = session.debug_node()
-    if cmd.predicate is not None:
-        from qio.block.blkdebug import BlkdebugDriver
-
-        if not isinstance(node, BlkdebugDriver):
-            ret = -errno.ENOTSUP
-        else:
-            ret = node.debug_break_if(cmd.event, cmd.tag, *cmd.predicate)
-    else:
-        ret = node.debug_breakpoint(cmd.event, cmd.tag) if node else -errno.ENOTSUP
+    ret = ops.set_breakpoint(session, cmd.event, cmd.tag, cmd.predicate)
     if ret < 0:
         session.out.out(f"Could not set breakpoint: {os.strerror(-ret)}\n")
     return ret
@@ -97,8 +89,7 @@ parse_remove_break = parse_resume = parse_tag
 
 
 async def run_remove_break(session: Session, tag: str) -> int:
-    node = session.debug_node()
-    ret = node.debug_remove_breakpoint(tag) if node else -errno.ENOTSUP
+    ret = ops.remove_breakpoint(session, tag)
     await session.settle()
     if ret < 0:
         session.out.out(f"Could not remove breakpoint {tag}: {os.strerror(-ret)}\n")
@@ -106,8 +97,7 @@ async def run_remove_break(session: Session, tag: str) -> int:
 
 
 async def run_resume(session: Session, tag: str) -> int:
-    node = session.debug_node()
-    ret = node.debug_resume(tag) if node else -errno.ENOTSUP
+    ret = ops.resume(session, tag)
     if ret < 0:
         session.out.out(f"Could not resume request: {os.strerror(-ret)}\n")
         return ret
@@ -135,15 +125,14 @@ def parse_wait_break(inv: Invocation) -> WaitBreak:
 
 
 async def run_wait_break(session: Session, cmd: WaitBreak) -> int:
-    node = session.debug_node()
-    if node is None:
+    outcome = await ops.wait_break(session, cmd.tag, cmd.timeout)
+    if outcome == "no-node":
         session.out.out(f"wait_break: no blkdebug node below the image, request '{cmd.tag}' can never be "
                         "suspended\n")
         return -errno.ENOTSUP
-    outcome = await session.wait_for(lambda: node.debug_is_suspended(cmd.tag), cmd.timeout)
     if outcome == "ok":
         return 0
-    if outcome == "timeout" and node.debug_can_suspend(cmd.tag, bool(session.aio.inflight)):
+    if outcome == "timeout":
         session.out.out(f"wait_break: timed out after {cmd.timeout:g} s waiting for request '{cmd.tag}'\n")
         return -errno.ETIMEDOUT
     session.out.out(f"wait_break: no request can reach a breakpoint tagged '{cmd.tag}'\n")
@@ -194,10 +183,8 @@ RULE_COMMANDS = {"inject": "inject-error", "delay": "delay", "corrupt": "corrupt
 
 def _blkdebug(session: Session, name: str) -> BlkdebugDriver | None:
     """The blkdebug node the rule commands edit, or None after printing why there is none."""
-    from qio.block.blkdebug import BlkdebugDriver
-
-    node = session.debug_node()
-    if not isinstance(node, BlkdebugDriver):
+    node = ops.blkdebug(session)
+    if node is None:
         session.out.out(f"{name}: no blkdebug node below the image\n")
         return None
     return node
@@ -213,16 +200,13 @@ parse_rules = parse_unrule = parse_words
 
 async def _add_rule(session: Session, argv: list[str]) -> int:
     """``inject``/``delay``/``corrupt``/``set_state KEY=VALUE...``: add a rule as a config section would."""
-    from qio.block.blkdebug_config import make_rule
-    from qio.block.blkdebug_config import parse_words as section_words
-
     name = argv[0]
     node = _blkdebug(session, name)
     if node is None:
         return -errno.ENOTSUP
     group = RULE_COMMANDS[name]
     try:
-        rule = node.add_rule(make_rule(group, section_words(group, argv[1:])))
+        rule = ops.add_rule(node, group, argv[1:])
     except QemuError as e:
         session.out.out(f"{name}: {e}\n")
         return -errno.EINVAL
@@ -238,7 +222,7 @@ async def run_rules(session: Session, argv: list[str]) -> int:
     node = _blkdebug(session, "rules")
     if node is None:
         return -errno.ENOTSUP
-    found = node.rule_lines(breakpoints=True)
+    found = ops.rules(node)
     session.out.out("".join(f"{line}\n" for line in found) if found else "no rules\n")
     return 0
 
@@ -253,7 +237,7 @@ async def run_unrule(session: Session, argv: list[str]) -> int:
     if rule_id is None or rule_id <= 0:
         session.out.out(f"unrule: '{argv[1]}' is not a rule id\n")
         return -errno.EINVAL
-    if not node.remove_rule(rule_id):
+    if not ops.remove_rule(node, rule_id):
         session.out.out(f"unrule: no rule #{rule_id}\n")
         return -errno.ENOENT
     return 0

@@ -11,7 +11,7 @@ from qio.block.driver import FIX_ERRORS, FIX_LEAKS, BlockDriver, CheckResult
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags, parse_cache_mode
 from qio.getopt import LongOpt
-from qio.img.common import Ctx, Options, UsageError, close_image, open_image, output_format, unsupported
+from qio.img.common import Ctx, Options, UsageError, close_image, define_object, open_image, output_format
 from qio.img.qjson import to_json_pretty
 
 ENOTSUP_EXIT = 63
@@ -86,8 +86,8 @@ async def img_check(ctx: Ctx, argv: list[str]) -> int:
             force_share = True
         elif c == "image-opts":
             image_opts = True
-        elif c == "object":
-            return unsupported(ctx, c)
+        elif c == "object" and not define_object(ctx, arg):
+            return 1
     filename = opts.one_filename()
     ofmt = output_format(ctx, output)
     if ofmt is None:

@@ -81,6 +81,23 @@ class Options:
         return self.args[0]
 
 
+def define_object(ctx: Ctx, text: str) -> bool:
+    """``--object``: qemu-img's ``user_creatable_process_cmdline`` (help texts exit 0 via SystemExit)."""
+    from qio import secrets
+    from qio.block.errors import QemuError
+
+    help_text = secrets.object_help(text)
+    if help_text is not None:
+        ctx.out.out(help_text)
+        raise SystemExit(0)
+    try:
+        secrets.add_object(text)
+    except QemuError as e:
+        ctx.out.error_report(str(e))
+        return False
+    return True
+
+
 def unsupported(ctx: Ctx, option: str) -> int:
     """``--object``: a qemu-img option qio-img does not implement (exit status 1)."""
     ctx.out.error_report(f"--{option} is not supported by qio-img")

@@ -14,7 +14,8 @@ import os
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 from qio.block.registry import protocol_of
-from qio.img.common import Ctx, Options, UsageError
+from qio.getopt import LongOpt
+from qio.img.common import Ctx, Options, UsageError, define_object
 from qio.numbers import INT64_MAX, qemu_strtosz, strtol0
 from qio.qemuopts import opt_bool, opt_size
 
@@ -56,9 +57,21 @@ def _option_help(desc: list[tuple[str, str, str | None]], owner: dict[str, str])
     for name, typ, _ in desc:
         line = f"  {name}=<{_TYPE_NAMES[typ]}>"
         text = f"Preallocation mode (allowed values: {_PREALLOC_HELP[owner[name]]})" if name == "preallocation" \
-            else _HELP[name]
+            else _HELP.get(name) or _luks_help(name)
         lines.append(f"{line:<24} - {text}")
     return "".join(f"{line}\n" for line in sorted(lines))
+
+
+def _luks_opts() -> list[tuple[str, str, str | None]]:
+    from qio.img.crypt import LUKS_OPTS
+
+    return LUKS_OPTS
+
+
+def _luks_help(name: str) -> str:
+    from qio.img.crypt import LUKS_HELP
+
+    return LUKS_HELP[name]
 
 
 def has_help_option(text: str) -> bool:
@@ -89,10 +102,11 @@ def has_help_option(text: str) -> bool:
 def print_option_help(ctx: Ctx, filename: str | None, fmt: str) -> int:
     """``print_block_option_help``: the format's creation options, merged with the protocol's when a
     file name is given."""
-    if fmt not in ("raw", "qcow2"):
+    if fmt not in ("raw", "qcow2", "luks"):
         ctx.out.error_report(f"Unknown file format '{fmt}'")
         return 1
-    desc = _QCOW2_OPTS if fmt == "qcow2" else [_FILE_OPTS[0]]
+    desc = create_opts(fmt)[:len(_luks_opts())] if fmt == "luks" else (
+        _QCOW2_OPTS if fmt == "qcow2" else [_FILE_OPTS[0]])
     owner = {n: "qcow2" for n, _, _ in desc}
     if filename is not None:
         if protocol_of(filename) not in (None, "file"):
@@ -109,7 +123,12 @@ def print_option_help(ctx: Ctx, filename: str | None, fmt: str) -> int:
 
 def create_opts(fmt: str) -> list[tuple[str, str, str | None]]:
     """``qemu_opts_append(format opts, protocol opts)``: names already present are skipped."""
-    own = _QCOW2_OPTS if fmt == "qcow2" else [_FILE_OPTS[0]]
+    if fmt == "luks":
+        from qio.img.crypt import LUKS_OPTS
+
+        own = LUKS_OPTS
+    else:
+        own = _QCOW2_OPTS if fmt == "qcow2" else [_FILE_OPTS[0]]
     names = {n for n, _, _ in own}
     return own + [d for d in _FILE_OPTS if d[0] not in names]
 
@@ -185,9 +204,12 @@ def _valid_option_list(text: str) -> bool:
 async def img_create(ctx: Ctx, argv: list[str]) -> int:
     fmt, base_fmt, base_filename, quiet, no_backing = "raw", None, None, False, False
     opt_text: str | None = None
-    opts = Options(ctx, argv, "F:b:f:ho:qu")
+    opts = Options(ctx, argv, "F:b:f:ho:qu", (LongOpt("object", True, "object"),))
     for c, arg in opts:
-        if c == "F":
+        if c == "object":
+            if not define_object(ctx, arg):
+                return 1
+        elif c == "F":
             base_fmt = arg
         elif c == "b":
             base_filename = arg
@@ -241,7 +263,7 @@ def _hinted(message: str, hint: str, code: int = errno.EINVAL) -> QemuError:
 async def img_create_file(ctx: Ctx, filename: str, fmt: str, base_filename: str | None, base_fmt: str | None,
                     opt_text: str | None, img_size: int, no_backing: bool, quiet: bool) -> None:
     """``bdrv_img_create``."""
-    if fmt not in ("raw", "qcow2"):
+    if fmt not in ("raw", "qcow2", "luks"):
         raise QemuError(f"Unknown file format '{fmt}'")
     o = CreateOpts(create_opts(fmt))
     if opt_text is not None:
@@ -278,6 +300,10 @@ async def img_create_file(ctx: Ctx, filename: str, fmt: str, base_filename: str 
     try:
         if fmt == "raw":
             create_raw(filename, size, o.get("preallocation"))
+        elif fmt == "luks":
+            from qio.img.crypt import create_luks
+
+            create_luks(filename, size, o.str, o.num)
         else:
             await _create_qcow2(ctx, filename, size, o)
     except QemuError as e:
@@ -349,11 +375,9 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
         ctype = o.get("compression_type") or "zlib"
         if ctype not in ("zlib", "zstd"):
             raise QemuError(f"Parameter 'compression-type' does not accept value '{ctype}'")
-        unsupported = [name for name in ("encryption", "encrypt.format")
-                       if o.get(name) is not None and opt_bool_or_str(o.get(name))]
-        if unsupported:
-            raise QemuError(f"qio-img does not support the option(s) {', '.join(unsupported)} "
-                            "for qcow2 images", errno.ENOTSUP)
+        from qio.img.crypt import qcow2_encrypt_spec
+
+        encrypt = qcow2_encrypt_spec(o.str, o.num)
     except QemuError:
         os.unlink(filename)
         if data_file is not None:
@@ -365,7 +389,7 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
                        lazy_refcounts=opt_bool(o.str, "lazy_refcounts", False), backing_file=o.get("backing_file"),
                        backing_fmt=backing_fmt, preallocation=prealloc, warn=ctx.out.reporter(),
                        extended_l2=opt_bool({"x": o.get("extended_l2") or "off"}, "x", False),
-                       compression_type=ctype,
+                       compression_type=ctype, encrypt=encrypt,
                        data_file=data_file, data_file_raw=opt_bool(o.str, "data_file_raw", False))
 
 

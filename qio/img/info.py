@@ -13,7 +13,7 @@ from qio.block.driver import BLOCK_ALLOCATED, BLOCK_DATA, BLOCK_OFFSET_VALID, BL
 from qio.block.errors import BlockError, QemuError
 from qio.block.modes import OpenFlags
 from qio.getopt import LongOpt
-from qio.img.common import Ctx, Options, close_image, open_image, output_format, unsupported
+from qio.img.common import Ctx, Options, close_image, define_object, open_image, output_format
 from qio.img.qjson import to_json_pretty
 
 _SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
@@ -64,8 +64,7 @@ def _parse_query_options(ctx: Ctx, argv: list[str], with_chain: bool) -> Query |
             chain = True
         elif c == "image-opts":
             image_opts = True
-        elif c == "object":
-            unsupported(ctx, c)
+        elif c == "object" and not define_object(ctx, arg):
             return None
     filename = opts.one_filename()
     ofmt = output_format(ctx, output)
@@ -89,6 +88,8 @@ def image_info(root: BlockDriver) -> list[tuple[str, Any]]:
     info.append(("virtual-size", io.getlength(root)))
     if bdi is not None and bdi.cluster_size:
         info.append(("cluster-size", bdi.cluster_size))
+    if _encrypted(root):
+        info.append(("encrypted", True))
     backing, bfmt = root.backing_file_info()
     if backing:
         info.append(("backing-filename", backing))
@@ -105,6 +106,11 @@ def image_info(root: BlockDriver) -> list[tuple[str, Any]]:
     if spec is not None:
         info.append(("format-specific", [("type", root.format_name), ("data", spec)]))
     return info
+
+
+def _encrypted(root: BlockDriver) -> bool:
+    """``bs->encrypted``: a luks node, or qcow2 with a crypt method in its header."""
+    return root.format_name == "luks" or bool(getattr(getattr(root, "s", None), "crypt_method_header", 0))
 
 
 def _s64(v: int) -> int:
@@ -166,6 +172,8 @@ def dump_human(info: list[tuple[str, Any]]) -> str:
     out = [f"image: {d['filename']}\nfile format: {d['format']}\n"
            f"virtual size: {size_to_str(d['virtual-size'])} ({d['virtual-size']} bytes)\n"
            f"disk size: {size_to_str(d['actual-size']) if 'actual-size' in d else 'unavailable'}\n"]
+    if d.get("encrypted"):
+        out.append("encrypted: yes\n")
     if "cluster-size" in d:
         out.append(f"cluster_size: {d['cluster-size']}\n")
     if d.get("dirty-flag"):
@@ -199,7 +207,7 @@ async def img_info(ctx: Ctx, argv: list[str]) -> int:
             return 1
         seen.add(filename)
         flags = _read_only()
-        flags.no_io = True  # BDRV_O_NO_IO: info opens no data file
+        flags.no_io = True  # BDRV_O_NO_IO: an encrypted image opens without its key, no data file is opened
         blk = open_image(ctx, filename, fmt, flags, force_share=force_share, no_backing=True,
                          image_opts=image_opts)
         if blk is None:

@@ -886,3 +886,15 @@ def test_fuzzed_hostile_server(tmp_path: Path, seed: int) -> None:
     assert "Traceback" not in err and "Traceback" not in out, err
     assert rc in (0, 1)
     assert "read failed" in out or "can't open" in err or "read 512/512" in out, (out, err)
+
+
+@oracle
+def test_large_and_queued_writes(tmp_path: Path, servers: list[NbdServer]) -> None:
+    """A 16 MiB write is more than the socket takes at once (the rest goes through the writer task),
+    20 queued aio_writes exceed the 16 requests in flight; every byte arrives, in order."""
+    script = ["-f", "raw", "-c", "write -q -P 0x11 0 16M", "-c", "writev -q -P 0x22 1M 3k 64k 1",
+              *(a for i in range(20) for a in ("-c", f"aio_write -q -P {i + 1} {2048 + i * 256}k 100k")),
+              "-c", "aio_flush", "-c", "read -q -P 0x11 15M 1M", "-c", "read -q -P 20 6912k 100k",
+              "-c", "read -q -P 0x22 1M 3k", "URL"]
+    (out, _, rc), _ = differential(tmp_path, servers, script, size="16M")
+    assert rc == 0 and "fail" not in out

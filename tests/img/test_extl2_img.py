@@ -54,6 +54,7 @@ CREATE_CASES = [
     "extended_l2=on,backing_file=base.qcow2,backing_fmt=qcow2",
     "extended_l2=on,backing_file=base.qcow2,backing_fmt=qcow2,preallocation=metadata",
     "extended_l2=off,backing_file=base.qcow2,backing_fmt=qcow2,preallocation=metadata",
+    "extended_l2=foo", "extended_l2", "extended_l2=on,compat=0.10,cluster_size=8k",
 ]
 
 

@@ -304,3 +304,15 @@ def test_schema_rejects_inconsistent_status() -> None:
                             "status": "ok", "errno": 5})
     with pytest.raises(jsonschema.ValidationError):
         VALIDATOR.validate({"type": "command", "command": "read", "args": [], "status": "error", "errno": 5})
+
+
+def test_text_mode_never_loads_the_json_renderer(raw_img: Path) -> None:
+    """Start-up of qemu-io's text mode stays as it was: no ``json``, no ``qio.render_json``."""
+    probe = ("import sys\nfrom qio.cli import main\nrc = main(['qio', *sys.argv[1:]])\nsys.stdout.flush()\n"
+             "print('\\nMODULES', ' '.join(sorted(sys.modules)))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    res = subprocess.run([sys.executable, "-S", "-c", probe, "-c", "write 0 512", "-c", "read 0 512", "-f", "raw",
+                          str(raw_img)], capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    mods = set(res.stdout.splitlines()[-1].split()[1:])
+    assert "qio.ops" in mods  # sanity: the probe sees qio's modules
+    assert not {"json", "qio.render_json"} & mods

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from qio.block import io
@@ -42,17 +43,15 @@ if TYPE_CHECKING:
 _ENTRY = struct.Struct(">Q")
 
 
+@dataclass(slots=True)
 class LoadedBitmap:
     """A ``BdrvDirtyBitmap`` made from the image: ``bits`` is None for an inconsistent one (it was
     already in use when loaded), which is never stored again."""
 
-    __slots__ = ("bits", "enabled", "granularity_bits", "name")
-
-    def __init__(self, name: str, granularity_bits: int, enabled: bool, bits: bytearray | None) -> None:
-        self.name = name
-        self.granularity_bits = granularity_bits
-        self.enabled = enabled
-        self.bits = bits
+    name: str
+    granularity_bits: int
+    enabled: bool
+    bits: bytearray | None
 
 
 def _granules(s: Qcow2State, granularity_bits: int) -> int:

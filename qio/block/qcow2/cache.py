@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
 
 class Qcow2Cache:
-    """A table cache; callers get an entry index, use ``tables[i]``, and ``put`` it back."""
+    """A table cache; callers get an entry index, use ``tables[i]``, and ``put`` it back.
+
+    Not a dataclass: all its state is derived from the size (the per-entry arrays, the LRU structures),
+    none of it is given by the caller, and only its methods change it."""
 
     __slots__ = (
         "depends",

@@ -183,7 +183,7 @@ class Checker:
                 entry, bitmap = SC.pair(table, i)
                 if not entry and not bitmap:
                     continue
-                ctype = SC.cluster_type(entry)
+                ctype = SC.cluster_type(entry, SC.has_data_file(s))
             else:
                 entry = _ENTRY.unpack_from(table, i * 8)[0]
                 if not entry:
@@ -424,6 +424,8 @@ class Checker:
             await self.check_l1(res, imrt, sn.l1_table_offset, sn.l1_size, 0, fix, False)
         await self.inc_refcounts(res, imrt, s.snapshots_offset, s.snapshots_size)
         await self.inc_refcounts(res, imrt, s.refcount_table_offset, s.refcount_table_size * 8)
+        if s.crypto_header[1]:  # the LUKS header's clusters
+            await self.inc_refcounts(res, imrt, s.crypto_header[0], s.crypto_header[1])
         await self.bitmaps_refcounts(res, imrt)
         return await self.check_refblocks(res, fix, imrt, nb)
 
@@ -643,8 +645,7 @@ class Checker:
                 res.check_errors += 1
                 raise BlockError(errno.EIO)
             if res.leaks or res.corruptions:
-                for k in CheckResult.__slots__:
-                    setattr(res, k, getattr(pre_compare, k))
+                res.assign(pre_compare)
                 rb, highest = await self.compare(res, fix, imrt, nb[0])
         await self.check_oflag_copied(res, fix)
         res.image_end_offset = (highest + 1) * s.cluster_size

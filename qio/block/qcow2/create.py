@@ -69,7 +69,7 @@ def create(filename: str, size: int, **kw: Any) -> None:
 async def create_async(filename: str, size: int, *, cluster_size: int = 65536, version: int = 3,
                        refcount_bits: int = 16, lazy_refcounts: bool = False, backing_file: str | None = None,
                        backing_fmt: str | None = None, preallocation: str = "off", warn: Warn | None = None,
-                       extended_l2: bool = False, compression_type: str = "zlib",
+                       extended_l2: bool = False, compression_type: str = "zlib", encrypt: Any = None,
                        data_file: str | None = None, data_file_raw: bool = False) -> None:
     """Create (or overwrite) ``filename`` as a qcow2 image of ``size`` bytes (``qcow2_co_create_opts``).
 
@@ -97,7 +97,8 @@ async def create_async(filename: str, size: int, *, cluster_size: int = 65536, v
                 set_raw_bit(fd)
         finally:
             os.close(fd)
-        await _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn, data_file)
+        await _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn, encrypt,
+                     data_file)
     except BaseException:
         for name in (filename, data_file):
             try:
@@ -161,7 +162,7 @@ def _open_new(filename: str, flags: OpenFlags, warn: Warn, data_file: str | None
 
 
 async def _build(filename: str, size: int, cluster_size: int, backing_file: str | None, backing_fmt: str | None,
-                 preallocation: str, warn: Warn | None, data_file: str | None = None) -> None:
+                 preallocation: str, warn: Warn | None, encrypt: Any = None, data_file: str | None = None) -> None:
     """Open the minimal image with the qcow2 driver and let it make itself consistent and grow."""
     from qio.block.qcow2.driver import Qcow2Driver
     from qio.block.qcow2.header import update_header
@@ -198,6 +199,10 @@ async def _build(filename: str, size: int, cluster_size: int, backing_file: str 
             except BlockError as e:
                 raise QemuError(f"Could not assign backing file '{backing_file}' with format '{backing_fmt}': {e}",
                                 e.code) from None
+        if encrypt is not None:  # qcow2_set_up_encryption
+            from qio.block.qcow2.crypt import set_up_qcow2
+
+            await set_up_qcow2(node, encrypt)
         await node.close()
 
     try:

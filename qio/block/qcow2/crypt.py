@@ -13,6 +13,7 @@ from qio.block.qcow2.state import Qcow2State, _pread
 
 if TYPE_CHECKING:
     from qio.crypto.block import CryptoBlock
+    from qio.img.crypt import EncryptSpec
 
 #: ``QCOW_MAX_CRYPT_CLUSTERS``: an encrypted request is split into parts of at most this many clusters.
 MAX_CRYPT_CLUSTERS = 32
@@ -113,3 +114,51 @@ def specific_info(s: Qcow2State) -> list[tuple[str, Any]] | None:
     fields = list(_block(s).info_fields)
     pos = next((i for i, (k, _) in enumerate(fields) if k == "uuid"), len(fields) - 1) + 1
     return [*fields[:pos], ("format", "luks"), *fields[pos:]]
+
+
+async def set_up_qcow2(node: Any, spec: EncryptSpec) -> None:
+    """``qcow2_set_up_encryption`` on the new image (after its L1 table and backing file): the LUKS header
+    in freshly allocated clusters, the crypt method and header extension in the qcow2 header."""
+    from qio.block import io
+    from qio.block.qcow2.header import update_header
+    from qio.block.qcow2.refcount import alloc_clusters
+    from qio.crypto.luks import luks_create
+
+    s = node.s
+    if spec.fmt == "aes":
+        if spec.key_secret is None:
+            raise QemuError("Parameter 'encrypt.key-secret' is required for cipher")
+        from qio.secrets import lookup_as_utf8
+
+        lookup_as_utf8(spec.key_secret)
+        s.crypt_method_header = L.CRYPT_AES
+    else:
+        assert spec.luks is not None
+        s.crypt_method_header = L.CRYPT_LUKS
+
+        async def init(headerlen: int) -> None:
+            try:
+                off = await alloc_clusters(s, headerlen)
+            except BlockError as e:
+                raise QemuError.wrap(e, f"Cannot allocate cluster for LUKS header size {headerlen}") from None
+            s.crypto_header = (off, headerlen)
+            n = -(-headerlen // s.cluster_size) * s.cluster_size
+            try:
+                await io.pwrite_zeroes(node.file, off, n)
+            except BlockError as e:
+                raise QemuError.wrap(e, "Could not zero fill encryption header") from None
+
+        async def write(off: int, data: bytes) -> None:
+            if off + len(data) > s.crypto_header[1]:
+                raise QemuError("Request for data outside of extension header")
+            try:
+                await io.pwritev(node.file, s.crypto_header[0] + off, len(data), [memoryview(data)])
+            except BlockError as e:
+                raise QemuError.wrap(e, "Could not read encryption header") from None
+
+        spec.luks.key_secret = spec.key_secret
+        await luks_create(spec.luks, "encrypt.", init, write)
+    try:
+        await update_header(s)
+    except BlockError as e:
+        raise QemuError.wrap(e, "Could not write encryption header") from None

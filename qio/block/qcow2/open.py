@@ -105,7 +105,6 @@ async def _do_open(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
                         errno.ENOTSUP)
     if s.incompatible_features & L.INCOMPAT_CORRUPT and not flags.read_only and not flags.check:
         raise QemuError("qcow2: Image is corrupt; cannot be opened read/write", errno.EACCES)
-    s.subcluster_size, s.subcluster_bits = cs, cb  # one subcluster per cluster without extended L2
     if s.incompatible_features & L.INCOMPAT_EXTL2:
         from qio.block.qcow2.subcluster import init_subclusters
 

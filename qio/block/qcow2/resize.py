@@ -106,7 +106,7 @@ async def co_truncate(s: Qcow2State, offset: int, exact: bool, prealloc: str, fl
 async def _zero_new_area(s: Qcow2State, old_length: int, offset: int) -> None:
     """The ``BDRV_REQ_ZERO_WRITE`` tail of ``qcow2_co_truncate`` (lock held): zero clusters from the
     first cluster boundary on, explicit zeroes (a normal write, lock dropped) before it."""
-    zero_start = _round_up(old_length, s.cluster_size)
+    zero_start = _round_up(old_length, s.subcluster_size)
     if offset > zero_start:
         try:
             await subcluster_zeroize(s, zero_start, offset - zero_start, 0)
@@ -135,7 +135,7 @@ async def _preallocate_data(s: Qcow2State, old_length: int, offset: int, mode: s
     except BlockError:
         old_file_size = _round_up(old_file_size, cs)
     nb_data = (_round_up(offset, cs) - (old_length & ~(cs - 1))) >> cb
-    nb_l2 = -(-nb_data // (cs // 8)) + 1
+    nb_l2 = -(-nb_data // (cs >> s.l2e_shift)) + 1
     try:
         start = await refcount_area(s, old_file_size, nb_data + nb_l2, True, 0, 0)
     except BlockError as e:
@@ -153,7 +153,7 @@ async def _preallocate_data(s: Qcow2State, old_length: int, offset: int, mode: s
             pass
         else:
             flags &= ~REQ_ZERO_WRITE
-            done = True
+            done = True  # then subclusters are marked allocated: they read zeroes, not backing data
     if not done:
         try:
             await io.truncate(s.bs.file, new_file_size, False, mode)
@@ -166,7 +166,7 @@ async def _preallocate_data(s: Qcow2State, old_length: int, offset: int, mode: s
         cow_start = guest & (cs - 1)
         guest -= cow_start
         m = L2Meta(guest, host, n, False, 0, cow_start, n << cb, 0)
-        m.prealloc = True
+        m.prealloc = not done  # subclusters_need_allocation
         try:
             await alloc_cluster_link_l2(s, m)
         except BlockError as e:

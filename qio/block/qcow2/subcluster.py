@@ -74,19 +74,27 @@ def set_bitmap(tbl: bytearray, index: int, bitmap: int) -> None:
     L.ENTRY.pack_into(tbl, (index << 4) + 8, bitmap)
 
 
-def cluster_type(entry: int) -> int:
+def has_data_file(s: Qcow2State) -> bool:
+    """Host offset 0 is a valid data offset in an external data file (told apart by COPIED)."""
+    return bool(s.incompatible_features & L.INCOMPAT_DATA_FILE)
+
+
+def cluster_type(entry: int, data_file: bool = False) -> int:
     """``qcow2_get_cluster_type`` with subclusters: the zero flag (bit 0) means nothing."""
     if entry & L.OFLAG_COMPRESSED:
         return L.CLUSTER_COMPRESSED
-    return L.CLUSTER_NORMAL if entry & L.L2E_OFFSET_MASK else L.CLUSTER_UNALLOCATED
+    if entry & L.L2E_OFFSET_MASK or (data_file and entry & L.OFLAG_COPIED):
+        return L.CLUSTER_NORMAL
+    return L.CLUSTER_UNALLOCATED
 
 
-def subcluster_type(entry: int, bitmap: int, sc: int) -> int:
+def subcluster_type(entry: int, bitmap: int, sc: int, data_file: bool = False) -> int:
     """``qcow2_get_subcluster_type``: an ``L.CLUSTER_*`` code (``L.CLUSTER_UNALLOCATED_ALLOC`` for an
     unallocated subcluster of an allocated cluster) or :data:`SUBCLUSTER_INVALID`."""
-    if entry & L.OFLAG_COMPRESSED:
+    ctype = cluster_type(entry, data_file)
+    if ctype == L.CLUSTER_COMPRESSED:
         return L.CLUSTER_COMPRESSED
-    if entry & L.L2E_OFFSET_MASK:
+    if ctype == L.CLUSTER_NORMAL:
         if (bitmap >> 32) & bitmap:
             return SUBCLUSTER_INVALID
         if bitmap & (1 << (sc + 32)):
@@ -101,10 +109,10 @@ def subcluster_type(entry: int, bitmap: int, sc: int) -> int:
     return L.CLUSTER_UNALLOCATED
 
 
-def range_type(entry: int, bitmap: int, sc_from: int) -> tuple[int, int]:
+def range_type(entry: int, bitmap: int, sc_from: int, data_file: bool = False) -> tuple[int, int]:
     """``qcow2_get_subcluster_range_type``: (subclusters of one type from ``sc_from``, the type);
     the count is -1 for an invalid entry."""
-    t = subcluster_type(entry, bitmap, sc_from)
+    t = subcluster_type(entry, bitmap, sc_from, data_file)
     if t == SUBCLUSTER_INVALID:
         return -1, t
     if t == L.CLUSTER_COMPRESSED:
@@ -126,10 +134,11 @@ def count_contiguous(s: Qcow2State, tbl: bytearray, l2_index: int, nb_clusters: 
     expected_offset = 0
     check_offset = False
     cs = s.cluster_size
+    df = has_data_file(s)
     for i in range(nb_clusters):
         first_sc = sc_index if i == 0 else 0
         entry, bitmap = pair(tbl, l2_index + i)
-        n, t = range_type(entry, bitmap, first_sc)
+        n, t = range_type(entry, bitmap, first_sc, df)
         if n < 0:
             return -1, l2_index + i
         if i == 0:
@@ -158,9 +167,14 @@ async def host_offset_in_slice(s: Qcow2State, tbl: bytearray, l2_index: int, off
     oic = offset & (cs - 1)
     sc_index = (offset >> s.subcluster_bits) & (SUBCLUSTERS_PER_CLUSTER - 1)
     entry, bitmap = pair(tbl, l2_index)
-    t = subcluster_type(entry, bitmap, sc_index)
+    df = has_data_file(s)
+    t = subcluster_type(entry, bitmap, sc_index, df)
     host = 0
     if t == L.CLUSTER_COMPRESSED:
+        if df:
+            await signal_corruption(s, True, f"Compressed cluster entry found in image with external data file "
+                                               f"(L2 offset: {cx(l2_offset)}, L2 index: {cx(l2_index)})")
+            raise BlockError(errno.EIO)
         host = entry
     elif t in (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC, L.CLUSTER_UNALLOCATED_ALLOC):
         hc = entry & L.L2E_OFFSET_MASK
@@ -168,6 +182,10 @@ async def host_offset_in_slice(s: Qcow2State, tbl: bytearray, l2_index: int, off
         if hc & (cs - 1):
             await signal_corruption(s, True, f"Cluster allocation offset {cx(hc)} unaligned (L2 offset: "
                                                f"{cx(l2_offset)}, L2 index: {cx(l2_index)})")
+            raise BlockError(errno.EIO)
+        if df and host != offset:
+            await signal_corruption(s, True, f"External data file host cluster offset {cx(hc)} does not match "
+                                               f"guest cluster offset: {cx(offset - oic)}, L2 index: {cx(l2_index)})")
             raise BlockError(errno.EIO)
     nb_clusters = (needed + cs - 1) >> s.cluster_bits
     sc, at = count_contiguous(s, tbl, l2_index, nb_clusters, sc_index)
@@ -189,16 +207,17 @@ async def cow_bounds(s: Qcow2State, tbl: bytearray, l2_index: int, guest_offset:
     cow_end_from = cow_start_to + nbytes
     nb_clusters = (cow_end_from + cs - 1) >> cb
     skip = keep_old
+    df = has_data_file(s)
     for i in range(nb_clusters):
         entry, bitmap = pair(tbl, l2_index + i)
         if skip:
             first = (max(cow_start_to, i << cb) >> scb) & scmask
             last = ((min(cow_end_from, (i + 1) << cb) - 1) >> scb) & scmask
-            n, t = range_type(entry, bitmap, first)
+            n, t = range_type(entry, bitmap, first, df)
             if t != L.CLUSTER_NORMAL or first + n <= last:
                 skip = False
         else:
-            t = subcluster_type(entry, bitmap, 0)
+            t = subcluster_type(entry, bitmap, 0, df)
         if t == SUBCLUSTER_INVALID:
             l2_offset = s.l1_table[guest_offset >> (s.l2_bits + cb)] & L.L1E_OFFSET_MASK
             await signal_corruption(s, True, f"Invalid cluster entry found (L2 offset: {cx(l2_offset)}, "
@@ -209,7 +228,7 @@ async def cow_bounds(s: Qcow2State, tbl: bytearray, l2_index: int, guest_offset:
     allocated = (L.CLUSTER_NORMAL, L.CLUSTER_ZERO_ALLOC, L.CLUSTER_UNALLOCATED_ALLOC)
     entry, bitmap = pair(tbl, l2_index)
     sc = (guest_offset >> scb) & scmask
-    t = subcluster_type(entry, bitmap, sc)
+    t = subcluster_type(entry, bitmap, sc, df)
     if not keep_old:
         if t == L.CLUSTER_COMPRESSED:
             start_from = 0
@@ -221,7 +240,7 @@ async def cow_bounds(s: Qcow2State, tbl: bytearray, l2_index: int, guest_offset:
         start_from = cow_start_to if t == L.CLUSTER_NORMAL else sc << scb
     entry, bitmap = pair(tbl, l2_index + nb_clusters - 1)
     sc = ((guest_offset + nbytes - 1) >> scb) & scmask
-    t = subcluster_type(entry, bitmap, sc)
+    t = subcluster_type(entry, bitmap, sc, df)
     if not keep_old:
         if t == L.CLUSTER_COMPRESSED:
             end_to = _round_up(cow_end_from, cs)
@@ -256,12 +275,13 @@ async def discard_entries(s: Qcow2State, ci: int, tbl: bytearray, l2_index: int,
 
     c = s.l2c
     backing = s.bs.backing is not None
+    df = has_data_file(s)
     for i in range(nb):
         old_e, old_b = pair(tbl, l2_index + i)
         new_e, new_b = old_e, old_b
         if full_discard:
             new_e = new_b = 0
-        elif backing or L.cluster_is_allocated(cluster_type(old_e)):
+        elif backing or L.cluster_is_allocated(cluster_type(old_e, df)):
             new_e, new_b = 0, BITMAP_ALL_ZEROES
         if old_e == new_e and old_b == new_b:
             continue
@@ -276,9 +296,10 @@ async def zero_entries(s: Qcow2State, ci: int, tbl: bytearray, l2_index: int, nb
     from qio.block.qcow2.refcount import free_any_cluster
 
     c = s.l2c
+    df = has_data_file(s)
     for i in range(nb):
         old_e, old_b = pair(tbl, l2_index + i)
-        ctype = cluster_type(old_e)
+        ctype = cluster_type(old_e, df)
         unmap = ctype == L.CLUSTER_COMPRESSED or bool(flags & REQ_MAY_UNMAP and L.cluster_is_allocated(ctype))
         new_e = 0 if unmap else old_e
         if old_e == new_e and old_b == BITMAP_ALL_ZEROES:
@@ -293,7 +314,7 @@ def zero_subclusters(s: Qcow2State, ci: int, tbl: bytearray, l2_index: int, offs
     """``zero_l2_subclusters`` (part of one cluster): the subclusters read as zeroes; a compressed
     cluster cannot be zeroed in part (ENOTSUP, the caller falls back to writing zeroes)."""
     entry, bitmap = pair(tbl, l2_index)
-    if cluster_type(entry) == L.CLUSTER_COMPRESSED:
+    if cluster_type(entry, has_data_file(s)) == L.CLUSTER_COMPRESSED:
         raise BlockError(errno.ENOTSUP)
     sc = (offset >> s.subcluster_bits) & (SUBCLUSTERS_PER_CLUSTER - 1)
     bits = alloc_range(sc, sc + nb_sc)
