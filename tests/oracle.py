@@ -56,6 +56,17 @@ def run(argv: list[str], cwd: Path, timeout: float = 60) -> tuple[str, str, int]
     return p.stdout, p.stderr, p.returncode
 
 
+def qio_img_run(args: list[str], cwd: Path) -> tuple[str, str, int]:
+    """qio-img (named qemu-img, so that messages compare) run with ``args`` in ``cwd``: (stdout, stderr, status)."""
+    return run([sys.executable, "-c", RUN_QIO_IMG, *args], cwd)
+
+
+def qemu_img_run(args: list[str], cwd: Path) -> tuple[str, str, int]:
+    """Real qemu-img run with ``args`` in ``cwd``: (stdout, stderr, status), to compare with :func:`qio_img_run`."""
+    assert QEMU_IMG is not None
+    return run([QEMU_IMG, *args], cwd)
+
+
 def qemu_img(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     """The real qemu-img."""
     assert QEMU_IMG is not None

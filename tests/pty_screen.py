@@ -97,3 +97,8 @@ class Term:
             pass
         self.child.close(force=True)
         return self.child.exitstatus
+
+
+def ready(t: Term, n: int) -> None:
+    """Wait for the n-th prompt line (a command ended and the next prompt is up)."""
+    t.wait(lambda t: sum(1 for line in t.lines() if line.startswith("qio>")) >= n)

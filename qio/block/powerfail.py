@@ -109,6 +109,8 @@ class VolatileCache:
 
         node.co_pwritev, node.co_pwrite_zeroes, node.co_pdiscard = co_pwritev, co_pwrite_zeroes, co_pdiscard
         node.co_truncate, node.co_flush_to_disk = co_truncate, co_flush_to_disk
+        # the inline write path (io.pwritev_inline) would pass the recording by
+        node.can_write_inline = lambda offset, nbytes, qiov, flags: False
 
     async def _zeroing(self, kind: str, offset: int, nbytes: int, request: Awaitable[None], fua: bool) -> None:
         size, old = self._size(), self._read(offset, nbytes)

@@ -19,16 +19,10 @@ from pathlib import Path
 import pytest
 
 from oracle import QEMU_IMG, QEMU_IO, ROOT, RUN_QIO_IMG, run
-
+from oracle import qemu_img_run as qemu_img
+from oracle import qio_img_run as qio_img
 
 # list-argument forms returning (stdout, stderr, status), for comparing the two programs
-def qio_img(args: list[str], cwd: Path) -> tuple[str, str, int]:
-    return run([sys.executable, "-c", RUN_QIO_IMG, *args], cwd)
-
-
-def qemu_img(args: list[str], cwd: Path) -> tuple[str, str, int]:
-    assert QEMU_IMG is not None
-    return run([QEMU_IMG, *args], cwd)
 
 
 def qemu_io(args: list[str], image: Path) -> None:

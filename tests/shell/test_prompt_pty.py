@@ -12,30 +12,11 @@ import pytest
 pytest.importorskip("pexpect")
 pytest.importorskip("pyte")
 
-from pty_screen import Term
+from pty_screen import Term, ready
 
 SLOW = "driver=null-co,size=1M,latency-ns=700000000"
 DEBUG = "json:{'driver': 'raw', 'file': {'driver': 'blkdebug', 'image': {'driver': 'null-co', 'size': 1048576}}}"
 
-
-@pytest.fixture
-def term(tmp_path: Path):  # type: ignore[no-untyped-def]
-    made: list[Term] = []
-
-    def make(*args: str, **kw: object) -> Term:
-        t = Term(list(args), tmp_path, **kw)  # type: ignore[arg-type]
-        made.append(t)
-        t.wait(lambda t: t.prompt_line().startswith("qio>"))
-        return t
-
-    yield make
-    for t in made:
-        t.close()
-
-
-def ready(t: Term, n: int) -> None:
-    """Wait for the n-th prompt line (a command ended and the next prompt is up)."""
-    t.wait(lambda t: sum(1 for line in t.lines() if line.startswith("qio>")) >= n)
 
 
 def test_no_cpr_warning_on_a_terminal_that_does_not_answer(term) -> None:  # type: ignore[no-untyped-def]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import qcow2_trace
-from oracle import QEMU_IO, ROOT, env_with_root, qemu_img, qemu_io, qio_img, qio_wrapper, sh
+from oracle import QEMU_IO, env_with_root, qemu_img, qemu_io, qio_img, sh
 from qio.aio import AioContext
 from qio.block.backend import BlockBackend
 from qio.block.driver import REQ_MAY_UNMAP, REQ_WRITE_COMPRESSED, REQ_ZERO_WRITE
@@ -721,22 +721,3 @@ def test_error_injection_like_qemu_io(tmp_path: Path, qio_as_qemu_io: str, varia
                     if run_both(ev, err, once, imm) and (what := run_both(ev, err, once, imm)):
                         failures.append(f"{ev} errno={err} once={once} imm={imm}: {what}")
     assert not failures, failures
-
-
-@oracle
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_qemu_iotests_qcow2() -> None:
-    """QEMU 7.2's qemu-iotests with -qcow2, qemu-io replaced by this tree's qio (089 also needs QEMU's
-    JSON parser to accept single-quoted strings in json: filenames, which qio's does not yet)."""
-    runner = ROOT.parent / "shared" / "tools" / "run-qemu-iotests.sh"
-    if not runner.exists():
-        pytest.skip("qemu-iotests runner not available")
-    tests = ["001", "002", "003", "004", "005", "008", "026", "046"]
-    wrapper = Path(os.environ.get("TMPDIR", "/tmp")) / f"qio-iotests-{os.getpid()}" / "qemu-io"
-    wrapper.parent.mkdir(exist_ok=True)
-    qio_wrapper(wrapper)
-    res = subprocess.run(["bash", str(runner), str(wrapper), "qcow2", *tests], capture_output=True, text=True,
-                         timeout=1700)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert f"iotests qcow2: {len(tests)} passed, 0 failed" in res.stdout
