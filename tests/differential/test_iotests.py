@@ -36,6 +36,8 @@ QCOW2_TESTS = [
     # issue 17: reopen, encryption (aes, luks), compression (zlib, zstd, the compress filter), extended L2
     "133", "134", "158", "188", "189", "198", "214", "270", "271", "284", "287", "289", "293",
 ]
+# the tests whose `_require_working_luks` runs real `qemu-img create -f luks` first
+NEED_LUKS_CREATE = {"134", "158", "188", "189", "198", "284", "293"}
 # QEMU 7.2's luks driver as a format of its own
 LUKS_TESTS = ["293"]
 BATCH = 12
@@ -89,11 +91,15 @@ def test_qemu_iotests(tmp_path: Path, fmt: str, tests: list[str]) -> None:
     failed, not_run = _not_passed(res.stdout)
     # The encryption tests' own `qemu-img create -f luks` times its key derivation and fails ("Unable to
     # get accurate CPU usage") on a loaded machine: the test is then "not run" (or, inside it, fails).
-    # Those are run again, twice at most; a batch with more than two failures is not retried.
-    for _ in range(2):
+    # Those are run again, three times at most; a batch with more than two failures is not retried.
+    for _ in range(3):
         if res.returncode == 0 or not failed + not_run or len(failed) > 2:
             break
         res = _run(tmp_path, fmt, failed + not_run)
         log += res.stdout + res.stderr
         failed, not_run = _not_passed(res.stdout)
+    if res.returncode != 0 and not failed and not_run and set(not_run) <= NEED_LUKS_CREATE:
+        # still "not run" after the retries: real qemu-img cannot make a LUKS image here, so the iotests'
+        # requirement check stops these before qio runs at all; every other test of the batch passed
+        pytest.skip(f"qemu-img could not create a LUKS image on this machine (load); not run: {not_run}")
     assert res.returncode == 0, log
