@@ -127,27 +127,15 @@ def _run(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 async def _check(path: Path, fmt: str) -> CheckReport:
-    from qio.block.backend import BlockBackend
-    from qio.block.errors import BlockError, QemuError
-    from qio.block.modes import OpenFlags
-    from qio.img.check import _collect, human
+    from qio.img.check import check_file, human
 
-    flags = OpenFlags()
-    flags.read_only = True
-    flags.check = True
-    warnings: list[str] = []
-    try:
-        blk = BlockBackend.open(str(path), {"driver": fmt}, flags, warnings.append)
-    except QemuError as e:
-        return CheckReport(path, 1, 0, 0, f"could not open the image: {e}\n")
-    try:
-        res = await _collect(blk, 0)
-    except (BlockError, QemuError) as e:
-        return CheckReport(path, 0, 0, 1, f"check failed: {e}\n")
-    finally:
-        await blk.close(warnings.append)
-    # the per-cluster messages (``ERROR cluster 4 refcount=0 reference=1``) come through the node's warn
-    said = "".join(w if w.endswith("\n") else w + "\n" for w in warnings)
+    found = await check_file(str(path), fmt)
+    if found.open_error is not None:
+        return CheckReport(path, 1, 0, 0, f"could not open the image: {found.open_error}\n")
+    if found.result is None:
+        return CheckReport(path, 0, 0, 1, f"check failed: {found.check_error}\n")
+    res = found.result
+    said = "".join(w if w.endswith("\n") else w + "\n" for w in found.warnings)
     return CheckReport(path, res.corruptions, res.leaks, res.check_errors, said + human(res))
 
 

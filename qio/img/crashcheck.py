@@ -312,28 +312,16 @@ async def qio_check(path: str, fmt: str, repair: bool = True) -> Verdict:
 
 
 async def _check_once(path: str, fmt: str) -> Verdict:
-    from qio.block.backend import BlockBackend
-    from qio.block.errors import BlockError, QemuError
-    from qio.block.modes import OpenFlags
-    from qio.img.check import _collect
+    from qio.img.check import check_file
 
-    flags = OpenFlags()
-    flags.read_only = True
-    flags.check = True
-    warnings: list[str] = []
-    try:
-        blk = BlockBackend.open(path, {"driver": fmt}, flags, warnings.append)
-    except QemuError as e:
-        return Verdict("corrupt", f"open failed: {e}")
-    try:
-        if fmt != "qcow2":
-            return Verdict("clean", "no check for this format")
-        try:
-            res = await _collect(blk, 0)
-        except (BlockError, QemuError) as e:
-            return Verdict("corrupt", f"check failed: {e}")
-    finally:
-        await blk.close(warnings.append)
+    found = await check_file(path, fmt, run=fmt == "qcow2")
+    if found.open_error is not None:
+        return Verdict("corrupt", f"open failed: {found.open_error}")
+    if found.check_error is not None:
+        return Verdict("corrupt", f"check failed: {found.check_error}")
+    res = found.result
+    if res is None:
+        return Verdict("clean", "no check for this format")
     if res.corruptions or res.check_errors:
         return Verdict("corrupt", f"{res.corruptions} corruptions, {res.check_errors} check errors, "
                                   f"{res.leaks} leaked clusters")
