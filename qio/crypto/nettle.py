@@ -58,12 +58,6 @@ def library(alg: str) -> Any:
     return _lib
 
 
-def reset() -> None:
-    """Forget the loaded library (tests change :data:`LIBRARY_NAMES`)."""
-    global _lib, _tried
-    _lib, _tried = None, False
-
-
 class NettleCipher:
     """One serpent or twofish key (two for XTS: data key, tweak key) in ECB, CBC, CTR or XTS mode; the IV is
     given per call, as ``QCryptoCipher``'s setiv before each sector."""
