@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from qio.block.errors import QemuError
+from qio.block.errors import QemuError, assert_fail
 
-#: QEMU's cipher algorithm names with (family, key bytes, block bytes).
+#: QEMU's cipher algorithm names with (family, key bytes, block bytes).  No ``sm4``: QEMU 7.2 as Debian builds
+#: it (nettle 3.8, no ``CONFIG_CRYPTO_SM4``) has no such value (``does not accept value 'sm4'``).
 CIPHER_ALGS: dict[str, tuple[str, int, int]] = {
     "aes-128": ("aes", 16, 16), "aes-192": ("aes", 24, 16), "aes-256": ("aes", 32, 16),
     "des": ("des", 8, 8), "3des": ("3des", 24, 8), "cast5-128": ("cast5", 16, 8),
     "serpent-128": ("serpent", 16, 16), "serpent-192": ("serpent", 24, 16), "serpent-256": ("serpent", 32, 16),
     "twofish-128": ("twofish", 16, 16), "twofish-192": ("twofish", 24, 16), "twofish-256": ("twofish", 32, 16),
-    "sm4": ("sm4", 16, 16),
 }
 CIPHER_MODES = ("ecb", "cbc", "xts", "ctr")
 IVGEN_ALGS = ("plain", "plain64", "essiv")
@@ -37,46 +37,75 @@ def pbkdf2(hash_alg: str, password: bytes, salt: bytes, iterations: int, length:
     return hashlib.pbkdf2_hmac(HASH_ALGS[hash_alg], password, salt, iterations, length)
 
 
+#: Families that come from the system's libnettle (``qio/crypto/nettle.py``); the others from ``cryptography``.
+NETTLE_FAMILIES = ("serpent", "twofish")
+
+
 def _algorithm(alg: str, key: bytes) -> Any:
-    """A ``cryptography`` algorithm object for QEMU's cipher name, or QEMU's refusal."""
+    """A ``cryptography`` algorithm object for QEMU's cipher name."""
     from cryptography.hazmat.primitives.ciphers import algorithms
 
     family = CIPHER_ALGS[alg][0]
     if family == "aes":
         return algorithms.AES(key)
-    if family == "sm4":
-        return algorithms.SM4(key)
-    if family in ("cast5", "3des", "des"):
-        from cryptography.hazmat.decrepit.ciphers import algorithms as old
+    from cryptography.hazmat.decrepit.ciphers import algorithms as old
 
-        if family == "cast5":
-            return old.CAST5(key)
-        return old.TripleDES(key if family == "3des" else key * 3)
-    raise QemuError(f"Unsupported cipher algorithm {alg}")
+    if family == "cast5":
+        return old.CAST5(key)
+    return old.TripleDES(key if family == "3des" else key * 3)
 
 
 class Cipher:
-    """``QCryptoCipher``: one algorithm, mode and key; the IV is given per call."""
+    """``QCryptoCipher``: one algorithm, mode and key; the IV is given per call.  QEMU's key checks, then the
+    backend: libnettle for serpent and twofish, OpenSSL (``cryptography``) for the rest."""
 
     def __init__(self, alg: str, mode: str, key: bytes) -> None:
-        _, keylen, self.block = CIPHER_ALGS[alg]
+        family, keylen, self.block = CIPHER_ALGS[alg]
         if mode == "xts":
-            if CIPHER_ALGS[alg][0] in ("des", "3des"):
+            if family in ("des", "3des"):
                 raise QemuError("XTS mode not compatible with DES/3DES")
             if len(key) % 2:
                 raise QemuError("XTS cipher key length should be a multiple of 2")
             if len(key) != keylen * 2:
                 raise QemuError(f"Cipher key length {len(key)} should be {keylen * 2}")
+            if self.block != 16:  # cast5: QEMU's backends have no 64-bit-block XTS
+                raise QemuError(f"Unsupported cipher mode {mode}")
         elif len(key) != keylen:
             raise QemuError(f"Cipher key length {len(key)} should be {keylen}")
         self.alg, self.mode, self.key = alg, mode, key
         self.niv = 0 if mode == "ecb" else self.block
-        #: XTS built on two ECB ciphers where OpenSSL has no XTS (AES-192) or refuses the key
+        self._impl: _Backend
+        if family in NETTLE_FAMILIES:
+            from qio.crypto.nettle import NettleCipher
+
+            self._impl = NettleCipher(alg, family, mode, key)
+        else:
+            self._impl = _OpenSSLBackend(alg, mode, key)
+
+    def encrypt(self, data: bytes | memoryview, iv: bytes = b"") -> bytes:
+        return self._impl.crypt(data, iv, True)
+
+    def decrypt(self, data: bytes | memoryview, iv: bytes = b"") -> bytes:
+        return self._impl.crypt(data, iv, False)
+
+
+class _Backend(Protocol):
+    def crypt(self, data: bytes | memoryview, iv: bytes, encrypt: bool) -> bytes: ...
+
+
+class _OpenSSLBackend:
+    """The ``cryptography`` package; XTS built from two ECB ciphers where OpenSSL has none for the key
+    (AES-192) or refuses it (equal halves)."""
+
+    def __init__(self, alg: str, mode: str, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher as _C
+        from cryptography.hazmat.primitives.ciphers import algorithms, modes
+
+        self.mode = mode
+        self._C, self._modes = _C, modes
         self._xts: tuple[Cipher, Cipher] | None = None
         self._algo: Any = None
         if mode == "xts":
-            from cryptography.hazmat.primitives.ciphers import algorithms
-
             half = len(key) // 2
             if CIPHER_ALGS[alg][0] == "aes" and half in (16, 32) and key[:half] != key[half:]:
                 self._algo = algorithms.AES(key)
@@ -84,11 +113,6 @@ class Cipher:
                 self._xts = (Cipher(alg, "ecb", key[:half]), Cipher(alg, "ecb", key[half:]))
         else:
             self._algo = _algorithm(alg, key)
-        from cryptography.hazmat.primitives.ciphers import Cipher as _C
-        from cryptography.hazmat.primitives.ciphers import modes
-
-        self._C = _C
-        self._modes = modes
 
     def _mode(self, iv: bytes) -> Any:
         m = self._modes
@@ -100,17 +124,12 @@ class Cipher:
             return m.CTR(iv)
         return m.XTS(iv)
 
-    def encrypt(self, data: bytes | memoryview, iv: bytes = b"") -> bytes:
+    def crypt(self, data: bytes | memoryview, iv: bytes, encrypt: bool) -> bytes:
         if self._xts is not None:
-            return self._xts_crypt(data, iv, True)
-        e = self._C(self._algo, self._mode(iv)).encryptor()
-        return e.update(data) + e.finalize()
-
-    def decrypt(self, data: bytes | memoryview, iv: bytes = b"") -> bytes:
-        if self._xts is not None:
-            return self._xts_crypt(data, iv, False)
-        d = self._C(self._algo, self._mode(iv)).decryptor()
-        return d.update(data) + d.finalize()
+            return self._xts_crypt(data, iv, encrypt)
+        c = self._C(self._algo, self._mode(iv))
+        op = c.encryptor() if encrypt else c.decryptor()
+        return op.update(data) + op.finalize()
 
     def _xts_crypt(self, data: bytes | memoryview, iv: bytes, enc: bool) -> bytes:
         """XTS (IEEE P1619, as ``crypto/xts.c``) over ECB: whole blocks, the tweak doubled in GF(2^128)."""
@@ -166,6 +185,8 @@ def crypt_sectors(cipher: Cipher, ivgen: IVGen | None, sector_size: int, offset:
                   encrypt: bool) -> None:
     """``qcrypto_block_cipher_{en,de}crypt_helper``: each sector with the IV of its number, in place."""
     mv = memoryview(buf)
+    if len(mv) % sector_size:  # a 24-byte master key's split key (192-bit ciphers but XTS): 96000 bytes
+        assert_fail("../../crypto/block.c:372: do_qcrypto_block_cipher_encdec", "QEMU_IS_ALIGNED(len, sectorsize)")
     if cipher.niv == 0 or ivgen is None:
         out = cipher.encrypt(mv) if encrypt else cipher.decrypt(mv)
         mv[:] = out

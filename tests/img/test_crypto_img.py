@@ -5,13 +5,13 @@ encrypted images and the option errors of ``create`` match qemu-img."""
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from luks_layout import crypto_ext, mask_luks
 from oracle import QEMU_IMG, QEMU_IO, RUN_QIO_IMG, missing, run
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason="needs qemu-io and qemu-img")
@@ -38,27 +38,6 @@ def qemu_img_create(args: list[str], cwd: Path) -> None:
     raise AssertionError(err)
 
 
-def _mask_luks(raw: bytearray, base: int) -> None:
-    """Zero what is random in a LUKS1 header: digest, salts, iteration counts, UUID, key material."""
-    raw[base + 112:base + 208] = bytes(96)
-    for i in range(8):
-        slot = base + 208 + 48 * i
-        raw[slot + 4:slot + 40] = bytes(36)
-    payload = struct.unpack_from(">I", raw, base + 104)[0] * 512
-    raw[base + 4096:base + payload] = bytes(payload - 4096)
-
-
-def _crypto_ext(raw: bytes) -> tuple[int, int]:
-    pos = struct.unpack_from(">I", raw, 100)[0]
-    while True:
-        magic, length = struct.unpack_from(">II", raw, pos)
-        if magic == 0x0537BE77:
-            off, ln = struct.unpack_from(">QQ", raw, pos + 8)
-            return off, ln
-        assert magic
-        pos += 8 + (length + 7) // 8 * 8
-
-
 CREATE_CASES = {
     "qcow2-luks": ["-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"],
     "qcow2-luks-4k-cbc-essiv": ["-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,"
@@ -83,12 +62,12 @@ def test_create_matches_qemu_img_layout_and_qemu_reads_it(tmp_path: Path, case: 
     ref, new = bytearray((tmp_path / "ref.img").read_bytes()), bytearray((tmp_path / "new.img").read_bytes())
     assert len(ref) == len(new)
     if case.startswith("luks"):
-        _mask_luks(ref, 0)
-        _mask_luks(new, 0)
+        mask_luks(ref, 0)
+        mask_luks(new, 0)
     elif "luks" in case:
-        assert _crypto_ext(ref) == _crypto_ext(new)
-        _mask_luks(ref, _crypto_ext(ref)[0])
-        _mask_luks(new, _crypto_ext(new)[0])
+        assert crypto_ext(ref) == crypto_ext(new)
+        mask_luks(ref, crypto_ext(ref)[0])
+        mask_luks(new, crypto_ext(new)[0])
     assert ref == new
     fmt = "luks" if case.startswith("luks") else "qcow2"
     key = "key-secret" if fmt == "luks" else "encrypt.key-secret"
