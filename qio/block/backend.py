@@ -677,7 +677,7 @@ class BlockBackend:
         targets = [backing_flags if node in _reopened_ro or not any(node is n for n in primary) else flags
                    for node in nodes]
         self._reopen_check_perms(nodes, targets, perm)
-        for node, target in zip(nodes, targets):
+        for node, target in zip(nodes, targets, strict=True):
             node.reopen(target, root_opts if node is self.root else {})
         _apply_perms(self.root, perm, self.shared)
         self.root.detect_zeroes = detect_zeroes
@@ -693,11 +693,11 @@ class BlockBackend:
         (qcow2's metadata child); a pure data child is only refused at the next write."""
         old_ro = [node.read_only for node in nodes]
         try:
-            for node, target in zip(nodes, targets):
+            for node, target in zip(nodes, targets, strict=True):
                 node.read_only = target.read_only
             _apply_perms(self.root, perm, self.shared)
         except QemuError:
-            for node, ro in zip(nodes, old_ro):
+            for node, ro in zip(nodes, old_ro, strict=True):
                 node.read_only = ro
             try:
                 _apply_perms(self.root, self.perm, self.shared)
@@ -705,7 +705,7 @@ class BlockBackend:
                 pass
             raise
         finally:
-            for node, ro in zip(nodes, old_ro):
+            for node, ro in zip(nodes, old_ro, strict=True):
                 node.read_only = ro
 
     async def close(self, report: Callable[[str], None]) -> None:
