@@ -677,8 +677,15 @@ class BlockBackend:
         targets = [backing_flags if node in _reopened_ro or not any(node is n for n in primary) else flags
                    for node in nodes]
         self._reopen_check_perms(nodes, targets, perm)
-        for node, target in zip(nodes, targets, strict=True):
-            node.reopen(target, root_opts if node is self.root else {})
+        try:
+            for node, target in zip(nodes, targets, strict=True):
+                node.reopen(target, root_opts if node is self.root else {})
+        except BaseException:
+            try:  # the checked permissions are locked already: give the old ones back
+                _apply_perms(self.root, self.perm, self.shared)
+            except QemuError:
+                pass
+            raise
         _apply_perms(self.root, perm, self.shared)
         self.root.detect_zeroes = detect_zeroes
         self.perm = perm
