@@ -276,7 +276,8 @@ def _reopen_child_generic(node: BlockDriver, key: str, value: Any, new_ro: bool)
 
 
 #: Child nodes a reopen made read-only with their own ``read-only=on`` (QEMU keeps it in the node's
-#: explicit options, so a later ``reopen -w`` of the parent fails).
+#: explicit options: a later ``reopen -w`` of the parent leaves them read-only, and fails only where
+#: the parent's new permissions need writing on them).
 _reopened_ro: weakref.WeakSet[BlockDriver] = weakref.WeakSet()
 
 
@@ -670,18 +671,49 @@ class BlockBackend:
             _check_unchanged(self.root, key, value, flags.read_only)
         perm = self.perm if not flags.read_only else self.perm & ~(PERM_WRITE | PERM_RESIZE)
         primary = _primary_nodes(self.root)
-        if not flags.read_only and any(n in _reopened_ro for n in primary):
-            raise QemuError("Block node is read-only", errno.EPERM)
         backing_flags = flags.copy()
         backing_flags.read_only = True
-        for node in iter_nodes(self.root):
-            node.reopen(backing_flags if node in _reopened_ro or not any(node is n for n in primary) else flags,
-                        root_opts if node is self.root else {})
+        nodes = iter_nodes(self.root)
+        targets = [backing_flags if node in _reopened_ro or not any(node is n for n in primary) else flags
+                   for node in nodes]
+        self._reopen_check_perms(nodes, targets, perm)
+        try:
+            for node, target in zip(nodes, targets, strict=True):
+                node.reopen(target, root_opts if node is self.root else {})
+        except BaseException:
+            try:  # the checked permissions are locked already: give the old ones back
+                _apply_perms(self.root, self.perm, self.shared)
+            except QemuError:
+                pass
+            raise
         _apply_perms(self.root, perm, self.shared)
         self.root.detect_zeroes = detect_zeroes
         self.perm = perm
         self.flags = flags
         self.writethrough = flags.writethrough
+
+    def _reopen_check_perms(self, nodes: list[BlockDriver], targets: list[OpenFlags], perm: int) -> None:
+        """``bdrv_reopen_multiple`` refreshes the permissions of the reopened graph before it commits:
+        each node's new permissions are locked while the nodes after it still hold their old locks
+        (the old descriptors), and a failure leaves the graph as it was.  A child that stays read-only
+        (its own ``read-only=on``) fails here only if the parent's new permissions need writing on it
+        (qcow2's metadata child); a pure data child is only refused at the next write."""
+        old_ro = [node.read_only for node in nodes]
+        try:
+            for node, target in zip(nodes, targets, strict=True):
+                node.read_only = target.read_only
+            _apply_perms(self.root, perm, self.shared)
+        except QemuError:
+            for node, ro in zip(nodes, old_ro, strict=True):
+                node.read_only = ro
+            try:
+                _apply_perms(self.root, self.perm, self.shared)
+            except QemuError:
+                pass
+            raise
+        finally:
+            for node, ro in zip(nodes, old_ro, strict=True):
+                node.read_only = ro
 
     async def close(self, report: Callable[[str], None]) -> None:
         """``bdrv_close``: flush, let drivers write back their caches, then release the files."""

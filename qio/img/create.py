@@ -342,7 +342,7 @@ def _probe_backing(ctx: Ctx, filename: str, backing_file: str, backing_fmt: str 
 async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> None:
     """``qcow2_co_create_opts``: the file is created first; option values are then checked as the QAPI
     visitor and ``qcow2_co_create`` check them, and the file is removed again on failure."""
-    from qio.block.qcow2.create import PREALLOC_MODES, create_async
+    from qio.block.qcow2.create import PREALLOC_MODES, create_async, delete_file_noerr
 
     try:
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -356,7 +356,7 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
         try:
             create_raw(data_file, 0, None)
         except QemuError:
-            os.unlink(filename)
+            delete_file_noerr(filename, ctx.out.reporter())
             raise
     try:
         version = 3
@@ -379,9 +379,9 @@ async def _create_qcow2(ctx: Ctx, filename: str, size: int, o: CreateOpts) -> No
 
         encrypt = qcow2_encrypt_spec(o.str, o.num)
     except QemuError:
-        os.unlink(filename)
+        delete_file_noerr(filename, ctx.out.reporter())
         if data_file is not None:
-            os.unlink(data_file)
+            delete_file_noerr(data_file, ctx.out.reporter())
         raise
     rc = o.num.get("refcount_bits", 16)
     await create_async(filename, (size + 511) // 512 * 512, cluster_size=o.num.get("cluster_size", 65536),

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
 from qio.aio import run_sync
 from qio.block.driver import BlockDriver, Child
-from qio.block.errors import BlockError, QemuError
+from qio.block.errors import BlockError, QemuError, report_error
 from qio.block.modes import OpenFlags
 from qio.block.qcow2 import layout as L
 from qio.block.qcow2.datafile import set_raw_bit, validate_create
@@ -28,8 +29,9 @@ PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
 def validate(size: int, *, cluster_size: int = 65536, version: int = 3, refcount_bits: int = 16,
              lazy_refcounts: bool = False, backing_file: str | None = None, backing_fmt: str | None = None,
-             preallocation: str = "off", extended_l2: bool = False, compression_type: str = "zlib") -> None:
-    """The option checks of ``qcow2_co_create``, in its order and words."""
+             preallocation: str = "off", extended_l2: bool = False) -> None:
+    """The option checks of ``qcow2_co_create`` up to the refcount width, in its order and words (the data
+    file checks, ``datafile.validate_create``, and :func:`validate_compression` follow)."""
     if size % 512:
         raise QemuError("Image size must be a multiple of 512 bytes", errno.EINVAL)
     if extended_l2 and version < 3:
@@ -53,6 +55,10 @@ def validate(size: int, *, cluster_size: int = 65536, version: int = 3, refcount
     if version < 3 and refcount_bits != 16:
         raise QemuError("Different refcount widths than 16 bits require compatibility level 1.1 or above (use "
                         "version=v3 or greater)", errno.EINVAL)
+
+
+def validate_compression(version: int, compression_type: str) -> None:
+    """The compression type checks, which ``qcow2_co_create`` makes after the data file ones."""
     if compression_type != "zlib":
         if version < 3:
             raise QemuError("Non-zlib compression type is only supported with compatibility level 1.1 and above "
@@ -86,8 +92,9 @@ async def create_async(filename: str, size: int, *, cluster_size: int = 65536, v
         try:
             validate(size, cluster_size=cluster_size, version=version, refcount_bits=refcount_bits,
                      lazy_refcounts=lazy_refcounts, backing_file=backing_file, backing_fmt=backing_fmt,
-                     preallocation=preallocation, extended_l2=extended_l2, compression_type=compression_type)
+                     preallocation=preallocation, extended_l2=extended_l2)
             preallocation = validate_create(version, data_file, data_file_raw, backing_file, preallocation)
+            validate_compression(version, compression_type)
             ctype = L.COMPRESSION_ZSTD if compression_type == "zstd" else L.COMPRESSION_ZLIB
             _write_minimal_image(fd, cluster_size, version, refcount_bits, lazy_refcounts,
                                  (L.INCOMPAT_EXTL2 if extended_l2 else 0) | (L.INCOMPAT_COMPRESSION if ctype else 0)
@@ -100,13 +107,27 @@ async def create_async(filename: str, size: int, *, cluster_size: int = 65536, v
         await _build(filename, size, cluster_size, backing_file, backing_fmt, preallocation, warn, encrypt,
                      data_file)
     except BaseException:
-        for name in (filename, data_file):
-            try:
-                if name is not None:
-                    os.unlink(name)
-            except OSError:
-                pass
+        delete_file_noerr(filename, warn)
+        if data_file is not None:
+            delete_file_noerr(data_file, warn)
         raise
+
+
+def delete_file_noerr(filename: str, warn: Warn | None) -> None:
+    """``bdrv_co_delete_file_noerr`` of a ``file`` node (``raw_co_delete_file``): what cannot be deleted
+    is reported at once and the creation error follows.  A data file that is the image itself is gone
+    by the time its turn comes (QEMU then says it is not a regular file)."""
+    try:
+        regular = stat.S_ISREG(os.stat(filename).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        report_error(warn, f"{filename} is not a regular file: {os.strerror(errno.ENOENT)}")
+        return
+    try:
+        os.unlink(filename)
+    except OSError as e:
+        report_error(warn, f"Error when deleting file {filename}: {os.strerror(e.errno or errno.EIO)}")
 
 
 def _write_minimal_image(fd: int, cluster_size: int, version: int, refcount_bits: int, lazy: bool,

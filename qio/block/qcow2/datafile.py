@@ -17,6 +17,7 @@ from typing import Any
 from qio.block.driver import BlockDriver, Child
 from qio.block.errors import QemuError
 from qio.block.modes import OpenFlags
+from qio.block.perms import PERM_ALL, PERM_RESIZE
 from qio.block.qcow2 import layout as L
 from qio.block.qcow2.state import Qcow2State, data_file_is_raw, has_data_file
 from qio.qemuopts import sub_options
@@ -71,7 +72,7 @@ def open_data_file(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
     if sub:
         assert opener is not None
         cflags = _inherit(options, sub, flags)
-        node = opener(sub, cflags, False)
+        node = _attach(s, opener(sub, cflags, False))
     if incompat:
         if node is None and s.image_data_file is not None:
             assert opener is not None
@@ -79,7 +80,7 @@ def open_data_file(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
             # json: syntax to it
             child = {"driver": "file", "filename": s.image_data_file}
             cflags = _inherit(options, child, flags)
-            node = opener(child, cflags, False)
+            node = _attach(s, opener(child, cflags, False))
         if node is None:
             raise QemuError("'data-file' is required for this image", errno.EINVAL)
         s.data_node = node
@@ -90,6 +91,36 @@ def open_data_file(s: Qcow2State, options: dict[str, Any], flags: OpenFlags) -> 
             raise QemuError("'data-file' can only be set for images with an external data file", errno.EINVAL)
         if data_file_is_raw(s):
             raise QemuError("data-file-raw requires a data file", errno.EINVAL)
+
+
+def _take_perms(node: BlockDriver, perm: int, shared: int) -> None:
+    """Lock a subtree with the permissions given (``bdrv_refresh_perms`` at attach time); the final
+    permissions are applied when the BlockBackend attaches."""
+    if node.flags.force_share:
+        shared = PERM_ALL
+    for c in node.children:
+        cperm, cshared = node.child_perm(c, perm, shared)
+        _take_perms(c.node, cperm, cshared)
+    node.set_perm(perm, shared)
+
+
+def _attach(s: Qcow2State, node: BlockDriver) -> BlockDriver:
+    """``bdrv_open_child`` of the data file inside ``qcow2_do_open``: the new child is attached while
+    the image node has no parent yet.  Its ``file`` child then already holds the open-time locks of a
+    metadata child (consistent read, plus write and resize when writable; write and resize unshared),
+    and the data child asks for no permission and unshares resize (``bdrv_default_perms_for_storage``
+    of a pure data child).  A data file that is the image's own file therefore fails on the shared
+    resize lock, as in QEMU, and not on the write lock the final permissions would name."""
+    try:
+        for c in s.bs.children:
+            if c.name == "file":
+                fperm, fshared = s.bs.child_perm(c, 0, PERM_ALL)
+                _take_perms(c.node, fperm, fshared)
+        _take_perms(node, 0, PERM_ALL & ~PERM_RESIZE)
+    except BaseException:
+        _close(node)
+        raise
+    return node
 
 
 def _close(node: BlockDriver) -> None:

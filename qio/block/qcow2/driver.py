@@ -128,6 +128,14 @@ class Qcow2Driver(BlockDriver):
             return perm & PERM_CONSISTENT_READ, nshared | PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
         nperm = perm & (PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED | PERM_RESIZE)
         nshared = shared & (PERM_CONSISTENT_READ | PERM_WRITE | PERM_WRITE_UNCHANGED | PERM_RESIZE)
+        if child.name == datafile.CHILD_NAME:
+            # a pure data child (BDRV_CHILD_DATA): the parent's permissions, resize never shared
+            nshared &= ~PERM_RESIZE
+            if nperm & PERM_WRITE_UNCHANGED:
+                nperm |= PERM_WRITE
+            if nperm & PERM_WRITE:
+                nperm |= PERM_RESIZE
+            return nperm, nshared
         if not self.read_only:
             nperm |= PERM_WRITE | PERM_RESIZE
         nperm |= PERM_CONSISTENT_READ

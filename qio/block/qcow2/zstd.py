@@ -15,16 +15,25 @@ unfinished when the cluster is full.  The ``zstandard`` API has no bounded strea
 "frame unfinished", so the frames are delimited here by walking their block headers (RFC 8878), and each
 is decoded with a call whose output is bounded by the bytes still missing from the cluster, never by
 what a hostile header claims.
+
+Legacy frames (zstd before v0.8, magics 0xFD2FB522..0xFD2FB527) are decoded by libzstd only when it was
+built with legacy support, as Debian's 1.5.4 is (v0.5 to v0.7).  The bundled library of ``zstandard``
+has none, so a compressed area that reaches such a frame is decoded again from its start by the system
+``libzstd.so.1`` (loaded through ctypes on first need) with ``qcow2_zstd_decompress``'s own streaming
+loop: the same library and the same loop give QEMU's bytes and verdicts.  Without that library it is
+EIO.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 from typing import Any
 
 from qio.block.errors import BlockError
 
 _MAGIC = 0xFD2FB528
+_LEGACY_FIRST = 0xFD2FB522  # zstd v0.2; the system library decides which of these it knows
 _SKIPPABLE_MASK, _SKIPPABLE = 0xFFFFFFF0, 0x184D2A50
 _BLOCK_RESERVED = 3
 _BLOCK_RLE = 1
@@ -100,6 +109,8 @@ def decompress(src: bytes, dest_size: int) -> bytes:
         if magic & _SKIPPABLE_MASK == _SKIPPABLE:
             pos += 8 + int.from_bytes(src[pos + 4: pos + 8], "little")
             continue
+        if _LEGACY_FIRST <= magic < _MAGIC:
+            return _system_decompress(src, dest_size)
         if magic != _MAGIC:
             raise BlockError(errno.EIO)
         end = _frame_end(src, pos)
@@ -122,3 +133,63 @@ def decompress(src: bytes, dest_size: int) -> bytes:
         out += data
         pos = end
     return bytes(out)
+
+
+class _Buffer(ctypes.Structure):
+    """``ZSTD_inBuffer``/``ZSTD_outBuffer`` (same layout)."""
+
+    _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+
+_libzstd: Any = None
+
+
+def _system_lib() -> Any:
+    """The system libzstd (QEMU's), or False when there is none; looked up once."""
+    global _libzstd
+    if _libzstd is None:
+        lib: Any
+        try:
+            lib = ctypes.CDLL("libzstd.so.1")
+            lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+            lib.ZSTD_createDCtx.argtypes = []
+            lib.ZSTD_freeDCtx.restype = ctypes.c_size_t
+            lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+            lib.ZSTD_decompressStream.restype = ctypes.c_size_t
+            lib.ZSTD_decompressStream.argtypes = [ctypes.c_void_p, ctypes.POINTER(_Buffer), ctypes.POINTER(_Buffer)]
+            lib.ZSTD_isError.restype = ctypes.c_uint
+            lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            lib = False
+        _libzstd = lib
+    return _libzstd
+
+
+def _system_decompress(src: bytes, dest_size: int) -> bytes:
+    """``qcow2_zstd_decompress`` with the system libzstd: stream into one cluster until it is full; EIO on
+    a zstd error, on a call that makes no progress (input exhausted) and on a frame not finished when the
+    cluster is (the last call's return value is not 0)."""
+    lib = _system_lib()
+    if not lib:
+        raise BlockError(errno.EIO)
+    dctx = lib.ZSTD_createDCtx()
+    if not dctx:
+        raise BlockError(errno.EIO)
+    out = ctypes.create_string_buffer(dest_size)
+    inp = ctypes.create_string_buffer(bytes(src), len(src))
+    output = _Buffer(ctypes.cast(out, ctypes.c_void_p), dest_size, 0)
+    inbuf = _Buffer(ctypes.cast(inp, ctypes.c_void_p), len(src), 0)
+    ret = 0
+    try:
+        while output.pos < output.size:
+            last_in, last_out = inbuf.pos, output.pos
+            ret = lib.ZSTD_decompressStream(dctx, ctypes.byref(output), ctypes.byref(inbuf))
+            if lib.ZSTD_isError(ret):
+                raise BlockError(errno.EIO)
+            if last_in >= inbuf.pos and last_out >= output.pos:
+                raise BlockError(errno.EIO)
+        if ret > 0:
+            raise BlockError(errno.EIO)
+    finally:
+        lib.ZSTD_freeDCtx(dctx)
+    return out.raw

@@ -32,6 +32,9 @@ def _files(d: Path) -> dict[str, tuple[bytes, int]]:
     "data_file=d.raw,preallocation=falloc", "data_file=d.raw,preallocation=full,cluster_size=4k",
     "data_file=d.raw,lazy_refcounts=on,refcount_bits=1", "data_file=d.raw,data_file_raw=on,preallocation=falloc",
     "data_file_raw=on", "data_file=d.raw,compat=0.10", "data_file=nodir/d.raw",
+    # the data file is the image itself: the lock error, the image deleted, the data file reported gone
+    "data_file=t.qcow2", "data_file=./t.qcow2,data_file_raw=on", "data_file=t.qcow2,preallocation=full",
+    "data_file=t.qcow2,compat=bogus", "data_file=t.qcow2,compat=0.10",
 ])
 def test_create_matches_qemu_img(tmp_path: Path, opts: str) -> None:
     """Same messages, same files left (bytes and allocated blocks), for successes and refusals."""
@@ -187,3 +190,21 @@ def test_data_file_option_forms(tmp_path: Path) -> None:
             assert (filter_qemu_io(r.stdout), r.stderr, r.returncode) == \
                 (filter_qemu_io(q.stdout), q.stderr, q.returncode), (spec, img)
     assert not os.path.exists(tmp_path / "nonexistent")
+
+
+@oracle
+@pytest.mark.parametrize("args", [["info", "t.qcow2"], ["check", "t.qcow2"], ["check", "-r", "all", "t.qcow2"],
+                                  ["check", "-r", "leaks", "t.qcow2"], ["map", "t.qcow2"]])
+def test_img_on_an_image_that_is_its_own_data_file(tmp_path: Path, args: list[str]) -> None:
+    """Read-only opens work (info does not even open the data file); a read-write open fails on the
+    shared resize lock the data child asks for while the file child holds resize."""
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=t.qcow3", "t.qcow2", "1M", cwd=tmp_path)
+    img = tmp_path / "t.qcow2"
+    data = img.read_bytes()
+    img.write_bytes(data.replace(b"t.qcow3", b"t.qcow2"))
+    (tmp_path / "t.qcow3").unlink()
+    q = qemu_img(*args, cwd=tmp_path, check=False)
+    before = img.read_bytes()
+    r = qio_img(*args, cwd=tmp_path, check=False)
+    assert (r.stdout, r.stderr, r.returncode) == (q.stdout, q.stderr, q.returncode)
+    assert img.read_bytes() == before

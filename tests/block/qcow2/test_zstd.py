@@ -353,3 +353,83 @@ def test_hostile_zstd_clusters_read_like_qemu(tmp_path: Path, seed: int) -> None
     assert "Traceback" not in ours[1]
     strip = [ln for ln in ours[0].splitlines() if " ops; " not in ln]
     assert (strip, ours[1], ours[2]) == ([ln for ln in ref[0].splitlines() if " ops; " not in ln], ref[1], ref[2])
+
+
+# -- legacy frames (zstd v0.4 to v0.7; tests/legacy.c of the zstd repository) ---------------------------
+LEGACY = {
+    4: bytes.fromhex(
+        "24b52ffd000000bbb002c010001eb0010200008000e892341297c8dfe9f3ef53ea1d274f0c44900c8df1b48917001800"
+        "18003fe6e2e374d6ecc94ae07171423e644f6a454e78ec49033fc680ab8f755e6f2e3e7ec6dc45696cc5fdc740b8848a"
+        "01eba8d14039904c64f8eb53e6180b6712adb899b35a6f8a190301506756f59f358460a06091c90adcababe0e281facf"
+        "c6ba010e00540000190000541400242404fe04844e410027e202c4b100d251007958412800e00c0168650004130cda0c"
+        "802206c00000"
+    ),
+    5: bytes.fromhex(
+        "25b52ffd000000ad12b07d1eb0010200008000e892341297c8dfe9f3ef53ea1d274f0c44900c8df1b4890301506756f5"
+        "9f358460a06091c90adcababe0e281facfc6baeba8d14039904c64f8eb53e6180b6712adb899b35a6f8af9630cb8fa58"
+        "e7f5e6e2e367cc5d94c656dc7f0c844ba8f8632e3e4e67cd9eac041e1727e443f6a456e484c79e340e0000324080a800"
+        "014981e03c01291d0087ce807508807224007b5200940020cc0186d200810983c134a08801c00000"
+    ),
+    6: bytes.fromhex(
+        "26b52ffd42ef0000a612b07d1eb00102000054a0ba248dc425f277fafcfb947ac7c91303112443633c6d220301506756"
+        "f59f358460a06091c90adcababe0e281facfc6baeba8d14039904c64f8eb53e6180b6712adb899b35a6f8af9630cb8fa"
+        "58e7f5e6e2e367cc5d94c656dc7f0c844ba8f8632e3e4e67cd9eac041e1727e443f6a456e484c79e340e00350b71b5c0"
+        "2a5c269422208b4c8d13475867156cf11c4b54109d3150854b540e014b3d01c00000"
+    ),
+    7: bytes.fromhex(
+        "27b52ffd20ef0000a612e4841fb001100000003559a6e7a1ef7cfcbd3fff9fefeeef61c3aa311d343822220444218032"
+        "ad28f3d6280c0a0ed65cac198d205f45022e1750666dac8b9c6e077346bb4414e798c3b917326e337c0e21b1dbcb8951"
+        "2334ab9dbc6d20f503a9914c2e1f59dbd935674b0c9579100085a696952edf787b4a5c097697d15c96127535a3554ad4"
+        "0b00350b71b5c02a5ce60845f13943f11c4b54109d3150854b540e014b3d01c00000"
+    ),
+}
+#: what each of them decodes to (three haiku, 239 bytes)
+LEGACY_TEXT_SIZE = 239
+
+
+def _rle(n: int, byte: int = 0x41) -> bytes:
+    """A modern frame of ``n`` bytes ``byte`` (one RLE block, content size given)."""
+    head = b"\x20" + bytes([n]) if n < 256 else b"\x60" + (n - 256).to_bytes(2, "little")
+    return b"\x28\xb5\x2f\xfd" + head + (1 | 2 | n << 3).to_bytes(3, "little") + bytes([byte])
+
+
+def _legacy_areas(rng: random.Random, cs: int) -> list[bytes]:
+    f5, f6, f7, n = LEGACY[5], LEGACY[6], LEGACY[7], LEGACY_TEXT_SIZE
+    cases = [f5 + _rle(cs - n), f6 + f7 + _rle(cs - 2 * n), _rle(cs - n) + f7, f5, f5 + bytes(64),
+             (f5 + f6 + f7) * (cs // n // 3 + 1), _rle(cs - n + 1) + f7, _rle(cs - n - 1) + f7 + f5,
+             LEGACY[4] + _rle(cs - n), b"\x50\x2a\x4d\x18" + struct.pack("<I", 3) + b"abc" + f6 + _rle(cs - n)]
+    if cs // n > 3:
+        k = cs // n
+        cases.append(_rle(cs - k * n) + b"".join(LEGACY[5 + i % 3] for i in range(k)))
+    for frame in (f5, f6, f7):
+        for cut in range(0, len(frame), 7):
+            cases.append(frame[:cut] + _rle(cs - n))
+        for _ in range(30):
+            b = bytearray(frame + _rle(cs - n))
+            b[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
+            cases.append(bytes(b))
+    return cases
+
+
+@needs_lib
+@pytest.mark.parametrize("cluster_bits", [9, 12, 16])
+def test_legacy_frames_decode_as_qemus_libzstd_does(cluster_bits: int) -> None:
+    """Pre-v0.8 frames, which the bundled library cannot read, decode through the system libzstd with
+    QEMU's loop: the same bytes or the same EIO (truncated, damaged, overrunning, unsupported v0.4)."""
+    assert LIB is not None
+    rng = random.Random(200 + cluster_bits)
+    cs = 1 << cluster_bits
+    decoded = 0
+    for n, area in enumerate(_legacy_areas(rng, cs)):
+        ref = qemu_decompress(area, cs)
+        assert qio_decompress(area, cs) == ref, (cluster_bits, n, area[:24].hex())
+        decoded += ref is not None
+    assert decoded >= 4
+    text = qzstd.decompress(LEGACY[7] + _rle(cs - LEGACY_TEXT_SIZE), cs)
+    assert text.startswith(b"snowden is snowed in") and text.endswith(b"A" * (cs - LEGACY_TEXT_SIZE))
+
+
+def test_legacy_frames_without_a_system_libzstd_are_eio(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qzstd, "_libzstd", False)
+    assert qio_decompress(LEGACY[5] + _rle(512 - LEGACY_TEXT_SIZE), 512) is None
+    assert qio_decompress(_rle(512), 512) == b"A" * 512  # modern frames do not need it
