@@ -86,15 +86,22 @@ class LineReader:
         else:
             self.eof = True
 
+    def ready_line(self) -> str | None:
+        """The next line if it is already read (no read, no wait), else None."""
+        line = self._next()
+        if line is None:
+            return None
+        nul = line.find(b"\0")
+        if nul >= 0:
+            line = line[:nul]
+        return line.decode("utf-8", "surrogateescape")
+
     async def fetchline(self, aio: AioContext) -> str | None:
         """Next line without its newline (cut at a NUL, as C strings are), or None at EOF."""
         while True:
-            line = self._next()
+            line = self.ready_line()
             if line is not None:
-                nul = line.find(b"\0")
-                if nul >= 0:
-                    line = line[:nul]
-                return line.decode("utf-8", "surrogateescape")
+                return line
             if self.eof:
                 return None
             if aio.flush_pending():
@@ -119,10 +126,15 @@ async def pipe_loop(sh: Shell) -> None:
     reader = LineReader(0)
     prompt = f"{sh.prgname}> "
     aio = sh.session.aio
-    while not sh.session.quit:
-        sh.out.prompt(prompt)
-        await aio.poll(blocking=False)  # stdin is readable: ppoll does not wait
-        line = await reader.fetchline(aio)
+    out = sh.out
+    session = sh.session
+    while not session.quit:
+        out.prompt(prompt)
+        aio.poll_now(blocking=False)  # stdin is readable: ppoll does not wait
+        line = reader.ready_line()
         if line is None:
-            break
-        await sh.execute(line)
+            line = await reader.fetchline(aio)
+            if line is None:
+                break
+        if sh.execute_now(line) is None:  # the commonest request lines run as plain calls
+            await sh.execute(line)

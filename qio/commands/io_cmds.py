@@ -15,6 +15,7 @@ from qio.block.driver import BDRV_REQUEST_MAX_BYTES, REQ_FUA, REQ_MAY_UNMAP, REQ
 from qio.block.errors import BlockError, QemuError
 from qio.commands.common import iovec_sizes, num, pattern, pattern_iov, pattern_vector, verify
 from qio.commands.spec import STDERR, STDOUT, Invocation, ParseFailure
+from qio.numbers import cvtnum
 
 if TYPE_CHECKING:
     from qio.session import Session
@@ -314,7 +315,37 @@ def parse_aio_write(inv: Invocation) -> AioWrite | AioInvalid:
     sizes = (num(inv, args[1]),) if zero else tuple(iovec_sizes(inv, args[1:]))
     return AioWrite(offset, sizes, flags, "C" in o, "q" in o, zero, o.get("P", 0xCD))
 
+def fast_aio_write(words: list[str]) -> AioWrite | None:
+    """:func:`parse_aio_write` of the commonest lines, ``aio_write [-q] OFF LEN`` with numbers that parse
+    without a message: the same command without an :class:`Invocation` or getopt.  None for anything
+    else (``tests/shell/test_hotpath.py`` compares both)."""
+    n = len(words)
+    if n == 4:
+        if words[1] != "-q":
+            return None
+        quiet = True
+    elif n == 3:
+        quiet = False
+    else:
+        return None
+    off, length = words[n - 2], words[n - 1]
+    if off[:1] == "-" or length[:1] == "-":
+        return None
+    err, offset, warn = cvtnum(off)
+    if err or warn:
+        return None
+    err, count, warn = cvtnum(length)
+    if err or warn or count > BDRV_REQUEST_MAX_BYTES:
+        return None
+    return AioWrite(offset, (count,), 0, False, quiet)
+
+
 async def run_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
+    return submit_aio_write(session, cmd)
+
+
+def submit_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
+    """``aio_write``'s executor (it never waits: the request is submitted, its completion printed later)."""
     if isinstance(cmd, AioInvalid):
         session.out.out(f"injecting invalid {cmd.what} request\n")
         return 0
