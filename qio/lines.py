@@ -121,9 +121,9 @@ class LineReader:
             self.fill()
 
 
-async def pipe_loop(sh: Shell) -> None:
-    """qemu-io's command loop on a non-terminal stdin: prompt, poll, read, execute."""
-    reader = LineReader(0)
+async def pipe_loop(sh: Shell, fd: int = 0) -> None:
+    """qemu-io's command loop on a non-terminal stdin (``fd``): prompt, poll, read, execute."""
+    reader = LineReader(fd)
     prompt = f"{sh.prgname}> "
     aio = sh.session.aio
     out = sh.out
