@@ -294,7 +294,8 @@ def _run_script(tmp_path: Path, name: str, lines: list[str], slow: bool, monkeyp
         out.flush()
     aio = sh.session.aio
     return (writes, img.read_bytes(), sh.last_error, aio_mod.AIO.yields - yields, aio._seq, aio.polls,
-            aio.progress, sorted((k, v - yields) for k, v in aio.finished_yields.items()), sorted(aio._undelivered), aio.inflight)
+            aio.progress, sorted((k, v - yields) for k, v in aio.finished_yields.items()),
+            sorted(aio._undelivered), aio.inflight)
 
 
 @pytest.mark.parametrize("seed", range(4))
