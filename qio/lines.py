@@ -129,12 +129,18 @@ async def pipe_loop(sh: Shell, fd: int = 0) -> None:
     out = sh.out
     session = sh.session
     while not session.quit:
-        out.prompt(prompt)
-        aio.poll_now(blocking=False)  # stdin is readable: ppoll does not wait
+        # Taking a line already read (no I/O) before the prompt: if there is one, qio holds the prompt
+        # back (qio.stdio) instead of writing it, since nothing waits before the next output.
         line = reader.ready_line()
         if line is None:
+            out.prompt(prompt)  # writes the held prompts too: reading may wait
+            aio.poll_now(blocking=False)  # stdin is readable: ppoll does not wait
             line = await reader.fetchline(aio)
             if line is None:
                 break
+        else:
+            out.prompt_held(prompt)
+            aio.poll_now(blocking=False)
         if sh.execute_now(line) is None:  # the commonest request lines run as plain calls
+            out.release()  # any other command may wait (sleep, drain, a thread, the network) or exit
             await sh.execute(line)

@@ -10,7 +10,7 @@ from collections.abc import Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from qio import ops, render
+from qio import ops, render, stdio
 from qio.block.driver import BDRV_REQUEST_MAX_BYTES, REQ_FUA, REQ_MAY_UNMAP, REQ_NO_FALLBACK, SECTOR
 from qio.block.errors import BlockError, QemuError
 from qio.commands.common import iovec_sizes, num, pattern, pattern_iov, pattern_vector, verify
@@ -375,6 +375,7 @@ def _errinfo(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno, os.strerror(exc.errno)
     # A bug in qio, not an I/O error: say so (on stderr) rather than hide it behind EIO.
+    stdio.release()
     os.write(2, f"qio: internal error: {type(exc).__name__}: {exc}\n".encode())
     return errno.EIO, os.strerror(errno.EIO)
 

@@ -244,6 +244,18 @@ def _script(seed: int, img: Path) -> list[str]:
             f"open -r -o driver=raw {img}", "aio_write -q 4096 4k"]
 
 
+def _merged(writes: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The output as ``2>&1`` shows it: consecutive writes to one stream joined (held prompts go out
+    in fewer, larger writes; the byte order is what counts)."""
+    out: list[tuple[str, bytes]] = []
+    for stream, data in writes:
+        if out and out[-1][0] == stream:
+            out[-1] = (stream, out[-1][1] + data)
+        elif data:
+            out.append((stream, data))
+    return out
+
+
 def _run_script(tmp_path: Path, name: str, lines: list[str], slow: bool, monkeypatch: pytest.MonkeyPatch
                 ) -> tuple[Any, ...]:
     """The script through the piped loop, with or without the fast path of aio_write: what it wrote to
@@ -273,7 +285,8 @@ def _run_script(tmp_path: Path, name: str, lines: list[str], slow: bool, monkeyp
         m.setattr(os, "pwritev", pwritev)
         m.setattr("time.monotonic_ns", lambda: next(clock))
         sh = Shell(out, "qio")
-        if slow:
+        if slow:  # the general path, and every prompt written at once as qemu-io does
+            m.setattr(out, "prompt_held", out.prompt)
             spec = sh.table.find("aio_write")
             assert spec is not None
             sh.table._lookup["aio_write"] = spec._replace(fast=None, run_now=None)
@@ -293,7 +306,7 @@ def _run_script(tmp_path: Path, name: str, lines: list[str], slow: bool, monkeyp
             os.close(fd)
         out.flush()
     aio = sh.session.aio
-    return (writes, img.read_bytes(), sh.last_error, aio_mod.AIO.yields - yields, aio._seq, aio.polls,
+    return (_merged(writes), img.read_bytes(), sh.last_error, aio_mod.AIO.yields - yields, aio._seq, aio.polls,
             aio.progress, sorted((k, v - yields) for k, v in aio.finished_yields.items()),
             sorted(aio._undelivered), aio.inflight)
 
@@ -309,3 +322,55 @@ def test_fast_aio_write_runs_as_the_general_path(tmp_path: Path, seed: int, monk
     for expected in (b"aio_write failed: No space left on device", b"aio_write failed: Input/output error",
                      b"wrote 512/512 bytes", b"Parsing error", b"no file open", b"Block node is read-only"):
         assert expected in text, expected
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_held_prompts_keep_the_merged_stream(seed: int) -> None:
+    """Output.prompt_held against Output.prompt (qemu-io's printf + fflush) over random sequences of
+    output: what reached the (2>&1) stream is always a prefix of what qemu-io's writes give, the rest
+    is held prompt bytes only (at most HELD_MAX), and every write to stderr, flush, release and exit
+    brings both to the same bytes."""
+    from qio import stdio
+    from qio.output import HELD_MAX
+
+    rng = random.Random(seed)
+
+    def make() -> tuple[Output, bytearray]:
+        stream = bytearray()
+        o = Output("qio", -1, -1)
+        o._w_out = stream.extend  # type: ignore[assignment]
+        o._w_err = stream.extend  # type: ignore[assignment]
+        return o, stream
+
+    held, got = make()
+    ref, want = make()
+    for _ in range(rng.randrange(50, 3000)):
+        k = rng.random()
+        if k < 0.6:
+            text = rng.choice(("qio> ", "p" * rng.randrange(1, 5000), "a\nb> "))
+            held.prompt_held(text)
+            ref.prompt(text)
+        elif k < 0.75:
+            text = rng.choice(("x", "line\n", "y" * rng.randrange(1, 9000)))
+            held.out(text)
+            ref.out(text)
+        elif k < 0.85:
+            held.err("E\n")
+            ref.err("E\n")
+            assert got == want
+        elif k < 0.9:
+            held.flush()
+            ref.flush()
+            assert got == want
+        elif k < 0.95:
+            stdio.release()  # the hook of direct writers (block layer errors, abort)
+            assert got == want
+        else:
+            held.prompt("qio> ")  # a prompt before a read that may wait
+            ref.prompt("qio> ")
+            assert got == want
+        assert want[: len(got)] == got
+        assert len(want) - len(got) <= HELD_MAX + 5000
+    held.flush()
+    ref.flush()
+    assert got == want
