@@ -374,3 +374,33 @@ def test_held_prompts_keep_the_merged_stream(seed: int) -> None:
     held.flush()
     ref.flush()
     assert got == want
+
+
+def test_fatal_signal_writes_held_prompts_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM/SIGHUP (default action) while prompts are held: they are written, then the process dies
+    of the signal with its default action."""
+    import signal
+
+    from qio import stdio
+
+    raised: list[int] = []
+    stream = bytearray()
+    saved = {sig: signal.getsignal(sig) for sig in stdio.FATAL}
+    monkeypatch.setattr(stdio, "_release", None)
+    monkeypatch.setattr(signal, "raise_signal", raised.append)
+    try:
+        for sig in stdio.FATAL:
+            signal.signal(sig, signal.SIG_DFL)
+        o = Output("qio", -1, -1)
+        o._w_out = stream.extend  # type: ignore[assignment]
+        o.prompt_held("qio> ")
+        o.prompt_held("qio> ")
+        assert stream == b"" and signal.getsignal(signal.SIGTERM) is stdio._fatal
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        handler(signal.SIGTERM, None)
+        assert stream == b"qio> qio> " and raised == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        for sig, h in saved.items():
+            signal.signal(sig, h)
