@@ -329,15 +329,29 @@ def fast_aio_write(words: list[str]) -> AioWrite | None:
     else:
         return None
     off, length = words[n - 2], words[n - 1]
-    if off[:1] == "-" or length[:1] == "-":
-        return None
-    err, offset, warn = cvtnum(off)
-    if err or warn:
-        return None
-    err, count, warn = cvtnum(length)
-    if err or warn or count > BDRV_REQUEST_MAX_BYTES:
-        return None
+    if off.isdigit() and off.isascii() and len(off) < 18:  # cvtnum's own first case, without the call
+        offset = int(off)
+    else:
+        if off[:1] == "-":
+            return None
+        err, offset, warn = cvtnum(off)
+        if err or warn:
+            return None
+    count = _FAST_LENGTHS.get(length)
+    if count is None:
+        if length[:1] == "-":
+            return None
+        err, count, warn = cvtnum(length)
+        if err or warn or count > BDRV_REQUEST_MAX_BYTES:
+            return None
+        if len(_FAST_LENGTHS) >= 64:
+            _FAST_LENGTHS.clear()
+        _FAST_LENGTHS[length] = count
     return AioWrite(offset, (count,), 0, False, quiet)
+
+
+#: Lengths :func:`fast_aio_write` accepted, by their word (a script uses a few sizes many times).
+_FAST_LENGTHS: dict[str, int] = {}
 
 
 async def run_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
