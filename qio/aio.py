@@ -542,7 +542,8 @@ class _AioRequest:
 
     ctx: AioContext
     seq: int
-    coro: Coroutine[Any, Any, Any]
+    #: The request's body (None for :meth:`AioContext.submit_inline`).
+    coro: Coroutine[Any, Any, Any] | None
     done: Callable[[BaseException | None, Any], None]
     #: Still inside submit().
     early: bool = field(default=True, init=False)
@@ -569,7 +570,7 @@ class _AioRequest:
         in_aio_request.set(True)
         request_seq.set(seq)
         try:
-            self.result = await self.coro
+            self.result = await self.coro  # type: ignore[misc]
         except Exception as e:
             self.exc = e
         ctx.finished_yields[seq] = AIO.yields
@@ -722,6 +723,31 @@ class AioContext:
         enter(co)
         req.early = False
 
+    def submit_inline(self, write: Callable[[int, int, Any, int], None], offset: int, nbytes: int, iov: Any,
+                      flags: int, done: Callable[[BaseException | None, Any], None]) -> None:
+        """:meth:`submit` of a request that is ``write(offset, nbytes, iov, flags)`` and nothing else: a
+        write that cannot wait and reads none of a request's context variables (the block layer's inline
+        write path, ``BlockBackend.can_write_inline``).
+
+        The same steps as :meth:`submit` and :meth:`_AioRequest.run` for a request that finishes during
+        submission (the sequence number, in flight, the completion reported by a one-shot bottom half)
+        without a coroutine, a :class:`Co` or a context copy: a long queue of small ``aio_write`` requests pays
+        for those per request."""
+        self._seq += 1
+        seq = self._seq
+        self._undelivered.add(seq)
+        self.inflight.add(seq)
+        req = _AioRequest(self, seq, None, done)
+        try:
+            write(offset, nbytes, iov, flags)
+        except Exception as e:
+            req.exc = e
+        except BaseException as e:  # as a coroutine's: Co._finish -> _AioRequest.finished reports it now
+            req.deliver(e, None)
+            return
+        self.finished_yields[seq] = AIO.yields
+        self.bh_schedule(BH(req.deliver_result, seq))
+
     def adopt(self, co: Co) -> None:
         """A synchronous command's request whose wait was interrupted (Ctrl-C at the prompt) keeps
         running; it counts as in flight until it ends, so draining (close, exit) waits for it."""
@@ -775,6 +801,11 @@ class AioContext:
         """One ``aio_poll``: the pool's workers run (if ``blocking``, waiting for them when nothing else
         is ready, but not beyond the simulated time ``limit``), then the bottom halves scheduled so far
         run, newest first (``aio_bh_poll``)."""
+        return self.poll_now(blocking, limit)
+
+    def poll_now(self, blocking: bool = True, limit: float = float("inf")) -> bool:
+        """:meth:`poll` as a plain call (it never waits for the asyncio loop: the simulated pool's
+        "waiting" moves its clock); the piped loop polls once per line."""
         self.polls += 1
         pool = self.pool
         if pool.queue or pool.running or pool.timers:

@@ -86,15 +86,22 @@ class LineReader:
         else:
             self.eof = True
 
+    def ready_line(self) -> str | None:
+        """The next line if it is already read (no read, no wait), else None."""
+        line = self._next()
+        if line is None:
+            return None
+        nul = line.find(b"\0")
+        if nul >= 0:
+            line = line[:nul]
+        return line.decode("utf-8", "surrogateescape")
+
     async def fetchline(self, aio: AioContext) -> str | None:
         """Next line without its newline (cut at a NUL, as C strings are), or None at EOF."""
         while True:
-            line = self._next()
+            line = self.ready_line()
             if line is not None:
-                nul = line.find(b"\0")
-                if nul >= 0:
-                    line = line[:nul]
-                return line.decode("utf-8", "surrogateescape")
+                return line
             if self.eof:
                 return None
             if aio.flush_pending():
@@ -114,15 +121,26 @@ class LineReader:
             self.fill()
 
 
-async def pipe_loop(sh: Shell) -> None:
-    """qemu-io's command loop on a non-terminal stdin: prompt, poll, read, execute."""
-    reader = LineReader(0)
+async def pipe_loop(sh: Shell, fd: int = 0) -> None:
+    """qemu-io's command loop on a non-terminal stdin (``fd``): prompt, poll, read, execute."""
+    reader = LineReader(fd)
     prompt = f"{sh.prgname}> "
     aio = sh.session.aio
-    while not sh.session.quit:
-        sh.out.prompt(prompt)
-        await aio.poll(blocking=False)  # stdin is readable: ppoll does not wait
-        line = await reader.fetchline(aio)
+    out = sh.out
+    session = sh.session
+    while not session.quit:
+        # Taking a line already read (no I/O) before the prompt: if there is one, qio holds the prompt
+        # back (qio.stdio) instead of writing it, since nothing waits before the next output.
+        line = reader.ready_line()
         if line is None:
-            break
-        await sh.execute(line)
+            out.prompt(prompt)  # writes the held prompts too: reading may wait
+            aio.poll_now(blocking=False)  # stdin is readable: ppoll does not wait
+            line = await reader.fetchline(aio)
+            if line is None:
+                break
+        else:
+            out.prompt_held(prompt)
+            aio.poll_now(blocking=False)
+        if sh.execute_now(line) is None:  # the commonest request lines run as plain calls
+            out.release()  # any other command may wait (sleep, drain, a thread, the network) or exit
+            await sh.execute(line)

@@ -80,9 +80,11 @@ def qemu_strtosz(s: str) -> tuple[int, int, bool]:
 
 def cvtnum(s: str) -> tuple[int, int, bool]:
     """qemu-io's ``cvtnum``: a size no larger than INT64_MAX.  Returns ``(err, value, warn)``."""
-    if s.isdigit() and len(s) < 18:  # fast paths for plain decimals and "64k"-style sizes
+    # fast paths for plain decimals and "64k"-style sizes (ASCII only: str.isdigit also accepts "²" and
+    # other scripts' digits, which strtoull rejects)
+    if s.isdigit() and len(s) < 18 and s.isascii():
         return 0, int(s), False
-    if len(s) < 16 and s[:-1].isdigit() and s[-1] in _FAST_SUFFIX:
+    if len(s) < 16 and s[:-1].isdigit() and s[-1] in _FAST_SUFFIX and s.isascii():
         v = int(s[:-1]) * _FAST_SUFFIX[s[-1]]
         if v <= INT64_MAX:
             return 0, v, False

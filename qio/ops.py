@@ -129,6 +129,8 @@ def submit_write(session: Session, blk: BlockBackend, offset: int, count: int, i
     """``aio_write`` (``-z``: ``iov`` None): submit and return; ``done(exc, result)`` on completion."""
     if zero:
         session.aio.submit(blk.pwritev(offset, count, None, flags | REQ_ZERO_WRITE), done)
+    elif iov is not None and blk.can_write_inline(offset, count, iov, flags):  # the same request, fewer steps
+        session.aio.submit_inline(blk.write_inline, offset, count, iov, flags, done)
     else:
         session.aio.submit(blk.pwritev(offset, count, iov, flags), done)
 

@@ -13,12 +13,14 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from qio import render
+from qio import render, stdio
 
 if TYPE_CHECKING:
     from qio.block.errors import Reporter
 
 BLOCK = 4096
+#: At most this many bytes of prompts are held back (:meth:`Output.prompt_held`).
+HELD_MAX = 4096
 
 
 def _writer(fd: int) -> Callable[[bytes], None]:
@@ -57,6 +59,8 @@ class Output:
         self._w_out = _writer(out_fd)
         self._w_err = _writer(err_fd)
         self._buf = bytearray()
+        #: Bytes qemu-io would already have written to stdout (prompts), held back: see :mod:`qio.stdio`.
+        self._held = bytearray()
         self._saved: tuple[Callable[[bytes], None], Callable[[bytes], None], bool] | None = None
 
     def redirect(self, out: Callable[[bytes], None], err: Callable[[bytes], None]) -> None:
@@ -86,17 +90,34 @@ class Output:
             buf += data
             return
         buf += data[:space]
-        self._w_out(bytes(buf))
+        self._write_out(bytes(buf))
         buf.clear()
         rest = data[space:]
         whole = len(rest) - len(rest) % BLOCK
         if whole:
-            self._w_out(rest[:whole])
+            self._write_out(rest[:whole])
         buf += rest[whole:]
 
     def err(self, text: str) -> None:
         """One unbuffered write to stderr."""
+        if self._held:
+            self.release()
         self._w_err(text.encode("utf-8", "surrogateescape"))
+
+    def _write_out(self, data: bytes) -> None:
+        """A write to stdout: the held prompts come first (in the same write)."""
+        held = self._held
+        if held:
+            data = bytes(held) + data
+            held.clear()
+        self._w_out(data)
+
+    def release(self) -> None:
+        """Write the held prompts now (see :mod:`qio.stdio`)."""
+        if self._held:
+            data = bytes(self._held)
+            self._held.clear()
+            self._w_out(data)
 
     def prompt(self, text: str) -> None:
         """``printf(prompt); fflush(stdout)``, as :meth:`out` then :meth:`flush` (the piped loop does
@@ -106,17 +127,42 @@ class Output:
             self.out(text)
             self.flush()
         else:
-            self._w_out(data)
+            self._write_out(data)
+
+    def prompt_held(self, text: str) -> None:
+        """:meth:`prompt` when the next input line is already read (the piped loop): the bytes it would
+        write are held back, up to :data:`HELD_MAX`, and written before anything else reaches stdout
+        or stderr, before any wait and before the process ends (:mod:`qio.stdio`).  qemu-io writes them
+        at once; the merged output is the same, in far fewer writes."""
+        if self.line_buffered or self.structured or self._saved is not None:
+            self.prompt(text)  # a terminal shows each prompt at once; redirected and JSON output as before
+            return
+        held = self._held
+        if not held:
+            stdio.set_releaser(self.release)
+        if self._buf:
+            self.out(text)  # what fills whole blocks is written (after the held bytes)
+            held += self._buf
+            self._buf.clear()
+        else:
+            held += text.encode("utf-8", "surrogateescape")
+        if len(held) >= HELD_MAX:
+            self.release()
 
     def flush(self) -> None:
+        """``fflush(stdout)`` (held prompts, written before, are part of what it writes)."""
         if self._buf:
             data = bytes(self._buf)
             self._buf.clear()
-            self._w_out(data)
+            self._write_out(data)
+        elif self._held:
+            self.release()
 
     def discard(self) -> None:
-        """Forget unflushed stdout, as a process killed by a signal does."""
+        """Forget unflushed stdout, as a process killed by a signal does (held prompts, which qemu-io
+        had written, are written: :meth:`release`)."""
         self._buf.clear()
+        self.release()
 
     def error_report(self, msg: str) -> None:
         """QEMU's ``error_report()``: ``prgname: msg`` on stderr."""

@@ -50,5 +50,8 @@ def run(out: Output, main: Coroutine[Any, Any, int]) -> int:
         out.flush()
         out.error_report(os.strerror(e.errno or errno.EIO))
         rc = 1
+    except BaseException:
+        out.release()  # prompts qemu-io would have written come before Python's report (a qio bug)
+        raise
     out.flush()
     return rc

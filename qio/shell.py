@@ -8,10 +8,9 @@ which holds the image and the event-loop rules.
 from __future__ import annotations
 
 import errno
-from typing import Any
 
 from qio.block.errors import QemuError
-from qio.commands.spec import GLOBAL, NOFILE_OK, STDERR, Invocation, ParseFailure
+from qio.commands.spec import GLOBAL, NOFILE_OK, STDERR, CommandSpec, Invocation, ParseFailure
 from qio.commands.table import build_table
 from qio.output import Output
 from qio.session import Session
@@ -29,6 +28,7 @@ class Shell:
         self.last_error = 0
         if out.structured:
             self.execute = self._execute_structured  # type: ignore[method-assign]
+            self.execute_now = lambda line: None  # type: ignore[method-assign]  # command_start/done per line
 
     async def execute(self, line: str) -> int:
         """Run one command line; remember failures for the exit status."""
@@ -57,13 +57,34 @@ class Shell:
             self.last_error = ret
         return ret
 
-    async def _dispatch(self, words: list[str]) -> int:
+    def execute_now(self, line: str) -> int | None:
+        """:meth:`execute` of a line whose command has a fast parser (``CommandSpec.fast``) that accepts
+        it, as a plain call (the piped loop's per-request path); None, with nothing done, for any other
+        line: :meth:`execute` runs it."""
+        words = line.split(" ")
+        if "" in words:
+            words = [w for w in words if w]
+            if not words:
+                return None
+        spec = self.table.find(words[0])
+        if spec is None or spec.fast is None or spec.run_now is None:
+            return None
+        cmd = spec.fast(words)  # a pure function of the words: deciding first changes nothing
+        if cmd is None:
+            return None
+        self.session.aio.pool.tick()
+        ret = self._check(spec, words)
+        if ret is None:
+            ret = spec.run_now(self.session, cmd)
+        if ret < 0:
+            self.last_error = ret
+        return ret
+
+    def _check(self, spec: CommandSpec, words: list[str]) -> int | None:
+        """qemu-io's checks before a command runs (image, argument count, permissions): their failure,
+        after the message, or None."""
         out = self.out
         blk = self.session.blk
-        spec = self.table.find(words[0])
-        if spec is None:
-            out.err(f'command "{words[0]}" not found\n')
-            return -errno.EINVAL
         if not spec.flags & (GLOBAL | NOFILE_OK) and blk is None:
             out.err("no file open, try 'help open'\n")
             return -errno.EINVAL
@@ -83,7 +104,22 @@ class Shell:
             except QemuError as e:
                 out.error_report(str(e))
                 return -e.errno
-        cmd: Any = None
+        return None
+
+    async def _dispatch(self, words: list[str]) -> int:
+        spec = self.table.find(words[0])
+        if spec is None:
+            self.out.err(f'command "{words[0]}" not found\n')
+            return -errno.EINVAL
+        ret = self._check(spec, words)
+        if ret is not None:
+            return ret
+        fast = spec.fast
+        if fast is not None and spec.run_now is not None:
+            cmd = fast(words)  # the commonest lines: no Invocation, no getopt, no coroutine
+            if cmd is not None:
+                return spec.run_now(self.session, cmd)
+        cmd = None
         if spec.parse is not None:
             inv = Invocation(spec, words, self.prgname, self.table, self.image_opts)
             try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 
+from qio import stdio
+
 #: name -> description
 EVENTS = {
     "blkdebug_event": "a blkdebug event fired: event, the request that raised it, blkdebug state",
@@ -84,6 +86,7 @@ def parse_option(optarg: str, warn: Callable[[str], None], out: Callable[[str], 
             return 1
 
         def write(text: str) -> None:
+            stdio.release()  # the file may be the terminal's or stdout's
             fh.write(text)
             fh.flush()
 

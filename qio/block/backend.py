@@ -620,6 +620,21 @@ class BlockBackend:
             return
         await io.pwritev(root, offset, nbytes, qiov, flags)
 
+    def can_write_inline(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> bool:
+        """Whether :meth:`pwritev` of this request would pass every check and take the inline write path
+        (``io.can_pwritev_inline``) without waiting for a pause gate: then :meth:`write_inline` is the
+        whole request.  A pure test; writes through a write-through cache are left to :meth:`pwritev`."""
+        if self.gate is not None or self.writethrough or nbytes < 0 or offset < 0:
+            return False
+        total = io.getlength(self.root)
+        if offset > total or total - offset < nbytes:
+            return False
+        return io.can_pwritev_inline(self.root, offset, nbytes, qiov, flags)
+
+    def write_inline(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
+        """:meth:`pwritev` of a request :meth:`can_write_inline` accepted."""
+        io.pwritev_inline(self.root, offset, nbytes, qiov, flags)
+
     async def pdiscard(self, offset: int, nbytes: int) -> None:
         current_request.set(("discard", offset, nbytes))
         if self.gate is not None:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
+from qio import stdio
+
 
 class BlockError(OSError):
     """An I/O request failed with ``errno``; ``str()`` is the C ``strerror`` text."""
@@ -70,6 +72,7 @@ def assert_fail(where: str, expr: str) -> None:
     import sys
 
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "qemu-io"
+    stdio.release()
     os.write(2, f"{'qio' if prog == '__main__.py' else prog}: {where}: Assertion `{expr}' failed.\n".encode())
     signal.signal(signal.SIGABRT, signal.SIG_DFL)
     os.abort()
@@ -84,6 +87,7 @@ def abort_error(func: str, src: str, msg: str) -> NoReturn:
 
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "qemu-io"
     prog = "qio" if prog == "__main__.py" else prog
+    stdio.release()
     os.write(2, f"Unexpected error in {func}() at ../../{src}:\n{prog}: {msg}\n".encode())
     signal.signal(signal.SIGABRT, signal.SIG_DFL)
     os.abort()

@@ -10,11 +10,12 @@ from collections.abc import Coroutine
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from qio import ops, render
+from qio import ops, render, stdio
 from qio.block.driver import BDRV_REQUEST_MAX_BYTES, REQ_FUA, REQ_MAY_UNMAP, REQ_NO_FALLBACK, SECTOR
 from qio.block.errors import BlockError, QemuError
 from qio.commands.common import iovec_sizes, num, pattern, pattern_iov, pattern_vector, verify
 from qio.commands.spec import STDERR, STDOUT, Invocation, ParseFailure
+from qio.numbers import cvtnum
 
 if TYPE_CHECKING:
     from qio.session import Session
@@ -314,7 +315,51 @@ def parse_aio_write(inv: Invocation) -> AioWrite | AioInvalid:
     sizes = (num(inv, args[1]),) if zero else tuple(iovec_sizes(inv, args[1:]))
     return AioWrite(offset, sizes, flags, "C" in o, "q" in o, zero, o.get("P", 0xCD))
 
+def fast_aio_write(words: list[str]) -> AioWrite | None:
+    """:func:`parse_aio_write` of the commonest lines, ``aio_write [-q] OFF LEN`` with numbers that parse
+    without a message: the same command without an :class:`Invocation` or getopt.  None for anything
+    else (``tests/shell/test_hotpath.py`` compares both)."""
+    n = len(words)
+    if n == 4:
+        if words[1] != "-q":
+            return None
+        quiet = True
+    elif n == 3:
+        quiet = False
+    else:
+        return None
+    off, length = words[n - 2], words[n - 1]
+    if off.isdigit() and off.isascii() and len(off) < 18:  # cvtnum's own first case, without the call
+        offset = int(off)
+    else:
+        if off[:1] == "-":
+            return None
+        err, offset, warn = cvtnum(off)
+        if err or warn:
+            return None
+    count = _FAST_LENGTHS.get(length)
+    if count is None:
+        if length[:1] == "-":
+            return None
+        err, count, warn = cvtnum(length)
+        if err or warn or count > BDRV_REQUEST_MAX_BYTES:
+            return None
+        if len(_FAST_LENGTHS) >= 64:
+            _FAST_LENGTHS.clear()
+        _FAST_LENGTHS[length] = count
+    return AioWrite(offset, (count,), 0, False, quiet)
+
+
+#: Lengths :func:`fast_aio_write` accepted, by their word (a script uses a few sizes many times).
+_FAST_LENGTHS: dict[str, int] = {}
+
+
 async def run_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
+    return submit_aio_write(session, cmd)
+
+
+def submit_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
+    """``aio_write``'s executor (it never waits: the request is submitted, its completion printed later)."""
     if isinstance(cmd, AioInvalid):
         session.out.out(f"injecting invalid {cmd.what} request\n")
         return 0
@@ -344,6 +389,7 @@ def _errinfo(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno, os.strerror(exc.errno)
     # A bug in qio, not an I/O error: say so (on stderr) rather than hide it behind EIO.
+    stdio.release()
     os.write(2, f"qio: internal error: {type(exc).__name__}: {exc}\n".encode())
     return errno.EIO, os.strerror(errno.EIO)
 

@@ -56,6 +56,11 @@ class CommandSpec(NamedTuple):
     optstring: str = ""
     flags: int = 0
     perm: int = 0
+    #: A parser of the command's commonest lines only (``aio_write -q OFF LEN``): the command ``parse``
+    #: would return, or None to leave the line to ``parse``.  Used with ``run_now``.
+    fast: Callable[[list[str]], Any] | None = None
+    #: The executor for commands that never wait (the same steps as ``run``, as a plain call).
+    run_now: Callable[[Session, Any], int] | None = None
 
     def usage_line(self, word: str | None = None) -> str:
         """``help_oneline``: ``name args -- oneline`` (``map`` has empty args, hence two spaces)."""

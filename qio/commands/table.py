@@ -33,7 +33,7 @@ COMMANDS = (
       argmax=-1, optstring="CP:iqv"),
     C("aio_write", "asynchronously writes a number of bytes",
       io.parse_aio_write, io.run_aio_write, args="[-Cfiquz] [-P pattern] off len [len..]", help=H.AIO_WRITE,
-      argmin=2, argmax=-1, optstring="CfiqP:uz", perm=PERM_WRITE),
+      argmin=2, argmax=-1, optstring="CfiqP:uz", perm=PERM_WRITE, fast=io.fast_aio_write, run_now=io.submit_aio_write),
     C("aio_flush", "completes all outstanding aio requests",
       None, io.run_aio_flush),
     C("flush", "flush all in-core file state to disk",

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qio import stdio
 from qio.aio import AIO, CoMutex, CoQueue, TaskPool, current_co
 from qio.block import io
 from qio.block.driver import (
@@ -271,6 +272,7 @@ def _stderr(s: Qcow2State, text: str) -> None:
     if callable(s.bs.warn):
         s.bs.warn(text)
     else:
+        stdio.release()
         os.write(2, text.encode("utf-8", "surrogateescape"))
 
 
