@@ -260,7 +260,7 @@ def _trace_event(line: str) -> TraceEvent:
         return TraceEvent(name, text)
     words = text.split()
     # "write_aio request write offset 0 bytes 8192 state 1" or "none request (no request: open/close) state 1"
-    state = int(words[-1]) if words[-2:-1] == ["state"] and words[-1].isdigit() else None
+    state = int(words[-1]) if words[-2:-1] == ["state"] and words[-1].isascii() and words[-1].isdigit() else None
     if len(words) >= 7 and words[1] == "request" and words[3] == "offset" and words[5] == "bytes":
         return TraceEvent(name, text, words[0], words[2], int(words[4]), int(words[6]), state)
     return TraceEvent(name, text, words[0] if words else None, state=state)

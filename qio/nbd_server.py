@@ -97,7 +97,7 @@ class Fault:
             raise QemuError("nbd_fault: errno= belongs to action=error")
         self.errno = 0
         if err is not None:
-            code = _ERRNO_NAMES.get(err.upper(), int(err) if err.isdigit() else None)
+            code = _ERRNO_NAMES.get(err.upper(), int(err) if err.isascii() and err.isdigit() else None)
             if code is None:
                 raise QemuError(f"nbd_fault: unknown errno '{err}'")
             self.errno = code
@@ -108,7 +108,7 @@ class Fault:
         value = keys.get(key)
         if value is None:
             return default
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise QemuError(f"nbd_fault: {key} must be a non-negative number, not '{value}'")
         return int(value)
 
@@ -146,7 +146,7 @@ def parse_address(text: str) -> tuple[str, str | tuple[str, int]]:
         return "unix", path
     spec = text[4:] if text.startswith("tcp:") else text
     host, colon, port = spec.rpartition(":")
-    if not colon or not port.isdigit() or int(port) > 65535:
+    if not colon or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise QemuError(f"nbd_server_start: bad address '{text}' (unix:PATH or HOST:PORT)")
     return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
 

@@ -135,7 +135,7 @@ def strtou64(value: str) -> int | None:
         elif s.startswith("0") and len(s) > 1:
             v = int(s[1:], 8) if not s[1:].startswith(("+", "-", "_")) else None
         else:
-            v = int(s, 10) if s.isdigit() else None
+            v = int(s, 10) if s.isascii() and s.isdigit() else None
     except ValueError:
         return None
     if v is None:

@@ -242,7 +242,8 @@ def test_transmission_garbage_disconnects(raw: Path, tmp_path: Path) -> None:
 def test_errors(raw: Path, tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     res = subprocess.run([sys.executable, "-m", "qio", "-f", "raw", "-c", "nbd_server_stop", "-c",
-                          "nbd_server_start bogus", "-c", f"nbd_server_start unix:{tmp_path}/no/such/dir/s",
+                          "nbd_server_start bogus", "-c", "nbd_server_start 127.0.0.1:\u00b2",
+                          "-c", f"nbd_server_start unix:{tmp_path}/no/such/dir/s",
                           "-c", f"nbd_server_start unix:{tmp_path}",
                           "-c", f"nbd_server_start unix:{sock}", "-c", f"nbd_server_start unix:{sock}2",
                           "-c", "nbd_server_start", str(raw)],
@@ -250,6 +251,7 @@ def test_errors(raw: Path, tmp_path: Path) -> None:
     assert res.stderr.splitlines() == [
         "qio: no NBD server is running",
         "qio: nbd_server_start: bad address 'bogus' (unix:PATH or HOST:PORT)",
+        "qio: nbd_server_start: bad address '127.0.0.1:\u00b2' (unix:PATH or HOST:PORT)",  # int() takes no '²'
         f"qio: Failed to listen on 'unix:{tmp_path}/no/such/dir/s': No such file or directory",
         f"qio: Failed to listen on 'unix:{tmp_path}': Is a directory",
         "qio: an NBD server is already running; stop it with nbd_server_stop",
