@@ -316,10 +316,27 @@ async def co_block_status(s: Qcow2State, offset: int, nbytes: int) -> tuple[int,
     return ret, pnum
 
 
+#: Cluster types that block status reports as zero in an image without a backing file.
+_READS_ZERO = frozenset((L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC, L.CLUSTER_UNALLOCATED,
+                         L.CLUSTER_UNALLOCATED_ALLOC))
+
+
 async def _is_zero_fast(s: Qcow2State, offset: int, nbytes: int) -> bool:
-    """``bdrv_co_is_zero_fast``."""
+    """``bdrv_co_is_zero_fast``.
+
+    Without a backing file, once the preallocation probe has run and inside the image, this asks
+    ``get_host_offset`` under the lock directly: the same steps (lock, L2 cache, corruption checks)
+    that the generic block-status walk takes down to ``_own_block_status``, minus its layers (a COW
+    check of every allocating write runs here twice)."""
     if not nbytes:
         return True
+    if s.bs.backing is None and s.metadata_preallocation_checked and offset + nbytes <= _length(s):
+        await s.lock.lock()
+        try:
+            n, _, ctype = await get_host_offset(s, offset, min(INT_MAX, nbytes))
+        finally:
+            s.lock.unlock()
+        return n == nbytes and ctype in _READS_ZERO
     ret, pnum = await io.block_status_above(s.bs, False, offset, nbytes)
     return pnum == nbytes and bool(ret & BLOCK_ZERO)
 
