@@ -161,6 +161,15 @@ class Qcow2Cache:
         self.ref[i] += 1
 
     # -- lookup ----------------------------------------------------------------------------------
+    def hit(self, offset: int) -> int:
+        """:meth:`get` when the table is cached (the entry, with a reference taken), without a
+        coroutine; -1 when it is not (then ``await get``)."""
+        i = self.where.get(offset)
+        if i is None:
+            return -1
+        self._taken(i)
+        return i
+
     async def get(self, offset: int, read: bool = True) -> int:
         """``qcow2_cache_do_get``: the index of the entry holding the table at ``offset``."""
         i = self.where.get(offset)

@@ -79,7 +79,10 @@ async def get_host_offset(s: Qcow2State, offset: int, nbytes: int) -> tuple[int,
                                            f"{cx(l1_index)})")
         raise BlockError(errno.EIO)
     c = s.l2c
-    ci = await _l2_load(s, offset, l2_offset)
+    key = _l2_slice_offset(s, offset, l2_offset)
+    ci = c.hit(key)
+    if ci < 0:
+        ci = await c.get(key)
     try:
         tbl = c.tables[ci]
         if s.subclusters:
@@ -146,11 +149,12 @@ def _count_contiguous(s: Qcow2State, tbl: bytearray, index: int, nb_clusters: in
     return count
 
 
-async def _l2_load(s: Qcow2State, offset: int, l2_offset: int) -> int:
-    """``l2_load``: the cache entry of the L2 slice that maps guest ``offset``."""
+def _l2_slice_offset(s: Qcow2State, offset: int, l2_offset: int) -> int:
+    """``l2_load``'s address: where the L2 slice that maps guest ``offset`` starts.  The callers take
+    it with ``hit`` (a cached slice, no coroutine) or else ``await get``: ``l2_load`` itself."""
     cb = s.cluster_bits
-    start_of_slice = (((offset >> cb) & (s.l2_size - 1)) - ((offset >> cb) & (s.l2_slice_size - 1))) << s.l2e_shift
-    return await s.l2c.get(l2_offset + start_of_slice)
+    return l2_offset + ((((offset >> cb) & (s.l2_size - 1)) - ((offset >> cb) & (s.l2_slice_size - 1)))
+                        << s.l2e_shift)
 
 
 async def write_l1_entry(s: Qcow2State, l1_index: int) -> None:
@@ -221,7 +225,11 @@ async def get_cluster_table(s: Qcow2State, offset: int) -> tuple[int, int]:
         if l2_offset:
             await free_clusters(s, l2_offset, cs, DISCARD_OTHER)
         l2_offset = s.l1_table[l1_index] & L.L1E_OFFSET_MASK
-    ci = await _l2_load(s, offset, l2_offset)
+    c = s.l2c
+    key = _l2_slice_offset(s, offset, l2_offset)
+    ci = c.hit(key)
+    if ci < 0:
+        ci = await c.get(key)
     return ci, (offset >> cb) & (s.l2_slice_size - 1)
 
 

@@ -56,7 +56,9 @@ async def get_refcount(s: Qcow2State, cluster_index: int) -> int:
         await signal_corruption(s, True, f"Refblock offset {cx(rbo)} unaligned (reftable index: {cx(rti)})")
         raise BlockError(errno.EIO)
     c = s.rbc
-    i = await c.get(rbo)
+    i = c.hit(rbo)
+    if i < 0:
+        i = await c.get(rbo)
     value = s.get_rc(c.tables[i], cluster_index & (s.refcount_block_size - 1))
     c.put(i)
     return value
@@ -99,7 +101,9 @@ async def _alloc_clusters_noref(s: Qcow2State, size: int, max_offset: int) -> in
             raise BlockError(errno.EIO)
         c = s.rbc
         try:
-            i = await c.get(rbo)
+            i = c.hit(rbo)
+            if i < 0:
+                i = await c.get(rbo)
         except BlockError:
             s.free_cluster_index = idx + 1
             raise

@@ -197,7 +197,11 @@ async def _pwritev_task(s: Qcow2State, host: int, offset: int, nbytes: int, qiov
         await _handle_alloc_space(s, metas)
         if not _merge_cow(offset, nbytes, qiov, metas):
             await _event(s, Event.WRITE_AIO)
-            await io.pwritev(s.data_file, host, nbytes, qiov)
+            data = s.data_file
+            if io.can_pwritev_inline(data, host, nbytes, qiov, 0):
+                io.pwritev_inline(data, host, nbytes, qiov, 0)  # the same steps, no coroutine per layer
+            else:
+                await io.pwritev(data, host, nbytes, qiov)
     except BaseException:
         await s.lock.lock()
         try:

@@ -262,10 +262,16 @@ def cluster_type(s: Qcow2State, entry: int) -> int:
     """``qcow2_get_cluster_type``: offset 0 is a valid data cluster in an external data file (guest
     cluster 0), told apart from an unallocated entry by its COPIED flag (data clusters there always
     have refcount 1)."""
-    ctype = L.cluster_type(entry)
-    if ctype == L.CLUSTER_UNALLOCATED and entry & L.OFLAG_COPIED and s.data_node is not None:
-        return L.CLUSTER_NORMAL
-    return ctype
+    # L.cluster_type written out (it runs for every L2 entry a request looks at)
+    if entry & L.OFLAG_COMPRESSED:
+        return L.CLUSTER_COMPRESSED
+    if entry & L.OFLAG_ZERO:
+        return L.CLUSTER_ZERO_ALLOC if entry & L.L2E_OFFSET_MASK else L.CLUSTER_ZERO_PLAIN
+    if not entry & L.L2E_OFFSET_MASK:
+        if entry & L.OFLAG_COPIED and s.data_node is not None:
+            return L.CLUSTER_NORMAL
+        return L.CLUSTER_UNALLOCATED
+    return L.CLUSTER_NORMAL
 
 
 def _stderr(s: Qcow2State, text: str) -> None:
