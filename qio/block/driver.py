@@ -278,6 +278,15 @@ class BlockDriver:
         """``co_pwritev`` without a coroutine, for a request :meth:`can_write_inline` accepted."""
         raise AssertionError(f"{self.format_name} cannot write inline")
 
+    def can_zero_inline(self, offset: int, nbytes: int, flags: int) -> bool:
+        """Whether :meth:`zero_inline` would do this zero write as ``co_pwrite_zeroes`` does it, never
+        waiting (see :func:`qio.block.io.can_pwrite_zeroes_inline`); a pure test, most drivers cannot."""
+        return False
+
+    def zero_inline(self, offset: int, nbytes: int, flags: int) -> None:
+        """``co_pwrite_zeroes`` without a coroutine, for a request :meth:`can_zero_inline` accepted."""
+        raise AssertionError(f"{self.format_name} cannot zero inline")
+
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
         raise BlockError(errno.ENOTSUP)
 

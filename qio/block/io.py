@@ -592,6 +592,33 @@ async def pwrite_zeroes(node: BlockDriver, offset: int, nbytes: int, flags: int 
     await pwritev(node, offset, nbytes, None, flags | REQ_ZERO_WRITE)
 
 
+def can_pwrite_zeroes_inline(node: BlockDriver, offset: int, nbytes: int, flags: int) -> bool:
+    """Whether :func:`pwrite_zeroes` of this request (``REQ_NO_FALLBACK``, no FUA) would pass the checks
+    and hand one chunk to the driver (no padding, tracking, debug event, meter or splitting), and the
+    driver can do it inline (:meth:`BlockDriver.can_zero_inline`): then :func:`pwrite_zeroes_inline`
+    does the same steps without a coroutine per layer.  A pure test."""
+    return (flags & REQ_NO_FALLBACK != 0 and not flags & (REQ_FUA | REQ_WRITE_COMPRESSED)
+            and node.request_alignment == 1 and node.pwrite_zeroes_alignment <= 1
+            and not node.read_only and not node.has_debug_hooks
+            and not flags & ~node.supported_zero_flags & REQ_NO_FALLBACK
+            and 0 <= offset <= BDRV_MAX_LENGTH and 0 < nbytes <= BDRV_MAX_LENGTH - offset
+            and nbytes <= min(node.max_pwrite_zeroes or INT64_MAX, INT64_MAX)
+            and not (AIO.yield_on_io and node.copy_on_read) and _metered(node) is None
+            and node.can_zero_inline(offset, nbytes, flags & node.supported_zero_flags))
+
+
+def pwrite_zeroes_inline(node: BlockDriver, offset: int, nbytes: int, flags: int) -> None:
+    """:func:`pwrite_zeroes` of a request :func:`can_pwrite_zeroes_inline` accepted: the driver's zero
+    write, then the write generation (counted even when it fails) and the node's growth."""
+    try:
+        node.zero_inline(offset, nbytes, flags & node.supported_zero_flags)
+    except BlockError:
+        node.gen.write_gen += 1
+        raise
+    node.gen.write_gen += 1
+    node.grow_to(offset + nbytes)
+
+
 # -- discard, flush, truncate, status -----------------------------------------------------------
 async def pdiscard(node: BlockDriver, offset: int, nbytes: int) -> None:
     """``bdrv_co_pdiscard``: advisory; silently a no-op where unsupported or with discard=ignore."""

@@ -14,6 +14,7 @@ from qio.block.driver import (
     BLOCK_RECURSE,
     BLOCK_ZERO,
     REQ_NO_FALLBACK,
+    REQ_ZERO_WRITE,
     IOVec,
 )
 from qio.block.errors import BlockError
@@ -250,7 +251,11 @@ async def _handle_alloc_space(s: Qcow2State, metas: list[L2Meta]) -> None:
         await pre_write_overlap_check(s, 0, start, n, True)
         await _event(s, Event.CLUSTER_ALLOC_SPACE)
         try:
-            await io.pwrite_zeroes(s.data_file, start, n, REQ_NO_FALLBACK)
+            data = s.data_file
+            if io.can_pwrite_zeroes_inline(data, start, n, REQ_NO_FALLBACK | REQ_ZERO_WRITE):
+                io.pwrite_zeroes_inline(data, start, n, REQ_NO_FALLBACK | REQ_ZERO_WRITE)
+            else:
+                await io.pwrite_zeroes(data, start, n, REQ_NO_FALLBACK)
         except BlockError as e:
             if e.code not in (errno.ENOTSUP, errno.EAGAIN):
                 raise
