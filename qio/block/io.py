@@ -363,7 +363,8 @@ def can_pwritev_inline(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec 
     (no check can fail, no padding, tracking, zero detection, debug event, splitting or FUA flush),
     and the driver can do its write inline (:meth:`BlockDriver.can_write_inline`): then
     :func:`pwritev_inline` does the same steps without a coroutine per layer.  A pure test."""
-    return (qiov is not None and node.request_alignment == 1 and not node.read_only
+    return (qiov is not None and type(node).can_write_inline is not BlockDriver.can_write_inline  # qcow2: no
+            and node.request_alignment == 1 and not node.read_only
             and not node.has_debug_hooks and node.detect_zeroes == "off"
             and not flags & (REQ_ZERO_WRITE | REQ_WRITE_COMPRESSED)
             and (not flags & REQ_FUA or bool(node.supported_write_flags & REQ_FUA))

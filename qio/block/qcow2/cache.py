@@ -167,7 +167,11 @@ class Qcow2Cache:
         i = self.where.get(offset)
         if i is None:
             return -1
-        self._taken(i)
+        ref = self.ref
+        if ref[i] or self.lru[i]:
+            ref[i] += 1  # _taken of an entry that is not in zero_lru
+        else:
+            self._taken(i)
         return i
 
     async def get(self, offset: int, read: bool = True) -> int:

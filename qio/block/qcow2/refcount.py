@@ -66,7 +66,9 @@ async def get_refcount(s: Qcow2State, cluster_index: int) -> int:
 
 async def _load_refcount_block(s: Qcow2State, offset: int) -> int:
     await _event(s, Event.REFBLOCK_LOAD)
-    return await s.rbc.get(offset)
+    c = s.rbc
+    i = c.hit(offset)
+    return i if i >= 0 else await c.get(offset)
 
 
 async def _alloc_clusters_noref(s: Qcow2State, size: int, max_offset: int) -> int:
