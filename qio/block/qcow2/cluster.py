@@ -113,7 +113,8 @@ async def get_host_offset(s: Qcow2State, offset: int, nbytes: int) -> tuple[int,
                                                    f"{cx(slice_index)})")
                 raise BlockError(errno.EIO)
         nb_clusters = (needed + cs - 1) >> cb
-        count = _count_contiguous(s, tbl, slice_index, nb_clusters, ctype, entry)
+        # within one cluster (a COW region's zero check) the count is 1 whatever the type
+        count = 1 if nb_clusters <= 1 else _count_contiguous(s, tbl, slice_index, nb_clusters, ctype, entry)
     finally:
         c.put(ci)
     available = count << cb
