@@ -79,7 +79,7 @@ async def get_host_offset(s: Qcow2State, offset: int, nbytes: int) -> tuple[int,
                                            f"{cx(l1_index)})")
         raise BlockError(errno.EIO)
     c = s.l2c
-    key = _l2_slice_offset(s, offset, l2_offset)
+    key = l2_offset + ((((offset >> cb) & (s.l2_size - 1)) - slice_index) << s.l2e_shift)  # l2_load: hit, else get
     ci = c.hit(key)
     if ci < 0:
         ci = await c.get(key)
@@ -87,7 +87,7 @@ async def get_host_offset(s: Qcow2State, offset: int, nbytes: int) -> tuple[int,
         tbl = c.tables[ci]
         if s.subclusters:
             return await SC.host_offset_in_slice(s, tbl, slice_index, offset, needed, l2_offset)
-        entry = _l2_entry(s, tbl, slice_index)
+        entry: int = _unpack_entry(tbl, slice_index << s.l2e_shift)[0]  # _l2_entry
         ctype = cluster_type(s, entry)
         host = 0
         if s.qcow_version < 3 and ctype in (L.CLUSTER_ZERO_PLAIN, L.CLUSTER_ZERO_ALLOC):
@@ -148,14 +148,6 @@ def _count_contiguous(s: Qcow2State, tbl: bytearray, index: int, nb_clusters: in
                 break
         count += 1
     return count
-
-
-def _l2_slice_offset(s: Qcow2State, offset: int, l2_offset: int) -> int:
-    """``l2_load``'s address: where the L2 slice that maps guest ``offset`` starts.  The callers take
-    it with ``hit`` (a cached slice, no coroutine) or else ``await get``: ``l2_load`` itself."""
-    cb = s.cluster_bits
-    return l2_offset + ((((offset >> cb) & (s.l2_size - 1)) - ((offset >> cb) & (s.l2_slice_size - 1)))
-                        << s.l2e_shift)
 
 
 async def write_l1_entry(s: Qcow2State, l1_index: int) -> None:
@@ -227,11 +219,12 @@ async def get_cluster_table(s: Qcow2State, offset: int) -> tuple[int, int]:
             await free_clusters(s, l2_offset, cs, DISCARD_OTHER)
         l2_offset = s.l1_table[l1_index] & L.L1E_OFFSET_MASK
     c = s.l2c
-    key = _l2_slice_offset(s, offset, l2_offset)
+    index = (offset >> cb) & (s.l2_slice_size - 1)
+    key = l2_offset + ((((offset >> cb) & (s.l2_size - 1)) - index) << s.l2e_shift)  # l2_load: hit, else get
     ci = c.hit(key)
     if ci < 0:
         ci = await c.get(key)
-    return ci, (offset >> cb) & (s.l2_slice_size - 1)
+    return ci, index
 
 
 async def grow_l1_table(s: Qcow2State, min_size: int, exact_size: bool) -> None:
@@ -370,7 +363,7 @@ async def _handle_copied(s: Qcow2State, guest_offset: int, host_offset: int | No
     cluster_offset = 0
     try:
         tbl = c.tables[ci]
-        entry = _l2_entry(s, tbl, l2_index)
+        entry: int = _unpack_entry(tbl, l2_index << s.l2e_shift)[0]  # _l2_entry
         cluster_offset = entry & L.L2E_OFFSET_MASK
         if not _needs_new_alloc(s, entry):
             if cluster_offset & (cs - 1):
