@@ -173,17 +173,6 @@ CLUSTER_COMPRESSED = 4
 CLUSTER_UNALLOCATED_ALLOC = 5
 
 
-def cluster_type(entry: int) -> int:
-    """Type of a standard (non-extended) L2 entry in an image without an external data file."""
-    if entry & OFLAG_COMPRESSED:
-        return CLUSTER_COMPRESSED
-    if entry & OFLAG_ZERO:
-        return CLUSTER_ZERO_ALLOC if entry & L2E_OFFSET_MASK else CLUSTER_ZERO_PLAIN
-    if not entry & L2E_OFFSET_MASK:
-        return CLUSTER_UNALLOCATED
-    return CLUSTER_NORMAL
-
-
 def cluster_is_allocated(ctype: int) -> bool:
     return ctype in (CLUSTER_COMPRESSED, CLUSTER_NORMAL, CLUSTER_ZERO_ALLOC)
 

@@ -262,7 +262,6 @@ def cluster_type(s: Qcow2State, entry: int) -> int:
     """``qcow2_get_cluster_type``: offset 0 is a valid data cluster in an external data file (guest
     cluster 0), told apart from an unallocated entry by its COPIED flag (data clusters there always
     have refcount 1)."""
-    # L.cluster_type written out (it runs for every L2 entry a request looks at)
     if entry & L.OFLAG_COMPRESSED:
         return L.CLUSTER_COMPRESSED
     if entry & L.OFLAG_ZERO:
