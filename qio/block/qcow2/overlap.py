@@ -115,17 +115,11 @@ async def check_metadata_overlap(s: Qcow2State, ign: int, offset: int, size: int
             if sn.l1_size > 0 and offset < sn.l1_table_offset + sn.l1_size * 8 and sn.l1_table_offset < end:
                 return OL_INACTIVE_L1
     nclusters = size >> s.cluster_bits
-    # one cluster and only aligned table offsets (the usual data write): a set lookup is the whole test
-    if chk & OL_ACTIVE_L2:
-        tables = _l2_offset_set(s)
-        if (offset in tables) if nclusters == 1 and not s._l2_unaligned else \
-                _set_overlaps(s, tables, s._l2_unaligned, offset, nclusters):
-            return OL_ACTIVE_L2
-    if chk & OL_REFCOUNT_BLOCK:
-        tables = _refblock_offset_set(s)
-        if (offset in tables) if nclusters == 1 and not s._refblock_unaligned else \
-                _set_overlaps(s, tables, s._refblock_unaligned, offset, nclusters):
-            return OL_REFCOUNT_BLOCK
+    if chk & OL_ACTIVE_L2 and _set_overlaps(s, _l2_offset_set(s), s._l2_unaligned, offset, nclusters):
+        return OL_ACTIVE_L2
+    if chk & OL_REFCOUNT_BLOCK and _set_overlaps(s, _refblock_offset_set(s), s._refblock_unaligned,
+                                                      offset, nclusters):
+        return OL_REFCOUNT_BLOCK
     if chk & OL_INACTIVE_L2:
         for sn in s.snapshots:
             try:
@@ -149,6 +143,8 @@ async def check_metadata_overlap(s: Qcow2State, ign: int, offset: int, size: int
 def _set_overlaps(s: Qcow2State, offsets: set[int], unaligned: int, start: int, nclusters: int) -> bool:
     """Does a table offset of ``offsets`` fall in the cluster-aligned range?  (Unaligned table
     offsets, of which there are ``unaligned``, are found as QEMU finds them: by range overlap.)"""
+    if nclusters == 1 and not unaligned:  # the usual data write: a set lookup is the whole test
+        return start in offsets
     if not offsets:
         return False
     cs = s.cluster_size
