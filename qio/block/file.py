@@ -16,6 +16,7 @@ import mmap
 import os
 import stat
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from qio.aio import (
@@ -430,12 +431,17 @@ class FileDriver(BlockDriver):
                 and len(qiov) <= IOV_MAX)
 
     def write_inline(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
+        self._inline(offset + nbytes, _pwrite_all, self.fd, qiov, offset)
+
+    def _inline(self, end: int, op: Callable[..., None], *args: Any) -> None:
+        """``_run``'s inline steps for ``op(*args)``: the yield it counts, errno as a BlockError, the
+        file's growth to ``end``."""
         AIO.yields += 1
         try:
-            _pwrite_all(self.fd, qiov, offset)
+            op(*args)
         except OSError as e:
             raise BlockError(e.errno or errno.EIO) from None
-        self.grow_to(offset + nbytes)
+        self.grow_to(end)
 
     def _zero(self, offset: int, nbytes: int, flags: int) -> None:
         unmap = flags & REQ_MAY_UNMAP and offset + nbytes <= self.size
@@ -456,12 +462,7 @@ class FileDriver(BlockDriver):
         return not AIO.yield_on_io and type(self).co_pwrite_zeroes is FileDriver.co_pwrite_zeroes
 
     def zero_inline(self, offset: int, nbytes: int, flags: int) -> None:
-        AIO.yields += 1
-        try:
-            self._zero(offset, nbytes, flags)
-        except OSError as e:
-            raise BlockError(e.errno or errno.EIO) from None
-        self.grow_to(offset + nbytes)
+        self._inline(offset + nbytes, self._zero, offset, nbytes, flags)
 
     def _punch(self, offset: int, nbytes: int) -> None:
         err = _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, nbytes)

@@ -10,7 +10,7 @@ blkdebug events (``pwritev``, ``pwritev_zero``, ``pwritev_done``, ``pwritev_rmw_
 from __future__ import annotations
 
 import errno
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -377,13 +377,19 @@ def can_pwritev_inline(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec 
 def pwritev_inline(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec, flags: int) -> None:
     """:func:`pwritev` of a request :func:`can_pwritev_inline` accepted: the driver's write, then the
     write generation (counted even when the write fails) and the node's growth."""
+    _counted_inline(node, offset + nbytes, node.write_inline, offset, nbytes, qiov, flags & node.supported_write_flags)
+
+
+def _counted_inline(node: BlockDriver, end: int, write: Callable[..., None], *args: Any) -> None:
+    """A driver's inline write or zero write, then what the generic path does after it: the write
+    generation (counted even when it fails) and the node's growth to ``end``."""
     try:
-        node.write_inline(offset, nbytes, qiov, flags & node.supported_write_flags)
+        write(*args)
     except BlockError:
         node.gen.write_gen += 1
         raise
     node.gen.write_gen += 1
-    node.grow_to(offset + nbytes)
+    node.grow_to(end)
 
 
 async def _pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | None, flags: int,
@@ -611,13 +617,7 @@ def can_pwrite_zeroes_inline(node: BlockDriver, offset: int, nbytes: int, flags:
 def pwrite_zeroes_inline(node: BlockDriver, offset: int, nbytes: int, flags: int) -> None:
     """:func:`pwrite_zeroes` of a request :func:`can_pwrite_zeroes_inline` accepted: the driver's zero
     write, then the write generation (counted even when it fails) and the node's growth."""
-    try:
-        node.zero_inline(offset, nbytes, flags & node.supported_zero_flags)
-    except BlockError:
-        node.gen.write_gen += 1
-        raise
-    node.gen.write_gen += 1
-    node.grow_to(offset + nbytes)
+    _counted_inline(node, offset + nbytes, node.zero_inline, offset, nbytes, flags & node.supported_zero_flags)
 
 
 # -- discard, flush, truncate, status -----------------------------------------------------------
