@@ -338,6 +338,8 @@ async def _copy_on_readv(node: BlockDriver, offset: int, nbytes: int, qiov: IOVe
 async def pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | None, flags: int = 0) -> None:
     """``bdrv_co_pwritev``; ``qiov`` is None for zero writes (``REQ_ZERO_WRITE``)."""
     _check_request(offset, nbytes)
+    if flags & REQ_NO_FALLBACK and (offset | nbytes) % node.request_alignment:
+        raise BlockError(errno.ENOTSUP)  # a misaligned request cannot be made efficient
     if node.read_only:
         raise BlockError(errno.EPERM)
     if flags & REQ_WRITE_COMPRESSED and not node.can_compress:
