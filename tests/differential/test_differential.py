@@ -70,3 +70,33 @@ def test_text_directive(tmp_path: Path) -> None:
         case_file.write_text(bad + "length\n")
         with pytest.raises(difftest.CaseError):
             difftest.parse_case(case_file)
+
+
+def _flaky_reference(tmp_path: Path, right_from: int) -> tuple[Path, Path]:
+    """A stand-in for qemu-io that prints qio's answer from its ``right_from``-th run on (0: never),
+    and a file that counts its runs."""
+    count = tmp_path / "runs"
+    count.write_text("0")
+    prog = tmp_path / "fake-qemu-io"
+    prog.write_text(
+        "#!/bin/sh\n"
+        f'n=$(( $(cat {count}) + 1 )); echo $n > {count}\n'
+        f'if [ {right_from} -ne 0 ] && [ $n -ge {right_from} ]; then :; '
+        'else echo "completed in the other order"; fi\n'
+    )
+    prog.chmod(0o755)
+    return prog, count
+
+
+@pytest.mark.parametrize("right_from, ok, runs", [(2, True, 2), (5, True, 5), (6, False, 5), (0, False, 5)])
+def test_reruns_of_an_unstable_reference(tmp_path: Path, right_from: int, ok: bool, runs: int) -> None:
+    """A difference counts only when no qemu-io run (the first and up to RERUNS more) gives qio's result;
+    the report shows the first run's difference."""
+    case_file = tmp_path / "t.qio"
+    case_file.write_text("# no image: quit prints nothing\n#! noimage\nquit\n")
+    prog, count = _flaky_reference(tmp_path, right_from)
+    result = difftest.run_case(case_file, reference=str(prog))
+    assert difftest.RERUNS == 4
+    assert (result.ok, int(count.read_text())) == (ok, runs)
+    if not ok:
+        assert "-completed in the other order" in result.report()
