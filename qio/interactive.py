@@ -21,6 +21,7 @@ from prompt_toolkit.lexers import Lexer
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from qio.commands import record_cmds
+from qio.shell import split_words
 
 if TYPE_CHECKING:
     from qio.commands.spec import CommandTable
@@ -392,7 +393,7 @@ def status_text(sh: Session) -> str:
 
 def check_line(table: CommandTable, line: str) -> str:
     """What qemu-io would reject in ``line`` as typed so far ('' if nothing, or not yet known)."""
-    words = [w for w in line.split(" ") if w]
+    words = split_words(line)
     if not words:
         return ""
     spec = table.find(words[0])

@@ -16,6 +16,15 @@ from qio.output import Output
 from qio.session import Session
 
 
+def split_words(line: str) -> list[str]:
+    """qemu-io's split of a command line at spaces, runs of spaces making no empty words (single-spaced
+    lines, the common request lines, skip the filter)."""
+    words = line.split(" ")
+    if "" in words:
+        words = [w for w in words if w]
+    return words
+
+
 class Shell:
     """Line dispatch over a session; remembers the last failure for the exit status."""
 
@@ -32,9 +41,7 @@ class Shell:
 
     async def execute(self, line: str) -> int:
         """Run one command line; remember failures for the exit status."""
-        words = line.split(" ")
-        if "" in words:  # runs of spaces (a C-level scan: single-spaced request lines skip the filter)
-            words = [w for w in words if w]
+        words = split_words(line)
         if not words:
             return 0
         self.session.aio.pool.tick()
@@ -46,7 +53,7 @@ class Shell:
     async def _execute_structured(self, line: str) -> int:
         """:meth:`execute` for a renderer that marks each command line (``--output=json``); chosen once in
         ``__init__``, so qemu-io's text mode pays nothing per line for it."""
-        words = [w for w in line.split(" ") if w]
+        words = split_words(line)
         if not words:
             return 0
         self.session.aio.pool.tick()
@@ -61,11 +68,9 @@ class Shell:
         """:meth:`execute` of a line whose command has a fast parser (``CommandSpec.fast``) that accepts
         it, as a plain call (the piped loop's per-request path); None, with nothing done, for any other
         line: :meth:`execute` runs it."""
-        words = line.split(" ")
-        if "" in words:
-            words = [w for w in words if w]
-            if not words:
-                return None
+        words = split_words(line)
+        if not words:
+            return None
         spec = self.table.find(words[0])
         if spec is None or spec.fast is None or spec.run_now is None:
             return None
