@@ -190,8 +190,9 @@ def test_timeout_from_ini_and_marker(pytester: pytest.Pytester) -> None:
 PYTEST_TIMEOUT = '''
 import time
 import pytest
+import qio.img.create, qio.block.qcow2  # at collection: pytest-timeout's limit also times fixture set-up
 
-@pytest.mark.timeout(1)
+@pytest.mark.timeout(3)
 @pytest.mark.qio(timeout=20)
 def test_pytest_timeout_first(qio_raw):
     while True:
@@ -201,7 +202,7 @@ def test_pytest_timeout_first(qio_raw):
 def test_quick(qio_raw):
     pass
 
-@pytest.mark.timeout(1)
+@pytest.mark.timeout(3)
 def test_after_without_qio():
     # pytest-timeout's own limit still works after a qio test restored its timer
     while True:
@@ -214,9 +215,9 @@ def test_shares_the_timer_with_pytest_timeout(pytester: pytest.Pytester) -> None
     pytester.makepyfile(test_pt=PYTEST_TIMEOUT)
     result = run(pytester, "-p", "timeout", "--timeout-method=signal", "--durations=0", "--durations-min=0")
     result.assert_outcomes(failed=2, passed=1)
-    result.stdout.fnmatch_lines(["*Timeout (>1.0s) from pytest-timeout*"])
+    result.stdout.fnmatch_lines(["*Timeout (>3.0s) from pytest-timeout*"])
     assert "qio: the test did not finish" not in result.stdout.str()
-    # pytest-timeout's 1 s stopped the test, not qio's 20 s (the call's own duration: a loaded machine
+    # pytest-timeout's 3 s stopped the test, not qio's 20 s (the call's own duration: a loaded machine
     # may take long to start the inner pytest, which says nothing about the timers)
     took = re.search(r"([0-9.]+)s call +test_pt.py::test_pytest_timeout_first", result.stdout.str())
     assert took is not None and float(took.group(1)) < 15, result.stdout.str()
