@@ -197,6 +197,9 @@ async def _amain(args: Args, out: Output) -> int:
         from qio.lines import pipe_loop
 
         await pipe_loop(sh)
+    from qio.aio import QUICK_COMMAND_TIME  # imported with the session already
+
+    session.aio.pool.tick(QUICK_COMMAND_TIME)  # bdrv_drain_all_begin quiesces every node, then polls
     await session.drain("exiting")
     await session.close_image()
     return 1 if sh.last_error < 0 else 0

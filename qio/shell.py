@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import errno
 
+from qio.aio import COMMAND_TIME, QUICK_COMMAND_TIME
 from qio.block.errors import QemuError
 from qio.commands.spec import GLOBAL, NOFILE_OK, STDERR, CommandSpec, Invocation, ParseFailure
 from qio.commands.table import build_table
 from qio.output import Output
 from qio.session import Session
+
+#: Commands that only submit a request or change blkdebug state: the simulated clock advances by
+#: QUICK_COMMAND_TIME for them (docs/architecture.md, rule 8).
+QUICK_COMMANDS = frozenset({"aio_read", "aio_write", "break", "remove_break", "resume"})
 
 
 def split_words(line: str) -> list[str]:
@@ -44,7 +49,7 @@ class Shell:
         words = split_words(line)
         if not words:
             return 0
-        self.session.aio.pool.tick()
+        self.session.aio.pool.tick(QUICK_COMMAND_TIME if words[0] in QUICK_COMMANDS else COMMAND_TIME)
         ret = await self._dispatch(words)
         if ret < 0:
             self.last_error = ret
@@ -56,7 +61,7 @@ class Shell:
         words = split_words(line)
         if not words:
             return 0
-        self.session.aio.pool.tick()
+        self.session.aio.pool.tick(QUICK_COMMAND_TIME if words[0] in QUICK_COMMANDS else COMMAND_TIME)
         self.out.command_start(words)
         ret = await self._dispatch(words)
         self.out.command_done(words, ret)
@@ -77,7 +82,7 @@ class Shell:
         cmd = spec.fast(words)  # a pure function of the words: deciding first changes nothing
         if cmd is None:
             return None
-        self.session.aio.pool.tick()
+        self.session.aio.pool.tick(QUICK_COMMAND_TIME if spec.name in QUICK_COMMANDS else COMMAND_TIME)
         ret = self._check(spec, words)
         if ret is None:
             ret = spec.run_now(self.session, cmd)
