@@ -11,14 +11,10 @@ import errno
 
 from qio.aio import COMMAND_TIME, QUICK_COMMAND_TIME
 from qio.block.errors import QemuError
-from qio.commands.spec import GLOBAL, NOFILE_OK, STDERR, CommandSpec, Invocation, ParseFailure
+from qio.commands.spec import GLOBAL, NOFILE_OK, QUICK, STDERR, CommandSpec, Invocation, ParseFailure
 from qio.commands.table import build_table
 from qio.output import Output
 from qio.session import Session
-
-#: Commands that only submit a request or change blkdebug state: the simulated clock advances by
-#: QUICK_COMMAND_TIME for them (docs/architecture.md, rule 8).
-QUICK_COMMANDS = frozenset({"aio_read", "aio_write", "break", "remove_break", "resume"})
 
 
 def split_words(line: str) -> list[str]:
@@ -49,8 +45,9 @@ class Shell:
         words = split_words(line)
         if not words:
             return 0
-        self.session.aio.pool.tick(QUICK_COMMAND_TIME if words[0] in QUICK_COMMANDS else COMMAND_TIME)
-        ret = await self._dispatch(words)
+        spec = self.table.find(words[0])
+        self._tick(spec)
+        ret = await self._dispatch(words, spec)
         if ret < 0:
             self.last_error = ret
         return ret
@@ -61,9 +58,10 @@ class Shell:
         words = split_words(line)
         if not words:
             return 0
-        self.session.aio.pool.tick(QUICK_COMMAND_TIME if words[0] in QUICK_COMMANDS else COMMAND_TIME)
+        spec = self.table.find(words[0])
+        self._tick(spec)
         self.out.command_start(words)
-        ret = await self._dispatch(words)
+        ret = await self._dispatch(words, spec)
         self.out.command_done(words, ret)
         if ret < 0:
             self.last_error = ret
@@ -82,13 +80,18 @@ class Shell:
         cmd = spec.fast(words)  # a pure function of the words: deciding first changes nothing
         if cmd is None:
             return None
-        self.session.aio.pool.tick(QUICK_COMMAND_TIME if spec.name in QUICK_COMMANDS else COMMAND_TIME)
+        self._tick(spec)
         ret = self._check(spec, words)
         if ret is None:
             ret = spec.run_now(self.session, cmd)
         if ret < 0:
             self.last_error = ret
         return ret
+
+    def _tick(self, spec: CommandSpec | None) -> None:
+        """A command boundary on the simulated clock: commands flagged QUICK take a shorter step
+        (docs/architecture.md, rule 8)."""
+        self.session.aio.pool.tick(QUICK_COMMAND_TIME if spec is not None and spec.flags & QUICK else COMMAND_TIME)
 
     def _check(self, spec: CommandSpec, words: list[str]) -> int | None:
         """qemu-io's checks before a command runs (image, argument count, permissions): their failure,
@@ -116,8 +119,7 @@ class Shell:
                 return -e.errno
         return None
 
-    async def _dispatch(self, words: list[str]) -> int:
-        spec = self.table.find(words[0])
+    async def _dispatch(self, words: list[str], spec: CommandSpec | None) -> int:
         if spec is None:
             self.out.err(f'command "{words[0]}" not found\n')
             return -errno.EINVAL

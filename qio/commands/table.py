@@ -10,7 +10,7 @@ from qio.commands import io_cmds as io
 from qio.commands import misc_cmds as misc
 from qio.commands import nbd_cmds as nbd
 from qio.commands import record_cmds as record
-from qio.commands.spec import EXTENSION, GLOBAL, NOFILE_OK, CommandSpec, CommandTable
+from qio.commands.spec import EXTENSION, GLOBAL, NOFILE_OK, QUICK, CommandSpec, CommandTable
 
 C = CommandSpec
 COMMANDS = (
@@ -30,10 +30,11 @@ COMMANDS = (
       optstring="CfqP:", perm=PERM_WRITE),
     C("aio_read", "asynchronously reads a number of bytes",
       io.parse_aio_read, io.run_aio_read, args="[-Ciqv] [-P pattern] off len [len..]", help=H.AIO_READ, argmin=2,
-      argmax=-1, optstring="CP:iqv"),
+      argmax=-1, optstring="CP:iqv", flags=QUICK),
     C("aio_write", "asynchronously writes a number of bytes",
       io.parse_aio_write, io.run_aio_write, args="[-Cfiquz] [-P pattern] off len [len..]", help=H.AIO_WRITE,
-      argmin=2, argmax=-1, optstring="CfiqP:uz", perm=PERM_WRITE, fast=io.fast_aio_write, run_now=io.submit_aio_write),
+      argmin=2, argmax=-1, optstring="CfiqP:uz", flags=QUICK, perm=PERM_WRITE, fast=io.fast_aio_write,
+      run_now=io.submit_aio_write),
     C("aio_flush", "completes all outstanding aio requests",
       None, io.run_aio_flush),
     C("flush", "flush all in-core file state to disk",
@@ -57,11 +58,11 @@ COMMANDS = (
       argmax=-1, optstring="c:o:rw"),
     # qemu-io: exactly 2 arguments.  qio adds "-o/-i/-n" predicates, so its parser checks the count instead.
     C("break", "sets a breakpoint on event and tags the stopped request as tag",
-      debug.parse_break, debug.run_break, args="event tag", argmin=0, argmax=-1, optstring="o:i:n:"),
+      debug.parse_break, debug.run_break, args="event tag", argmin=0, argmax=-1, optstring="o:i:n:", flags=QUICK),
     C("remove_break", "remove a breakpoint by tag",
-      debug.parse_remove_break, debug.run_remove_break, args="tag", argmin=1, argmax=1),
+      debug.parse_remove_break, debug.run_remove_break, args="tag", argmin=1, argmax=1, flags=QUICK),
     C("resume", "resumes the request tagged as tag",
-      debug.parse_resume, debug.run_resume, args="tag", argmin=1, argmax=1),
+      debug.parse_resume, debug.run_resume, args="tag", argmin=1, argmax=1, flags=QUICK),
     # qemu-io: exactly 1 argument.  qio adds "-t SECONDS", so its parser checks the count instead.
     C("wait_break", "waits for the suspension of a request",
       debug.parse_wait_break, debug.run_wait_break, args="tag", argmin=0, argmax=-1),
