@@ -173,6 +173,9 @@ class BlockDriver:
         self.max_transfer = 0
         self.pdiscard_alignment = 1
         self.tracked: list[Any] = []  # in-flight requests (qio.block.io.Tracked)
+        #: file-posix tracks every request: a zero write past the end of the file serialises
+        #: (``raw_do_pwrite_zeroes``; see qio.block.io.serialise_to_end).
+        self.tracks_all = False
         self.max_pdiscard = 0
         self.pwrite_zeroes_alignment = 0
         self.max_pwrite_zeroes = 0

@@ -29,6 +29,7 @@ from qio.aio import (
     current_co,
     in_aio_request,
 )
+from qio.block import io
 from qio.block.driver import (
     BLOCK_DATA,
     BLOCK_OFFSET_VALID,
@@ -175,6 +176,7 @@ class FileDriver(BlockDriver):
         super().__init__()
         self.fd = -1
         self.size = 0
+        self.tracks_all = True
         self.use_lock = True
         self.direct = False
         self._locked_perm = 0
@@ -454,6 +456,8 @@ class FileDriver(BlockDriver):
             raise BlockError(err)
 
     async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
+        if AIO.yield_on_io and offset + nbytes > -(-self.size // 512) * 512:  # bs->total_sectors
+            await io.serialise_to_end(self)
         await self._run(0, self._zero, offset, nbytes, flags, cost=COST_FALLOCATE)
         self.grow_to(offset + nbytes)
 

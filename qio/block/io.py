@@ -129,6 +129,8 @@ class Tracked:
     offset: int
     end: int
     serialising: bool = False
+    #: The coroutine of the request (``BdrvTrackedRequest.co``, for ``bdrv_co_get_self_request``).
+    co: object = None
     #: The requests waiting for this one (``wait_queue``), made when the first one waits.
     done: WaitQueue | None = None
     waiting_for: Tracked | None = None
@@ -137,11 +139,11 @@ class Tracked:
 def _tracking(node: BlockDriver) -> bool:
     """Only nodes where requests can overlap in time and need padding (or copy-on-read
     serialisation) pay for the bookkeeping."""
-    return AIO.yield_on_io and (node.request_alignment > 1 or node.copy_on_read)
+    return AIO.yield_on_io and (node.request_alignment > 1 or node.copy_on_read or node.tracks_all)
 
 
 def _begin(node: BlockDriver, offset: int, nbytes: int) -> Tracked:
-    req = Tracked(node, offset, offset + nbytes)
+    req = Tracked(node, offset, offset + nbytes, co=current_co())
     node.tracked.append(req)
     return req
 
@@ -178,6 +180,20 @@ async def _make_serialising(req: Tracked, align: int) -> None:
     req.offset -= req.offset % align
     req.end += -req.end % align
     await _wait_serialising(req)
+
+
+async def serialise_to_end(node: BlockDriver) -> None:
+    """file-posix's workaround for an XFS bug (``raw_do_pwrite_zeroes``, block/file-posix.c): a zero
+    write that reaches past the end of the file extends its own tracked request to
+    ``BDRV_MAX_LENGTH`` and makes it serialising, so it waits for the requests in flight beyond its
+    start, and every later request there waits for it (fuzz qcow2-writeback-1291: the zero writes
+    with which qcow2 allocates clusters at the end of the file run one after another)."""
+    co = current_co()
+    for req in reversed(node.tracked):
+        if req.co is co and co is not None:
+            req.end = BDRV_MAX_LENGTH
+            await _make_serialising(req, node.request_alignment)
+            return
 
 
 # -- read ----------------------------------------------------------------------------------------
@@ -345,7 +361,7 @@ async def pwritev(node: BlockDriver, offset: int, nbytes: int, qiov: IOVec | Non
     if flags & REQ_WRITE_COMPRESSED and not node.can_compress:
         raise BlockError(errno.ENOTSUP)
     if node.request_alignment == 1:  # nothing to pad (the common case: skip the padding machinery)
-        if not (AIO.yield_on_io and node.copy_on_read):  # not _tracking(node)
+        if not _tracking(node):
             await _aligned_pwritev(node, offset, nbytes, qiov, flags)
             return
     elif qiov is not None:

@@ -295,3 +295,53 @@ def test_aligned_requests_are_not_serialised(tracking: None) -> None:
     assert writer.finished and not reader.finished
     node.gate.next()
     assert reader.finished
+
+
+class GrowingNode(MemNode):
+    """file-posix's zero write: past the end of the file it serialises to the end of the address
+    space (``raw_do_pwrite_zeroes``) before it parks in the "thread pool" (the gate)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.tracks_all = True
+        self.eof = size // 2
+        self.gate = WaitQueue()
+
+    async def co_pwrite_zeroes(self, offset: int, nbytes: int, flags: int) -> None:
+        if offset + nbytes > self.eof:
+            await io.serialise_to_end(self)
+        self.log.append(("parked", offset, nbytes))
+        await self.gate.wait()
+        await super().co_pwrite_zeroes(offset, nbytes, flags)
+        self.eof = max(self.eof, offset + nbytes)
+
+
+def test_zero_writes_past_the_end_of_the_file_run_one_after_another(tracking: None) -> None:
+    """qcow2 allocating three clusters at the end of the image file: each zero write past the end
+    waits for the one before it, while a write below the first one's start goes straight through
+    (fuzz qcow2-writeback-1291)."""
+    node = GrowingNode(8192)
+    first = Co(io.pwrite_zeroes(node, 4096, 1024), contextvars.copy_context())
+    second = Co(io.pwrite_zeroes(node, 6144, 1024), contextvars.copy_context())
+    below = Co(io.pwritev(node, 0, 512, [memoryview(b"D" * 512)]), contextvars.copy_context())
+    enter(first)
+    enter(second)
+    enter(below)
+    assert below.finished
+    assert node.log == [("parked", 4096, 1024), ("write", 0, 512, 0)]  # the second zero write waits
+    node.gate.next()
+    assert first.finished  # and only now the second zero write reaches the pool:
+    assert node.log[-2:] == [("zero", 4096, 1024), ("parked", 6144, 1024)]
+    node.gate.next()
+    assert second.finished and second.value() is None
+
+
+def test_zero_write_inside_the_file_is_not_serialised(tracking: None) -> None:
+    node = GrowingNode(8192)
+    first = Co(io.pwrite_zeroes(node, 0, 1024), contextvars.copy_context())
+    second = Co(io.pwrite_zeroes(node, 1024, 1024), contextvars.copy_context())
+    enter(first)
+    enter(second)
+    assert node.log == [("parked", 0, 1024), ("parked", 1024, 1024)]
+    node.gate.restart_all()
+    assert first.finished and second.finished
