@@ -246,14 +246,17 @@ async def _link_metas(s: Qcow2State, metas: list[L2Meta]) -> None:
 def _new_cluster_write(s: Qcow2State, offset: int, nbytes: int) -> bool:
     """Whether :func:`_pwritev_new_cluster` can take the request: within one cluster whose L2 entry is 0
     in a cached slice, plain image (no encryption, subclusters, data file or backing file), no debug
-    hooks (so no events and inline host I/O), the lock free and no allocation in flight, the COW
-    regions' zero checks on their direct path (inside the image, preallocation probe done).  A pure
+    hooks (so no events and inline host I/O), the lock free and no allocation in flight, the zero
+    checks of COW regions on their direct path (inside the image, preallocation probe done).  A pure
     test."""
     cs = s.cluster_size
     start = offset & ~(cs - 1)
-    if (not nbytes or offset + nbytes > start + cs or AIO.yield_on_io or s.lock.locked or s.cluster_allocs
+    end = offset + nbytes
+    if (not nbytes or end > start + cs or AIO.yield_on_io or s.lock.locked or s.cluster_allocs
             or s.crypto is not None or s.data_node is not None or s.bs.backing is not None
-            or not s.metadata_preallocation_checked or start + cs > _length(s) or s.bs.file.has_debug_hooks):
+            or s.bs.file.has_debug_hooks):
+        return False
+    if (offset > start or end < start + cs) and (not s.metadata_preallocation_checked or start + cs > _length(s)):
         return False
     ci, index = cached_slice(s, offset)
     return ci >= 0 and not _unpack_entry(s.l2c.tables[ci], index << 3)[0]
