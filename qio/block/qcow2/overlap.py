@@ -120,7 +120,7 @@ def overlap_no_io(s: Qcow2State, chk: int, offset: int, size: int) -> int:
     cs = s.cluster_size
     if chk & OL_MAIN_HEADER and offset < cs:
         return OL_MAIN_HEADER
-    size = _round_up((offset & (cs - 1)) + size, cs)
+    size = ((offset & (cs - 1)) + size + cs - 1) & ~(cs - 1)  # _round_up to the cluster size
     offset &= ~(cs - 1)
     end = offset + size
     # the range tests are written out (offset < start + size and start < end): this runs before
@@ -139,14 +139,25 @@ def overlap_no_io(s: Qcow2State, chk: int, offset: int, size: int) -> int:
             if sn.l1_size > 0 and offset < sn.l1_table_offset + sn.l1_size * 8 and sn.l1_table_offset < end:
                 return OL_INACTIVE_L1
     nclusters = size >> s.cluster_bits
-    if chk & OL_ACTIVE_L2 and _set_overlaps(s, _l2_offset_set(s), s._l2_unaligned, offset, nclusters):
-        return OL_ACTIVE_L2
-    if chk & OL_REFCOUNT_BLOCK and _set_overlaps(s, _refblock_offset_set(s), s._refblock_unaligned,
-                                                      offset, nclusters):
-        return OL_REFCOUNT_BLOCK
+    if chk & OL_ACTIVE_L2:
+        sets = s._l2_offsets
+        if nclusters == 1 and sets is not None and not s._l2_unaligned:  # _set_overlaps' usual case
+            if offset in sets:
+                return OL_ACTIVE_L2
+        elif _set_overlaps(s, _l2_offset_set(s), s._l2_unaligned, offset, nclusters):
+            return OL_ACTIVE_L2
+    if chk & OL_REFCOUNT_BLOCK:
+        sets = s._refblock_offsets
+        if nclusters == 1 and sets is not None and not s._refblock_unaligned:
+            if offset in sets:
+                return OL_REFCOUNT_BLOCK
+        elif _set_overlaps(s, _refblock_offset_set(s), s._refblock_unaligned, offset, nclusters):
+            return OL_REFCOUNT_BLOCK
     if chk & OL_INACTIVE_L2:
         return -1
-    return _bitmap_overlap(s, chk, offset, end)
+    if chk & OL_BITMAP_DIRECTORY and s.autoclear_features & L.AUTOCLEAR_BITMAPS:
+        return _bitmap_overlap(s, chk, offset, end)
+    return 0
 
 
 def _bitmap_overlap(s: Qcow2State, chk: int, offset: int, end: int) -> int:

@@ -157,8 +157,9 @@ async def _preadv_encrypted(s: Qcow2State, host: int, offset: int, nbytes: int, 
 
 async def _pwritev_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> None:
     """``qcow2_co_pwritev_part``; with blkdebug the parts run in parallel (``_task_pool``)."""
-    if _new_cluster_write(s, offset, nbytes):
-        await _pwritev_new_cluster(s, offset, nbytes, qiov)
+    ci = _new_cluster_write(s, offset, nbytes)
+    if ci >= 0:
+        await _pwritev_new_cluster(s, ci, offset, nbytes, qiov)
         return
     qoff = 0
     pool: TaskPool | None = None
@@ -243,8 +244,9 @@ async def _link_metas(s: Qcow2State, metas: list[L2Meta]) -> None:
         s.lock.unlock()
 
 
-def _new_cluster_write(s: Qcow2State, offset: int, nbytes: int) -> bool:
-    """Whether :func:`_pwritev_new_cluster` can take the request: within one cluster whose L2 entry is 0
+def _new_cluster_write(s: Qcow2State, offset: int, nbytes: int) -> int:
+    """The L2 cache entry for :func:`_pwritev_new_cluster` if it can take the request (else -1): within
+    one cluster whose L2 entry is 0
     in a cached slice, plain image (no encryption, subclusters, data file or backing file), no debug
     hooks (so no events and inline host I/O), the lock free and no allocation in flight, the zero
     checks of COW regions on their direct path (inside the image, preallocation probe done).  A pure
@@ -255,14 +257,14 @@ def _new_cluster_write(s: Qcow2State, offset: int, nbytes: int) -> bool:
     if (not nbytes or end > start + cs or AIO.yield_on_io or s.lock.locked or s.cluster_allocs
             or s.crypto is not None or s.data_node is not None or s.bs.backing is not None
             or s.bs.file.has_debug_hooks):
-        return False
+        return -1
     if (offset > start or end < start + cs) and (not s.metadata_preallocation_checked or start + cs > _length(s)):
-        return False
+        return -1
     ci, index = cached_slice(s, offset)
-    return ci >= 0 and not _unpack_entry(s.l2c.tables[ci], index << 3)[0]
+    return -1 if ci < 0 or _unpack_entry(s.l2c.tables[ci], index << 3)[0] else ci
 
 
-async def _pwritev_new_cluster(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> None:
+async def _pwritev_new_cluster(s: Qcow2State, ci: int, offset: int, nbytes: int, qiov: IOVec) -> None:
     """:func:`_pwritev_part` and :func:`_pwritev_task` of a request :func:`_new_cluster_write` accepted
     (the usual allocating write), in one function: the same locks, cache lookups, allocation, checks,
     host writes and L2 update in the same order, each step without a coroutine when it needs no I/O,
@@ -271,7 +273,6 @@ async def _pwritev_new_cluster(s: Qcow2State, offset: int, nbytes: int, qiov: IO
     cs = s.cluster_size
     oic = offset & (cs - 1)
     guest = offset - oic
-    ci, _ = cached_slice(s, offset)
     key = c.offsets[ci]
     lk.lock_now()
     # alloc_host_offset: handle_copied and handle_alloc look the slice up in turn
@@ -328,12 +329,10 @@ def _no_overlap(s: Qcow2State, offset: int, nbytes: int) -> bool:
 async def _alloc_space_new_cluster(s: Qcow2State, m: L2Meta, data: BlockDriver) -> None:
     """:func:`_handle_alloc_space` of :func:`_pwritev_new_cluster`'s allocation (supported, with COW
     regions): the zero checks of the head and tail, then the cluster's zero write."""
-    for off, n in ((m.offset, m.cow_start_n), (m.offset + m.cow_end_off, m.cow_end_n)):
-        zero = _is_zero_now(s, off, n)
-        if zero is None:
-            zero = await _is_zero_fast(s, off, n)
-        if not zero:
-            return
+    if not _cow_zero_now(s, m):
+        for off, n in ((m.offset, m.cow_start_n), (m.offset + m.cow_end_off, m.cow_end_n)):
+            if not await _is_zero_fast(s, off, n):
+                return
     start, n = m.alloc_offset, m.cow_end_off + m.cow_end_n
     if not _no_overlap(s, start, n):
         await pre_write_overlap_check(s, 0, start, n, True)
@@ -349,22 +348,26 @@ async def _alloc_space_new_cluster(s: Qcow2State, m: L2Meta, data: BlockDriver) 
     m.skip_cow = True
 
 
-def _is_zero_now(s: Qcow2State, offset: int, nbytes: int) -> bool | None:
-    """:func:`_is_zero_fast` of a range within one cluster of :func:`_pwritev_new_cluster` without a
-    coroutine while its L2 entry is still 0 in a cached slice and the lock is free (the same lock and
-    cache lookup); None otherwise (then ask it)."""
-    if not nbytes:
-        return True
-    if s.lock.locked or s.bs.backing is not None or offset + nbytes > _length(s):
-        return None
-    ci, index = cached_slice(s, offset)
+def _cow_zero_now(s: Qcow2State, m: L2Meta) -> bool:
+    """Both :func:`_is_zero_fast` checks of :func:`_pwritev_new_cluster`'s COW regions (in its
+    cluster) without a coroutine while the cluster's L2 entry is still 0 in a cached slice and the lock
+    is free: True (both zero) after the same cache lookups, under one lock and unlock for both (nothing
+    can happen between the two in the general path either); False, nothing done, otherwise."""
+    if (s.lock.locked or s.bs.backing is not None or not s.metadata_preallocation_checked
+            or m.offset + m.cow_end_off + m.cow_end_n > _length(s)):
+        return False
+    ci, index = cached_slice(s, m.offset)
     if ci < 0:
-        return None
+        return False
     c = s.l2c
     if _unpack_entry(c.tables[ci], index << 3)[0]:
-        return None
+        return False
+    key = c.offsets[ci]
     s.lock.lock_now()
-    c.put(c.hit(c.offsets[ci]))
+    if m.cow_start_n:
+        c.put(c.hit(key))
+    if m.cow_end_n:
+        c.put(c.hit(key))
     s.lock.unlock()
     return True
 
