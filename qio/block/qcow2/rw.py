@@ -246,11 +246,10 @@ async def _link_metas(s: Qcow2State, metas: list[L2Meta]) -> None:
 
 def _new_cluster_write(s: Qcow2State, offset: int, nbytes: int) -> int:
     """The L2 cache entry for :func:`_pwritev_new_cluster` if it can take the request (else -1): within
-    one cluster whose L2 entry is 0
-    in a cached slice, plain image (no encryption, subclusters, data file or backing file), no debug
-    hooks (so no events and inline host I/O), the lock free and no allocation in flight, the zero
-    checks of COW regions on their direct path (inside the image, preallocation probe done).  A pure
-    test."""
+    one cluster whose L2 entry is 0 in a cached slice, plain image (no encryption, subclusters, data
+    file or backing file), no debug hooks (so no events and inline host I/O), the lock free and no
+    allocation in flight, the zero checks of COW regions on their direct path (inside the image,
+    preallocation probe done).  A pure test."""
     cs = s.cluster_size
     start = offset & ~(cs - 1)
     end = offset + nbytes
