@@ -907,6 +907,18 @@ class CoMutex:
             assert co is not None, "CoMutex contended outside a request"
             self.waiters.append(co)
             await YIELD  # ownership is handed over by unlock()
+        self._taken()
+
+    def lock_now(self) -> bool:
+        """:meth:`lock` of a free mutex without a coroutine (the same bookkeeping); False, nothing
+        done, when it is taken (then ``await lock()``)."""
+        if self.locked:
+            return False
+        self.locked = True
+        self._taken()
+        return True
+
+    def _taken(self) -> None:
         if AIO.yield_on_io:
             return
         if self.io_holder is not None:

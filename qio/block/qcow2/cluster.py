@@ -488,6 +488,51 @@ async def alloc_cluster_link_l2(s: Qcow2State, m: L2Meta) -> None:
             await free_any_cluster(s, old, DISCARD_NEVER)
 
 
+def cached_slice(s: Qcow2State, offset: int) -> tuple[int, int]:
+    """(L2 cache entry, index) of the slice that maps ``offset`` when :func:`get_cluster_table` would
+    just find it in the cache (a COPIED, aligned L2 table inside the L1 table, no subclusters), without
+    taking it; (-1, 0) otherwise.  A pure test."""
+    cb = s.cluster_bits
+    l1_index = offset >> (s.l2_bits + cb)
+    if l1_index >= s.l1_size or s.subclusters:
+        return -1, 0
+    l1e = s.l1_table[l1_index]
+    l2_offset = l1e & L.L1E_OFFSET_MASK
+    if not l1e & L.OFLAG_COPIED or not l2_offset or l2_offset & (s.cluster_size - 1):
+        return -1, 0
+    index = (offset >> cb) & (s.l2_slice_size - 1)
+    ci = s.l2c.where.get(l2_offset + ((((offset >> cb) & (s.l2_size - 1)) - index) << 3))
+    return (-1, 0) if ci is None else (ci, index)
+
+
+def link_l2_now(s: Qcow2State, m: L2Meta) -> bool:
+    """:func:`handle_l2meta` (linking) of one new cluster without a coroutine when it needs no I/O:
+    no COW left to do, no lazy refcounts, the cache dependency set without a flush, the slice cached
+    and the old entry 0.  False, nothing done, otherwise."""
+    if ((m.cow_start_n or m.cow_end_n) and not m.skip_cow) or s.use_lazy_refcounts or m.nb_clusters != 1:
+        return False
+    l2c, rbc = s.l2c, s.rbc
+    accurate = _need_accurate_refcounts(s)
+    if accurate and (rbc.depends is not None or l2c.depends not in (None, rbc)):
+        return False
+    ci, index = cached_slice(s, m.offset)
+    if ci < 0:
+        return False
+    tbl = l2c.tables[ci]
+    if _unpack_entry(tbl, index << 3)[0]:
+        return False
+    if accurate:
+        l2c.depends = rbc  # _set_dependency
+    l2c.hit(l2c.offsets[ci])
+    l2c.mark_dirty(ci)
+    _pack_entry(tbl, index << 3, m.alloc_offset | L.OFLAG_COPIED)
+    l2c.put(ci)
+    if m in s.cluster_allocs:
+        s.cluster_allocs.remove(m)
+    m.dependent.restart_all()
+    return True
+
+
 async def alloc_cluster_abort(s: Qcow2State, m: L2Meta) -> None:
     if not m.keep_old and not has_data_file(s):
         await free_clusters(s, m.alloc_offset, m.nb_clusters << s.cluster_bits, DISCARD_NEVER)

@@ -93,10 +93,34 @@ async def check_metadata_overlap(s: Qcow2State, ign: int, offset: int, size: int
     chk = s.overlap_check & ~ign
     if not size or not chk:
         return 0
+    ret = overlap_no_io(s, chk, offset, size)
+    if ret >= 0:
+        return ret
+    cs = s.cluster_size
+    size = _round_up((offset & (cs - 1)) + size, cs)
+    offset &= ~(cs - 1)
+    end = offset + size
+    for sn in s.snapshots:
+        try:
+            _validate_table(s, sn.l1_table_offset, sn.l1_size, 8, L.MAX_L1_SIZE, "")
+        except QemuError as e:
+            raise BlockError(e.errno) from None  # EFBIG for a size, EINVAL for an offset
+        raw = await _pread(s, sn.l1_table_offset, sn.l1_size * 8)
+        for j in range(sn.l1_size):
+            l2 = _unpack_entry(raw, j * 8)[0] & L.L1E_OFFSET_MASK
+            if l2 and offset < l2 + cs and l2 < end:
+                return OL_INACTIVE_L2
+    return _bitmap_overlap(s, chk, offset, end)
+
+
+def overlap_no_io(s: Qcow2State, chk: int, offset: int, size: int) -> int:
+    """:func:`check_metadata_overlap` (``size`` and ``chk`` not 0) up to the inactive L2 tables, which
+    need reads: -1 when ``chk`` asks for them and nothing before them overlaps.  The write path asks
+    this without a coroutine."""
     cs = s.cluster_size
     if chk & OL_MAIN_HEADER and offset < cs:
         return OL_MAIN_HEADER
-    size = _round_up((offset & (cs - 1)) + size, cs)
+    size = ((offset & (cs - 1)) + size + cs - 1) & ~(cs - 1)  # _round_up to the cluster size
     offset &= ~(cs - 1)
     end = offset + size
     # the range tests are written out (offset < start + size and start < end): this runs before
@@ -115,22 +139,28 @@ async def check_metadata_overlap(s: Qcow2State, ign: int, offset: int, size: int
             if sn.l1_size > 0 and offset < sn.l1_table_offset + sn.l1_size * 8 and sn.l1_table_offset < end:
                 return OL_INACTIVE_L1
     nclusters = size >> s.cluster_bits
-    if chk & OL_ACTIVE_L2 and _set_overlaps(s, _l2_offset_set(s), s._l2_unaligned, offset, nclusters):
-        return OL_ACTIVE_L2
-    if chk & OL_REFCOUNT_BLOCK and _set_overlaps(s, _refblock_offset_set(s), s._refblock_unaligned,
-                                                      offset, nclusters):
-        return OL_REFCOUNT_BLOCK
+    if chk & OL_ACTIVE_L2:
+        sets = s._l2_offsets
+        if nclusters == 1 and sets is not None and not s._l2_unaligned:  # _set_overlaps' usual case
+            if offset in sets:
+                return OL_ACTIVE_L2
+        elif _set_overlaps(s, _l2_offset_set(s), s._l2_unaligned, offset, nclusters):
+            return OL_ACTIVE_L2
+    if chk & OL_REFCOUNT_BLOCK:
+        sets = s._refblock_offsets
+        if nclusters == 1 and sets is not None and not s._refblock_unaligned:
+            if offset in sets:
+                return OL_REFCOUNT_BLOCK
+        elif _set_overlaps(s, _refblock_offset_set(s), s._refblock_unaligned, offset, nclusters):
+            return OL_REFCOUNT_BLOCK
     if chk & OL_INACTIVE_L2:
-        for sn in s.snapshots:
-            try:
-                _validate_table(s, sn.l1_table_offset, sn.l1_size, 8, L.MAX_L1_SIZE, "")
-            except QemuError as e:
-                raise BlockError(e.errno) from None  # EFBIG for a size, EINVAL for an offset
-            raw = await _pread(s, sn.l1_table_offset, sn.l1_size * 8)
-            for j in range(sn.l1_size):
-                l2 = _unpack_entry(raw, j * 8)[0] & L.L1E_OFFSET_MASK
-                if l2 and offset < l2 + cs and l2 < end:
-                    return OL_INACTIVE_L2
+        return -1
+    if chk & OL_BITMAP_DIRECTORY and s.autoclear_features & L.AUTOCLEAR_BITMAPS:
+        return _bitmap_overlap(s, chk, offset, end)
+    return 0
+
+
+def _bitmap_overlap(s: Qcow2State, chk: int, offset: int, end: int) -> int:
     # No size guard here in QEMU: ranges_overlap() of an empty directory at offset 0 (the bitmaps
     # bit set without a bitmaps extension) covers every offset.
     last = (s.bitmap_directory_offset + s.bitmap_directory_size - 1) & 0xFFFFFFFFFFFFFFFF

@@ -124,6 +124,46 @@ async def _alloc_clusters_noref(s: Qcow2State, size: int, max_offset: int) -> in
     return (s.free_cluster_index - nb) << s.cluster_bits
 
 
+def alloc_cluster_now(s: Qcow2State) -> int:
+    """:func:`alloc_clusters` of one cluster without a coroutine when it needs no I/O and no event
+    (the free cluster and its refcount in a cached block, no pending discards, no debug hooks):
+    the same cache lookups, refcount and free index; -1, nothing done, otherwise."""
+    if s.cache_discards or s.discards or s.bs.file.has_debug_hooks:
+        return -1
+    rbb = s.refcount_block_bits
+    idx = s.free_cluster_index
+    rti = idx >> rbb
+    if rti >= s.refcount_table_size:
+        return -1
+    rbo = s.refcount_table[rti] & L.REFT_OFFSET_MASK
+    if not rbo or rbo & (s.cluster_size - 1):
+        return -1
+    c = s.rbc
+    i = c.where.get(rbo)
+    if i is None:
+        return -1
+    tbl = c.tables[i]
+    get_rc = s.get_rc
+    mask = s.refcount_block_size - 1
+    end = (rti + 1) << rbb
+    j = idx
+    while j < end and get_rc(tbl, j & mask):
+        j += 1
+    cb = s.cluster_bits
+    if j == end or j > L.MAX_CLUSTER_OFFSET >> cb:
+        return -1  # the next block, or EFBIG: the general path
+    c.put(c.hit(rbo))  # _alloc_clusters_noref's lookup
+    s.free_cluster_index = j + 1
+    offset = j << cb
+    c.hit(rbo)  # update_refcount: _alloc_refcount_block finds the same block
+    c.mark_dirty(i)
+    if s.free_byte_offset and offset == s.free_byte_offset & ~(s.cluster_size - 1):
+        s.free_byte_offset = 0  # update_refcount's deviation from QEMU (see there)
+    s.set_rc(tbl, j & mask, 1)
+    c.put(i)
+    return offset
+
+
 async def alloc_clusters(s: Qcow2State, size: int) -> int:
     """``qcow2_alloc_clusters``."""
     await _event(s, Event.CLUSTER_ALLOC)

@@ -15,6 +15,7 @@ from qio.block.driver import (
     BLOCK_ZERO,
     REQ_NO_FALLBACK,
     REQ_ZERO_WRITE,
+    BlockDriver,
     IOVec,
 )
 from qio.block.errors import BlockError
@@ -23,14 +24,16 @@ from qio.block.qcow2 import crypt
 from qio.block.qcow2 import layout as L
 from qio.block.qcow2.cluster import (
     alloc_host_offset,
+    cached_slice,
     cluster_discard,
     get_host_offset,
     handle_l2meta,
+    link_l2_now,
     subcluster_zeroize,
 )
 from qio.block.qcow2.compress import _preadv_compressed
-from qio.block.qcow2.overlap import pre_write_overlap_check
-from qio.block.qcow2.refcount import get_refcount, write_caches
+from qio.block.qcow2.overlap import overlap_no_io, pre_write_overlap_check
+from qio.block.qcow2.refcount import alloc_cluster_now, alloc_clusters, get_refcount, write_caches
 from qio.block.qcow2.state import (
     DISCARD_REQUEST,
     INT64_MAX,
@@ -42,6 +45,7 @@ from qio.block.qcow2.state import (
     _length,
     _round_up,
     _task_pool,
+    _unpack_entry,
     size_to_clusters,
     vm_state_offset,
 )
@@ -153,6 +157,10 @@ async def _preadv_encrypted(s: Qcow2State, host: int, offset: int, nbytes: int, 
 
 async def _pwritev_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) -> None:
     """``qcow2_co_pwritev_part``; with blkdebug the parts run in parallel (``_task_pool``)."""
+    ci = _new_cluster_write(s, offset, nbytes)
+    if ci >= 0:
+        await _pwritev_new_cluster(s, ci, offset, nbytes, qiov)
+        return
     qoff = 0
     pool: TaskPool | None = None
     try:
@@ -196,21 +204,36 @@ async def _pwritev_task(s: Qcow2State, host: int, offset: int, nbytes: int, qiov
             crypt.encrypt(s, host, offset, cbuf)
             qiov = [memoryview(cbuf)]
         await _handle_alloc_space(s, metas)
-        if not _merge_cow(offset, nbytes, qiov, metas):
-            await _event(s, Event.WRITE_AIO)
-            data = s.data_file
-            if io.can_pwritev_inline(data, host, nbytes, qiov, 0):
-                io.pwritev_inline(data, host, nbytes, qiov, 0)  # the same steps, no coroutine per layer
-            else:
-                await io.pwritev(data, host, nbytes, qiov)
+        await _write_data(s, host, offset, nbytes, qiov, metas)
     except BaseException:
-        await s.lock.lock()
-        try:
-            await handle_l2meta(s, metas, False)
-        finally:
-            s.lock.unlock()
+        await _abort_metas(s, metas)
         raise
     await s.lock.lock()
+    await _link_metas(s, metas)
+
+
+async def _write_data(s: Qcow2State, host: int, offset: int, nbytes: int, qiov: IOVec, metas: list[L2Meta]) -> None:
+    """The guest data, unless the COW of an allocation takes it along."""
+    if not _merge_cow(offset, nbytes, qiov, metas):
+        if s.bs.file.has_debug_hooks:
+            await _event(s, Event.WRITE_AIO)
+        data = s.data_file
+        if io.can_pwritev_inline(data, host, nbytes, qiov, 0):
+            io.pwritev_inline(data, host, nbytes, qiov, 0)  # the same steps, no coroutine per layer
+        else:
+            await io.pwritev(data, host, nbytes, qiov)
+
+
+async def _abort_metas(s: Qcow2State, metas: list[L2Meta]) -> None:
+    await s.lock.lock()
+    try:
+        await handle_l2meta(s, metas, False)
+    finally:
+        s.lock.unlock()
+
+
+async def _link_metas(s: Qcow2State, metas: list[L2Meta]) -> None:
+    """The L2 update of a written request (the lock taken), then unlock."""
     try:
         try:
             await handle_l2meta(s, metas, True)
@@ -219,6 +242,133 @@ async def _pwritev_task(s: Qcow2State, host: int, offset: int, nbytes: int, qiov
             raise
     finally:
         s.lock.unlock()
+
+
+def _new_cluster_write(s: Qcow2State, offset: int, nbytes: int) -> int:
+    """The L2 cache entry for :func:`_pwritev_new_cluster` if it can take the request (else -1): within
+    one cluster whose L2 entry is 0 in a cached slice, plain image (no encryption, subclusters, data
+    file or backing file), no debug hooks (so no events and inline host I/O), the lock free and no
+    allocation in flight, the zero checks of COW regions on their direct path (inside the image,
+    preallocation probe done).  A pure test."""
+    cs = s.cluster_size
+    start = offset & ~(cs - 1)
+    end = offset + nbytes
+    if (not nbytes or end > start + cs or AIO.yield_on_io or s.lock.locked or s.cluster_allocs
+            or s.crypto is not None or s.data_node is not None or s.bs.backing is not None
+            or s.bs.file.has_debug_hooks):
+        return -1
+    if (offset > start or end < start + cs) and (not s.metadata_preallocation_checked or start + cs > _length(s)):
+        return -1
+    ci, index = cached_slice(s, offset)
+    return -1 if ci < 0 or _unpack_entry(s.l2c.tables[ci], index << 3)[0] else ci
+
+
+async def _pwritev_new_cluster(s: Qcow2State, ci: int, offset: int, nbytes: int, qiov: IOVec) -> None:
+    """:func:`_pwritev_part` and :func:`_pwritev_task` of a request :func:`_new_cluster_write` accepted
+    (the usual allocating write), in one function: the same locks, cache lookups, allocation, checks,
+    host writes and L2 update in the same order, each step without a coroutine when it needs no I/O,
+    else the general step."""
+    lk, c = s.lock, s.l2c
+    cs = s.cluster_size
+    oic = offset & (cs - 1)
+    guest = offset - oic
+    key = c.offsets[ci]
+    lk.lock_now()
+    # alloc_host_offset: handle_copied and handle_alloc look the slice up in turn
+    c.put(c.hit(key))
+    c.hit(key)
+    try:
+        alloc = alloc_cluster_now(s)
+        if alloc < 0:
+            alloc = await alloc_clusters(s, cs)
+    except BaseException:
+        c.put(ci)
+        lk.unlock()
+        raise
+    end = oic + nbytes
+    m = L2Meta(guest, alloc, 1, False, 0, oic, end, cs - end)
+    metas = [m]
+    s.cluster_allocs.insert(0, m)
+    c.put(ci)
+    host = alloc + oic
+    try:
+        if not _no_overlap(s, host, nbytes):
+            await pre_write_overlap_check(s, 0, host, nbytes, True)
+    except BaseException:
+        try:
+            await handle_l2meta(s, metas, False)
+        finally:
+            lk.unlock()
+        raise
+    lk.unlock()
+    qiov = io.iov_slice(qiov, 0, nbytes)
+    try:
+        data = s.bs.file
+        if data.supported_zero_flags & REQ_NO_FALLBACK and (oic or end < cs):
+            await _alloc_space_new_cluster(s, m, data)
+        await _write_data(s, host, offset, nbytes, qiov, metas)
+    except BaseException:
+        await _abort_metas(s, metas)
+        raise
+    if lk.lock_now():
+        if link_l2_now(s, m):
+            lk.unlock()
+            return
+    else:
+        await lk.lock()
+    await _link_metas(s, metas)
+
+
+def _no_overlap(s: Qcow2State, offset: int, nbytes: int) -> bool:
+    """:func:`pre_write_overlap_check` found nothing, decided without reads (False: ask it)."""
+    chk = s.overlap_check
+    return not chk or not nbytes or overlap_no_io(s, chk, offset, nbytes) == 0
+
+
+async def _alloc_space_new_cluster(s: Qcow2State, m: L2Meta, data: BlockDriver) -> None:
+    """:func:`_handle_alloc_space` of :func:`_pwritev_new_cluster`'s allocation (supported, with COW
+    regions): the zero checks of the head and tail, then the cluster's zero write."""
+    if not _cow_zero_now(s, m):
+        for off, n in ((m.offset, m.cow_start_n), (m.offset + m.cow_end_off, m.cow_end_n)):
+            if not await _is_zero_fast(s, off, n):
+                return
+    start, n = m.alloc_offset, m.cow_end_off + m.cow_end_n
+    if not _no_overlap(s, start, n):
+        await pre_write_overlap_check(s, 0, start, n, True)
+    try:
+        if io.can_pwrite_zeroes_inline(data, start, n, REQ_NO_FALLBACK | REQ_ZERO_WRITE):
+            io.pwrite_zeroes_inline(data, start, n, REQ_NO_FALLBACK | REQ_ZERO_WRITE)
+        else:
+            await io.pwrite_zeroes(data, start, n, REQ_NO_FALLBACK)
+    except BlockError as e:
+        if e.code not in (errno.ENOTSUP, errno.EAGAIN):
+            raise
+        return
+    m.skip_cow = True
+
+
+def _cow_zero_now(s: Qcow2State, m: L2Meta) -> bool:
+    """Both :func:`_is_zero_fast` checks of :func:`_pwritev_new_cluster`'s COW regions (in its
+    cluster) without a coroutine while the cluster's L2 entry is still 0 in a cached slice and the lock
+    is free: True (both zero) after the same cache lookups, under one lock and unlock for both (nothing
+    can happen between the two in the general path either); False, nothing done, otherwise."""
+    if (s.lock.locked or s.bs.backing is not None or not s.metadata_preallocation_checked
+            or m.offset + m.cow_end_off + m.cow_end_n > _length(s)):
+        return False
+    ci, index = cached_slice(s, m.offset)
+    if ci < 0:
+        return False
+    c = s.l2c
+    if _unpack_entry(c.tables[ci], index << 3)[0]:
+        return False
+    key = c.offsets[ci]
+    s.lock.lock_now()
+    if m.cow_start_n:
+        c.put(c.hit(key))
+    if m.cow_end_n:
+        c.put(c.hit(key))
+    s.lock.unlock()
+    return True
 
 
 def _merge_cow(offset: int, nbytes: int, qiov: IOVec, metas: list[L2Meta]) -> bool:
