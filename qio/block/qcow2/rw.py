@@ -335,16 +335,8 @@ async def _alloc_space_new_cluster(s: Qcow2State, m: L2Meta, data: BlockDriver) 
     start, n = m.alloc_offset, m.cow_end_off + m.cow_end_n
     if not _no_overlap(s, start, n):
         await pre_write_overlap_check(s, 0, start, n, True)
-    try:
-        if io.can_pwrite_zeroes_inline(data, start, n, REQ_NO_FALLBACK | REQ_ZERO_WRITE):
-            io.pwrite_zeroes_inline(data, start, n, REQ_NO_FALLBACK | REQ_ZERO_WRITE)
-        else:
-            await io.pwrite_zeroes(data, start, n, REQ_NO_FALLBACK)
-    except BlockError as e:
-        if e.code not in (errno.ENOTSUP, errno.EAGAIN):
-            raise
-        return
-    m.skip_cow = True
+    if await _zero_alloc_space(data, start, n):
+        m.skip_cow = True
 
 
 def _cow_zero_now(s: Qcow2State, m: L2Meta) -> bool:
@@ -400,17 +392,23 @@ async def _handle_alloc_space(s: Qcow2State, metas: list[L2Meta]) -> None:
         n = m.cow_end_off + m.cow_end_n - m.cow_start_off
         await pre_write_overlap_check(s, 0, start, n, True)
         await _event(s, Event.CLUSTER_ALLOC_SPACE)
-        try:
-            data = s.data_file
-            if io.can_pwrite_zeroes_inline(data, start, n, REQ_NO_FALLBACK | REQ_ZERO_WRITE):
-                io.pwrite_zeroes_inline(data, start, n, REQ_NO_FALLBACK | REQ_ZERO_WRITE)
-            else:
-                await io.pwrite_zeroes(data, start, n, REQ_NO_FALLBACK)
-        except BlockError as e:
-            if e.code not in (errno.ENOTSUP, errno.EAGAIN):
-                raise
-            continue
-        m.skip_cow = True
+        if await _zero_alloc_space(s.data_file, start, n):
+            m.skip_cow = True
+
+
+async def _zero_alloc_space(data: BlockDriver, start: int, n: int) -> bool:
+    """The zero write of ``handle_alloc_space`` (overlap check done): False when the node cannot
+    (ENOTSUP, EAGAIN), and the COW then writes the region."""
+    try:
+        if io.can_pwrite_zeroes_inline(data, start, n, REQ_NO_FALLBACK | REQ_ZERO_WRITE):
+            io.pwrite_zeroes_inline(data, start, n, REQ_NO_FALLBACK | REQ_ZERO_WRITE)
+        else:
+            await io.pwrite_zeroes(data, start, n, REQ_NO_FALLBACK)
+    except BlockError as e:
+        if e.code not in (errno.ENOTSUP, errno.EAGAIN):
+            raise
+        return False
+    return True
 
 
 async def _own_block_status(s: Qcow2State, offset: int, nbytes: int) -> tuple[int, int, int]:
