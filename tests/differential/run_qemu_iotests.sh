@@ -35,11 +35,12 @@ cd "$dir" || exit 3
 # a private scratch dir: two runs at once must not share (and break) each other's images
 scratch=$(mktemp -d); trap 'rm -rf "$scratch"' EXIT
 # Real qemu-img times its LUKS key derivation with the thread's CPU time and gives up with "Unable to get
-# accurate CPU usage" when a loaded machine charges it none: create/amend are run again then (their output
-# is held back until a run did not fail that way); every other command runs as it is.
+# accurate CPU usage" when a loaded machine charges it none: create/amend/convert (which creates its
+# target) are run again then (their output is held back until a run did not fail that way); every other
+# command runs as it is.
 cat > "$scratch/qemu-img" <<'WRAP'
 #!/usr/bin/env bash
-case "${1:-}" in create|amend) ;; *) exec /usr/bin/qemu-img "$@" ;; esac
+case "${1:-}" in create|amend|convert) ;; *) exec /usr/bin/qemu-img "$@" ;; esac
 d=$(mktemp -d); trap 'rm -rf "$d"' EXIT
 for _ in $(seq 30); do
   /usr/bin/qemu-img "$@" >"$d/out" 2>"$d/err"; rc=$?
