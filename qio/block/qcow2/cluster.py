@@ -488,10 +488,11 @@ async def alloc_cluster_link_l2(s: Qcow2State, m: L2Meta) -> None:
             await free_any_cluster(s, old, DISCARD_NEVER)
 
 
-def cached_slice(s: Qcow2State, offset: int) -> tuple[int, int]:
+def empty_cached_entry(s: Qcow2State, offset: int) -> tuple[int, int]:
     """(L2 cache entry, index) of the slice that maps ``offset`` when :func:`get_cluster_table` would
     just find it in the cache (a COPIED, aligned L2 table inside the L1 table, no subclusters), without
-    taking it; (-1, 0) otherwise.  A pure test."""
+    taking it, and the cluster's L2 entry there is still 0 (unallocated); (-1, 0) otherwise.  A pure
+    test: the entry condition of the one-cluster write path's steps."""
     cb = s.cluster_bits
     l1_index = offset >> (s.l2_bits + cb)
     if l1_index >= s.l1_size or s.subclusters:
@@ -502,7 +503,9 @@ def cached_slice(s: Qcow2State, offset: int) -> tuple[int, int]:
         return -1, 0
     index = (offset >> cb) & (s.l2_slice_size - 1)
     ci = s.l2c.where.get(l2_offset + ((((offset >> cb) & (s.l2_size - 1)) - index) << 3))
-    return (-1, 0) if ci is None else (ci, index)
+    if ci is None or _unpack_entry(s.l2c.tables[ci], index << 3)[0]:
+        return -1, 0
+    return ci, index
 
 
 def link_l2_now(s: Qcow2State, m: L2Meta) -> bool:
@@ -515,12 +518,10 @@ def link_l2_now(s: Qcow2State, m: L2Meta) -> bool:
     accurate = _need_accurate_refcounts(s)
     if accurate and (rbc.depends is not None or l2c.depends not in (None, rbc)):
         return False
-    ci, index = cached_slice(s, m.offset)
+    ci, index = empty_cached_entry(s, m.offset)
     if ci < 0:
         return False
     tbl = l2c.tables[ci]
-    if _unpack_entry(tbl, index << 3)[0]:
-        return False
     if accurate:
         l2c.depends = rbc  # _set_dependency
     l2c.hit(l2c.offsets[ci])

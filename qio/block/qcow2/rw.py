@@ -24,8 +24,8 @@ from qio.block.qcow2 import crypt
 from qio.block.qcow2 import layout as L
 from qio.block.qcow2.cluster import (
     alloc_host_offset,
-    cached_slice,
     cluster_discard,
+    empty_cached_entry,
     get_host_offset,
     handle_l2meta,
     link_l2_now,
@@ -45,7 +45,6 @@ from qio.block.qcow2.state import (
     _length,
     _round_up,
     _task_pool,
-    _unpack_entry,
     size_to_clusters,
     vm_state_offset,
 )
@@ -259,8 +258,7 @@ def _new_cluster_write(s: Qcow2State, offset: int, nbytes: int) -> int:
         return -1
     if (offset > start or end < start + cs) and (not s.metadata_preallocation_checked or start + cs > _length(s)):
         return -1
-    ci, index = cached_slice(s, offset)
-    return -1 if ci < 0 or _unpack_entry(s.l2c.tables[ci], index << 3)[0] else ci
+    return empty_cached_entry(s, offset)[0]
 
 
 async def _pwritev_new_cluster(s: Qcow2State, ci: int, offset: int, nbytes: int, qiov: IOVec) -> None:
@@ -347,12 +345,10 @@ def _cow_zero_now(s: Qcow2State, m: L2Meta) -> bool:
     if (s.lock.locked or s.bs.backing is not None or not s.metadata_preallocation_checked
             or m.offset + m.cow_end_off + m.cow_end_n > _length(s)):
         return False
-    ci, index = cached_slice(s, m.offset)
+    ci = empty_cached_entry(s, m.offset)[0]
     if ci < 0:
         return False
     c = s.l2c
-    if _unpack_entry(c.tables[ci], index << 3)[0]:
-        return False
     key = c.offsets[ci]
     s.lock.lock_now()
     if m.cow_start_n:
