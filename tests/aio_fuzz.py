@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import difftest
@@ -527,6 +527,25 @@ class RunOpts:
     reference: str | None = None  # qemu-io binary (default: difftest.qemu_io_path())
 
 
+def reference_runs(ref_prog: str, case: difftest.Case, base: Path, fmt: str, runs: int) -> list[Outcome]:
+    """``runs`` plays of a case through qemu-io, one after another; once the first one hangs, the
+    others run in parallel (a hang only sleeps out the timeout)."""
+    refs = [play(ref_prog, case, base, fmt)]
+    if refs[0].timed_out and runs > 1:
+        subs = []
+        for i in range(1, runs):
+            sub = base / f"p{i}"
+            sub.mkdir()
+            if (base / "template").exists():
+                shutil.copytree(base / "template", sub / "template", symlinks=True)
+            subs.append(sub)
+        with ThreadPoolExecutor(max_workers=len(subs)) as pool:
+            refs += pool.map(lambda b: play(ref_prog, case, b, fmt), subs)
+    else:
+        refs += [play(ref_prog, case, base, fmt) for _ in range(1, runs)]
+    return refs
+
+
 def run_text(text: str, name: str, fmt: str, ro: RunOpts) -> SeedResult:
     """Play a case ``qemu_runs`` times through qemu-io and, if stable, ``qio_runs`` times through qio."""
     t0 = time.monotonic()
@@ -538,20 +557,7 @@ def run_text(text: str, name: str, fmt: str, ro: RunOpts) -> SeedResult:
         base = Path(tmp)
         case = load_case(text, base)
         case.timeout = timeout
-        refs = [play(ref_prog, case, base, fmt)]
-        if refs[0].timed_out and qemu_runs > 1:
-            # a hang costs the whole timeout: confirm it with the other runs in parallel (they sleep)
-            subs = []
-            for i in range(1, qemu_runs):
-                sub = base / f"p{i}"
-                sub.mkdir()
-                if (base / "template").exists():
-                    shutil.copytree(base / "template", sub / "template", symlinks=True)
-                subs.append(sub)
-            with ThreadPoolExecutor(max_workers=len(subs)) as pool:
-                refs += pool.map(lambda b: play(ref_prog, case, b, fmt), subs)
-        else:
-            refs += [play(ref_prog, case, base, fmt) for _ in range(1, qemu_runs)]
+        refs = reference_runs(ref_prog, case, base, fmt, qemu_runs)
         for i, r in enumerate(refs):
             if r != refs[0] and not (r.timed_out and refs[0].timed_out):
                 return SeedResult(name, "qemu-unstable", f"run {i + 1} differs", refs[0], [], text,
@@ -596,6 +602,52 @@ def is_documented_crash(ref: Outcome) -> bool:
 def run_seed(seed: int, fmt: str, cache: str, ro: RunOpts) -> SeedResult:
     script = generate(seed, fmt, cache)
     return run_text(script.render(), script.name, fmt, ro)
+
+
+@dataclass
+class Spread:
+    """Where qio stands in qemu-io's own noise on one case: the outcomes of ``runs`` qemu-io runs
+    (a hang is one outcome, whatever it printed before) and how many of them qio's outcome is."""
+
+    name: str
+    runs: int
+    counts: list[int]  # runs per distinct qemu-io outcome, commonest first
+    qio_runs: int  # qemu-io runs that gave qio's outcome (a reported standstill = a hang)
+    qio_commonest: bool
+
+    def line(self) -> str:
+        where = "the commonest" if self.qio_commonest else "in no run" if not self.qio_runs else "not the commonest"
+        return (f"{self.name}: {self.runs} qemu-io runs, {len(self.counts)} outcome(s) {self.counts}; "
+                f"qio's outcome in {self.qio_runs} ({where})")
+
+
+_HANG = "hang"
+
+
+def _outcome_key(o: Outcome, qio: bool) -> Outcome | str:
+    if o.timed_out or (qio and STANDSTILL_RE.search(o.stdout + o.stderr)):
+        return _HANG
+    return o
+
+
+def spread(seed: int, fmt: str, cache: str, ro: RunOpts) -> Spread:
+    """Play a case ``ro.qemu_runs`` times through qemu-io (all runs, no early stop) and once through
+    qio: the measure of "within the noise of qemu-io's own re-runs" (issue 18)."""
+    script = generate(seed, fmt, cache)
+    ref_prog = ro.reference or difftest.qemu_io_path()
+    if ref_prog is None:
+        raise RuntimeError("qemu-io not found (set QEMU_IO_PROG)")
+    with tempfile.TemporaryDirectory(prefix="fuzz-aio-") as tmp:
+        base = Path(tmp)
+        case = load_case(script.render(), base)
+        case.timeout = ro.timeout
+        refs = reference_runs(ref_prog, case, base, fmt, ro.qemu_runs)
+        with _CPU:
+            q = play(qio_target(base, ro.qio_root), case, base, fmt)
+    counts = Counter(_outcome_key(r, False) for r in refs)
+    mine = counts.get(_outcome_key(q, True), 0)
+    ranked = sorted(counts.values(), reverse=True)
+    return Spread(script.name, len(refs), ranked, mine, mine == ranked[0])
 
 
 def replay(record: dict[str, object], qio_root: Path | None = None, timeout: float = DEFAULT_TIMEOUT
@@ -918,6 +970,9 @@ def _main(argv: Sequence[str] | None) -> int:
                     help="run qio only against the recorded qemu-io results (what the pytest test does)")
     ap.add_argument("--drop-fixed", action="store_true",
                     help="--replay: remove the cases that now match from known_failures in the records file")
+    ap.add_argument("--spread", action="store_true",
+                    help="with --names: run qemu-io --qemu-runs times (all of them) and qio once per case, "
+                         "and count how many qemu-io runs give qio's outcome (qemu-io's own noise)")
     ap.add_argument("--json", type=Path, help="write per-seed results as JSON lines here")
     ap.add_argument("--rescore", type=Path, metavar="JSONL",
                     help="score qio again against the qemu-io results stored by an earlier --json run "
@@ -954,14 +1009,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1 if bad else 0
     if opts.rescore:
         return _rescore_cli(opts, kw)
-    jobs: list[tuple[int, str, str]] = [
-        (s, f, c) for f, c in _combos(opts.fmt, opts.cache) for s in _parse_seeds(opts.seeds)
-    ]
-    if opts.names:
-        names = [n for n in opts.names if n.strip()]
-        if len(names) == 1 and os.path.exists(names[0]):  # a file of names, one a line
-            names = Path(names[0]).read_text().split()
-        jobs = [parse_name(n) for n in names]
+    if opts.spread:
+        return _spread_cli(opts, kw)
+    jobs = _names(opts)
     results: list[SeedResult] = []
     t0 = time.monotonic()
     jf = open(opts.json, "w") if opts.json else None  # noqa: SIM115
@@ -983,6 +1033,36 @@ def _main(argv: Sequence[str] | None) -> int:
     dt = time.monotonic() - t0
     print(summarise(results))
     print(f"{len(results)} cases in {dt:.0f} s ({len(results) / dt:.2f} cases/s, -j {opts.jobs})")
+    return 0
+
+
+def _names(opts: argparse.Namespace) -> list[tuple[int, str, str]]:
+    """The cases of ``--names`` (names, or one file of names) or else of ``--seeds``."""
+    if not opts.names:
+        return [(s, f, c) for f, c in _combos(opts.fmt, opts.cache) for s in _parse_seeds(opts.seeds)]
+    names = [n for n in opts.names if n.strip()]
+    if len(names) == 1 and os.path.exists(names[0]):  # a file of names, one a line
+        names = Path(names[0]).read_text().split()
+    return [parse_name(n) for n in names]
+
+
+def _spread_cli(opts: argparse.Namespace, ro: RunOpts) -> int:
+    global _CPU
+    _CPU = threading.Semaphore(max(1, opts.jobs))
+    jf = open(opts.json, "w") if opts.json else None  # noqa: SIM115
+    seen = commonest = 0
+    total = 0
+    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        for sp in pool.map(lambda j: spread(j[0], j[1], j[2], ro), _names(opts)):
+            print(sp.line(), flush=True)
+            total += 1
+            seen += sp.qio_runs > 0
+            commonest += sp.qio_commonest
+            if jf:
+                jf.write(json.dumps(asdict(sp)) + "\n")
+    if jf:
+        jf.close()
+    print(f"{total} cases: qio's outcome seen in qemu-io's runs in {seen}, the commonest in {commonest}")
     return 0
 
 

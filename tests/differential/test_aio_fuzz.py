@@ -11,6 +11,7 @@ a model fix that makes one match fails here until it is removed from the list.  
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,35 @@ def test_recorded_case(record: dict[str, object]) -> None:
     parts, diff = aio_fuzz.replay(record)
     if parts:
         pytest.fail(f"{record['name']}: {','.join(parts)} differ\n{diff}", pytrace=False)
+
+
+def _fake_reference(tmp_path: Path, plan: str) -> Path:
+    """A stand-in for qemu-io whose n-th run (1-based) follows ``plan[n - 1]``: ``q`` runs qio (so it
+    gives qio's outcome), ``o`` runs qio and prints one more line (another outcome), ``h`` hangs."""
+    count = tmp_path / "runs"
+    count.write_text("0")
+    prog = tmp_path / "fake-qemu-io"
+    qio = f"env PYTHONPATH={Path(aio_fuzz.__file__).resolve().parent.parent} {sys.executable} -m qio"
+    prog.write_text(
+        "#!/bin/sh\n"
+        f'n=$(( $(cat {count}) + 1 )); echo $n > {count}\n'
+        f'step=$(echo {plan} | cut -c$n)\n'
+        f'case $step in q) exec {qio} "$@";; o) {qio} "$@"; rc=$?; echo other; exit $rc;; '
+        "*) exec sleep 60;; esac\n"
+    )
+    prog.chmod(0o755)
+    return prog
+
+
+@pytest.mark.oracle  # qemu-img makes the image
+@pytest.mark.parametrize("plan, counts, mine, commonest",
+                         [("qoqhq", [3, 1, 1], 3, True), ("oqoo", [3, 1], 1, False), ("ooh", [2, 1], 0, False)])
+def test_spread_counts_qemu_io_outcomes(tmp_path: Path, plan: str, counts: list[int], mine: int,
+                                        commonest: bool) -> None:
+    """``--spread`` plays every qemu-io run (no early stop), counts its distinct outcomes (a hang is one)
+    and how many of them are qio's: the measure of qemu-io's own noise around qio."""
+    ro = aio_fuzz.RunOpts(qemu_runs=len(plan), timeout=3, reference=str(_fake_reference(tmp_path, plan)))
+    sp = aio_fuzz.spread(4000, "raw", "writethrough", ro)
+    assert (sp.name, sp.runs, sp.counts, sp.qio_runs, sp.qio_commonest) == (
+        "raw-writethrough-4000", len(plan), counts, mine, commonest)
+    assert (tmp_path / "runs").read_text().strip() == str(len(plan))
