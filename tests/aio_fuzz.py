@@ -895,19 +895,68 @@ def add_records(path: Path, results: Iterable[dict[str, object]]) -> str:
             continue
         added += 1
     records.sort(key=lambda r: (str(r["name"]).rsplit("-", 1)[0], int(str(r["name"]).rsplit("-", 1)[1])))
-    dump_records(path, float(data["timeout"]), known, records)
+    dump_records(path, float(data["timeout"]), known, records, data.get("dropped"))
     return f"added {added} records to {path} ({len(records)} records, {len(known)} known failures)"
 
 
-def dump_records(path: Path, timeout: float, known: dict[str, str], records: list[dict[str, object]]) -> None:
+def recheck_records(path: Path, names: Iterable[str], ro: RunOpts,
+                    log: Callable[[str], None] = print) -> str:
+    """Play recorded cases through qemu-io again (``ro.qemu_runs`` runs, which must all agree) and
+    update their records: a reproduced result replaces the old one (a known failure if qio differs
+    from it), a case qemu-io no longer reproduces is dropped, with the reason kept under "dropped".
+    For the records qio does not match: qemu-io's timing on a race can drift between machines and
+    days, and a known failure is only worth keeping while qemu-io really does what it records."""
+    data = json.loads(path.read_text())
+    records: list[dict[str, object]] = data["records"]
+    known: dict[str, str] = data["known_failures"]
+    dropped: dict[str, str] = data.get("dropped", {})
+    by_name = {str(r["name"]): i for i, r in enumerate(records)}
+    counts = Counter[str]()
+    for name in names:
+        if name not in by_name:
+            raise ValueError(f"{name} is not recorded")
+        seed, fmt, cache = parse_name(name)
+        res = run_seed(seed, fmt, cache, ro)
+        if res.status == "qemu-crash":
+            counts["kept (qemu-io crashes)"] += 1
+            continue
+        known.pop(name, None)
+        if res.status == "qemu-unstable":
+            records[by_name[name]] = {}
+            dropped[name] = f"qemu-io unstable in {ro.qemu_runs} runs ({res.detail})"
+            counts["dropped"] += 1
+            log(f"{name}: dropped, qemu-io {res.detail}")
+            continue
+        rec: dict[str, object] = {"name": name, "script": script_sha(res.text)}
+        if res.status == "qemu-hang":
+            rec["hang"] = True
+            if res.detail != "qio-reported":
+                known[name] = f"qemu-io hangs; qio: {res.detail}"
+        else:
+            assert res.ref is not None
+            rec.update(res.ref.to_json())
+            if res.status != "match":
+                known[name] = f"differs: {res.detail}"
+        records[by_name[name]] = rec
+        verdict = "known failure" if name in known else "matches qio"
+        counts[f"re-recorded, {verdict}"] += 1
+        log(f"{name}: re-recorded ({res.status} {res.detail}), {verdict}")
+    dump_records(path, float(data["timeout"]), known, [r for r in records if r], dropped)
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def dump_records(path: Path, timeout: float, known: dict[str, str], records: list[dict[str, object]],
+                 dropped: dict[str, str] | None = None) -> None:
     """Write the records file: JSON, one record a line (small diffs when it is regenerated)."""
     with open(path, "w") as f:
         f.write("{\n")
         about = ("qemu-io 7.2 results of tests/aio_fuzz.py cases (filtered, sha256[:16] of files); made by "
                  "'python tests/aio_fuzz.py --record N' (see docs/fuzzing.md). hang: qemu-io waits forever "
-                 "(qio must report the standstill). known_failures: qio differs today (strict xfail).")
+                 "(qio must report the standstill). known_failures: qio differs today (strict xfail). "
+                 "dropped: records that qemu-io no longer reproduced when --recheck ran them again.")
         f.write(f'"about": {json.dumps(about)},\n"timeout": {json.dumps(timeout)},\n')
         f.write(f'"known_failures": {json.dumps(dict(sorted(known.items())), indent=0)},\n')
+        f.write(f'"dropped": {json.dumps(dict(sorted((dropped or {}).items())), indent=0)},\n')
         f.write('"records": [\n')
         f.write(",\n".join(json.dumps(r, sort_keys=True) for r in records))
         f.write("\n]\n}\n")
@@ -973,6 +1022,9 @@ def _main(argv: Sequence[str] | None) -> int:
     ap.add_argument("--spread", action="store_true",
                     help="with --names: run qemu-io --qemu-runs times (all of them) and qio once per case, "
                          "and count how many qemu-io runs give qio's outcome (qemu-io's own noise)")
+    ap.add_argument("--recheck", metavar="NAME", nargs="+",
+                    help="play these recorded cases (or the names listed in a file) through qemu-io again, "
+                         "--qemu-runs times: re-record the reproduced ones, drop the others")
     ap.add_argument("--json", type=Path, help="write per-seed results as JSON lines here")
     ap.add_argument("--rescore", type=Path, metavar="JSONL",
                     help="score qio again against the qemu-io results stored by an earlier --json run "
@@ -995,6 +1047,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if opts.minimise:
         return _minimise_cli(opts, kw)
+    if opts.recheck:
+        opts.names = opts.recheck
+        names = [case_name(*j) for j in _names(opts)]
+        print(recheck_records(opts.records, names, kw))
+        return 0
     if opts.replay:
         return _replay_cli(opts, kw)
     if opts.run:
@@ -1126,7 +1183,7 @@ def _replay_cli(opts: argparse.Namespace, ro: RunOpts) -> int:
         # the records themselves stay as qemu-io made them
         data = json.loads(opts.records.read_text())
         dump_records(opts.records, float(data["timeout"]),
-                     {k: v for k, v in known.items() if k not in fixed}, data["records"])
+                     {k: v for k, v in known.items() if k not in fixed}, data["records"], data.get("dropped"))
         print(f"removed {len(fixed)} fixed cases from known_failures in {opts.records}")
     return 1 if counts["NEW FAILURE"] else 0
 

@@ -36,7 +36,7 @@ COMMANDS = (
       argmin=2, argmax=-1, optstring="CfiqP:uz", flags=QUICK, perm=PERM_WRITE, fast=io.fast_aio_write,
       run_now=io.submit_aio_write),
     C("aio_flush", "completes all outstanding aio requests",
-      None, io.run_aio_flush),
+      None, io.run_aio_flush, flags=QUICK),
     C("flush", "flush all in-core file state to disk",
       None, io.run_flush, altname="f"),
     C("truncate", "truncates the current file at the given offset",

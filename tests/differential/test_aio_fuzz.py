@@ -11,6 +11,7 @@ a model fix that makes one match fails here until it is removed from the list.  
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def test_records_match_generator() -> None:
     """Every record was made from the script the generator makes today (else: --record again)."""
     assert len(RECORDS) >= 100
     assert set(KNOWN) <= {r["name"] for r in RECORDS}
+    dropped = json.loads(aio_fuzz.RECORDS_PATH.read_text()).get("dropped", {})
+    assert not set(dropped) & {r["name"] for r in RECORDS}
     for rec in RECORDS:
         seed, fmt, cache = aio_fuzz.parse_name(str(rec["name"]))
         assert aio_fuzz.script_sha(aio_fuzz.generate(seed, fmt, cache).render()) == rec["script"], rec["name"]
@@ -104,3 +107,23 @@ def test_spread_counts_qemu_io_outcomes(tmp_path: Path, plan: str, counts: list[
     assert (sp.name, sp.runs, sp.counts, sp.qio_runs, sp.qio_commonest) == (
         "raw-writethrough-4000", len(plan), counts, mine, commonest)
     assert (tmp_path / "runs").read_text().strip() == str(len(plan))
+
+
+@pytest.mark.oracle  # qemu-img makes the image
+def test_recheck_rerecords_or_drops(tmp_path: Path) -> None:
+    """``--recheck``: a case qemu-io reproduces in every run gets that result as its record (here qio's,
+    so it is no longer a known failure); one it does not reproduce is dropped, with the reason kept."""
+    names = ["raw-writethrough-4000", "raw-writethrough-4001"]
+    stale = {"stdout": "stale", "stderr": "", "rc": 0, "files": {}, "check": ""}
+    recs: list[dict[str, object]] = [
+        {"name": n, "script": aio_fuzz.script_sha(aio_fuzz.generate(*aio_fuzz.parse_name(n)).render()), **stale}
+        for n in names]
+    path = tmp_path / "records.json"
+    aio_fuzz.dump_records(path, 5.0, dict.fromkeys(names, "differs: stdout"), recs)
+    ro = aio_fuzz.RunOpts(qemu_runs=3, timeout=3, reference=str(_fake_reference(tmp_path, "qqqqoq")))
+    summary = aio_fuzz.recheck_records(path, names, ro, log=lambda _m: None)
+    assert summary == "dropped 1, re-recorded, matches qio 1"
+    records, known = aio_fuzz.load_records(path)
+    assert ([r["name"] for r in records], known) == (names[:1], {})
+    assert records[0]["stdout"] != "stale" and "wrote" in str(records[0]["stdout"])
+    assert list(json.loads(path.read_text())["dropped"]) == names[1:]
