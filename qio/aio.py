@@ -70,17 +70,20 @@ AIO = AioStats()
 
 def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run open-time I/O to completion without an event loop turn: nothing can suspend it then, host
-    I/O runs inline and a pending future (blkdebug's delayed error injection) resumes at once."""
+    I/O runs inline and a pending future (blkdebug's delayed error injection) resumes at once.  In a
+    context of its own, as every request has: what a request sets (``current_request``) must not stay
+    behind for the caller's later work (a close's flush would be reported as that request's)."""
     saved = AIO.yield_on_io, AIO.inline
     AIO.yield_on_io, AIO.inline = False, True
     if AioContext._current is not None:
         AioContext._current.pool.opened()
+    step = contextvars.copy_context().run
     try:
-        value = coro.send(None)
+        value = step(coro.send, None)
         while True:
             if isinstance(value, asyncio.Future) and not value.done():
                 value.set_result(None)
-            value = coro.send(None)
+            value = step(coro.send, None)
     except StopIteration as stop:
         return stop.value
     finally:
@@ -335,7 +338,13 @@ COMMAND_TIME = 20  # qemu-io reading and running a command that does no I/O
 #: thread has woken.  The end of the command list costs the same: ``bdrv_drain_all_begin`` quiesces
 #: every node before its first poll.
 QUICK_COMMAND_TIME = 5
-WAKE_TIME = 15  # an idle worker thread woken by a submission
+#: An idle worker thread woken by a submission: ``WAKE_TIME`` if it went idle less than ``LONG_IDLE``
+#: ago, else ``WAKE_TIME_LONG_IDLE`` (its CPU has gone idle as well).  Measured on the 2-vCPU project
+#: machine with a C program (``pthread_cond_signal`` to the worker running): about 10 us after up to
+#: 50 us of idleness, 17-25 us after 100 us to 10 ms (docs/fuzzing.md).
+WAKE_TIME = 10
+WAKE_TIME_LONG_IDLE = 25
+LONG_IDLE = 100
 SPAWN_TIME = 50  # a new worker thread starting up
 MAIN_WAKE_TIME = 10  # the main loop woken by a completion while it blocks in ppoll (eventfd + wake-up)
 COST_TRANSFER = 2  # a page-cache read or write (plus COST_PER_BYTE per byte)
@@ -362,11 +371,11 @@ class ThreadPool:
 
     Submission adds the request to the list the completion BH walks (newest first) and, when no worker
     is idle, asks for a new thread, which only the ``new_thread_bh`` bottom half creates.  Workers take
-    queued requests in order; an idle worker needs ``WAKE_TIME`` to start, a busy one goes straight on
-    to the next request.  The clock advances by ``COMMAND_TIME`` per command (``QUICK_COMMAND_TIME``
-    for one that only submits or sets a breakpoint); a poll completes what
-    has finished by then, and if nothing can run it blocks: the clock jumps to the next completion.
-    Transfers in real threads (large requests) are done when their thread says so.
+    queued requests in order; an idle worker needs ``WAKE_TIME`` (``WAKE_TIME_LONG_IDLE`` after a long
+    wait) to start, a busy one goes straight on to the next request.  The clock advances by
+    ``COMMAND_TIME`` per command (``QUICK_COMMAND_TIME`` for one that only submits or sets a
+    breakpoint); a poll completes what has finished by then, and if nothing can run it blocks: the
+    clock jumps to the next completion.  Transfers in real threads (large requests) are done when their thread says so.
     """
 
     def __init__(self, ctx: AioContext) -> None:
@@ -435,7 +444,10 @@ class ThreadPool:
             req = queue[0]
             best, start = 0, -1.0
             for i, busy in enumerate(workers):
-                s = busy if busy >= req.submit else req.submit + WAKE_TIME
+                if busy >= req.submit:
+                    s = busy
+                else:
+                    s = req.submit + (WAKE_TIME if req.submit - busy < LONG_IDLE else WAKE_TIME_LONG_IDLE)
                 if start < 0 or s < start:
                     best, start = i, s
             if start > limit:

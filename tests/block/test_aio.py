@@ -385,3 +385,17 @@ def test_run_sync_completes_without_an_event_loop_and_restores_the_mode() -> Non
         assert AIO.yield_on_io and not AIO.inline
     finally:
         AIO.yield_on_io, AIO.inline = saved
+
+
+def test_run_sync_keeps_what_the_request_sets_to_itself() -> None:
+    """A request run by ``run_sync`` (open-time I/O, or a test calling the block layer directly) sets
+    ``current_request`` in a context of its own: the caller's later events are not reported as that
+    request's (a close's flush after a direct ``blk.pwritev`` showed op ``write``)."""
+    async def request() -> int:
+        aio.current_request.set(("write", 0, 512))
+        await asyncio.sleep(0)
+        assert aio.current_request.get() == ("write", 0, 512)
+        return 7
+
+    assert aio.run_sync(request()) == 7
+    assert aio.current_request.get() is None
