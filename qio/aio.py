@@ -394,10 +394,16 @@ class ThreadPool:
         self._timer_seq = 0
 
     def opened(self) -> None:
-        """Open-time I/O (``bdrv_open`` of a format reads through the pool) leaves an idle worker."""
+        """Open-time I/O (``bdrv_open`` of a format reads through the pool) leaves an idle worker, and
+        the completion bottom half in the list, not scheduled: ``thread_pool_completion_bh`` schedules
+        itself before each completion and cancels that after it, and the open's last poll has already
+        taken the list.  A request that completes later keeps that old place, behind the one-shot
+        bottom halves scheduled since (``aio_bh_enqueue``; the list is run newest first)."""
         if self.cur_threads == 0:
             self.workers.append(self.now)
             self.cur_threads = 1
+        self.ctx.bh_schedule(self.completion_bh)
+        self.completion_bh.scheduled = False  # qemu_bh_cancel
 
     def tick(self, cost: float = COMMAND_TIME) -> None:
         """A command boundary: time passes."""
