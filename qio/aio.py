@@ -375,7 +375,8 @@ class ThreadPool:
     wait) to start, a busy one goes straight on to the next request.  The clock advances by
     ``COMMAND_TIME`` per command (``QUICK_COMMAND_TIME`` for one that only submits or sets a
     breakpoint); a poll completes what has finished by then, and if nothing can run it blocks: the
-    clock jumps to the next completion.  Transfers in real threads (large requests) are done when their thread says so.
+    clock jumps to the next completion.  Transfers in real threads (large requests) are done when
+    their thread says so.
     """
 
     def __init__(self, ctx: AioContext) -> None:

@@ -922,7 +922,6 @@ def recheck_records(path: Path, names: Iterable[str], ro: RunOpts,
             continue
         known.pop(name, None)
         if res.status == "qemu-unstable":
-            records[by_name[name]] = {}
             dropped[name] = f"qemu-io unstable in {ro.qemu_runs} runs ({res.detail})"
             counts["dropped"] += 1
             log(f"{name}: dropped, qemu-io {res.detail}")
@@ -941,7 +940,7 @@ def recheck_records(path: Path, names: Iterable[str], ro: RunOpts,
         verdict = "known failure" if name in known else "matches qio"
         counts[f"re-recorded, {verdict}"] += 1
         log(f"{name}: re-recorded ({res.status} {res.detail}), {verdict}")
-    dump_records(path, float(data["timeout"]), known, [r for r in records if r], dropped)
+    dump_records(path, float(data["timeout"]), known, [r for r in records if r["name"] not in dropped], dropped)
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 

@@ -173,10 +173,7 @@ async def _pwritev_part(s: Qcow2State, offset: int, nbytes: int, qiov: IOVec) ->
                 cur, host = await alloc_host_offset(s, offset, cur, metas)
                 await pre_write_overlap_check(s, 0, host, cur, True)
             except BaseException:
-                try:
-                    await handle_l2meta(s, metas, False)
-                finally:
-                    s.lock.unlock()
+                await _abort_locked(s, metas)
                 raise
             s.lock.unlock()
             pool = pool or _task_pool(cur != nbytes)
@@ -225,6 +222,11 @@ async def _write_data(s: Qcow2State, host: int, offset: int, nbytes: int, qiov: 
 
 async def _abort_metas(s: Qcow2State, metas: list[L2Meta]) -> None:
     await s.lock.lock()
+    await _abort_locked(s, metas)
+
+
+async def _abort_locked(s: Qcow2State, metas: list[L2Meta]) -> None:
+    """Undo the allocations of a failed request (the lock held), then unlock."""
     try:
         await handle_l2meta(s, metas, False)
     finally:
@@ -293,10 +295,7 @@ async def _pwritev_new_cluster(s: Qcow2State, ci: int, offset: int, nbytes: int,
         if not _no_overlap(s, host, nbytes):
             await pre_write_overlap_check(s, 0, host, nbytes, True)
     except BaseException:
-        try:
-            await handle_l2meta(s, metas, False)
-        finally:
-            lk.unlock()
+        await _abort_locked(s, metas)
         raise
     lk.unlock()
     qiov = io.iov_slice(qiov, 0, nbytes)
