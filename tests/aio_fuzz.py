@@ -525,6 +525,7 @@ class RunOpts:
     timeout: float = DEFAULT_TIMEOUT
     qio_root: Path | None = None  # run qio from this source tree
     reference: str | None = None  # qemu-io binary (default: difftest.qemu_io_path())
+    load: int = 0  # --spread: also play the qemu-io runs again beside this many busy CPU loops
 
 
 def reference_runs(ref_prog: str, case: difftest.Case, base: Path, fmt: str, runs: int) -> list[Outcome]:
@@ -607,18 +608,24 @@ def run_seed(seed: int, fmt: str, cache: str, ro: RunOpts) -> SeedResult:
 @dataclass
 class Spread:
     """Where qio stands in qemu-io's own noise on one case: the outcomes of ``runs`` qemu-io runs
-    (a hang is one outcome, whatever it printed before) and how many of them qio's outcome is."""
+    (a hang is one outcome, whatever it printed before) and how many of them qio's outcome is; with
+    ``--load``, the same for ``runs`` more qemu-io runs made beside busy CPU loops."""
 
     name: str
     runs: int
     counts: list[int]  # runs per distinct qemu-io outcome, commonest first
     qio_runs: int  # qemu-io runs that gave qio's outcome (a reported standstill = a hang)
     qio_commonest: bool
+    loaded: list[int] = field(default_factory=list)  # as counts, for the runs under load
+    qio_loaded: int = 0  # loaded runs that gave qio's outcome
 
     def line(self) -> str:
         where = "the commonest" if self.qio_commonest else "in no run" if not self.qio_runs else "not the commonest"
-        return (f"{self.name}: {self.runs} qemu-io runs, {len(self.counts)} outcome(s) {self.counts}; "
+        text = (f"{self.name}: {self.runs} qemu-io runs, {len(self.counts)} outcome(s) {self.counts}; "
                 f"qio's outcome in {self.qio_runs} ({where})")
+        if self.loaded:
+            text += f"; under load {len(self.loaded)} outcome(s) {self.loaded}, qio's in {self.qio_loaded}"
+        return text
 
 
 _HANG = "hang"
@@ -630,9 +637,34 @@ def _outcome_key(o: Outcome, qio: bool) -> Outcome | str:
     return o
 
 
+class cpu_load:
+    """``n`` busy loops in child processes for the duration of a ``with``: qemu-io decides many races
+    differently on a loaded machine (docs/fuzzing.md), and a user's machine may be loaded."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> cpu_load:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+
+
+def _tally(refs: list[Outcome], mine: Outcome | str) -> tuple[list[int], int]:
+    counts = Counter(_outcome_key(r, False) for r in refs)
+    return sorted(counts.values(), reverse=True), counts.get(mine, 0)
+
+
 def spread(seed: int, fmt: str, cache: str, ro: RunOpts) -> Spread:
     """Play a case ``ro.qemu_runs`` times through qemu-io (all runs, no early stop) and once through
-    qio: the measure of "within the noise of qemu-io's own re-runs" (issue 18)."""
+    qio: the measure of "within the noise of qemu-io's own re-runs" (issue 18).  With ``ro.load``, play
+    the qemu-io runs again beside that many busy CPU loops."""
     script = generate(seed, fmt, cache)
     ref_prog = ro.reference or difftest.qemu_io_path()
     if ref_prog is None:
@@ -642,12 +674,18 @@ def spread(seed: int, fmt: str, cache: str, ro: RunOpts) -> Spread:
         case = load_case(script.render(), base)
         case.timeout = ro.timeout
         refs = reference_runs(ref_prog, case, base, fmt, ro.qemu_runs)
+        loaded: list[Outcome] = []
+        if ro.load:
+            with cpu_load(ro.load):
+                loaded = reference_runs(ref_prog, case, base, fmt, ro.qemu_runs)
         with _CPU:
             q = play(qio_target(base, ro.qio_root), case, base, fmt)
-    counts = Counter(_outcome_key(r, False) for r in refs)
-    mine = counts.get(_outcome_key(q, True), 0)
-    ranked = sorted(counts.values(), reverse=True)
-    return Spread(script.name, len(refs), ranked, mine, mine == ranked[0])
+    key = _outcome_key(q, True)
+    ranked, mine = _tally(refs, key)
+    sp = Spread(script.name, len(refs), ranked, mine, mine == ranked[0])
+    if loaded:
+        sp.loaded, sp.qio_loaded = _tally(loaded, key)
+    return sp
 
 
 def replay(record: dict[str, object], qio_root: Path | None = None, timeout: float = DEFAULT_TIMEOUT
@@ -1021,6 +1059,9 @@ def _main(argv: Sequence[str] | None) -> int:
     ap.add_argument("--spread", action="store_true",
                     help="with --names: run qemu-io --qemu-runs times (all of them) and qio once per case, "
                          "and count how many qemu-io runs give qio's outcome (qemu-io's own noise)")
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="--spread: run qemu-io --qemu-runs more times beside N busy CPU loops, and count "
+                         "those runs apart")
     ap.add_argument("--recheck", metavar="NAME", nargs="+",
                     help="play these recorded cases (or the names listed in a file) through qemu-io again, "
                          "--qemu-runs times: re-record the reproduced ones, drop the others")
@@ -1029,12 +1070,16 @@ def _main(argv: Sequence[str] | None) -> int:
                     help="score qio again against the qemu-io results stored by an earlier --json run "
                          "(qemu-io is not run; its unstable cases stay discarded)")
     opts = ap.parse_args(argv)
+    if opts.load and not opts.spread:
+        ap.error("--load only applies to --spread")
+    if opts.load < 0:
+        ap.error("--load: the number of busy loops cannot be negative")
     opts.seeds_given = opts.seeds is not None
     opts.seeds = opts.seeds or "0-99"
     opts.fmt = opts.fmt or list(FORMATS)
     opts.cache = opts.cache or list(CACHES)
     root = opts.qio_root.resolve() if opts.qio_root else None
-    kw = RunOpts(opts.qemu_runs, opts.qio_runs, opts.timeout, root)
+    kw = RunOpts(opts.qemu_runs, opts.qio_runs, opts.timeout, root, load=opts.load)
     if opts.show:
         print(generate(*parse_name(opts.show)).render(), end="")
         return 0
@@ -1106,7 +1151,7 @@ def _spread_cli(opts: argparse.Namespace, ro: RunOpts) -> int:
     global _CPU
     _CPU = threading.Semaphore(max(1, opts.jobs))
     jf = open(opts.json, "w") if opts.json else None  # noqa: SIM115
-    seen = commonest = 0
+    seen = commonest = either = 0
     total = 0
     with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
         for sp in pool.map(lambda j: spread(j[0], j[1], j[2], ro), _names(opts)):
@@ -1114,11 +1159,13 @@ def _spread_cli(opts: argparse.Namespace, ro: RunOpts) -> int:
             total += 1
             seen += sp.qio_runs > 0
             commonest += sp.qio_commonest
+            either += sp.qio_runs + sp.qio_loaded > 0
             if jf:
                 jf.write(json.dumps(asdict(sp)) + "\n")
     if jf:
         jf.close()
-    print(f"{total} cases: qio's outcome seen in qemu-io's runs in {seen}, the commonest in {commonest}")
+    loaded = f"; with the runs under load, seen in {either}" if ro.load else ""
+    print(f"{total} cases: qio's outcome seen in qemu-io's runs in {seen}, the commonest in {commonest}{loaded}")
     return 0
 
 
