@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 GLOBAL = 1  # works without an image, before any check (help, quit)
 NOFILE_OK = 2  # works without an image (open, sleep, sigraise, abort)
 EXTENSION = 4  # qio's own command: listed by ``help`` only at a terminal, so piped output stays qemu-io's
-QUICK = 8  # only submits a request or changes blkdebug state: a shorter step of the simulated clock (rule 8)
+#: Does no work before its first poll or its return (submits, changes blkdebug state, drains, waits for a
+#: breakpoint): a shorter step of the simulated clock (docs/architecture.md, rule 8).
+QUICK = 8
 
 STDOUT, STDERR = 1, 2
 Message = tuple[int, str]

@@ -65,7 +65,7 @@ COMMANDS = (
       debug.parse_resume, debug.run_resume, args="tag", argmin=1, argmax=1, flags=QUICK),
     # qemu-io: exactly 1 argument.  qio adds "-t SECONDS", so its parser checks the count instead.
     C("wait_break", "waits for the suspension of a request",
-      debug.parse_wait_break, debug.run_wait_break, args="tag", argmin=0, argmax=-1),
+      debug.parse_wait_break, debug.run_wait_break, args="tag", argmin=0, argmax=-1, flags=QUICK),
     C("debug_state", "shows blkdebug breakpoints, suspended requests, state and rules",
       None, debug.run_debug_state, flags=EXTENSION),
     C("trace", "prints blkdebug events as they fire (PATTERN enables, -PATTERN disables)",
