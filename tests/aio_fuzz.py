@@ -535,9 +535,9 @@ def reference_runs(ref_prog: str, case: difftest.Case, base: Path, fmt: str, run
     if refs[0].timed_out and runs > 1:
         subs = []
         for i in range(1, runs):
-            sub = base / f"p{i}"
-            sub.mkdir()
-            if (base / "template").exists():
+            sub = base / f"p{i}"  # kept from an earlier batch of the same case (spread --load)
+            sub.mkdir(exist_ok=True)
+            if (base / "template").exists() and not (sub / "template").exists():
                 shutil.copytree(base / "template", sub / "template", symlinks=True)
             subs.append(sub)
         with ThreadPoolExecutor(max_workers=len(subs)) as pool:
@@ -1024,6 +1024,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # a bad case name or seed list
         print(f"aio_fuzz: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. piped into head: stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -130,6 +130,14 @@ def test_spread_under_load_counts_those_runs_apart(tmp_path: Path) -> None:
     assert len(seen) == 1 and not Path(f"/proc/{seen[0]}").exists()
 
 
+@pytest.mark.oracle  # qemu-img makes the image
+def test_spread_under_load_after_a_hang(tmp_path: Path) -> None:
+    """A hang in both batches: the loaded batch reuses the directories of the quiet batch's parallel runs."""
+    ro = aio_fuzz.RunOpts(qemu_runs=2, timeout=2, reference=str(_fake_reference(tmp_path, "hqho")), load=1)
+    sp = aio_fuzz.spread(4000, "raw", "writethrough", ro)
+    assert (sp.counts, sp.qio_runs, sp.loaded, sp.qio_loaded) == ([1, 1], 1, [1, 1], 0)
+
+
 def test_load_needs_spread(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         aio_fuzz.main(["--load", "2", "--names", "raw-writethrough-1"])
