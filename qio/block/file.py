@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from qio.aio import (
     AIO,
+    COST_EXTEND,
+    COST_EXTEND_PER_BYTE,
     COST_FALLOCATE,
     COST_PER_BYTE,
     COST_SYNC,
@@ -424,8 +426,15 @@ class FileDriver(BlockDriver):
         elif self.direct:
             await self._run(nbytes, self._direct_io, True, qiov, offset)
         else:
-            await self._run(nbytes, _pwrite_all, self.fd, qiov, offset)
+            await self._run(nbytes, _pwrite_all, self.fd, qiov, offset, cost=self._write_cost(offset, nbytes))
         self.grow_to(offset + nbytes)
+
+    def _write_cost(self, offset: int, nbytes: int) -> float:
+        """The simulated pool's cost of a write: one past the end of the file (a new qcow2 cluster)
+        allocates and costs several times an overwrite of cached pages; 0 is the transfer's default."""
+        if not AIO.yield_on_io or offset + nbytes <= self.size:
+            return 0
+        return COST_EXTEND + nbytes * COST_EXTEND_PER_BYTE
 
     def can_write_inline(self, offset: int, nbytes: int, qiov: IOVec, flags: int) -> bool:
         """``co_pwritev`` that ``_run`` would do inline and that nothing waits for (no simulated pool)."""
