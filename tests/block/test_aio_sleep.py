@@ -36,8 +36,10 @@ def img(tmp_path: Path) -> Path:
 
 def test_short_sleep_leaves_slow_flushes_running(img: Path) -> None:
     """Three write-through writes need two ``fdatasync`` calls (the 2nd flush of the file node finds
-    the other writes' generation): more than 1 ms, so none completes inside ``sleep 1``.  (qemu-io on
-    the project machine: the same in 18 of 20 runs; fdatasync there takes about a millisecond.)"""
+    the other writes' generation): more than 1 ms at the model's 500 us each, so none completes inside
+    ``sleep 1``.  qemu-io follows the host's fdatasync, which drifts: the same in 18 of 20 runs when it
+    took about a millisecond, all three done inside the sleep in 18 of 20 runs when it took ~80 us
+    (docs/fuzzing.md, "fdatasync costs")."""
     assert qio(img, *WRITES, "sleep 1", "length", "aio_flush") == ["1 MiB", *DONE]
 
 
