@@ -138,10 +138,14 @@ def test_spread_under_load_after_a_hang(tmp_path: Path) -> None:
     assert (sp.counts, sp.qio_runs, sp.loaded, sp.qio_loaded) == ([1, 1], 1, [1, 1], 0)
 
 
-def test_load_needs_spread(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("argv, message", [
+    (["--load", "2", "--names", "raw-writethrough-1"], "--load only applies to --spread"),
+    (["--spread", "--load", "-1", "--names", "raw-writethrough-1"], "cannot be negative"),
+])
+def test_load_is_checked(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     with pytest.raises(SystemExit):
-        aio_fuzz.main(["--load", "2", "--names", "raw-writethrough-1"])
-    assert "--load only applies to --spread" in capsys.readouterr().err
+        aio_fuzz.main(argv)
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.oracle  # qemu-img makes the image
