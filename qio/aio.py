@@ -331,8 +331,9 @@ MAX_THREADS = 64  # THREAD_POOL_MAX_THREADS_DEFAULT
 # The simulated clock (microseconds): typical costs on a quiet machine, which decide the races the
 # way qemu-io decides them there.
 COMMAND_TIME = 20  # qemu-io reading and running a command that does no I/O
-#: A command that neither waits nor prints a report: it submits a request (``aio_read``/``aio_write``)
-#: or changes blkdebug state (``break``, ``remove_break``, ``resume``).  Measured with qemu-io 7.2 (1,000
+#: A command that does no work before its first poll or its return (the commands flagged ``QUICK``): it
+#: submits a request (``aio_read``/``aio_write``), changes blkdebug state (``break``, ``remove_break``,
+#: ``resume``), or polls at once (``aio_flush``, ``wait_break``).  Measured with qemu-io 7.2 (1,000
 #: ``-c`` copies against one): ``break`` ~4-8 us, a failing ``remove_break`` ~8-11 us, an ``aio_read`` of
 #: 512 bytes ~11 us, with its completion report.  So several of them are done before an idle worker
 #: thread has woken.  The end of the command list costs the same: ``bdrv_drain_all_begin`` quiesces
@@ -378,10 +379,10 @@ class ThreadPool:
     is idle, asks for a new thread, which only the ``new_thread_bh`` bottom half creates.  Workers take
     queued requests in order; an idle worker needs ``WAKE_TIME`` (``WAKE_TIME_LONG_IDLE`` after a long
     wait) to start, a busy one goes straight on to the next request.  The clock advances by
-    ``COMMAND_TIME`` per command (``QUICK_COMMAND_TIME`` for one that only submits or sets a
-    breakpoint); a poll completes what has finished by then, and if nothing can run it blocks: the
-    clock jumps to the next completion.  Transfers in real threads (large requests) are done when
-    their thread says so.
+    ``COMMAND_TIME`` per command (``QUICK_COMMAND_TIME`` for one flagged ``QUICK``, which does no
+    work before its first poll); a poll completes what has finished by then, and if nothing can run
+    it blocks: the clock jumps to the next completion.  Transfers in real threads (large requests)
+    are done when their thread says so.
     """
 
     def __init__(self, ctx: AioContext) -> None:
