@@ -637,23 +637,7 @@ def _outcome_key(o: Outcome, qio: bool) -> Outcome | str:
     return o
 
 
-class cpu_load:
-    """``n`` busy loops in child processes for the duration of a ``with``: qemu-io decides many races
-    differently on a loaded machine (docs/fuzzing.md), and a user's machine may be loaded."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def __enter__(self) -> cpu_load:
-        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            p.kill()
-        for p in self.procs:
-            p.wait()
+cpu_load = difftest.cpu_load
 
 
 def _tally(refs: list[Outcome], mine: Outcome | str) -> tuple[list[int], int]:

@@ -86,9 +86,12 @@ and the bytes of every file left in the run directory (the image and helper file
 process has a timeout; a timeout is reported as a failure.
 
 qemu-io's host I/O runs in a thread pool, so on a loaded machine two requests in flight can
-complete in either order (a corpus script belongs in the corpus only when qemu-io is stable on a
-quiet one, ``--determinism``).  When qio differs, qemu-io therefore runs again, up to
-``RERUNS`` times: a difference counts only when no qemu-io run gives qio's result.
+complete in either order.  A race script belongs in the corpus only when qemu-io is stable on a
+quiet machine and gives the same result on a loaded one (``--determinism 10``, then
+``--determinism 10 --load 2``): CI runs two test workers on two cores, and a case decided by a few
+microseconds of thread timing went the other way there in five runs of five (docs/fuzzing.md).
+When qio differs, qemu-io runs again, up to ``RERUNS`` times: a difference counts only when no
+qemu-io run gives qio's result.
 
 CLI::
 
@@ -96,7 +99,8 @@ CLI::
 
 prints a unified diff per mismatch and a summary line (``97 passed, 3 failed``).
 ``--determinism N`` runs only qemu-io N times per script and checks the filtered results are
-identical; ``--show`` prints the filtered qemu-io result of each script.
+identical (``--load N``: beside N busy CPU loops); ``--show`` prints the filtered qemu-io result
+of each script.
 """
 
 from __future__ import annotations
@@ -660,6 +664,26 @@ def run_case(path: str | os.PathLike[str], reference: str | None = None, reruns:
         return result
 
 
+class cpu_load:
+    """``n`` busy loops in child processes for the duration of a ``with``: qemu-io decides many races
+    differently on a loaded machine (docs/fuzzing.md), and CI's machine is loaded by its other test
+    worker."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> cpu_load:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+
+
 def run_reference(path: str | os.PathLike[str], times: int = 1) -> tuple[Case, list[RunResult]]:
     case = parse_case(path)
     ref_prog = qemu_io_path()
@@ -704,10 +728,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--determinism", type=int, metavar="N", help="only run qemu-io N times per file and compare"
     )
+    ap.add_argument("--load", type=int, default=0, metavar="N",
+                    help="--determinism: run qemu-io beside N busy CPU loops (a corpus race must hold there too)")
     ap.add_argument("--show", action="store_true", help="print the filtered qemu-io result of each file")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="parallel jobs")
     ap.add_argument("-q", "--quiet", action="store_true", help="no diffs, only FAIL lines and the summary")
     opts = ap.parse_args(argv)
+    if opts.load and not opts.determinism:
+        ap.error("--load needs --determinism")
+    if opts.load < 0:
+        ap.error("--load must be 0 or more")
     files = _expand(opts.files) if opts.files else corpus_files()
     if not files:
         print("no corpus files", file=sys.stderr)
@@ -733,7 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return False, f"ERROR {path}: {e}"
 
     passed = failed = 0
-    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+    with cpu_load(opts.load), ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
         for path, (ok, text) in zip(files, pool.map(work, files), strict=True):
             if ok:
                 passed += 1

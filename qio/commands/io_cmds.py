@@ -11,6 +11,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qio import ops, render, stdio
+from qio.aio import buffer_cost
 from qio.block.driver import BDRV_REQUEST_MAX_BYTES, REQ_FUA, REQ_MAY_UNMAP, REQ_NO_FALLBACK, SECTOR
 from qio.block.errors import BlockError, QemuError
 from qio.commands.common import iovec_sizes, num, pattern, pattern_iov, pattern_vector, verify
@@ -83,6 +84,7 @@ def parse_read(inv: Invocation) -> Read:
 
 async def run_read(session: Session, cmd: Read) -> int:
     blk = session.require_blk()
+    _prepare(session, (cmd.nbytes,))
     t1 = time.monotonic_ns()
     try:
         buf = await ops.read(session.sync, blk, cmd.offset, cmd.nbytes, vmstate=cmd.vmstate)
@@ -128,6 +130,7 @@ def _vector(inv: Invocation, o: dict[str, Any], args: list[str], pat: int | None
 async def run_readv(session: Session, cmd: Vector) -> int:
     blk = session.require_blk()
     total = sum(cmd.sizes)
+    _prepare(session, cmd.sizes)
     t1 = time.monotonic_ns()
     try:
         buf = await ops.read(session.sync, blk, cmd.offset, total, cmd.sizes, always_poll=True)
@@ -155,6 +158,7 @@ async def run_writev(session: Session, cmd: Vector) -> int:
     blk = session.require_blk()
     total = sum(cmd.sizes)
     assert cmd.pattern is not None
+    _prepare(session, cmd.sizes)
     ns = await _timed(session, ops.write(session.sync, blk, cmd.offset, total,
                                          pattern_vector(cmd.pattern, cmd.sizes), REQ_FUA if cmd.fua else 0,
                                          always_poll=True),
@@ -229,6 +233,7 @@ async def run_write(session: Session, cmd: Write) -> int:
                 return EINVAL
         else:
             iov = pattern_iov(cmd.pattern, cmd.nbytes)
+        _prepare(session, (cmd.nbytes,))
     # ops.write's request, waited for here directly (one coroutine less per request than ops.write)
     ns = await _timed(session, session.sync(ops.write_request(blk, cmd.offset, cmd.nbytes, iov, cmd.flags, cmd.zero,
                                                               cmd.compressed, cmd.vmstate)),
@@ -268,6 +273,7 @@ async def run_aio_read(session: Session, cmd: Vector | AioInvalid) -> int:
         return 0
     blk = session.require_blk()
     total = sum(cmd.sizes)
+    _prepare(session, cmd.sizes)
     t1 = time.monotonic_ns()
 
     def done(exc: BaseException | None, _: object) -> None:
@@ -366,6 +372,8 @@ def submit_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
     blk = session.blk  # the shell checked it (no Session.require_blk call: this is the per-request path)
     assert blk is not None
     total = sum(cmd.sizes)
+    if not cmd.zero:
+        _prepare(session, cmd.sizes)
     # qemu-io never records the start time of ``aio_write -z``: its duration is the system uptime.
     # (-q prints no times: a long queue of quiet requests does not read the clock.)
     t1 = 0 if cmd.zero or cmd.quiet else time.monotonic_ns()
@@ -380,6 +388,14 @@ def submit_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
     ops.submit_write(session, blk, cmd.offset, total, None if cmd.zero else pattern_vector(cmd.pattern, cmd.sizes),
                      cmd.flags, cmd.zero, done)
     return 0
+
+
+def _prepare(session: Session, sizes: tuple[int, ...]) -> None:
+    """qemu-io fills a buffer per length before it submits (``qemu_io_alloc``): large ones take
+    simulated time, during which requests in the pool go on (docs/architecture.md, rule 8)."""
+    cost = buffer_cost(sizes)
+    if cost:
+        session.aio.pool.tick(cost)
 
 
 def _errinfo(exc: BaseException) -> tuple[int, str]:
