@@ -47,3 +47,21 @@ def qcow2_img(tmp_path: Path) -> Path:
     img = tmp_path / "disk.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(img), "1M")
     return img
+
+
+@pytest.fixture
+def busy_loop_pids(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids of the busy loops that ``difftest.cpu_load`` starts during the test (``--load``), so the
+    test can check that they ran and are gone."""
+    import difftest
+
+    seen: list[int] = []
+    real = difftest.cpu_load.__enter__
+
+    def enter(self: difftest.cpu_load) -> difftest.cpu_load:
+        out = real(self)
+        seen.extend(p.pid for p in self.procs)
+        return out
+
+    monkeypatch.setattr(difftest.cpu_load, "__enter__", enter)
+    return seen

@@ -412,8 +412,8 @@ def _populate(case: Case, run_dir: Path) -> None:
         if tf.lines and tf.final_newline:
             text += "\n"
         (run_dir / tf.name).write_bytes(text.encode("utf-8", "surrogateescape"))
-    for cmd in case.prep:
-        subprocess.run(substitute(cmd, str(run_dir)), shell=True, cwd=run_dir, env=_child_env(), check=True,
+    for line in case.prep:
+        subprocess.run(substitute(line, str(run_dir)), shell=True, cwd=run_dir, env=_child_env(), check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=case.timeout)
 
 

@@ -110,24 +110,14 @@ def test_spread_counts_qemu_io_outcomes(tmp_path: Path, plan: str, counts: list[
 
 
 @pytest.mark.oracle  # qemu-img makes the image
-def test_spread_under_load_counts_those_runs_apart(tmp_path: Path) -> None:
+def test_spread_under_load_counts_those_runs_apart(tmp_path: Path, busy_loop_pids: list[int]) -> None:
     """``--spread --load N``: the qemu-io runs are played again beside N busy loops, counted apart from
     the quiet ones, and the loops are gone afterwards."""
     ro = aio_fuzz.RunOpts(qemu_runs=3, timeout=3, reference=str(_fake_reference(tmp_path, "oooqoq")), load=1)
-    seen: list[int] = []
-    real = aio_fuzz.cpu_load.__enter__
-
-    def enter(self: aio_fuzz.cpu_load) -> aio_fuzz.cpu_load:
-        out = real(self)
-        seen.extend(p.pid for p in self.procs)
-        return out
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(aio_fuzz.cpu_load, "__enter__", enter)
-        sp = aio_fuzz.spread(4000, "raw", "writethrough", ro)
+    sp = aio_fuzz.spread(4000, "raw", "writethrough", ro)
     assert (sp.counts, sp.qio_runs, sp.qio_commonest, sp.loaded, sp.qio_loaded) == ([3], 0, False, [2, 1], 2)
     assert "under load 2 outcome(s) [2, 1], qio's in 2" in sp.line()
-    assert len(seen) == 1 and not Path(f"/proc/{seen[0]}").exists()
+    assert len(busy_loop_pids) == 1 and not Path(f"/proc/{busy_loop_pids[0]}").exists()
 
 
 @pytest.mark.oracle  # qemu-img makes the image

@@ -103,25 +103,16 @@ def test_reruns_of_an_unstable_reference(tmp_path: Path, right_from: int, ok: bo
 
 
 def test_determinism_under_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+                                capsys: pytest.CaptureFixture[str], busy_loop_pids: list[int]) -> None:
     """``--determinism N --load L``: the qemu-io runs are played beside L busy loops, gone afterwards."""
     case_file = tmp_path / "t.qio"
     case_file.write_text("# no image: quit prints nothing\n#! noimage\nquit\n")
     prog, count = _flaky_reference(tmp_path, 2)
     monkeypatch.setenv("QEMU_IO_PROG", str(prog))
-    seen: list[int] = []
-    real = difftest.cpu_load.__enter__
-
-    def enter(self: difftest.cpu_load) -> difftest.cpu_load:
-        out = real(self)
-        seen.extend(p.pid for p in self.procs)
-        return out
-
-    monkeypatch.setattr(difftest.cpu_load, "__enter__", enter)
     assert difftest.main(["--determinism", "3", "--load", "1", str(case_file)]) == 1
     assert int(count.read_text()) == 3
     assert "FAIL" in capsys.readouterr().out
-    assert len(seen) == 1 and not Path(f"/proc/{seen[0]}").exists()
+    assert len(busy_loop_pids) == 1 and not Path(f"/proc/{busy_loop_pids[0]}").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
