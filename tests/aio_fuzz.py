@@ -637,9 +637,6 @@ def _outcome_key(o: Outcome, qio: bool) -> Outcome | str:
     return o
 
 
-cpu_load = difftest.cpu_load
-
-
 def _tally(refs: list[Outcome], mine: Outcome | str) -> tuple[list[int], int]:
     counts = Counter(_outcome_key(r, False) for r in refs)
     return sorted(counts.values(), reverse=True), counts.get(mine, 0)
@@ -660,7 +657,7 @@ def spread(seed: int, fmt: str, cache: str, ro: RunOpts) -> Spread:
         refs = reference_runs(ref_prog, case, base, fmt, ro.qemu_runs)
         loaded: list[Outcome] = []
         if ro.load:
-            with cpu_load(ro.load):
+            with difftest.cpu_load(ro.load):
                 loaded = reference_runs(ref_prog, case, base, fmt, ro.qemu_runs)
         with _CPU:
             q = play(qio_target(base, ro.qio_root), case, base, fmt)
