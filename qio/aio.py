@@ -369,7 +369,10 @@ COST_FRESH_PER_BYTE = 0.53 / 1024
 
 def buffer_cost(sizes: tuple[int, ...] | list[int]) -> float:
     """The simulated time qemu-io spends preparing the buffers of one request (``qemu_io_alloc`` per
-    length): only fresh pages cost more than the command itself."""
+    length): only fresh pages cost more than the command itself.  Most requests are small, so one
+    comparison decides them."""
+    if max(sizes, default=0) < BUFFER_MMAP_MIN:
+        return 0
     return sum(n for n in sizes if n >= BUFFER_MMAP_MIN) * COST_FRESH_PER_BYTE
 
 

@@ -11,7 +11,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qio import ops, render, stdio
-from qio.aio import BUFFER_MMAP_MIN, buffer_cost
+from qio.aio import buffer_cost
 from qio.block.driver import BDRV_REQUEST_MAX_BYTES, REQ_FUA, REQ_MAY_UNMAP, REQ_NO_FALLBACK, SECTOR
 from qio.block.errors import BlockError, QemuError
 from qio.commands.common import iovec_sizes, num, pattern, pattern_iov, pattern_vector, verify
@@ -393,8 +393,9 @@ def submit_aio_write(session: Session, cmd: AioWrite | AioInvalid) -> int:
 def _prepare(session: Session, sizes: tuple[int, ...]) -> None:
     """qemu-io fills a buffer per length before it submits (``qemu_io_alloc``): large ones take
     simulated time, during which requests in the pool go on (docs/architecture.md, rule 8)."""
-    if max(sizes, default=0) >= BUFFER_MMAP_MIN:
-        session.aio.pool.tick(buffer_cost(sizes))
+    cost = buffer_cost(sizes)
+    if cost:
+        session.aio.pool.tick(cost)
 
 
 def _errinfo(exc: BaseException) -> tuple[int, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qio.aio import BUFFER_MMAP_MIN, COST_EXTEND, COST_FRESH_PER_BYTE, COST_TRANSFER, buffer_cost
+from qio.aio import BUFFER_MMAP_MIN, COST_EXTEND, COST_FRESH_PER_BYTE, COST_PER_BYTE, COST_TRANSFER, buffer_cost
 from qio.block.file import FileDriver
 
 
@@ -61,7 +61,7 @@ def test_write_past_the_end_costs_more() -> None:
         assert drv._write_cost(0, 65536) == 0
         assert drv._write_cost((1 << 20) - 512, 4096) > COST_EXTEND
         assert drv._write_cost(1 << 20, 65536) == pytest.approx(13)
-        assert drv._write_cost(1 << 20, 65536) > COST_TRANSFER + 65536 / 30000
+        assert drv._write_cost(1 << 20, 65536) > COST_TRANSFER + 65536 * COST_PER_BYTE
 
 
 def test_large_buffer_is_filled_before_its_request_is_submitted(qcow2: Path) -> None:
